@@ -1,0 +1,1 @@
+"""mtpserve decoding engine: Llama-family trunk, KV cache, speculative decoding."""

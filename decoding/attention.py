@@ -1,0 +1,47 @@
+"""Attention over the KV cache with explicit metadata (no globals, no model attributes).
+
+A step packs the new tokens of all scheduled sequences into [T]. Attention needs them
+per sequence, so queries are scattered into a padded [B, Lq] layout, attend to that
+sequence's cache row [0, kv_len) under a boolean mask (causal prefix + tree ancestry),
+and are gathered back into packed order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    positions: torch.Tensor  # [T] int64 rotary position of each new token
+    token_slots: torch.Tensor  # [T] int64 cache slot (sequence row) of each new token
+    token_store: torch.Tensor  # [T] int64 cache index the token's K/V are written to
+    seq_slots: torch.Tensor  # [B] int64 cache slot of each scheduled sequence
+    slot_start: int | None  # seq_slots == arange(slot_start, slot_start + B): slice, no copy
+    kv_len: int  # keys read per sequence: [0, kv_len)
+    num_seqs: int  # B
+    q_len: int  # Lq: padded queries per sequence
+    q_gather: torch.Tensor | None  # [B*Lq] index into packed tokens (T = pad row); None if B == 1
+    q_scatter: torch.Tensor | None  # [T] padded index of each packed token; None if B == 1
+    mask: torch.Tensor | None  # [B, 1, Lq, kv_len] bool, True = may attend; None = all
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+           scale: float) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [B, Hkv, kv_len, D] -> [T, Hq, D]."""
+    T, Hq, D = q.shape
+    B, Lq = meta.num_seqs, meta.q_len
+    if meta.q_gather is None:
+        qp = q.view(1, T, Hq, D).transpose(1, 2)
+    else:
+        padded = torch.cat([q, q.new_zeros(1, Hq, D)], 0)[meta.q_gather]
+        qp = padded.view(B, Lq, Hq, D).transpose(1, 2)
+    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=meta.mask, scale=scale,
+                                         enable_gqa=k.shape[1] != Hq)
+    out = out.transpose(1, 2).reshape(B * Lq, Hq, D)
+    if meta.q_scatter is not None:
+        out = out[meta.q_scatter]
+    return out

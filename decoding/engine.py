@@ -1,0 +1,420 @@
+"""The engine: `step()` = schedule -> forward (prefill chunks + draft trees, ONE pass) ->
+accept -> commit KV -> emit -> draft the next trees.
+
+Single-threaded by design; `runner.EngineRunner` puts it behind a thread-safe API.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import torch
+
+from .acceptance import Accepted, accept_greedy, accept_rejection, accept_typical
+from .attention import AttentionMetadata
+from .checkpoint import load_checkpoint
+from .config import EngineConfig, SamplingParams
+from .heads import DraftHeads, load_heads_for
+from .kv_cache import KVCache
+from .model import CausalLM
+from .outputs import EngineStats, RequestOutput, TokenLogprob
+from .proposers import ngram_propose
+from .sampling import apply_penalties, processed_probs, sample
+from .scheduler import ScheduledSeq, Scheduler, Sequence, Status
+from .speculation import SpeculationPolicy
+from .stop import StopStringMatcher
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .tree import DraftTree
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # CPU decode streams weights from memory; bf16 halves the bytes and measured faster
+    # here even without native bf16 instructions (docs/benchmarks.md).
+    return torch.bfloat16
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model: CausalLM, tokenizer: Tokenizer,
+                 model_name: str, heads: DraftHeads | None = None) -> None:
+        self.config = config
+        self.model = model
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.heads = heads
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.policy = SpeculationPolicy(config.spec, heads)
+        self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
+        slot_len = self.max_model_len + self.policy.max_tree_nodes + 1
+        per_slot = KVCache.bytes_per_token(self.model_config, self.dtype) * slot_len
+        num_slots = config.max_num_seqs
+        if config.kv_cache_memory_gb > 0:
+            num_slots = min(num_slots, int(config.kv_cache_memory_gb * 2**30 // per_slot))
+            if num_slots < 1:
+                raise ValueError(
+                    f"kv cache budget {config.kv_cache_memory_gb} GB holds no sequence of "
+                    f"{self.max_model_len} tokens ({per_slot / 2**20:.1f} MiB each)")
+        self.kv = KVCache(self.model_config, num_slots, slot_len, self.dtype, self.device)
+        self.scheduler = Scheduler(num_slots, config.prefill_chunk_size, config.max_tokens_per_step)
+        self.eos_ids = set(self.model_config.eos_token_ids) | set(tokenizer.eos_token_ids)
+        self._seqs: dict[str, Sequence] = {}
+        self._seed_rng = random.Random(config.seed)
+        self.num_steps = 0
+        self.generated_tokens = 0
+        self.fault_hook = None  # tests only: callable(seq) that may raise inside a step
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        ckpt = load_checkpoint(config.model)
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        max_pos = min(config.max_model_len, ckpt.config.max_position_embeddings) + 256
+        with torch.device(device):
+            model = CausalLM(ckpt.config, max_positions=max_pos)
+        model.load_weights(ckpt.tensors)
+        del ckpt.tensors
+        model.to(dtype)
+        model.rope.to(torch.float32)  # rotary tables stay fp32; cast per use
+        model.eval()
+        heads = load_heads_for(config.spec, ckpt.config, ckpt.path, device, dtype)
+        return cls(config, model, ckpt.tokenizer, ckpt.name, heads)
+
+    @property
+    def speculation_available(self) -> bool:
+        return self.config.spec.mode != "off"
+
+    # -- request API (engine thread only; see runner.py) ----------------------------------
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the "
+                f"prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_tokens} "
+                f"({len(prompt_ids) + params.max_tokens} in total)")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.validate_request(prompt_ids, params)
+        if request_id in self._seqs:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(params.seed if params.seed is not None else self._seed_rng.getrandbits(63))
+        penalties = params.presence_penalty != 0 or params.frequency_penalty != 0
+        speculate = self.policy.enabled_for(params) and not penalties
+        seq = Sequence(
+            request_id=request_id,
+            prompt_len=len(prompt_ids),
+            token_ids=list(prompt_ids),
+            params=params,
+            rule=params.resolved_acceptance(self.config.spec.default_acceptance),
+            speculate=speculate,
+            detok=IncrementalDetokenizer(self.tokenizer, list(prompt_ids)),
+            stops=StopStringMatcher(params.stop) if params.stop else None,
+            generator=gen,
+        )
+        seq.spec.acceptance_rule = seq.rule if speculate else "none"
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return []
+        self._finish(seq)
+        return [self._output(seq, [], "", "abort")]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    def stats(self) -> EngineStats:
+        used = self.kv.num_slots - self.kv.num_free
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=used / self.kv.num_slots,
+            num_steps=self.num_steps,
+            generated_tokens=self.generated_tokens,
+        )
+
+    # -- the step ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        self.scheduler.admit(self.kv.allocate)
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self.num_steps += 1
+        ids, meta, logit_rows = self._prepare(batch)
+        hidden = self.model(ids, meta, self.kv)
+        logits = self.model.compute_logits(hidden[logit_rows]) if logit_rows.numel() else None
+        outputs: list[RequestOutput] = []
+        row = 0
+        last_rows: list[int] = []  # hidden row of each sequence's last accepted node
+        drafting: list[Sequence] = []
+        offset = 0
+        for item in batch:
+            seq = item.seq
+            n = len(item.tokens)
+            if not item.needs_logits:  # a prefill chunk mid-prompt
+                seq.num_cached += n
+                offset += n
+                continue
+            rows = 1 if item.tree is None else n
+            seq_logits = logits[row:row + rows]
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook(seq)
+                out, last_node = self._accept_and_emit(item, seq_logits)
+            except Exception as exc:  # one bad request fails alone
+                log.exception("request %s failed", seq.request_id)
+                self._finish(seq)
+                out, last_node = self._output(seq, [], "", "error", error=str(exc)), None
+            outputs.append(out)
+            if last_node is not None and seq.status is Status.RUNNING:
+                last_rows.append(offset + (n - 1 if item.tree is None else last_node))
+                drafting.append(seq)
+            row += rows
+            offset += n
+        self._draft_next(drafting, hidden, last_rows)
+        return outputs
+
+    def _prepare(self, batch: list[ScheduledSeq]
+                 ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Host-side metadata for one packed forward (one transfer per tensor)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        tslots: list[int] = []
+        tstore: list[int] = []
+        logit_rows: list[int] = []
+        B = len(batch)
+        q_len = max(len(b.tokens) for b in batch)
+        kv_len = max(b.seq.num_cached + len(b.tokens) for b in batch)
+        need_mask = B > 1 or q_len > 1
+        mask = torch.zeros(B, 1, q_len, kv_len, dtype=torch.bool) if need_mask else None
+        q_gather: list[int] = []
+        q_scatter: list[int] = []
+        for b, item in enumerate(batch):
+            seq, n, start = item.seq, len(item.tokens), item.seq.num_cached
+            base = len(ids)
+            ids.extend(item.tokens)
+            tslots.extend([seq.slot] * n)
+            tstore.extend(range(start, start + n))
+            if item.tree is not None:
+                positions.extend(start + d for d in item.tree.depths)
+                anc = item.tree.ancestor_mask()
+                logit_rows.extend(range(base, base + n))
+            else:
+                positions.extend(range(start, start + n))
+                anc = torch.ones(n, n, dtype=torch.bool).tril_()
+                if item.needs_logits:
+                    logit_rows.append(base + n - 1)
+            if mask is not None:
+                mask[b, 0, :n, :start] = True
+                mask[b, 0, :n, start:start + n] = anc
+                mask[b, 0, n:, 0] = True  # padding rows: attend somewhere, result dropped
+            q_gather.extend(range(base, base + n))
+            q_gather.extend([-1] * (q_len - n))
+            q_scatter.extend(range(b * q_len, b * q_len + n))
+        T = len(ids)
+        dev = self.device
+        slots = [item.seq.slot for item in batch]
+        contiguous = slots == list(range(slots[0], slots[0] + B))
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        meta = AttentionMetadata(
+            positions=as_t(positions),
+            token_slots=as_t(tslots),
+            token_store=as_t(tstore),
+            seq_slots=as_t(slots),
+            slot_start=slots[0] if contiguous else None,
+            kv_len=kv_len,
+            num_seqs=B,
+            q_len=q_len,
+            q_gather=None if B == 1 else as_t([T if g < 0 else g for g in q_gather]),
+            q_scatter=None if B == 1 else as_t(q_scatter),
+            mask=None if mask is None else mask.to(dev),
+        )
+        return as_t(ids), meta, as_t(logit_rows)
+
+    def _accept_and_emit(self, item: ScheduledSeq, logits: torch.Tensor
+                         ) -> tuple[RequestOutput, int]:
+        """Accept (decode) or sample the first token (prefill end); commit KV; emit."""
+        seq, params = item.seq, item.seq.params
+        tree = item.tree
+        if tree is None:  # last prefill chunk: its final row predicts the first output token
+            seq.num_cached += len(item.tokens)
+            tree = DraftTree.root_only(seq.token_ids[-1])
+        else:
+            seq.draft = None
+        if seq.output_ids and (params.presence_penalty or params.frequency_penalty):
+            out_ids = torch.tensor(seq.output_ids, device=logits.device)
+            logits = apply_penalties(logits, out_ids, params)
+        if item.tree is None:
+            acc = self._accept(seq, logits, tree)
+        else:
+            acc = self._accept(seq, logits, tree)
+            start = seq.num_cached
+            self.kv.keep_path(seq.slot, [start + j for j in acc.path], start)
+            seq.num_cached += len(acc.path)
+            seq.spec.record_step(tree.max_depth, tree.num_drafts, acc.num_accepted)
+        new_tokens = [tree.tokens[j] for j in acc.path[1:]] + [acc.bonus]
+        return self._emit(seq, new_tokens, logits, acc.path), acc.path[-1]
+
+    def _accept(self, seq: Sequence, logits: torch.Tensor, tree: DraftTree) -> Accepted:
+        p = seq.params
+        if p.greedy:
+            return accept_greedy(logits, tree)
+        probs = processed_probs(logits, p)
+        if tree.num_drafts == 0:
+            return Accepted([0], int(sample(probs[0], seq.generator).item()))
+        if seq.rule == "rejection":
+            return accept_rejection(probs, tree, seq.generator)
+        eps = p.typical_epsilon if p.typical_epsilon is not None else self.config.spec.typical_epsilon
+        delta = p.typical_delta if p.typical_delta is not None else self.config.spec.typical_delta
+        return accept_typical(probs, tree, eps, delta, seq.generator)
+
+    def _emit(self, seq: Sequence, new_tokens: list[int], logits: torch.Tensor,
+              path: list[int]) -> RequestOutput:
+        """Append tokens one by one, honouring EOS, stop ids, stop strings and max_tokens
+        exactly: nothing past the stop point is emitted or counted."""
+        p = seq.params
+        kept: list[int] = []
+        text_parts: list[str] = []
+        reason: str | None = None
+        stop_reason: str | int | None = None
+        for tok in new_tokens:
+            kept.append(tok)
+            seq.token_ids.append(tok)
+            seq.num_emitted += 1
+            piece = seq.detok.add([tok])
+            if seq.stops is not None:
+                piece, hit, matched = seq.stops.feed(piece)
+                text_parts.append(piece)
+                if hit:
+                    reason, stop_reason = "stop", matched
+                    break
+            else:
+                text_parts.append(piece)
+            if tok in p.stop_token_ids:
+                reason, stop_reason = "stop", tok
+            elif tok in self.eos_ids and not p.ignore_eos:
+                reason = "stop"
+            elif seq.num_emitted >= p.max_tokens:
+                reason = "length"
+            if reason is not None:
+                text_parts.append(self._flush_text(seq))
+                break
+        self.generated_tokens += len(kept)
+        logprobs = self._logprobs(logits, path, kept, p.logprobs) if p.logprobs is not None else None
+        if reason is not None:
+            self._finish(seq)
+        out = self._output(seq, kept, "".join(text_parts), reason, stop_reason)
+        out.logprobs = logprobs
+        return out
+
+    @staticmethod
+    def _flush_text(seq: Sequence) -> str:
+        """End of generation without a stop string: release held-back text."""
+        tail = seq.detok.flush()
+        if seq.stops is None:
+            return tail
+        tail, hit, _ = seq.stops.feed(tail)
+        return tail if hit else tail + seq.stops.flush()
+
+    def _logprobs(self, logits: torch.Tensor, path: list[int], kept: list[int], k: int
+                  ) -> list[TokenLogprob]:
+        """Raw-model logprobs of each emitted token; row path[i] predicted token i."""
+        rows = torch.tensor(path[:len(kept)], device=logits.device)
+        lp = torch.log_softmax(logits[rows].float(), dim=-1)
+        chosen = lp.gather(1, torch.tensor(kept, device=lp.device)[:, None])[:, 0].tolist()
+        k = min(k, lp.shape[-1])
+        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        tv, ti = top_v.tolist(), top_i.tolist()
+        return [TokenLogprob(t, c, list(zip(ti[i], tv[i]))) for i, (t, c) in enumerate(zip(kept, chosen))]
+
+    def _draft_next(self, seqs: list[Sequence], hidden: torch.Tensor, rows: list[int]) -> None:
+        """Build each speculating sequence's tree for the next step."""
+        if not seqs:
+            return
+        batch_size = len(self.scheduler.running)
+        head_cands = None
+        spec_seqs = [s for s in seqs if s.speculate]
+        if self.heads is not None and spec_seqs and self.policy.use_heads(batch_size):
+            idx = torch.tensor([rows[seqs.index(s)] for s in spec_seqs], device=hidden.device)
+            head_cands = self.heads.candidates(hidden[idx], self.model,
+                                               [s.token_ids[-1] for s in spec_seqs])
+        for i, seq in enumerate(spec_seqs):
+            cands = head_cands[i] if head_cands is not None else None
+            seq.draft = self.policy.build_tree(seq.token_ids, cands, batch_size)
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def _finish(self, seq: Sequence) -> None:
+        if seq.status is Status.FINISHED:
+            return
+        self.scheduler.remove(seq)
+        if seq.slot is not None:
+            self.kv.free(seq.slot)
+            seq.slot = None
+        seq.status = Status.FINISHED
+        self._seqs.pop(seq.request_id, None)
+
+    def _output(self, seq: Sequence, tokens: list[int], text: str, reason: str | None,
+                stop_reason: str | int | None = None, error: str | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=tokens,
+            new_text=text,
+            num_prompt_tokens=seq.prompt_len,
+            num_output_tokens=seq.num_emitted,
+            finished=reason is not None,
+            finish_reason=reason,
+            stop_reason=stop_reason,
+            spec=seq.spec,
+            error=error,
+        )
+
+    # -- offline convenience -------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[dict]:
+        """Run prompts to completion (offline / tests). Returns per prompt its token ids,
+        text, finish reason, spec stats and wall time."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        results: dict[str, dict] = {}
+        base = f"gen-{time.monotonic_ns()}-"
+        for i, (ids, p) in enumerate(zip(prompts, plist)):
+            rid = base + str(i)
+            self.add_request(rid, ids, p)
+            results[rid] = {"token_ids": [], "text": "", "finish_reason": None, "steps": 0}
+        t0 = time.perf_counter()
+        while self.has_unfinished():
+            for out in self.step():
+                r = results.get(out.request_id)
+                if r is None:
+                    continue
+                r["token_ids"].extend(out.new_token_ids)
+                r["text"] += out.new_text
+                r["steps"] += 1
+                if out.finished:
+                    r["finish_reason"] = out.finish_reason
+                    r["spec"] = out.spec
+                    r["error"] = out.error
+                    r["seconds"] = time.perf_counter() - t0
+        return [results[base + str(i)] for i in range(len(prompts))]

@@ -1,0 +1,71 @@
+"""Preallocated KV cache: one contiguous row (slot) per running sequence.
+
+Entries are written at arbitrary indices (a draft tree occupies the indices right after
+the committed prefix); after verification `keep_path` moves the accepted nodes' entries
+into place so the committed prefix stays contiguous, and the rest is simply overwritten
+later. Nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import AttentionMetadata
+from .config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, num_slots: int, slot_len: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.num_slots = num_slots
+        self.slot_len = slot_len
+        # [layer, k/v, slot, kv_head, index, head_dim]: slicing a slot range is a view.
+        self.buf = torch.zeros(cfg.num_layers, 2, num_slots, cfg.num_kv_heads, slot_len,
+                               cfg.head_dim, dtype=dtype, device=device)
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+    # -- slots ------------------------------------------------------------------------
+    def allocate(self) -> int | None:
+        return self._free.pop() if self._free else None
+
+    def free(self, slot: int) -> None:
+        self._free.append(slot)
+        self._free.sort(reverse=True)  # lowest slot next: keeps running slots contiguous
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    # -- per layer, called from the model ------------------------------------------------
+    def write(self, layer: int, meta: AttentionMetadata, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [T, Hkv, D] written at (token_slots, :, token_store)."""
+        self.buf[layer, 0, meta.token_slots, :, meta.token_store] = k
+        self.buf[layer, 1, meta.token_slots, :, meta.token_store] = v
+
+    def _read(self, layer: int, kind: int, meta: AttentionMetadata) -> torch.Tensor:
+        rows = self.buf[layer, kind]
+        if meta.slot_start is not None:
+            return rows[meta.slot_start:meta.slot_start + meta.num_seqs, :, :meta.kv_len]
+        return rows[meta.seq_slots, :, :meta.kv_len]
+
+    def keys(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
+        return self._read(layer, 0, meta)
+
+    def values(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
+        return self._read(layer, 1, meta)
+
+    # -- after verification ----------------------------------------------------------------
+    def keep_path(self, slot: int, src: list[int], dst_start: int) -> None:
+        """Move entries at indices `src` to dst_start .. dst_start+len(src)-1 (all layers)."""
+        dst = list(range(dst_start, dst_start + len(src)))
+        if src == dst:
+            return
+        dev = self.buf.device
+        src_t = torch.tensor(src, device=dev)
+        dst_t = torch.tensor(dst, device=dev)
+        row = self.buf[:, :, slot]  # [L, 2, Hkv, S, D]
+        row[:, :, :, dst_t] = row[:, :, :, src_t]  # advanced-index read copies first

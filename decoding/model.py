@@ -1,0 +1,247 @@
+"""Llama-family trunk written for this engine (Llama, Mistral, Qwen2/3, SmolLM).
+
+`forward(ids, meta, kv) -> hidden` runs every new token of every scheduled sequence as
+one packed batch: linear layers see [T, H] with no padding; only attention pads per
+sequence. `compute_logits(hidden)` is separate so draft heads can share the unembedding.
+Parameter names follow Hugging Face's (`layers.N.self_attn.q_proj.weight`, ...); q/k/v and
+gate/up are fused at load time for fewer, larger matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMetadata, attend
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .linear import Linear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference implementations, cast back after scaling.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies, with llama3 / linear scaling applied."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "linear":
+        inv = inv / float(sc["factor"])
+    elif kind == "llama3":
+        factor = float(sc["factor"])
+        low = float(sc.get("low_freq_factor", 1.0))
+        high = float(sc.get("high_freq_factor", 4.0))
+        old_len = float(sc.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        low_wl, high_wl = old_len / low, old_len / high
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen <= low_wl) & (wavelen >= high_wl)
+        inv = torch.where(is_mid, mid, scaled)
+    return inv
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position, indexed by the (arbitrary) positions of a step."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        inv = rope_inv_freq(cfg)
+        t = torch.arange(max_positions, dtype=torch.float64)
+        freqs = torch.outer(t, inv)
+        self.register_buffer("cos", freqs.cos().float(), persistent=False)
+        self.register_buffer("sin", freqs.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim]; positions: [T]. Rotate-half convention (HF)."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, D/2]
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        q_size = cfg.num_heads * cfg.head_dim
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata,
+                kv: KVCache) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = rope(q, meta.positions)
+        k = rope(k, meta.positions)
+        kv.write(self.layer_idx, meta, k, v)
+        out = attend(q, kv.keys(self.layer_idx, meta), kv.values(self.layer_idx, meta), meta,
+                     self.scale)
+        return self.o_proj(out.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata,
+                kv: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """The trunk plus final norm and unembedding (tied or not)."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size,
+                                                                   bias=False)
+
+    def forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
+                return_pre_last: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """ids: [T] packed new tokens -> final-normed hidden [T, H].
+
+        With return_pre_last also the residual stream entering the last layer, which
+        Meta-style parallel MTP heads read.
+        """
+        x = self.embed_tokens(ids)
+        pre_last = x
+        for i, layer in enumerate(self.layers):
+            if i == len(self.layers) - 1:
+                pre_last = x
+            x = layer(x, self.rope, meta, kv)
+        h = self.norm(x)
+        return (h, pre_last) if return_pre_last else h
+
+    def unembed_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, H] -> float32 logits [N, V]."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return F.linear(hidden, self.embed_tokens.weight).float()
+
+    @torch.no_grad()
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Assign HF-named tensors, fusing q/k/v and gate/up. Strict: names and shapes.
+
+        Raises ValueError naming every missing, unexpected or mis-shaped tensor.
+        """
+        cfg = self.config
+        remaining = dict(tensors)
+        problems: list[str] = []
+
+        def take(name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+            t = remaining.pop(name, None)
+            if t is None:
+                problems.append(f"missing tensor {name} (expected shape {list(shape)})")
+                return None
+            if tuple(t.shape) != shape:
+                problems.append(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+                return None
+            return t
+
+        def put(param: torch.Tensor, value: torch.Tensor | None) -> None:
+            if value is not None:
+                param.copy_(value.to(param.dtype))
+
+        H, D = cfg.hidden_size, cfg.head_dim
+        qs, kvs = cfg.num_heads * D, cfg.num_kv_heads * D
+        put(self.embed_tokens.weight, take("embed_tokens.weight", (cfg.vocab_size, H)))
+        put(self.norm.weight, take("norm.weight", (H,)))
+        if self.lm_head is not None:
+            put(self.lm_head.weight, take("lm_head.weight", (cfg.vocab_size, H)))
+        else:
+            remaining.pop("lm_head.weight", None)  # some tied checkpoints still store it
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            att = layer.self_attn
+            q = take(p + "self_attn.q_proj.weight", (qs, H))
+            k = take(p + "self_attn.k_proj.weight", (kvs, H))
+            v = take(p + "self_attn.v_proj.weight", (kvs, H))
+            if q is not None and k is not None and v is not None:
+                att.qkv_proj.set_weight(torch.cat([q, k, v], 0))
+            if cfg.attention_bias:
+                bq = take(p + "self_attn.q_proj.bias", (qs,))
+                bk = take(p + "self_attn.k_proj.bias", (kvs,))
+                bv = take(p + "self_attn.v_proj.bias", (kvs,))
+                if bq is not None and bk is not None and bv is not None:
+                    att.qkv_proj.set_bias(torch.cat([bq, bk, bv], 0))
+            o = take(p + "self_attn.o_proj.weight", (H, qs))
+            if o is not None:
+                att.o_proj.set_weight(o)
+            if cfg.qk_norm:
+                put(att.q_norm.weight, take(p + "self_attn.q_norm.weight", (D,)))
+                put(att.k_norm.weight, take(p + "self_attn.k_norm.weight", (D,)))
+            put(layer.input_layernorm.weight, take(p + "input_layernorm.weight", (H,)))
+            put(layer.post_attention_layernorm.weight,
+                take(p + "post_attention_layernorm.weight", (H,)))
+            g = take(p + "mlp.gate_proj.weight", (cfg.intermediate_size, H))
+            u = take(p + "mlp.up_proj.weight", (cfg.intermediate_size, H))
+            if g is not None and u is not None:
+                layer.mlp.gate_up_proj.set_weight(torch.cat([g, u], 0))
+            d = take(p + "mlp.down_proj.weight", (H, cfg.intermediate_size))
+            if d is not None:
+                layer.mlp.down_proj.set_weight(d)
+        ignorable = ("rotary_emb.inv_freq",)
+        for name in sorted(remaining):
+            if not name.endswith(ignorable):
+                problems.append(f"unexpected tensor {name}")
+        if problems:
+            shown = "; ".join(problems[:8])
+            more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+            raise ValueError(f"checkpoint does not fit the model config: {shown}{more}")

@@ -1,0 +1,48 @@
+"""Logits -> processed probabilities (temperature, top-k, top-p, penalties), and sampling.
+
+Speculative acceptance and plain sampling use the SAME processed distribution, so
+rejection sampling is lossless with respect to exactly what plain decoding samples from.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import SamplingParams
+
+
+def apply_penalties(logits: torch.Tensor, output_ids: torch.Tensor,
+                    params: SamplingParams) -> torch.Tensor:
+    """OpenAI presence/frequency penalties. logits: [N, V]; output_ids: [n] generated so far."""
+    if output_ids.numel() == 0:
+        return logits
+    counts = torch.bincount(output_ids, minlength=logits.shape[-1]).to(logits.dtype)
+    return (logits - params.frequency_penalty * counts
+            - params.presence_penalty * (counts > 0).to(logits.dtype))
+
+
+def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits: [N, V] float32 -> probs [N, V] for temperature > 0."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        # Drop tokens whose preceding mass already reaches top_p (the top token always stays).
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """probs: [V] or [N, V] -> sampled ids [1] or [N, 1] (device tensor, no host sync)."""
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """probs: [N, V] -> [N] natural-log entropy."""
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
