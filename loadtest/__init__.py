@@ -1,0 +1,1 @@
+"""mtpserve load tester: speaks HTTP to any OpenAI-compatible server."""
