@@ -55,22 +55,23 @@ def default_model_path() -> str:
     return path
 
 
-def load_checkpoint(path: str | None) -> LoadedCheckpoint:
+def load_checkpoint(path: str | None, dtype: torch.dtype | None = None) -> LoadedCheckpoint:
+    """dtype: cast each tensor as it is read (keeps peak memory at one copy)."""
     path = path or default_model_path()
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{path}: no such file or directory")
     if p.is_dir():
         if (p / "config.json").exists():
-            return load_hf_folder(p)
+            return load_hf_folder(p, dtype)
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
-            return load_gguf(ggufs[0])
+            return load_gguf(ggufs[0], dtype)
         raise ValueError(f"{path}: neither a Hugging Face folder (config.json) nor one .gguf file")
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        return load_gguf(p)
+        return load_gguf(p, dtype)
     raise ValueError(f"{path}: unrecognised checkpoint (not GGUF, not a folder with config.json)")
 
 
@@ -148,7 +149,7 @@ def _gguf_name(name: str, path: Path) -> str:
     raise ValueError(f"{path}: unexpected GGUF tensor {name!r}")
 
 
-def load_gguf(path: str | Path) -> LoadedCheckpoint:
+def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> LoadedCheckpoint:
     import gguf  # local: only GGUF users pay for the import
 
     path = Path(path)
@@ -167,7 +168,7 @@ def load_gguf(path: str | Path) -> LoadedCheckpoint:
         except NotImplementedError:
             raise ValueError(f"{path}: tensor {t.name} uses quantization "
                              f"{t.tensor_type.name}, which cannot be dequantized") from None
-        w = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        w = torch.from_numpy(np.array(arr, dtype=np.float32))  # writable copy
         expected = [int(x) for x in reversed(t.shape)]
         if list(w.shape) != expected and w.numel() == int(np.prod(expected)):
             w = w.reshape(expected)
@@ -175,7 +176,7 @@ def load_gguf(path: str | Path) -> LoadedCheckpoint:
             w = _unpermute(w, cfg.num_heads)
         elif permuted and name.endswith("k_proj.weight"):
             w = _unpermute(w, cfg.num_kv_heads)
-        tensors[name] = w
+        tensors[name] = w if dtype is None else w.to(dtype)
     if "lm_head.weight" in tensors:
         cfg.tie_word_embeddings = False
     tok = Tokenizer.from_gguf_fields(reader.fields)
@@ -249,7 +250,7 @@ def read_safetensors_folder(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_hf_folder(path: str | Path) -> LoadedCheckpoint:
+def load_hf_folder(path: str | Path, dtype: torch.dtype | None = None) -> LoadedCheckpoint:
     path = Path(path)
     try:
         raw = json.loads((path / "config.json").read_text())
@@ -257,6 +258,8 @@ def load_hf_folder(path: str | Path) -> LoadedCheckpoint:
         raise ValueError(f"{path / 'config.json'}: invalid JSON ({exc})") from None
     cfg = hf_config(raw, path)
     tensors = read_safetensors_folder(path)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
     tok = Tokenizer.from_hf_folder(str(path))
     if not cfg.eos_token_ids:
         cfg.eos_token_ids = tuple(tok.eos_token_ids)

