@@ -198,6 +198,11 @@ def hf_config(raw: dict, path: Path) -> ModelConfig:
     try:
         n_heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
+        # transformers >= 5 nests theta and scaling under rope_parameters.
+        rp = dict(raw.get("rope_parameters") or {})
+        theta = raw.get("rope_theta", rp.pop("rope_theta", 10000.0))
+        scaling = raw.get("rope_scaling") or (
+            rp if rp.get("rope_type", rp.get("type", "default")) != "default" else None)
         eos = raw.get("eos_token_id")
         return ModelConfig(
             vocab_size=int(raw["vocab_size"]),
@@ -208,8 +213,8 @@ def hf_config(raw: dict, path: Path) -> ModelConfig:
             num_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
             head_dim=int(raw.get("head_dim") or hidden // n_heads),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            rope_scaling=raw.get("rope_scaling"),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),

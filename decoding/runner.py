@@ -87,11 +87,18 @@ class EngineRunner:
             except queue.Empty:
                 return
             if isinstance(item, _Submit):
-                self._callbacks[item.request_id] = item.on_output
                 try:
                     self.engine.add_request(item.request_id, item.prompt_token_ids, item.params)
                 except ValueError as exc:
-                    self._deliver_error(item.request_id, str(exc))
+                    # Answer the submitter directly: a duplicate id must not hijack the
+                    # callback of the request that owns it.
+                    try:
+                        item.on_output(RequestOutput(item.request_id, [], "", 0, 0, finished=True,
+                                                     finish_reason="error", error=str(exc)))
+                    except Exception:
+                        log.exception("output callback for %s failed", item.request_id)
+                    continue
+                self._callbacks[item.request_id] = item.on_output
             else:
                 for out in self.engine.abort_request(item[1]):
                     self._deliver(out)
