@@ -1,0 +1,465 @@
+"""`mtpserve train-heads`: Medusa-1 draft heads by self-distillation on a frozen trunk.
+
+Targets. For a sequence x, the trunk's final-normed hidden state h_t predicts x_{t+1} (at
+serving time that is the verifier's bonus token). Head k (k = 1..K) reads h_t and must
+guess the token after that: the base model's own greedy choice at position t+k,
+argmax p_base(. | x_<=t+k). On text the model generated greedily itself (the default
+recipe: its answers to chat prompts) that is simply x_{t+1+k}; on other text it is what
+the base would have said there (`--targets tokens` trains on the data's tokens instead).
+
+Steps: read sources -> let the model answer prompts (engine, greedy, speculation off;
+cached in a JSONL) -> run the frozen trunk once over every sequence and cache h_t and the
+base argmax -> train the heads over that cache for several epochs (cheap: one residual
+block per head; the unembedding is the base model's, shared and frozen; the softmax runs
+over the tokens that occur as targets unless `--vocab full`) -> evaluate top-1/top-5 on a
+held-out split over the FULL vocabulary -> pick a tree -> save in the project format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .heads import MedusaHeads, save_project_heads
+from .heads_data import Example, generate_answers, read_sources
+from .tree import PRESETS
+
+log = logging.getLogger(__name__)
+
+
+# -- config ------------------------------------------------------------------------------
+@dataclass(slots=True)
+class TrainConfig:
+    num_heads: int = 4
+    num_layers: int = 1
+    epochs: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_tokens: int = 1024  # positions per optimizer step
+    seed: int = 0
+    checkpoint_every: int = 50  # steps; 0: only at the end
+    holdout_frac: float = 0.05
+    targets: str = "argmax"  # argmax: base's greedy choice at t+k; tokens: x_{t+1+k}
+    vocab: str = "targets"  # targets: softmax over tokens seen as targets; full: all
+    warmup_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1 or self.num_layers < 1:
+            raise ValueError("need num_heads >= 1 and num_layers >= 1")
+        if self.epochs < 1 or self.batch_tokens < 1 or self.lr <= 0:
+            raise ValueError("need epochs >= 1, batch_tokens >= 1, lr > 0")
+        if not 0.0 <= self.holdout_frac < 1.0:
+            raise ValueError("holdout_frac must be in [0, 1)")
+        if self.targets not in ("argmax", "tokens") or self.vocab not in ("targets", "full"):
+            raise ValueError("targets must be argmax|tokens, vocab targets|full")
+
+
+# -- the frozen trunk, run once ------------------------------------------------------------
+@dataclass(slots=True)
+class HiddenCache:
+    hidden: torch.Tensor  # [N, H] float32: h_t of every cached position
+    argmax: torch.Tensor  # [N] int64: base greedy prediction after position t (for x_{t+1})
+    tokens: torch.Tensor  # [N] int64: x_{t+1} (the data's next token; -1 at a sequence end)
+    seq_start: torch.Tensor  # [S + 1] int64: sequence s occupies [seq_start[s], seq_start[s+1])
+    train_from: torch.Tensor  # [S] int64: first trained position, relative to its sequence
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.train_from)
+
+
+def _causal_meta(n: int, device: torch.device):
+    from .attention import AttentionMetadata
+
+    ar = torch.arange(n, device=device)
+    return AttentionMetadata(
+        positions=ar, token_slots=torch.zeros_like(ar), token_store=ar,
+        seq_slots=torch.zeros(1, dtype=torch.long, device=device), slot_start=0, kv_len=n,
+        num_seqs=1, q_len=n, q_gather=None, q_scatter=None,
+        mask=torch.ones(n, n, dtype=torch.bool, device=device).tril_()[None, None])
+
+
+def chunk_examples(examples: list[Example], seq_len: int) -> list[Example]:
+    """Split long sequences into windows of seq_len (positions restart in each)."""
+    out = []
+    for ex in examples:
+        if len(ex.ids) < 2:
+            continue
+        for s in range(0, len(ex.ids), seq_len):
+            ids = ex.ids[s:s + seq_len]
+            if len(ids) >= 2 and s + len(ids) - 1 > ex.train_from:
+                out.append(Example(ids, max(0, ex.train_from - s)))
+    return out
+
+
+@torch.no_grad()
+def cache_hidden(model, examples: list[Example], progress=None) -> HiddenCache:
+    from .kv_cache import KVCache
+
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    hid, amax, nxt, starts, train_from = [], [], [], [0], []
+    longest = max(len(e.ids) for e in examples)
+    kv = KVCache(model.config, 1, longest, dtype, dev)
+    t0 = time.perf_counter()
+    for i, ex in enumerate(examples):
+        ids = torch.tensor(ex.ids, dtype=torch.long, device=dev)
+        h = model(ids, _causal_meta(len(ex.ids), dev), kv)
+        hid.append(h.float().cpu())
+        amax.append(model.compute_logits(h).argmax(-1).cpu())
+        nxt.append(torch.tensor(ex.ids[1:] + [-1]))
+        starts.append(starts[-1] + len(ex.ids))
+        train_from.append(ex.train_from)
+        if progress and (i + 1) % 25 == 0:
+            progress(f"trunk pass {i + 1}/{len(examples)} sequences, {starts[-1]} positions, "
+                     f"{time.perf_counter() - t0:.0f} s")
+    return HiddenCache(torch.cat(hid), torch.cat(amax), torch.cat(nxt),
+                       torch.tensor(starts), torch.tensor(train_from))
+
+
+def targets_for(cache: HiddenCache, seqs: list[int], num_heads: int, mode: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trainable positions of `seqs` and their targets: -> rows [M], targets [M, K]
+    (-1 where t+k runs past the sequence)."""
+    rows, tgts = [], []
+    src = cache.argmax if mode == "argmax" else cache.tokens
+    for s in seqs:
+        a, b = int(cache.seq_start[s]), int(cache.seq_start[s + 1])
+        first = a + int(cache.train_from[s])
+        # head k at t reads target src[t + k]; the last usable t has t + 1 < b.
+        t = torch.arange(first, b - 1)
+        if len(t) == 0:
+            continue
+        k = torch.arange(1, num_heads + 1)
+        idx = t[:, None] + k[None, :]  # [M, K]
+        valid = idx < b
+        tg = src[idx.clamp(max=b - 1)]
+        if mode == "tokens":
+            valid &= tg >= 0
+        rows.append(t)
+        tgts.append(torch.where(valid, tg, torch.full_like(tg, -1)))
+    if not rows:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, num_heads, dtype=torch.long)
+    return torch.cat(rows), torch.cat(tgts)
+
+
+def split_sequences(n: int, frac: float, seed: int) -> tuple[list[int], list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).tolist()
+    n_hold = int(round(n * frac)) if n > 1 else 0
+    if frac > 0 and n > 1:
+        n_hold = max(1, n_hold)
+    return sorted(perm[n_hold:]), sorted(perm[:n_hold])
+
+
+# -- training ------------------------------------------------------------------------------
+def _logits(heads: MedusaHeads, unembed: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [B, H] -> [K, B, V'] float32 against unembed [V', H] (the base model's rows)."""
+    return heads.head_hidden(hidden) @ unembed.T
+
+
+@torch.no_grad()
+def evaluate(heads: MedusaHeads, model, cache: HiddenCache, rows: torch.Tensor,
+             tgts: torch.Tensor, max_rank: int = 10, batch: int = 512) -> dict:
+    """Full-vocabulary accuracy: per head, hit rate of each rank 0..max_rank-1."""
+    K = heads.num_heads
+    unembed = model.unembed_weight().detach().float().cpu()
+    hits = torch.zeros(K, max_rank)
+    count = torch.zeros(K)
+    for s in range(0, len(rows), batch):
+        h = cache.hidden[rows[s:s + batch]]
+        tg = tgts[s:s + batch].T  # [K, B]
+        top = _logits(heads, unembed, h).topk(max_rank, dim=-1).indices  # [K, B, R]
+        ok = tg >= 0
+        eq = (top == tg[..., None]) & ok[..., None]
+        hits += eq.sum(1).float()
+        count += ok.sum(1).float()
+    rank_acc = (hits / count.clamp(min=1)[:, None])
+    return {
+        "positions": int(count[0].item()) if K else 0,
+        "top1": [round(float(r[0]), 4) for r in rank_acc],
+        "top5": [round(float(r[:5].sum()), 4) for r in rank_acc],
+        "rank_acc": [[round(float(x), 4) for x in r] for r in rank_acc],
+    }
+
+
+def expected_accepted(choices: list[tuple[int, ...]], rank_acc: list[list[float]]) -> float:
+    """Expected drafted tokens accepted per step (bonus excluded), heads independent."""
+    total = 0.0
+    for path in choices:
+        if len(path) > len(rank_acc) or any(r >= len(rank_acc[d]) for d, r in enumerate(path)):
+            continue
+        total += math.prod(rank_acc[d][r] for d, r in enumerate(path))
+    return total
+
+
+def calibrated_tree(rank_acc: list[list[float]], num_nodes: int) -> list[tuple[int, ...]]:
+    """Medusa's greedy construction: add the node with the highest path probability."""
+    chosen: list[tuple[int, ...]] = []
+    frontier = {(r,) for r in range(len(rank_acc[0]))}
+    while frontier and len(chosen) < num_nodes:
+        best = max(sorted(frontier), key=lambda p: expected_accepted([p], rank_acc))
+        frontier.remove(best)
+        chosen.append(best)
+        if len(best) < len(rank_acc):
+            frontier |= {best + (r,) for r in range(len(rank_acc[len(best)]))}
+    return sorted(chosen, key=lambda c: (len(c), c))
+
+
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def train(model, cache: HiddenCache, cfg: TrainConfig, out: Path, resume: bool = False,
+          progress=None, default_tree: str = "tree16") -> tuple[MedusaHeads, dict]:
+    """Train heads over the cached hidden states; checkpoint to out/checkpoint.pt."""
+    torch.manual_seed(cfg.seed)
+    H, V = model.config.hidden_size, model.config.vocab_size
+    heads = MedusaHeads(H, V, cfg.num_heads, cfg.num_layers, default_tree=default_tree)
+    train_seqs, hold_seqs = split_sequences(cache.num_seqs, cfg.holdout_frac, cfg.seed)
+    rows, tgts = targets_for(cache, train_seqs, cfg.num_heads, cfg.targets)
+    h_rows, h_tgts = targets_for(cache, hold_seqs, cfg.num_heads, cfg.targets)
+    if len(rows) == 0:
+        raise ValueError("no trainable positions: the data is empty or too short")
+    vocab_ids = None
+    unembed = model.unembed_weight().detach().float().cpu()
+    if cfg.vocab == "targets":
+        vocab_ids = torch.unique(tgts[tgts >= 0])
+        remap = torch.full((V,), -1, dtype=torch.long)
+        remap[vocab_ids] = torch.arange(len(vocab_ids))
+        sub_tgts = torch.where(tgts >= 0, remap[tgts.clamp(min=0)], tgts)
+        unembed = unembed[vocab_ids.to(unembed.device)]
+    else:
+        sub_tgts = tgts
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch_tokens)
+    total = steps_per_epoch * cfg.epochs
+    step = 0
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(cfg) or state["train_positions"] != len(rows):
+            raise ValueError(f"{ckpt}: was written with other settings or data "
+                             f"({state['config']}, {state['train_positions']} positions)")
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        (progress or log.info)(f"resumed from {ckpt} at step {step}/{total}")
+    baseline = evaluate(MedusaHeads(H, V, cfg.num_heads, cfg.num_layers), model, cache,
+                        h_rows, h_tgts) if len(h_rows) and step == 0 else None
+
+    def save_ckpt() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"heads": heads.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "config": asdict(cfg), "train_positions": len(rows)}, tmp)
+        tmp.replace(ckpt)
+
+    bar = _bar(total, step)
+    t0 = time.perf_counter()
+    ema_loss, ema_acc = None, None
+    heads.train()
+    while step < total:
+        epoch, within = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        idx = perm[within * cfg.batch_tokens:(within + 1) * cfg.batch_tokens]
+        h = cache.hidden[rows[idx]]
+        tg = sub_tgts[idx].T  # [K, B]
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, total, cfg)
+        logits = _logits(heads, unembed, h)  # [K, B, V']
+        losses = [F.cross_entropy(logits[k], tg[k], ignore_index=-1) for k in range(cfg.num_heads)]
+        loss = torch.stack(losses).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        with torch.no_grad():
+            ok = tg >= 0
+            acc = ((logits.argmax(-1) == tg) & ok).sum(1).float() / ok.sum(1).clamp(min=1)
+        ema_loss = loss.item() if ema_loss is None else 0.9 * ema_loss + 0.1 * loss.item()
+        ema_acc = acc if ema_acc is None else 0.9 * ema_acc + 0.1 * acc
+        bar.update(step, f"epoch {epoch + 1}/{cfg.epochs} loss {ema_loss:.3f} top1 "
+                         + " ".join(f"{a:.2f}" for a in ema_acc.tolist()))
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            save_ckpt()
+    bar.close()
+    save_ckpt()
+    heads.eval()
+    report = {
+        "steps": total, "steps_per_epoch": steps_per_epoch, "train_positions": len(rows),
+        "train_sequences": len(train_seqs), "heldout_sequences": len(hold_seqs),
+        "softmax_vocab": len(vocab_ids) if vocab_ids is not None else V,
+        "train_seconds_this_run": round(time.perf_counter() - t0, 1),
+        "final_train_loss_ema": round(ema_loss, 4) if ema_loss is not None else None,
+    }
+    if len(h_rows):
+        report["heldout"] = evaluate(heads, model, cache, h_rows, h_tgts)
+        if baseline is not None:
+            report["heldout_untrained_identity_heads"] = {k: baseline[k] for k in ("top1", "top5")}
+    return heads, report
+
+
+class _bar:
+    """tqdm when installed, else a log line every ~5% of the steps."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        self.total, self.last = total, initial
+        try:
+            from tqdm import tqdm
+
+            self.t = tqdm(total=total, initial=initial, desc="train heads", dynamic_ncols=True)
+        except ImportError:
+            self.t = None
+
+    def update(self, step: int, text: str) -> None:
+        if self.t is not None:
+            self.t.update(step - self.last)
+            self.t.set_postfix_str(text, refresh=False)
+        elif step == self.total or step % max(1, self.total // 20) == 0:
+            log.info("step %d/%d %s", step, self.total, text)
+        self.last = step
+
+    def close(self) -> None:
+        if self.t is not None:
+            self.t.close()
+
+
+# -- tree choice ---------------------------------------------------------------------------
+def choose_tree(rank_acc: list[list[float]], out: Path) -> tuple[str, dict]:
+    """Expected accepted drafts of each preset under the measured rank accuracies; also
+    write a calibrated 16-node choice list (tree.json). The default is the best preset,
+    by expected accepted tokens per drafted node budget of at most 16 nodes."""
+    scores = {name: round(expected_accepted(ch, rank_acc), 3) for name, ch in PRESETS.items()}
+    custom = calibrated_tree(rank_acc, 16)
+    (out / "tree.json").write_text(json.dumps([list(c) for c in custom]) + "\n")
+    best = max(scores, key=lambda n: (scores[n], -len(PRESETS[n])))
+    return best, {"expected_accepted_drafts": scores,
+                  "calibrated16": {"file": "tree.json", "choices": [list(c) for c in custom],
+                                   "expected_accepted_drafts":
+                                       round(expected_accepted(custom, rank_acc), 3)}}
+
+
+# -- CLI -----------------------------------------------------------------------------------
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded model)")
+    p.add_argument("--data", nargs="+", required=True,
+                   help=".py/.txt/.md files or folders; JSONL of {text}, {prompt} / {messages} "
+                        "(answered by the model) or {prompt_ids, completion_ids}")
+    p.add_argument("--out", required=True, help="output folder: heads.json, heads.safetensors, "
+                                                "checkpoints, caches")
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-layers", type=int, default=1, help="residual blocks per head")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-tokens", type=int, default=1024, help="positions per optimizer step")
+    p.add_argument("--seq-len", type=int, default=1024, help="trunk window for long texts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument("--holdout-frac", type=float, default=0.05, help="sequences held out for the report")
+    p.add_argument("--generate-max-tokens", type=int, default=256, help="answer length for prompts")
+    p.add_argument("--generated", default=None,
+                   help="JSONL cache of the model's answers (default OUT/answers.jsonl)")
+    p.add_argument("--gen-batch", type=int, default=16, help="max_num_seqs while answering")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"],
+                   help="trunk dtype for answering and the hidden-state pass (heads train in fp32)")
+    p.add_argument("--targets", default="argmax", choices=["argmax", "tokens"],
+                   help="argmax: the base model's greedy choice (self-distillation); tokens: the data")
+    p.add_argument("--vocab", default="targets", choices=["targets", "full"],
+                   help="softmax over tokens seen as targets (fast) or the full vocabulary")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _data_key(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.train_from, e.ids]).encode())
+    return h.hexdigest()[:16]
+
+
+def run_train_heads(a: argparse.Namespace) -> int:
+    from .config import EngineConfig, SpecConfig
+    from .engine import LLMEngine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    torch.set_num_threads(a.threads)
+    cfg = TrainConfig(num_heads=a.num_heads, num_layers=a.num_layers, epochs=a.epochs, lr=a.lr,
+                      batch_tokens=a.batch_tokens, seed=a.seed, checkpoint_every=a.checkpoint_every,
+                      holdout_frac=a.holdout_frac, targets=a.targets, vocab=a.vocab)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    engine = LLMEngine.from_config(EngineConfig(
+        model=a.model, dtype=a.dtype, device=a.device, weights="dense", max_num_seqs=a.gen_batch,
+        max_model_len=2048, spec=SpecConfig(mode="off")))
+    model = engine.model
+    src = read_sources(a.data, engine.tokenizer)
+    recipe = {"sources": src.recipe}
+    examples = list(src.examples)
+    if src.prompts:
+        cache_path = Path(a.generated) if a.generated else out / "answers.jsonl"
+        answers, stats = generate_answers(engine, src.prompts, cache_path, a.generate_max_tokens,
+                                          chunk=4 * a.gen_batch, progress=say)
+        examples += answers
+        recipe["generation"] = {"cache": str(cache_path), "max_tokens": a.generate_max_tokens,
+                                "greedy": True, "dtype": a.dtype, "max_num_seqs": a.gen_batch,
+                                "chat_template": True, **stats}
+    examples = chunk_examples(examples, a.seq_len)
+    key = _data_key(examples)
+    hc_path = out / "hidden_cache.pt"
+    t0 = time.perf_counter()
+    saved = torch.load(hc_path, weights_only=False) if hc_path.exists() else {}
+    if saved.get("key") == key:
+        cache = HiddenCache(**saved["cache"])
+        say(f"hidden states: reusing {hc_path}")
+    else:
+        cache = cache_hidden(model, examples, progress=say)
+        torch.save({"key": key, "cache": {f: getattr(cache, f) for f in HiddenCache.__slots__}},
+                   hc_path)
+    trunk_s = time.perf_counter() - t0
+    recipe.update(sequences=cache.num_seqs, positions=int(cache.seq_start[-1]),
+                  trained_positions=int(sum(int(cache.seq_start[s + 1] - cache.seq_start[s])
+                                            - int(cache.train_from[s]) - 1
+                                            for s in range(cache.num_seqs))),
+                  argmax_equals_next_token=round(float(
+                      (cache.argmax == cache.tokens)[cache.tokens >= 0].float().mean()), 4))
+    heads, report = train(model, cache, cfg, out, resume=a.resume, progress=say)
+    tree_info: dict = {}
+    if "heldout" in report:
+        best, tree_info = choose_tree(report["heldout"]["rank_acc"], out)
+        heads.default_tree = best
+    training = {
+        "command": "mtpserve train-heads " + " ".join(shlex.quote(x) for x in sys.argv[2:])
+        if len(sys.argv) > 1 and sys.argv[1] == "train-heads" else " ".join(map(shlex.quote, sys.argv)),
+        "method": "medusa-1 self-distillation: frozen trunk, shared frozen unembedding, "
+                  f"targets={cfg.targets}",
+        "base_model": engine.model_name, "config": asdict(cfg), "data": recipe,
+        "trunk_pass_seconds": round(trunk_s, 1), "total_seconds": round(time.perf_counter() - t_all, 1),
+        "torch": torch.__version__, "tree": tree_info, **report,
+    }
+    save_project_heads(heads, out, model.config, training=training)
+    ho = report.get("heldout")
+    if ho:
+        for k in range(cfg.num_heads):
+            say(f"head {k + 1}: held-out top-1 {ho['top1'][k]:.3f} top-5 {ho['top5'][k]:.3f}")
+        say(f"default tree: {heads.default_tree} (expected accepted drafts per step: "
+            f"{tree_info['expected_accepted_drafts']})")
+    say(f"wrote {out / 'heads.json'} and {out / 'heads.safetensors'}")
+    return 0

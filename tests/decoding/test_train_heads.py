@@ -1,0 +1,157 @@
+"""train-heads on a tiny random-weight model: heads learn, checkpoints resume, output loads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from mtpserve.decoding.config import ModelConfig
+from mtpserve.decoding.heads import load_heads
+from mtpserve.decoding.heads_data import Example
+from mtpserve.decoding import train_heads
+from mtpserve.decoding.model import CausalLM
+from mtpserve.decoding.train_heads import (TrainConfig, add_train_args, cache_hidden,
+                                           calibrated_tree, choose_tree, expected_accepted,
+                                           save_project_heads, targets_for, train)
+
+CFG = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, max_position_embeddings=256)
+PERIOD = [3, 11, 7, 0, 14, 5, 9]  # distinct tokens: the phase is readable from x_t alone
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = CausalLM(CFG, max_positions=256)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+    model.eval()
+    examples = [Example((PERIOD * 12)[s:s + 60], train_from=2) for s in range(12)]
+    return model, cache_hidden(model, examples)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(num_heads=3, epochs=8, lr=5e-2, batch_tokens=128, seed=1, checkpoint_every=0,
+                holdout_frac=0.25, targets="tokens", vocab="full", warmup_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_targets_are_the_tokens_k_after_the_bonus(tiny):
+    _, cache = tiny
+    rows, tgts = targets_for(cache, [0], 3, "tokens")
+    ids = (PERIOD * 12)[0:60]
+    t = int(rows[0])  # first trained position: train_from = 2
+    assert t == 2
+    assert tgts[0].tolist() == [ids[t + 2], ids[t + 3], ids[t + 4]]
+    assert tgts[-1].tolist()[-1] == -1  # past the end of the sequence: no target
+    _, amax = targets_for(cache, [0], 1, "argmax")
+    assert amax[0, 0] == cache.argmax[t + 1]  # the base's own choice at t+1
+
+
+def test_heads_learn_a_repeating_sequence_from_chance(tiny, tmp_path):
+    model, cache = tiny
+    heads, report = train(model, cache, _cfg(), tmp_path)
+    before = report["heldout_untrained_identity_heads"]["top1"]
+    after = report["heldout"]["top1"]
+    assert max(before) < 0.5
+    assert min(after) > 0.9, report
+    assert len(report["heldout"]["rank_acc"][0]) == 10
+
+
+def test_checkpoint_resume_continues_from_saved_step(tiny, tmp_path):
+    model, cache = tiny
+    cfg = _cfg(epochs=4, checkpoint_every=3)
+    full, _ = train(model, cache, cfg, tmp_path / "full")
+    total = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["step"]
+    assert total > 3
+    mid = tmp_path / "mid"
+    _interrupt_after(model, cache, cfg, mid, steps=3)
+    assert torch.load(mid / "checkpoint.pt", weights_only=False)["step"] == 3
+    resumed, _ = train(model, cache, cfg, mid, resume=True)
+    assert torch.load(mid / "checkpoint.pt", weights_only=False)["step"] == total
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    with pytest.raises(ValueError, match="other settings"):
+        train(model, cache, _cfg(epochs=4, checkpoint_every=3, lr=1e-3), mid, resume=True)
+
+
+def _interrupt_after(model, cache, cfg, out, steps):
+    """Run `train` and kill it (an exception) right after step `steps` was checkpointed."""
+    class Stop(Exception):
+        pass
+
+    orig = train_heads._bar.update
+
+    def update(self, step, text):
+        if step > steps:
+            raise Stop
+        orig(self, step, text)
+
+    train_heads._bar.update = update
+    try:
+        with pytest.raises(Stop):
+            train(model, cache, cfg, out)
+    finally:
+        train_heads._bar.update = orig
+
+
+def test_output_loads_and_refuses_another_base(tiny, tmp_path):
+    model, cache = tiny
+    heads, report = train(model, cache, _cfg(epochs=2), tmp_path)
+    best, info = choose_tree(report["heldout"]["rank_acc"], tmp_path)
+    heads.default_tree = best
+    save_project_heads(heads, tmp_path, CFG, training={"report": report, "tree": info})
+    loaded = load_heads(tmp_path, CFG)
+    assert loaded.num_heads == 3 and loaded.default_tree == best
+    meta = json.loads((tmp_path / "heads.json").read_text())
+    assert "heldout" in meta["training"]["report"]
+    for a, b in zip(heads.state_dict().values(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    other = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=3,
+                        num_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match="belong to base model"):
+        load_heads(tmp_path, other)
+    wider = ModelConfig(vocab_size=16, hidden_size=64, intermediate_size=64, num_layers=2,
+                        num_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError):
+        load_heads(tmp_path, wider)
+
+
+def test_calibrated_tree_follows_accuracies():
+    rank_acc = [[0.6, 0.2, 0.1], [0.4, 0.1, 0.05], [0.3, 0.05, 0.01]]
+    tree = calibrated_tree(rank_acc, 6)
+    # path probabilities: (0,) .6  (0,0) .24  (1,) .2  (2,) .1  (1,0) .08  (0,0,0) .072
+    assert tree == [(0,), (1,), (2,), (0, 0), (1, 0), (0, 0, 0)]
+    assert all(c[:-1] in tree for c in tree if len(c) > 1)  # every parent path present
+    assert expected_accepted([(0,), (0, 0)], rank_acc) == pytest.approx(0.6 + 0.24)
+
+
+def test_cli_help(capsys):
+    p = argparse.ArgumentParser(prog="mtpserve train-heads")
+    add_train_args(p)
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--out", "--num-heads", "--resume", "--holdout-frac",
+                 "--generate-max-tokens", "--checkpoint-every", "--batch-tokens", "--seq-len"):
+        assert flag in text
+    a = p.parse_args(["--data", "x.jsonl", "--out", "o"])
+    assert a.num_heads == 4 and a.num_layers == 1
+
+
+def test_mtpserve_cli_train_heads_help(capsys):
+    from mtpserve.server.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train-heads", "--help"])
+    assert e.value.code == 0
+    assert "--generate-max-tokens" in capsys.readouterr().out
