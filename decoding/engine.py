@@ -42,13 +42,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # CPU decode streams weights from memory; bf16 halves the bytes and measured faster
-    # here even without native bf16 instructions (docs/benchmarks.md).
-    return torch.bfloat16
+    # Without native bf16 instructions PyTorch's CPU bf16 matmuls take a slow path
+    # (measured 2-3x slower than fp32 here, docs/benchmarks.md), so fp32 unless the CPU
+    # has avx512_bf16 / AMX.
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_weights(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """auto: dense everywhere for now; int8 is opt-in until the benchmark decides."""
+    """auto: dense, so outputs match the checkpoint's weights exactly; int8 is opt-in."""
     if name != "auto":
         return name
     return "dense"
@@ -90,6 +100,9 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        weights = resolve_weights(config.weights, device, dtype)
+        if weights == "int8" and dtype == torch.float32:
+            dtype = torch.bfloat16  # PyTorch's int8 weight kernel is fast only with bf16 inputs
         ckpt = load_checkpoint(config.model, dtype=dtype)
         max_pos = min(config.max_model_len, ckpt.config.max_position_embeddings) + 256
         # Build on the meta device and fill from the checkpoint: no random init, and
@@ -104,7 +117,7 @@ class LLMEngine:
         except ValueError as exc:
             raise ValueError(f"{ckpt.path}: {exc}") from None
         ckpt.tensors = {}
-        if resolve_weights(config.weights, device, dtype) == "int8":
+        if weights == "int8":
             model.quantize_int8()
         model.eval()
         heads = load_heads_for(config.spec, ckpt.config, ckpt.path, device, dtype)
@@ -178,6 +191,7 @@ class LLMEngine:
         if not batch:
             return []
         self.num_steps += 1
+        t_start = time.perf_counter()
         ids, meta, logit_rows = self._prepare(batch)
         hidden = self.model(ids, meta, self.kv)
         logits = self.model.compute_logits(hidden[logit_rows]) if logit_rows.numel() else None
@@ -209,6 +223,8 @@ class LLMEngine:
                 drafting.append(seq)
             row += rows
             offset += n
+        if all(item.tree is not None for item in batch):  # decode-only steps teach auto
+            self.policy.observe_step(int(ids.numel()), time.perf_counter() - t_start)
         self._draft_next(drafting, hidden, last_rows)
         return outputs
 
@@ -290,6 +306,8 @@ class LLMEngine:
             self.kv.keep_path(seq.slot, [start + j for j in acc.path], start)
             seq.num_cached += len(acc.path)
             seq.spec.record_step(tree.max_depth, tree.num_drafts, acc.num_accepted)
+            if tree.num_drafts:
+                self.policy.observe_acceptance(tree.max_depth, acc.num_accepted)
         new_tokens = [tree.tokens[j] for j in acc.path[1:]] + [acc.bonus]
         return self._emit(seq, new_tokens, logits, acc.path), acc.path[-1]
 
@@ -370,15 +388,16 @@ class LLMEngine:
         if not seqs:
             return
         batch_size = len(self.scheduler.running)
+        depth = self.policy.draft_depth(batch_size)
         head_cands = None
         spec_seqs = [s for s in seqs if s.speculate]
-        if self.heads is not None and spec_seqs and self.policy.use_heads(batch_size):
+        if self.heads is not None and spec_seqs and self.policy.use_heads(depth):
             idx = torch.tensor([rows[seqs.index(s)] for s in spec_seqs], device=hidden.device)
             head_cands = self.heads.candidates(hidden[idx], self.model,
                                                [s.token_ids[-1] for s in spec_seqs])
         for i, seq in enumerate(spec_seqs):
             cands = head_cands[i] if head_cands is not None else None
-            seq.draft = self.policy.build_tree(seq.token_ids, cands, batch_size)
+            seq.draft = self.policy.build_tree(seq.token_ids, cands, depth)
 
     # -- bookkeeping -------------------------------------------------------------------
     def _finish(self, seq: Sequence) -> None:

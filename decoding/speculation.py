@@ -1,8 +1,12 @@
 """When and how much to speculate: per-request switch, tree shape, adaptive sizing.
 
-`auto` shrinks trees as the batch grows: a verify pass over k extra tokens per sequence
-is nearly free at batch 1 (per-pass overhead dominates) but costs real compute once the
-batch is large, so the node budget per sequence falls with the number of sequences.
+`auto` decides from measurements on this hardware, per step: it keeps an EMA of the
+step time as a function of the tokens in the pass (bucketed by powers of two) and of the
+acceptance rate at each draft depth, and gives each sequence the draft size d that
+maximises expected tokens per second, (1 + sum_i prod_{j<=i} a_j) / cost(B * (1 + d)).
+d = 0 (no drafts) is always a candidate, so speculation never costs more than plain
+decoding once the estimates have settled. A few steps in 32 probe a full draft so the
+estimates stay fresh.
 """
 
 from __future__ import annotations
@@ -13,9 +17,15 @@ from .proposers import ngram_propose
 from .tree import DraftTree, load_choices, tree_from_choices
 
 MAX_TREE_NODES = 64
-# Total draft nodes per step across the batch in auto mode (calibrated on CPU, see
-# docs/benchmarks.md); a sequence never gets fewer than 0 nor more than its tree.
-AUTO_NODE_BUDGET = 32
+PROBE_EVERY = 32  # auto: every 32nd decode step drafts fully, to keep measuring
+EMA = 0.1
+
+
+def _bucket(n: int) -> int:
+    b = 1
+    while b < n:
+        b *= 2
+    return b
 
 
 class SpeculationPolicy:
@@ -29,36 +39,72 @@ class SpeculationPolicy:
         if spec.proposer == "heads" and heads is None and spec.mode != "off":
             raise ValueError("proposer 'heads' needs draft heads (--heads PATH)")
         self.max_tree_nodes = MAX_TREE_NODES + spec.ngram_draft_len
+        self.max_depth = max(spec.ngram_draft_len, max(len(c) for c in self.choices))
+        self.step_cost: dict[int, float] = {}  # token bucket -> EMA seconds per step
+        self.depth_accept = [0.5] * self.max_depth  # P(accept depth i | reached i-1)
+        self._steps = 0
 
     def enabled_for(self, params: SamplingParams) -> bool:
         if self.spec.mode == "off":
             return False
         return params.speculate is not False
 
-    def node_budget(self, batch_size: int) -> int:
-        """Draft nodes allowed per sequence this step."""
-        if self.spec.mode == "on":
-            return self.max_tree_nodes
-        return max(0, AUTO_NODE_BUDGET // max(1, batch_size))
+    # -- measurements (fed by the engine) ------------------------------------------------
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        b = _bucket(num_tokens)
+        old = self.step_cost.get(b)
+        self.step_cost[b] = seconds if old is None else (1 - EMA) * old + EMA * seconds
 
-    def use_heads(self, batch_size: int) -> bool:
-        return self.heads is not None and self.spec.proposer != "ngram" \
-            and self.node_budget(batch_size) > 0
+    def observe_acceptance(self, drafted_depth: int, accepted: int) -> None:
+        for d in range(min(drafted_depth, self.max_depth)):
+            hit = 1.0 if d < accepted else 0.0
+            self.depth_accept[d] = (1 - EMA) * self.depth_accept[d] + EMA * hit
+            if not hit:
+                break  # deeper positions were not reached
+
+    # -- decisions ---------------------------------------------------------------------
+    def _cost(self, tokens: int) -> float | None:
+        return self.step_cost.get(_bucket(tokens))
+
+    def draft_depth(self, batch_size: int) -> int:
+        """auto: the d that maximises expected tokens/s for this batch size."""
+        if self.spec.mode == "on":
+            return self.max_depth
+        self._steps += 1
+        if self._steps % PROBE_EVERY == 0:
+            return self.max_depth
+        base = self._cost(batch_size)
+        if base is None:
+            return self.max_depth  # nothing measured yet: measure
+        best_d, best_rate = 0, 1.0 / base
+        expected, reach = 1.0, 1.0
+        for d in range(1, self.max_depth + 1):
+            reach *= self.depth_accept[d - 1]
+            expected += reach
+            cost = self._cost(batch_size * (1 + d))
+            if cost is None:
+                return d  # unmeasured size: try it once
+            if expected / cost > best_rate:
+                best_d, best_rate = d, expected / cost
+        return best_d
+
+    def use_heads(self, depth: int) -> bool:
+        return self.heads is not None and self.spec.proposer != "ngram" and depth > 0
 
     def build_tree(self, token_ids: list[int], head_candidates: list[list[int]] | None,
-                   batch_size: int) -> DraftTree | None:
-        budget = self.node_budget(batch_size)
-        if budget <= 0:
+                   depth: int) -> DraftTree | None:
+        if depth <= 0:
             return None
         root = token_ids[-1]
         tree = DraftTree.root_only(root)
         if self.spec.proposer in ("ngram", "hybrid"):
             chain = ngram_propose(token_ids, self.spec.ngram_max, self.spec.ngram_min,
-                                  self.spec.ngram_draft_len)
+                                  min(depth, self.spec.ngram_draft_len))
             if chain:
                 tree.add_path(chain)
         if head_candidates:
-            heads_tree = tree_from_choices(root, self.choices, head_candidates)
+            choices = [c for c in self.choices if len(c) <= depth]
+            heads_tree = tree_from_choices(root, choices, head_candidates)
             for i in range(1, len(heads_tree.tokens)):
                 path = []
                 j = i
@@ -68,4 +114,4 @@ class SpeculationPolicy:
                 tree.add_path(path[::-1])
         if tree.num_drafts == 0:
             return None
-        return tree.truncated(1 + budget)
+        return tree.truncated(1 + self.max_tree_nodes)
