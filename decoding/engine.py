@@ -86,7 +86,8 @@ class LLMEngine:
                 raise ValueError(
                     f"kv cache budget {config.kv_cache_memory_gb} GB holds no sequence of "
                     f"{self.max_model_len} tokens ({per_slot / 2**20:.1f} MiB each)")
-        self.kv = KVCache(self.model_config, num_slots, slot_len, self.dtype, self.device)
+        self.kv = KVCache(self.model_config, num_slots, slot_len, self.dtype, self.device,
+                          lazy=True)
         self.scheduler = Scheduler(num_slots, config.prefill_chunk_size, config.max_tokens_per_step)
         self.eos_ids = set(self.model_config.eos_token_ids) | set(tokenizer.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
@@ -268,6 +269,8 @@ class LLMEngine:
         T = len(ids)
         dev = self.device
         slots = [item.seq.slot for item in batch]
+        for slot in slots:
+            self.kv.ensure_initialized(slot, kv_len)
         contiguous = slots == list(range(slots[0], slots[0] + B))
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
         meta = AttentionMetadata(

@@ -16,12 +16,18 @@ from .config import ModelConfig
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, slot_len: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, lazy: bool = False) -> None:
         self.num_slots = num_slots
         self.slot_len = slot_len
         # [layer, k/v, slot, kv_head, index, head_dim]: slicing a slot range is a view.
-        self.buf = torch.zeros(cfg.num_layers, 2, num_slots, cfg.num_kv_heads, slot_len,
-                               cfg.head_dim, dtype=dtype, device=device)
+        # lazy (the engine): torch.empty, so pages are only touched as sequences grow and
+        # RSS follows use, not the budget; the caller then runs `ensure_initialized` before
+        # each read so masked-out keys are finite (0 * NaN would poison attention).
+        alloc = torch.empty if lazy else torch.zeros
+        self.buf = alloc(cfg.num_layers, 2, num_slots, cfg.num_kv_heads, slot_len,
+                         cfg.head_dim, dtype=dtype, device=device)
+        # per slot: indices [0, n) hold finite values
+        self._initialized = [0 if lazy else slot_len] * num_slots
         self._free = list(range(num_slots - 1, -1, -1))
 
     @staticmethod
@@ -35,6 +41,12 @@ class KVCache:
     def free(self, slot: int) -> None:
         self._free.append(slot)
         self._free.sort(reverse=True)  # lowest slot next: keeps running slots contiguous
+
+    def ensure_initialized(self, slot: int, upto: int) -> None:
+        have = self._initialized[slot]
+        if upto > have:
+            self.buf[:, :, slot, :, have:upto] = 0
+            self._initialized[slot] = upto
 
     @property
     def num_free(self) -> int:
