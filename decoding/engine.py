@@ -120,6 +120,8 @@ class LLMEngine:
         ckpt.tensors = {}
         if weights == "int8":
             model.quantize_int8()
+        elif device.type == "cpu":
+            model.use_transposed_weights()
         model.eval()
         heads = load_heads_for(config.spec, ckpt.config, ckpt.path, device, dtype)
         return cls(config, model, ckpt.tokenizer, ckpt.name, heads)

@@ -149,6 +149,7 @@ class CausalLM(nn.Module):
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size,
                                                                    bias=False)
+        self.unembed_t: torch.Tensor | None = None  # see use_transposed_weights
 
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
                 return_pre_last: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -175,8 +176,20 @@ class CausalLM(nn.Module):
     def unembed_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    @torch.no_grad()
+    def use_transposed_weights(self) -> None:
+        """CPU decode: trunk projections stored [in, out], plus an [H, V] copy of the
+        unembedding for the 1-2 row matmuls of plain decode (the [V, H] original stays for
+        the embedding lookup and wider verify passes, where it is faster)."""
+        for m in self.layers.modules():
+            if isinstance(m, Linear):
+                m.transpose_storage()
+        self.unembed_t = self.unembed_weight().t().contiguous()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""
+        if self.unembed_t is not None and hidden.shape[0] <= 2:
+            return torch.matmul(hidden, self.unembed_t).float()
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
         return F.linear(hidden, self.embed_tokens.weight).float()
