@@ -412,6 +412,33 @@ def _data_key(examples: list[Example]) -> str:
     return h.hexdigest()[:16]
 
 
+def _hidden_cache(model, examples: list[Example], path: Path, say) -> tuple[HiddenCache, dict]:
+    """Run the trunk once and keep the result in `path`; reuse it while the data is the same."""
+    key = _data_key(examples)
+    saved = torch.load(path, weights_only=False) if path.exists() else {}
+    if saved.get("key") == key:
+        say(f"hidden states: reusing {path}")
+        return HiddenCache(**saved["cache"]), {"reused": str(path), "seconds": saved.get("seconds")}
+    t0 = time.perf_counter()
+    cache = cache_hidden(model, examples, progress=say)
+    seconds = round(time.perf_counter() - t0, 1)
+    torch.save({"key": key, "seconds": seconds,
+                "cache": {f: getattr(cache, f) for f in HiddenCache.__slots__}}, path)
+    return cache, {"seconds": seconds}
+
+
+def _agreement(cache: HiddenCache) -> dict:
+    """Trained positions, and how often the base argmax equals the data's next token there
+    (1.0 on the model's own greedy answers: the trunk pass reproduces the generation)."""
+    same, n = 0, 0
+    for s in range(cache.num_seqs):
+        a = int(cache.seq_start[s] + cache.train_from[s])
+        b = int(cache.seq_start[s + 1]) - 1
+        same += int((cache.argmax[a:b] == cache.tokens[a:b]).sum())
+        n += max(0, b - a)
+    return {"trained_positions": n, "argmax_equals_next_token": round(same / max(1, n), 4)}
+
+
 def run_train_heads(a: argparse.Namespace) -> int:
     from .config import EngineConfig, SpecConfig
     from .engine import LLMEngine
@@ -441,24 +468,8 @@ def run_train_heads(a: argparse.Namespace) -> int:
                                 "greedy": True, "dtype": a.dtype, "max_num_seqs": a.gen_batch,
                                 "chat_template": True, **stats}
     examples = chunk_examples(examples, a.seq_len)
-    key = _data_key(examples)
-    hc_path = out / "hidden_cache.pt"
-    t0 = time.perf_counter()
-    saved = torch.load(hc_path, weights_only=False) if hc_path.exists() else {}
-    if saved.get("key") == key:
-        cache = HiddenCache(**saved["cache"])
-        say(f"hidden states: reusing {hc_path}")
-    else:
-        cache = cache_hidden(model, examples, progress=say)
-        torch.save({"key": key, "cache": {f: getattr(cache, f) for f in HiddenCache.__slots__}},
-                   hc_path)
-    trunk_s = time.perf_counter() - t0
-    recipe.update(sequences=cache.num_seqs, positions=int(cache.seq_start[-1]),
-                  trained_positions=int(sum(int(cache.seq_start[s + 1] - cache.seq_start[s])
-                                            - int(cache.train_from[s]) - 1
-                                            for s in range(cache.num_seqs))),
-                  argmax_equals_next_token=round(float(
-                      (cache.argmax == cache.tokens)[cache.tokens >= 0].float().mean()), 4))
+    cache, trunk = _hidden_cache(model, examples, out / "hidden_cache.pt", say)
+    recipe.update(sequences=cache.num_seqs, positions=int(cache.seq_start[-1]), **_agreement(cache))
     heads, report = train(model, cache, cfg, out, resume=a.resume, progress=say)
     tree_info: dict = {}
     if "heldout" in report:
@@ -470,7 +481,7 @@ def run_train_heads(a: argparse.Namespace) -> int:
         "method": "medusa-1 self-distillation: frozen trunk, shared frozen unembedding, "
                   f"targets={cfg.targets}",
         "base_model": engine.model_name, "config": asdict(cfg), "data": recipe,
-        "trunk_pass_seconds": round(trunk_s, 1), "total_seconds": round(time.perf_counter() - t_all, 1),
+        "trunk_pass": trunk, "total_seconds_this_run": round(time.perf_counter() - t_all, 1),
         "torch": torch.__version__, "tree": tree_info, **report,
     }
     save_project_heads(heads, out, model.config, training=training)

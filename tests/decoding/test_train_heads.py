@@ -8,14 +8,15 @@ import json
 import pytest
 import torch
 
+from mtpserve.decoding import train_heads
 from mtpserve.decoding.config import ModelConfig
 from mtpserve.decoding.heads import load_heads
 from mtpserve.decoding.heads_data import Example
-from mtpserve.decoding import train_heads
 from mtpserve.decoding.model import CausalLM
 from mtpserve.decoding.train_heads import (TrainConfig, add_train_args, cache_hidden,
                                            calibrated_tree, choose_tree, expected_accepted,
-                                           save_project_heads, targets_for, train)
+                                           save_project_heads, softmax_vocab, targets_for,
+                                           train)
 
 CFG = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, max_position_embeddings=256)
@@ -123,6 +124,16 @@ def test_output_loads_and_refuses_another_base(tiny, tmp_path):
                         num_heads=4, num_kv_heads=2)
     with pytest.raises(ValueError):
         load_heads(tmp_path, wider)
+
+
+def test_softmax_vocab_adds_the_base_models_plausible_tokens():
+    unembed = torch.eye(6)  # hidden e_i scores token i highest
+    hidden = torch.eye(6)[[0, 4]] * torch.tensor([[1.0], [2.0]])
+    tgts = torch.tensor([[2, -1], [3, 2]])
+    cfg = TrainConfig(vocab="plausible", plausible_topk=1)
+    assert softmax_vocab(cfg, unembed, hidden, tgts).tolist() == [0, 2, 3, 4]
+    cfg = TrainConfig(vocab="targets")
+    assert softmax_vocab(cfg, unembed, hidden, tgts).tolist() == [2, 3]
 
 
 def test_calibrated_tree_follows_accuracies():
