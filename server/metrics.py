@@ -232,6 +232,9 @@ class RequestTracker:
             old = prev.drafted_pos[pos] if pos < len(prev.drafted_pos) else 0
             if value > old:
                 m.spec_drafts_per_pos.labels(position=str(pos)).inc(value - old)
+                # Create the paired series at 0, so per-position acceptance (accepted /
+                # drafts by position) has data before anything is accepted there.
+                m.spec_accepted_per_pos.labels(position=str(pos))
         prev.steps = cur.num_spec_steps
         prev.drafts = cur.num_draft_tokens
         prev.accepted = cur.num_accepted_draft_tokens

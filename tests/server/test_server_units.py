@@ -102,7 +102,7 @@ def test_spec_counters_follow_cumulative_deltas_over_choices():
            if n == "mtpserve_spec_decode_num_accepted_tokens_per_pos_total"}
     drafted = {lbl[0][1]: v for (n, lbl), v in s.items()
                if n == "mtpserve_spec_decode_num_drafts_per_pos_total"}
-    assert acc == {"0": 3, "1": 1}
+    assert acc == {"0": 3, "1": 1, "2": 0}  # drafted-only positions exist at 0
     assert drafted == {"0": 4, "1": 3, "2": 2}
     # finish reason priority over choices
     key = ("mtpserve_requests_total", (("endpoint", "/v1/chat/completions"),
