@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 PY_TASKS = [
@@ -193,6 +194,113 @@ COMPARE = [
     ("weather", "climate"), ("a virus", "a bacterium"), ("stocks", "bonds"), ("tea", "coffee"),
 ]
 
+# Round 2: everyday chat, broader than the templates above (the first heads did much worse
+# on general chat prompts than on held-out template prompts: 20% vs 38% head-1 top-1).
+HOW_TO = [
+    "cook rice on the stove", "fix a leaky faucet", "train a puppy to sit", "iron a shirt",
+    "start a vegetable garden", "write a thank-you letter", "make cold brew coffee",
+    "clean my laptop keyboard", "choose a good watermelon", "tie a tie", "make a paper airplane",
+    "remove rust from tools", "unclog a drain", "paint a room", "sharpen a kitchen knife",
+    "start meditating", "write a haiku", "make friends as an adult", "organize my closet",
+    "fold a fitted sheet", "take notes in a lecture", "prepare for a road trip",
+    "care for a sourdough starter", "make a smoothie", "pack a suitcase efficiently",
+    "keep cut flowers fresh", "get rid of fruit flies", "read faster", "stop procrastinating",
+    "write a speech for a wedding", "make homemade pizza dough", "jump-start a car",
+    "learn to swim as an adult", "build a campfire safely", "cook a steak",
+    "brew green tea properly", "make a simple salad dressing", "wash a wool sweater",
+    "calm a crying baby", "set up a home Wi-Fi network", "choose running shoes",
+    "write a short bio for a website", "plan a birthday party", "store fresh herbs",
+    "save for retirement", "improve my posture", "memorize a speech", "start a podcast",
+    "make scrambled eggs", "decorate a small room", "prepare for a power outage",
+]
+TIPS = [
+    "traveling with kids", "working night shifts", "learning to draw", "hosting a dinner party",
+    "moving to a new city", "camping for the first time", "studying for a math exam",
+    "writing a novel", "saving energy at home", "eating less sugar", "keeping a cat happy indoors",
+    "running a marathon", "reducing screen time", "managing a small team", "buying a used car",
+    "flying with a pet", "learning to cook", "staying warm in winter", "keeping cool in summer",
+    "teaching kids to read", "public transport in a big city", "writing clear emails",
+    "taking care of succulents", "starting a small business", "working out at home",
+    "being a good roommate", "learning vocabulary in a new language", "preparing for a hike",
+]
+WHY = [
+    "Why do leaves change color in autumn?", "Why is the ocean salty?", "Why do we dream?",
+    "Why do cats purr?", "Why does soda fizz?", "Why does ice float on water?",
+    "Why do we get goosebumps?", "Why do onions make us cry?", "Why does the moon have phases?",
+    "Why do we yawn?", "Why does metal feel colder than wood?", "Why do birds migrate?",
+    "Why does popcorn pop?", "Why do we have fingerprints?", "Why does thunder follow lightning?",
+    "Why do bees make honey?", "Why does coffee keep people awake?",
+    "Why are some people left-handed?", "Why do airplanes leave white trails?",
+    "Why does milk go sour?", "Why do we need sleep?", "Why do stars twinkle?",
+    "Why is the sea level rising?", "Why do my ears pop on a plane?",
+]
+IDEAS = [
+    "a rainy weekend", "a science fair project", "a small garden", "a family reunion",
+    "healthy school lunches", "a first date", "a book club discussion", "a blog about cooking",
+    "a birthday gift for my dad", "a low-budget vacation", "a company newsletter",
+    "a child's birthday party", "reducing waste at the office", "a short story",
+    "a YouTube channel about history", "a Sunday brunch", "learning something new this year",
+]
+WRITE = [
+    "a short poem about the mountains", "a short story about a lost dog finding its way home",
+    "an email asking a landlord to fix the heating", "a product description for a backpack",
+    "a short speech for a retirement party", "a friendly reminder about a team meeting",
+    "a two-sentence horror story", "a short poem about coffee", "a limerick about a programmer",
+    "a motivational message for a friend starting university", "a short review of a pizza place",
+    "a packing list for a beach holiday", "a polite complaint about a late delivery",
+    "a short fable with a moral", "a welcome message for new club members",
+    "a job posting for a junior web developer", "a haiku about the city at night",
+]
+DESCRIBE = [
+    "how a car engine works", "how the heart pumps blood", "how a bill is paid with a credit card",
+    "how plants grow from seeds", "how a search engine finds web pages", "how recycling works",
+    "how an elevator works", "how the stock market works", "how a microwave heats food",
+    "how clouds form", "how a solar panel makes electricity", "how email gets delivered",
+    "how a camera takes a picture", "how bees communicate", "how a vaccine is developed",
+    "how GPS knows where you are", "how a 3D printer works", "how tides work",
+]
+COMPARE2 = [
+    ("baking soda", "baking powder"), ("a hurricane", "a tornado"), ("a frog", "a toad"),
+    ("renting", "buying a house"), ("an LED", "an incandescent bulb"), ("a debit card", "a credit card"),
+    ("an ocean", "a sea"), ("a simile", "a metaphor"), ("a rabbit", "a hare"), ("jam", "jelly"),
+    ("a moth", "a butterfly"), ("an email", "a letter"), ("a lake", "a pond"),
+    ("a laptop", "a tablet"), ("espresso", "drip coffee"), ("a mountain", "a hill"),
+]
+WHAT_IS = [
+    "a credit score", "a mortgage", "an index fund", "inflation", "a carbon footprint",
+    "a calorie", "a vitamin", "the immune system", "an allergy", "jet lag", "a habit",
+    "a podcast", "an electric car", "a hybrid car", "a heat pump", "composting", "a VPN",
+    "a cookie on a website", "cloud storage", "a smart home", "a passport", "a visa",
+    "a time zone", "a leap year", "a solar eclipse", "a comet", "an earthquake", "a volcano",
+    "a glacier", "a rainforest", "a desert", "a coral reef", "an ecosystem", "a food chain",
+    "a democracy", "a constitution", "a tax return", "a budget deficit", "a startup",
+    "a resume gap", "a growth mindset", "procrastination", "burnout", "a power nap",
+    "intermittent fasting", "a marathon", "yoga", "a sourdough starter", "umami", "fermentation",
+]
+RECOMMEND = [
+    "a few easy houseplants for a dark room", "some podcasts for learning history",
+    "a few classic movies for a family night", "some snacks for a long car ride",
+    "a simple workout for busy mornings", "some hobbies I can do at home",
+    "a few games to play with friends without any equipment", "some ways to relax after work",
+    "a few easy dinners for a weeknight", "some gift ideas for a coworker",
+    "a good routine for learning to code", "some ways to make a small kitchen feel bigger",
+    "a few questions to ask a new doctor", "some ways to stay motivated when learning",
+    "a few tips for sleeping on a plane", "some apps for managing money",
+]
+MORE_HOW_TO = [
+    "write a grocery list that saves money", "make a weekly schedule", "prepare for a hurricane",
+    "choose a good book to read", "cook pasta al dente", "make iced tea", "sew a button",
+    "change a light bulb safely", "clean windows without streaks", "keep my phone battery healthy",
+    "write a good headline", "apologize sincerely", "ask for a raise", "handle a difficult customer",
+    "give constructive feedback", "say no without feeling guilty", "make a decision when I am stuck",
+    "deal with jet lag", "get better at chess", "learn touch typing", "make a good first impression",
+    "teach my dog to walk on a leash", "cook lentils", "roast vegetables", "make hummus",
+    "grow tomatoes on a balcony", "plan a picnic", "choose a laptop for students",
+    "keep a conversation going", "write a condolence message",
+]
+HELD_OUT_TOPICS = ("tidy", "gears", "bread", "alligator", "crocodile", "new job", "rainbow",
+                   "guitar", "ipv4")  # heldout_chat_prompts.jsonl: measured, never trained on
+
 
 def build(seed: int = 0) -> list[str]:
     rng = random.Random(seed)
@@ -209,6 +317,18 @@ def build(seed: int = 0) -> list[str]:
     out.extend(PY_QUESTIONS)
     for a, b in COMPARE:
         out.append(f"What is the difference between {a} and {b}?")
+    out += [f"How do I {t}?" for t in HOW_TO]
+    out += [f"What are some tips for {t}?" for t in TIPS]
+    out += WHY
+    out += [f"Give me a few ideas for {t}." for t in IDEAS]
+    out += [f"Write {t}." for t in WRITE]
+    out += [f"Explain {t}." for t in DESCRIBE]
+    out += [f"What is the difference between {a} and {b}?" for a, b in COMPARE2]
+    out += [f"What is {t}?" for t in WHAT_IS]
+    out += [f"Can you recommend {t}?" for t in RECOMMEND]
+    out += [f"How do I {t}?" for t in MORE_HOW_TO]
+    held_out = re.compile(r"\b(" + "|".join(HELD_OUT_TOPICS) + r")\b", re.IGNORECASE)
+    out = [p for p in out if not held_out.search(p)]
     seen: set[str] = set()
     uniq = [p for p in out if not (p in seen or seen.add(p))]
     rng.shuffle(uniq)  # any prefix is a mix of kinds (generation may stop early)

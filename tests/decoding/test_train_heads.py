@@ -166,3 +166,72 @@ def test_mtpserve_cli_train_heads_help(capsys):
         main(["train-heads", "--help"])
     assert e.value.code == 0
     assert "--generate-max-tokens" in capsys.readouterr().out
+
+
+def _tiny_hf_folder(root) -> str:
+    """A random-weight Llama folder with a word-level tokenizer and a chat template."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(29)]
+    folder = root / "tiny-hf"
+    folder.mkdir()
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": len(words), "hidden_size": 32,
+           "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True,
+           "eos_token_id": 2}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model = CausalLM(ModelConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64,
+                                 num_layers=2, num_heads=4, num_kv_heads=2), max_positions=64)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, p in model.named_parameters():
+        shape = p.shape
+        if name.endswith("qkv_proj.weight") or name.endswith("gate_up_proj.weight"):
+            continue
+        tensors[f"model.{name}"] = (torch.ones(shape) if name.endswith("norm.weight")
+                                    else torch.randn(shape, generator=g) * 0.3)
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for n, rows in (("q", 32), ("k", 16), ("v", 16)):
+            tensors[p + f"self_attn.{n}_proj.weight"] = torch.randn(rows, 32, generator=g) * 0.3
+        for n in ("gate", "up"):
+            tensors[p + f"mlp.{n}_proj.weight"] = torch.randn(64, 32, generator=g) * 0.3
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "</s>",
+        "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}w0"}))
+    return str(folder)
+
+
+def test_cli_end_to_end_answers_prompts_caches_and_resumes(tmp_path, capsys):
+    from mtpserve.server.cli import main
+
+    model = _tiny_hf_folder(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n"
+                               for i in range(3, 15)))
+    text = tmp_path / "notes.txt"
+    text.write_text(" ".join(f"w{3 + i % 7}" for i in range(80)))
+    out = tmp_path / "out"
+    argv = ["train-heads", "--model", model, "--data", str(prompts), str(text), "--out", str(out),
+            "--num-heads", "2", "--epochs", "2", "--batch-tokens", "64", "--gen-batch", "4",
+            "--generate-max-tokens", "6", "--threads", "1", "--holdout-frac", "0.2"]
+    assert main(argv) == 0
+    answers = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 12 and all(1 <= len(a["completion_ids"]) <= 6 for a in answers)
+    meta = json.loads((out / "heads.json").read_text())
+    t = meta["training"]
+    assert t["data"]["generation"]["answers_generated_now"] == 12
+    assert t["data"]["argmax_equals_next_token"] < 1.0  # the text file is not the model's own
+    assert len(t["heldout"]["top1"]) == 2 and meta["default_tree"] in ("chain2", "chain4",
+                                                                       "tree8", "tree16")
+    assert main(argv + ["--resume"]) == 0  # everything cached: nothing regenerated
+    t2 = json.loads((out / "heads.json").read_text())["training"]
+    assert t2["data"]["generation"]["answers_generated_now"] == 0
+    assert "reused" in t2["trunk_pass"]
+    assert t2["trunk_pass"]["seconds"] == t["trunk_pass"]["seconds"]  # kept with the cache
+    assert "held-out top-1" in capsys.readouterr().err
