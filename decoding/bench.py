@@ -588,7 +588,7 @@ def _meta(engine, args, source: str, prompt_ids: list[list[int]]) -> dict:
     return {
         "model": engine.model_name, "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
-        "int8": any(getattr(m, "int8_weight", None) is not None for m in engine.model.modules()),
+        "weights": engine.weight_format,
         "speculate": cfg.spec.mode, "proposer": cfg.spec.proposer, "tree": cfg.spec.tree,
         "heads": engine.heads is not None, "max_num_seqs": cfg.max_num_seqs,
         "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -39,6 +39,8 @@ class LoadedCheckpoint:
     tokenizer: Tokenizer
     name: str
     path: str
+    # GGUF: the quantization shared by every trunk projection ("Q4_1", ...), else None.
+    trunk_quant: str | None = None
 
 
 def default_model_path() -> str:
@@ -161,8 +163,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> LoadedCheck
     cfg = gguf_config(reader.fields, path)
     permuted = _GGUF_ARCHS[cfg.architecture]
     tensors: dict[str, torch.Tensor] = {}
+    trunk_types: set[str] = set()
     for t in reader.tensors:
         name = _gguf_name(t.name, path)
+        if name.startswith("layers.") and name.endswith("proj.weight"):
+            trunk_types.add(t.tensor_type.name)
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -185,7 +190,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> LoadedCheck
     name = str(_field(reader.fields, "general.name", path, path.stem))
     if path.name == DEFAULT_MODEL_FILE:
         name = DEFAULT_MODEL_NAME
-    return LoadedCheckpoint(cfg, tensors, tok, name, str(path))
+    trunk_quant = trunk_types.pop() if len(trunk_types) == 1 else None
+    return LoadedCheckpoint(cfg, tensors, tok, name, str(path), trunk_quant)
 
 
 # -- Hugging Face folders ----------------------------------------------------------------

@@ -20,9 +20,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto",
                    choices=["auto", "float32", "bfloat16", "float16", "float64"],
                    help="compute dtype (auto: bf16 on GPUs and CPUs with native bf16, else fp32)")
-    g.add_argument("--weights", default="auto", choices=["auto", "dense", "int8"],
-                   help="weight format: dense, or weight-only int8 with bf16 activations "
-                        "(faster on CPU, not bit-identical; auto: dense)")
+    g.add_argument("--weights", default="auto", choices=["auto", "dense", "int8", "int4"],
+                   help="weight format on CPU: dense, or weight-only int8 / int4 (group 32, "
+                        "GGUF Q4_1's own blocks) with an int8 unembedding; faster, not "
+                        "bit-identical to dense (auto: see README)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
     g.add_argument("--max-model-len", type=int, default=2048, help="context per sequence")

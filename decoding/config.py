@@ -98,7 +98,7 @@ class SpecConfig:
 class EngineConfig:
     model: str | None = None  # path to a GGUF file or HF folder; None: embedded default
     dtype: DTypeName = "auto"
-    weights: Literal["auto", "dense", "int8"] = "auto"  # weight-only int8 halves weight bytes
+    weights: Literal["auto", "dense", "int8", "int4"] = "auto"  # weight-only quantization (CPU)
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     max_num_seqs: int = 16
     max_model_len: int = 2048  # per-sequence context (prompt + output + tree)
@@ -111,8 +111,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
-        if self.weights not in ("auto", "dense", "int8"):
-            raise ValueError(f"weights must be auto|dense|int8, got {self.weights!r}")
+        if self.weights not in ("auto", "dense", "int8", "int4"):
+            raise ValueError(f"weights must be auto|dense|int8|int4, got {self.weights!r}")
         if self.max_model_len < 16:
             raise ValueError("max_model_len must be >= 16")
         if self.prefill_chunk_size < 1 or self.max_tokens_per_step < self.prefill_chunk_size:

@@ -57,10 +57,15 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_weights(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """auto: dense, so outputs match the checkpoint's weights exactly; int8 is opt-in."""
+def resolve_weights(name: str, device: torch.device, trunk_quant: str | None) -> str:
+    """auto: on CPU, int4 when the checkpoint itself stores the trunk as group-32 4-bit
+    blocks (GGUF Q4_0 / Q4_1): the kernel then computes with the file's own codes, reads a
+    quarter of fp32's bytes and verifies small trees at nearly the cost of one token
+    (docs/benchmarks.md). Everything else stays dense: quantizing is the user's call."""
     if name != "auto":
         return name
+    if device.type == "cpu" and trunk_quant in ("Q4_0", "Q4_1"):
+        return "int4"
     return "dense"
 
 
@@ -101,10 +106,8 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        weights = resolve_weights(config.weights, device, dtype)
-        if weights == "int8" and dtype == torch.float32:
-            dtype = torch.bfloat16  # PyTorch's int8 weight kernel is fast only with bf16 inputs
         ckpt = load_checkpoint(config.model, dtype=dtype)
+        weights = resolve_weights(config.weights, device, ckpt.trunk_quant)
         max_pos = min(config.max_model_len, ckpt.config.max_position_embeddings) + 256
         # Build on the meta device and fill from the checkpoint: no random init, and
         # load_weights frees each source tensor as it goes, so peak memory stays ~2x weights.
@@ -118,13 +121,18 @@ class LLMEngine:
         except ValueError as exc:
             raise ValueError(f"{ckpt.path}: {exc}") from None
         ckpt.tensors = {}
-        if weights == "int8":
-            model.quantize_int8()
+        if weights in ("int8", "int4"):
+            model.quantize(weights, unembedding="int8")
         elif device.type == "cpu":
             model.use_transposed_weights()
         model.eval()
         heads = load_heads_for(config.spec, ckpt.config, ckpt.path, device, dtype)
         return cls(config, model, ckpt.tokenizer, ckpt.name, heads)
+
+    @property
+    def weight_format(self) -> str:
+        """dense, int8 or int4: how the trunk's projections are stored."""
+        return self.model.layers[0].mlp.down_proj.weight_format
 
     @property
     def speculation_available(self) -> bool:
@@ -226,9 +234,10 @@ class LLMEngine:
                 drafting.append(seq)
             row += rows
             offset += n
-        if all(item.tree is not None for item in batch):  # decode-only steps teach auto
-            self.policy.observe_step(int(ids.numel()), time.perf_counter() - t_start)
         self._draft_next(drafting, hidden, last_rows)
+        if all(item.tree is not None for item in batch):  # decode-only steps teach auto
+            # Timed after drafting, so the heads' own cost is part of a speculative step.
+            self.policy.observe_step(int(ids.numel()), time.perf_counter() - t_start)
         return outputs
 
     def _prepare(self, batch: list[ScheduledSeq]

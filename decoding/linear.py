@@ -1,8 +1,13 @@
-"""Linear layer whose weight format can change after loading: dense or weight-only int8.
+"""Linear layer whose weight format can change after loading: dense, int8 or int4.
 
-Decode on CPU is bound by streaming weights from memory, so storing them as int8 with
-a per-output-channel scale (PyTorch's own `_weight_int8pack_mm` kernel) reads half the
-bytes of bf16. Activations and outputs keep the compute dtype.
+Decode on CPU is bound by streaming weights from memory, so weight-only quantization
+reads fewer bytes per token: int8 with one scale per output channel
+(`_weight_int8pack_mm`), or int4 in groups of 32 with a scale and a zero point per group
+(`_weight_int4pack_mm_for_cpu`). Group-32 asymmetric int4 is exactly GGUF's Q4_0/Q4_1
+block layout (Q4_1 stores d*q + m = (q - 8)*d + (m + 8d)), so re-quantizing a Q4_1
+checkpoint recovers its codes instead of quantizing twice. Both kernels are fast on this
+CPU only with bf16 inputs, so the input is cast to bf16 for the matmul and the output back
+to the compute dtype: norms, attention and the KV cache keep fp32 where that is the dtype.
 """
 
 from __future__ import annotations
@@ -10,6 +15,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+INT4_GROUP = 32
+_KERNEL_DTYPE = torch.bfloat16  # what the CPU weight-only kernels want as activations
+
+
+def _int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization per group: -> codes [N, K] int32 in 0..15,
+    scales [N, K/group], mins [N, K/group] (w ~= codes * scale + min)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-10)
+    codes = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return codes.reshape(n, k), scale, lo
+
+
+def _require_cpu(w: torch.Tensor) -> None:
+    if w.device.type != "cpu":
+        raise ValueError("int8/int4 weights use PyTorch's CPU kernels; on CUDA serve dense bf16 "
+                         "(--weights dense)")
 
 
 class Linear(nn.Module):
@@ -21,7 +46,15 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.register_buffer("int8_weight", None, persistent=False)
         self.register_buffer("int8_scales", None, persistent=False)
+        self.register_buffer("int4_weight", None, persistent=False)
+        self.register_buffer("int4_scales_zeros", None, persistent=False)
         self.weight_t: torch.Tensor | None = None  # [in, out] storage, see transpose_storage
+
+    @property
+    def weight_format(self) -> str:
+        if self.int4_weight is not None:
+            return "int4"
+        return "int8" if self.int8_weight is not None else "dense"
 
     @torch.no_grad()
     def set_weight(self, w: torch.Tensor) -> None:
@@ -32,35 +65,56 @@ class Linear(nn.Module):
         assert self.bias is not None  # internal: only called when the config has bias
         self.bias.copy_(b.to(self.bias.dtype))
 
+    def _drop_dense(self) -> None:
+        self.weight_t = None
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype,
+                                               device=self.weight.device), requires_grad=False)
+
     @torch.no_grad()
     def quantize_int8(self) -> None:
         """Symmetric per-row int8; drops the dense weight to free its memory."""
-        self.weight_t = None
+        _require_cpu(self.weight)
         w = self.weight.float()
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        self.int8_weight = q.contiguous()
-        self.int8_scales = scales.to(self.weight.dtype)
-        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype, device=w.device),
-                                   requires_grad=False)
+        self.int8_weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        self.int8_scales = scales.to(_KERNEL_DTYPE)
+        self._drop_dense()
+
+    @torch.no_grad()
+    def quantize_int4(self, group: int = INT4_GROUP) -> None:
+        """Asymmetric int4 in groups along the input dimension; drops the dense weight."""
+        _require_cpu(self.weight)
+        if self.in_features % group:
+            raise ValueError(f"int4 needs in_features divisible by {group}, got {self.in_features}")
+        codes, scale, lo = _int4_codes(self.weight, group)
+        self.int4_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        # The kernel computes (code - 8) * scale + zero, hence zero = min + 8 * scale.
+        sz = torch.stack([scale, lo + 8 * scale], dim=-1)  # [N, K/g, 2]
+        self.int4_scales_zeros = sz.transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
+        self.int4_group = group
+        self._drop_dense()
 
     @torch.no_grad()
     def transpose_storage(self) -> None:
         """Keep the weight as [in, out] and compute x @ W^T from it: for the skinny
         decode matmuls (a few rows) BLAS streams this layout measurably faster on CPU
         (docs/benchmarks.md) and no extra copy is kept."""
-        if self.int8_weight is None and self.weight_t is None:
+        if self.weight_format == "dense" and self.weight_t is None:
             self.weight_t = self.weight.t().contiguous()
             self.weight = nn.Parameter(self.weight_t.t(), requires_grad=False)  # a view
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_t is not None:
             y = torch.matmul(x, self.weight_t)
-            return y if self.bias is None else y + self.bias
-        if self.int8_weight is not None:
+        elif self.int4_weight is not None or self.int8_weight is not None:
             shape = x.shape
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.int8_weight,
-                                                   self.int8_scales)
-            y = y.reshape(*shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+            x2 = x.reshape(-1, shape[-1]).to(_KERNEL_DTYPE)
+            if self.int4_weight is not None:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    x2, self.int4_weight, self.int4_group, self.int4_scales_zeros)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x2, self.int8_weight, self.int8_scales)
+            y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        else:
+            return F.linear(x, self.weight, self.bias)
+        return y if self.bias is None else y + self.bias

@@ -28,6 +28,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op, same bits
         # Normalise in fp32 like the reference implementations, cast back after scaling.
         dtype = x.dtype
         x32 = x.float()
@@ -69,12 +71,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos().float(), persistent=False)
         self.register_buffer("sin", freqs.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]; positions: [T]. Rotate-half convention (HF)."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D/2] for a step's positions: looked up once, used by every layer."""
+        return (self.cos[positions].unsqueeze(1).to(dtype),
+                self.sin[positions].unsqueeze(1).to(dtype))
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim]. Rotate-half convention (HF)."""
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.apply(x, *self.tables(positions, x.dtype))
 
 
 class Attention(nn.Module):
@@ -93,18 +103,21 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata,
-                kv: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        q_size, kv_size, _ = self.split
+        v = qkv[:, q_size + kv_size:].view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = rope(q, meta.positions)
-        k = rope(k, meta.positions)
+            q = self.q_norm(qkv[:, :q_size].view(T, self.num_heads, self.head_dim))
+            k = self.k_norm(qkv[:, q_size:q_size + kv_size].view(T, self.num_kv_heads,
+                                                                  self.head_dim))
+            q, k = RotaryEmbedding.apply(q, *rot), RotaryEmbedding.apply(k, *rot)
+        else:  # q and k heads side by side: rotate them in one go
+            qk = qkv[:, :q_size + kv_size].view(T, self.num_heads + self.num_kv_heads,
+                                                self.head_dim)
+            q, k = RotaryEmbedding.apply(qk, *rot).split([self.num_heads, self.num_kv_heads], 1)
         kv.write(self.layer_idx, meta, k, v)
         out = attend(q, kv.keys(self.layer_idx, meta), kv.values(self.layer_idx, meta), meta,
                      self.scale)
@@ -131,9 +144,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata,
-                kv: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv)
+    def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rot, meta, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -150,6 +163,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size,
                                                                    bias=False)
         self.unembed_t: torch.Tensor | None = None  # see use_transposed_weights
+        self.unembed_q: Linear | None = None  # see quantize
 
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
                 return_pre_last: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -159,19 +173,29 @@ class CausalLM(nn.Module):
         Meta-style parallel MTP heads read.
         """
         x = self.embed_tokens(ids)
+        rot = self.rope.tables(meta.positions, x.dtype)
         pre_last = x
         for i, layer in enumerate(self.layers):
             if i == len(self.layers) - 1:
                 pre_last = x
-            x = layer(x, self.rope, meta, kv)
+            x = layer(x, rot, meta, kv)
         h = self.norm(x)
         return (h, pre_last) if return_pre_last else h
 
-    def quantize_int8(self) -> None:
-        """Weight-only int8 for every trunk projection (embedding/unembedding stay dense)."""
+    @torch.no_grad()
+    def quantize(self, trunk: str, unembedding: str = "dense") -> None:
+        """Weight-only quantization: `trunk` (int8|int4) for every projection of every
+        layer, `unembedding` (dense|int8) for a quantized copy used by compute_logits (the
+        dense table stays for the embedding lookup)."""
         for m in self.layers.modules():
             if isinstance(m, Linear):
-                m.quantize_int8()
+                m.quantize_int4() if trunk == "int4" else m.quantize_int8()
+        if unembedding == "int8":
+            w = self.unembed_weight()
+            q = Linear(w.shape[1], w.shape[0], bias=False).to(device=w.device, dtype=w.dtype)
+            q.set_weight(w)
+            q.quantize_int8()
+            self.unembed_q = q
 
     def unembed_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -188,6 +212,8 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""
+        if self.unembed_q is not None:
+            return self.unembed_q(hidden).float()
         if self.unembed_t is not None and hidden.shape[0] <= 2:
             return torch.matmul(hidden, self.unembed_t).float()
         if self.lm_head is not None:

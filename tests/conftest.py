@@ -7,7 +7,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def default_engine():
-    """ONE engine for the whole session: the embedded default model in fp32.
+    """ONE engine for the whole session: the embedded default model, dense fp32 (the
+    transformers oracle's precision; `weights=auto` would serve it as int4).
 
     Tests must not step it while a server's runner owns it: server tests reach it only
     through the runner of tests/server/conftest.py.
@@ -16,5 +17,6 @@ def default_engine():
     from mtpserve.decoding.engine import LLMEngine
 
     # Speculation "on" (not auto) so every request drafts and the invariants are exercised.
-    return LLMEngine.from_config(EngineConfig(dtype="float32", max_num_seqs=8, max_model_len=1024,
+    return LLMEngine.from_config(EngineConfig(dtype="float32", weights="dense", max_num_seqs=8,
+                                              max_model_len=1024,
                                               spec=SpecConfig(mode="on")))

@@ -1,0 +1,131 @@
+"""Weight-only int8 / int4 formats: what they compute, that a row's result does not depend
+on the rows beside it, and that int4 recovers GGUF Q4_1 blocks instead of re-quantizing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from decoding_helpers import prefill_logits, random_causal_lm, tiny_config
+from mtpserve.decoding.config import EngineConfig
+from mtpserve.decoding.linear import INT4_GROUP, Linear, _int4_codes
+
+
+def _q4_1_like(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight that is exactly d*q + m per group of 32, as llama.cpp's Q4_1 stores it
+    (each group holds its minimum, code 0, and its maximum, code 15)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    codes[:, 0::INT4_GROUP] = 0
+    codes[:, 1::INT4_GROUP] = 15
+    d = torch.rand(n, k // INT4_GROUP, generator=g) * 0.01 + 0.001
+    m = -torch.rand(n, k // INT4_GROUP, generator=g) * 0.1
+    w = codes.reshape(n, k // INT4_GROUP, INT4_GROUP) * d[..., None] + m[..., None]
+    return w.reshape(n, k), codes
+
+
+def _linear(w: torch.Tensor) -> Linear:
+    lin = Linear(w.shape[1], w.shape[0], bias=False)
+    lin.set_weight(w)
+    return lin
+
+
+def test_int4_recovers_q4_1_codes_and_matches_the_dense_matmul():
+    w, codes = _q4_1_like(96, 128)
+    got_codes, _, _ = _int4_codes(w, INT4_GROUP)
+    assert torch.equal(got_codes, codes.to(torch.int32))
+    lin = _linear(w)
+    lin.quantize_int4()
+    assert lin.weight_format == "int4" and lin.weight.numel() == 0  # dense copy freed
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
+    ref = x @ w.t()
+    # Only bf16 rounding of the activations and of scale/zero remains (no 4-bit error).
+    err = (lin(x) - ref).norm() / ref.norm()
+    assert err < 1e-2, err
+
+
+def test_int8_is_close_to_dense_and_int4_is_coarser_on_gaussian_weights():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(2)) * 0.05
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(3))
+    ref = x @ w.t()
+    errs = {}
+    for fmt in ("int8", "int4"):
+        lin = _linear(w)
+        getattr(lin, f"quantize_{fmt}")()
+        y = lin(x)
+        assert y.dtype == x.dtype and y.shape == ref.shape
+        errs[fmt] = float((y - ref).norm() / ref.norm())
+    assert errs["int8"] < 0.02 and 0.02 < errs["int4"] < 0.15, errs
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_rows_do_not_depend_on_their_neighbours(fmt):
+    """A verify pass over k rows must give each row what a single-row step gives it."""
+    lin = _linear(torch.randn(160, 64, generator=torch.Generator().manual_seed(4)))
+    getattr(lin, f"quantize_{fmt}")()
+    x = torch.randn(17, 64, generator=torch.Generator().manual_seed(5))
+    single = torch.cat([lin(x[i:i + 1]) for i in range(len(x))])
+    for m in (2, 5, 8, 17):
+        assert torch.equal(lin(x[:m]), single[:m]), m
+
+
+def test_int4_needs_whole_groups():
+    lin = _linear(torch.randn(8, 48))
+    with pytest.raises(ValueError, match="divisible by 32"):
+        lin.quantize_int4()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_model_logits_stay_close_to_dense(fmt):
+    model = random_causal_lm(tiny_config(vocab=128, hidden=64), dtype=torch.float32, seed=3)
+    ids = list(range(5, 40))
+    ref = prefill_logits(model, ids)
+    q = copy.deepcopy(model)
+    q.quantize(fmt, unembedding="int8")
+    got = prefill_logits(q, ids)
+    assert got.dtype == torch.float32
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < (0.05 if fmt == "int8" else 0.2), rel
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > (0.9 if fmt == "int8" else 0.6)
+
+
+def test_weights_flag_is_validated():
+    with pytest.raises(ValueError, match="auto\\|dense\\|int8\\|int4"):
+        EngineConfig(weights="int3")
+
+
+def test_auto_serves_q4_gguf_as_int4_on_cpu_only():
+    from mtpserve.decoding.engine import resolve_weights
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_weights("auto", cpu, "Q4_1") == "int4"
+    assert resolve_weights("auto", cpu, "Q4_0") == "int4"
+    assert resolve_weights("auto", cpu, "Q8_0") == "dense"
+    assert resolve_weights("auto", cpu, None) == "dense"  # HF folders: no silent quantizing
+    assert resolve_weights("auto", cuda, "Q4_1") == "dense"
+    assert resolve_weights("int8", cpu, None) == "int8"
+
+
+def test_default_model_int4_engine_agrees_with_dense_fp32(default_engine):
+    """The embedded Q4_1 file served with its own int4 codes: the same next-token choice
+    as the dense fp32 oracle engine at nearly every position of a real chat prompt."""
+    from decoding_helpers import chat
+    from mtpserve.decoding.engine import LLMEngine
+
+    eng = LLMEngine.from_config(EngineConfig(max_num_seqs=1, max_model_len=256))
+    assert eng.weight_format == "int4" and default_engine.weight_format == "dense"
+    ids = chat(eng.tokenizer, "Write a Python function that returns the n-th Fibonacci number.")
+    ids = ids + default_engine.generate([ids], _greedy(48))[0]["token_ids"]
+    ref = prefill_logits(default_engine.model, ids)
+    got = prefill_logits(eng.model, ids)
+    agree = (ref.argmax(-1) == got.argmax(-1)).float().mean()
+    assert agree > 0.9, agree
+    assert float((got - ref).norm() / ref.norm()) < 0.1
+
+
+def _greedy(n: int):
+    from mtpserve.decoding.config import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, speculate=False)
