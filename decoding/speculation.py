@@ -2,8 +2,11 @@
 
 `auto` decides from measurements on this hardware, per step: it keeps an EMA of the
 step time as a function of the tokens in the pass (bucketed by powers of two) and of the
-acceptance rate at each draft depth, and gives each sequence the draft size d that
-maximises expected tokens per second, (1 + sum_i prod_{j<=i} a_j) / cost(B * (1 + d)).
+acceptance rate at each draft depth, and gives each sequence the draft depth d that
+maximises expected tokens per second, (1 + sum_i prod_{j<=i} a_j) / cost(B * nodes(d)),
+nodes(d) being the tokens one sequence's tree puts in the pass. A step's measured time
+includes drafting the next trees (the heads' forward and their unembedding), so the
+heads' own cost counts against them.
 d = 0 (no drafts) is always a candidate, so speculation never costs more than plain
 decoding once the estimates have settled. A few steps in 32 probe a full draft so the
 estimates stay fresh.
@@ -81,12 +84,22 @@ class SpeculationPolicy:
         for d in range(1, self.max_depth + 1):
             reach *= self.depth_accept[d - 1]
             expected += reach
-            cost = self._cost(batch_size * (1 + d))
+            cost = self._cost(batch_size * self.nodes(d))
             if cost is None:
                 return d  # unmeasured size: try it once
             if expected / cost > best_rate:
                 best_d, best_rate = d, expected / cost
         return best_d
+
+    def nodes(self, depth: int) -> int:
+        """Tokens one sequence puts in the verify pass when drafting to `depth` (at most:
+        the n-gram chain may share a prefix with the heads' tree)."""
+        n = 1
+        if self.heads is not None and self.spec.proposer != "ngram":
+            n += sum(1 for c in self.choices if len(c) <= depth)
+        if self.spec.proposer in ("ngram", "hybrid"):
+            n += min(depth, self.spec.ngram_draft_len)
+        return min(n, 1 + self.max_tree_nodes)
 
     def use_heads(self, depth: int) -> bool:
         return self.heads is not None and self.spec.proposer != "ngram" and depth > 0

@@ -1,0 +1,54 @@
+"""The auto policy's decisions from measured step costs and acceptance (pure logic)."""
+
+from __future__ import annotations
+
+from mtpserve.decoding.config import SpecConfig
+from mtpserve.decoding.heads import MedusaHeads
+from mtpserve.decoding.speculation import PROBE_EVERY, SpeculationPolicy
+from mtpserve.decoding.tree import load_choices
+
+
+def _policy(proposer: str = "ngram", tree: str = "chain4") -> SpeculationPolicy:
+    heads = MedusaHeads(8, 16, 4, 1, default_tree=tree) if proposer != "ngram" else None
+    return SpeculationPolicy(SpecConfig(mode="auto", proposer=proposer, tree=tree), heads)
+
+
+def _teach(policy: SpeculationPolicy, cost_per_step, accept: float, steps: int = 200) -> None:
+    for n in (1, 2, 4, 8, 16, 32, 64, 128):
+        for _ in range(50):
+            policy.observe_step(n, cost_per_step(n))
+    hits = int(round(accept * 10))
+    for i in range(steps):  # depth-4 drafts accepted `accept` of the time at each depth
+        policy.observe_acceptance(4, 4 if i % 10 < hits else 0)
+
+
+def test_nodes_count_the_heads_tree_and_the_ngram_chain():
+    tree16 = load_choices("tree16")
+    p = _policy("hybrid", "tree16")
+    for d in (1, 2, 3):
+        assert p.nodes(d) == 1 + sum(len(c) <= d for c in tree16) + min(d, 4)
+    assert _policy("ngram").nodes(3) == 4
+    assert _policy("heads", "chain4").nodes(2) == 3
+
+
+def test_auto_stops_drafting_when_verifying_costs_as_much_as_it_saves():
+    p = _policy()
+    _teach(p, lambda n: 0.01 * n, accept=0.5)  # cost linear in tokens: never pays
+    depths = [p.draft_depth(1) for _ in range(PROBE_EVERY - 1)]
+    assert depths == [0] * (PROBE_EVERY - 1)
+    assert p.draft_depth(1) == p.max_depth  # the periodic probe keeps measuring
+
+
+def test_auto_drafts_fully_when_verifying_is_nearly_free_and_drafts_are_good():
+    p = _policy()
+    _teach(p, lambda n: 0.01 * (1 + 0.01 * n), accept=0.8)
+    assert p.draft_depth(1) == p.max_depth
+
+
+def test_auto_shrinks_drafts_as_the_batch_grows():
+    """Flat cost up to 8 tokens, then linear (a compute-bound regime): batch 1 drafts,
+    batch 8 gets little or no draft."""
+    p = _policy()
+    _teach(p, lambda n: 0.02 * max(1.0, n / 8), accept=0.6)
+    assert p.draft_depth(1) >= 3
+    assert p.draft_depth(8) == 0
