@@ -68,6 +68,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--verify-curve", action="store_true", help="forward cost over k new tokens")
     m.add_argument("--compare", action="store_true", help="speculation off vs on")
     m.add_argument("--profile", action="store_true", help="torch.profiler table of one step")
+    m.add_argument("--calibrate-tree", action="store_true",
+                   help="pick the draft tree for these heads on this hardware: expected tokens "
+                        "per step (held-out rank accuracies in heads.json) over the measured "
+                        "cost of verifying that many tokens plus drafting")
     o = p.add_argument_group("section options")
     o.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     o.add_argument("--transformers-batch-sizes", default=None,
@@ -85,6 +89,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--compare-batch-sizes", default="1", help="batch sizes for --compare")
     o.add_argument("--profile-steps", type=int, default=1, help="decode steps in the profile")
     o.add_argument("--profile-rows", type=int, default=20, help="rows of the profile table")
+    o.add_argument("--tree-out", default=None, metavar="PATH",
+                   help="--calibrate-tree: write the chosen tree's choice list here (JSON)")
 
 
 # -- pure helpers (tested) ---------------------------------------------------------------
@@ -374,10 +380,17 @@ def measure_bandwidth(device: torch.device, gigabytes: float, runs: int = 5) -> 
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes one decode step streams: every weight once (rotary tables excluded)."""
+    """Bytes one decode step streams: every weight once (rotary tables excluded; the
+    embedding table too when the logits read their own copy of it, as the token lookup
+    touches one row)."""
     seen, total = set(), 0
-    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+    own_copy = getattr(model, "unembed_q", None) is not None or getattr(model, "unembed_t", None) is not None
+    named = itertools.chain(model.named_parameters(), model.named_buffers(),
+                            [("unembed_t", getattr(model, "unembed_t", None))])
+    for name, t in named:
         if t is None or name.startswith("rope.") or t.data_ptr() in seen:
+            continue
+        if own_copy and name == "embed_tokens.weight":
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
@@ -549,7 +562,8 @@ def run_bench(args: argparse.Namespace, engine=None) -> int:
     except (ValueError, OSError) as exc:  # bad flags, unreadable prompts, unloadable model
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    plain = args.plain or not (args.verify_curve or args.compare or args.profile)
+    plain = args.plain or not (args.verify_curve or args.compare or args.profile
+                               or args.calibrate_tree)
     results: dict = {"meta": _meta(engine, args, source, prompt_ids)}
     if plain:
         results["plain"] = _section_plain(engine, args, prompt_ids, batch_sizes, hf_sizes)
@@ -561,6 +575,12 @@ def run_bench(args: argparse.Namespace, engine=None) -> int:
                            [[r["k"], r["ms"], r["ms_min"], r["ratio_to_k1"]] for r in curve],
                            f"\nverify curve: one forward over k new tokens at context "
                            f"{args.verify_context} (median of {args.verify_runs})"))
+    if args.calibrate_tree:
+        try:
+            results["calibrate_tree"] = calibrate_tree(engine, args, prompt_ids[0])
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.compare:
         rows = compare_spec(engine, args, prompt_ids, settings, cmp_sizes)
         results["compare"] = rows
@@ -581,6 +601,89 @@ def run_bench(args: argparse.Namespace, engine=None) -> int:
             json.dump(results, f, indent=2)
         print(f"\nwrote {args.out}")
     return 0
+
+
+def _heads_meta(engine) -> dict:
+    from .heads import SHIPPED_HEADS_DIR
+
+    path = engine.config.spec.heads_path or str(SHIPPED_HEADS_DIR / engine.model_config.fingerprint())
+    meta_path = os.path.join(path, "heads.json")
+    if engine.heads is None or not os.path.isfile(meta_path):
+        raise ValueError("--calibrate-tree needs heads in the project's format (--heads DIR "
+                         "with heads.json)")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    rank_acc = meta.get("training", {}).get("heldout", {}).get("rank_acc")
+    if not rank_acc:
+        raise ValueError(f"{meta_path}: no training.heldout.rank_acc (train-heads writes it)")
+    return {"path": path, "rank_acc": rank_acc}
+
+
+def tree_candidates(rank_acc: list[list[float]], max_nodes: int = 16
+                    ) -> dict[str, list[tuple[int, ...]]]:
+    """The presets plus the Medusa-calibrated trees of every size up to max_nodes."""
+    from .train_heads import calibrated_tree
+    from .tree import PRESETS
+
+    out = {name: list(ch) for name, ch in PRESETS.items()
+           if all(len(c) <= len(rank_acc) for c in ch)}
+    for n in range(1, max_nodes + 1):
+        out[f"calibrated{n}"] = calibrated_tree(rank_acc, n)
+    return out
+
+
+def rank_trees(candidates: dict[str, list[tuple[int, ...]]], rank_acc: list[list[float]],
+               verify_ms: dict[int, float], draft_ms: float) -> list[dict]:
+    """Expected tokens per second of each tree relative to plain decoding (pure)."""
+    from .train_heads import expected_accepted
+
+    plain = verify_ms[1]
+    rows = []
+    for name, choices in candidates.items():
+        k = 1 + len(choices)
+        tokens = 1 + expected_accepted(choices, rank_acc)
+        ms = verify_ms[k] + draft_ms
+        rows.append({"tree": name, "nodes": k, "tokens_per_step": round(tokens, 3),
+                     "step_ms": round(ms, 2), "speedup_vs_plain": round(tokens * plain / ms, 3),
+                     "choices": [list(c) for c in choices]})
+    return sorted(rows, key=lambda r: -r["speedup_vs_plain"])
+
+
+def calibrate_tree(engine, args, filler: list[int]) -> dict:
+    """Measure the verify cost of every tree size and the heads' drafting cost here, then
+    rank trees by expected speedup over plain decoding (heads' held-out accuracies)."""
+    hm = _heads_meta(engine)
+    cands = tree_candidates(hm["rank_acc"])
+    sizes = sorted({1} | {1 + len(c) for c in cands.values()})
+    curve = verify_curve(engine, filler, args.verify_context, sizes, args.verify_runs)
+    verify_ms = {r["k"]: r["ms"] for r in curve}
+    H = engine.model_config.hidden_size
+    hidden = torch.randn(1, H, device=engine.device, dtype=engine.dtype)
+    times = []
+    with torch.inference_mode():
+        for i in range(args.verify_runs + 3):
+            _sync(engine.device)
+            t0 = time.perf_counter()
+            engine.heads.candidates(hidden, engine.model, [filler[0]])
+            _sync(engine.device)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    draft_ms = 1000 * statistics.median(times)
+    rows = rank_trees(cands, hm["rank_acc"], verify_ms, draft_ms)
+    best = rows[0]
+    print(format_table(["tree", "nodes", "tokens_per_step", "step_ms", "speedup_vs_plain"],
+                       [[r[c] for c in ("tree", "nodes", "tokens_per_step", "step_ms",
+                                        "speedup_vs_plain")] for r in rows[:12]],
+                       f"\ntree calibration for {hm['path']}: plain step {verify_ms[1]:.1f} ms, "
+                       f"drafting {draft_ms:.1f} ms (heads' held-out accuracies; top 12)"))
+    print(f"best: {best['tree']} ({best['nodes']} nodes, expected {best['speedup_vs_plain']}x)")
+    if args.tree_out:
+        with open(args.tree_out, "w", encoding="utf-8") as f:
+            json.dump(best["choices"], f)
+            f.write("\n")
+        print(f"wrote {args.tree_out} (serve with --tree {args.tree_out})")
+    return {"heads": hm["path"], "draft_ms": draft_ms, "verify_ms": verify_ms, "rows": rows,
+            "best": best["tree"]}
 
 
 def _meta(engine, args, source: str, prompt_ids: list[list[int]]) -> dict:

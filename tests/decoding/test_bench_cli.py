@@ -211,3 +211,21 @@ def test_compare_refuses_speculation_off():
 
     with pytest.raises(ValueError, match="speculat"):
         bench.compare_spec(Off(), None, [[1]], ["greedy"], [1])
+
+
+def test_rank_trees_trades_expected_tokens_against_measured_cost():
+    from mtpserve.decoding.bench import rank_trees, tree_candidates
+
+    rank_acc = [[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.1, 0.1], [0.3, 0.1, 0.1]]
+    cands = tree_candidates(rank_acc, max_nodes=16)
+    assert "chain4" in cands and len(cands["calibrated3"]) == 3
+    flat = {k: 10.0 for k in range(1, 18)}  # verifying is free: the biggest tree wins
+    best = rank_trees(cands, rank_acc, flat, draft_ms=0.0)[0]
+    assert best["nodes"] == 17 and best["speedup_vs_plain"] > 2
+    linear = {k: 10.0 * k for k in range(1, 18)}  # each node costs a full step: none pays
+    rows = rank_trees(cands, rank_acc, linear, draft_ms=1.0)
+    assert all(r["speedup_vs_plain"] < 1 for r in rows)
+    # chain of one draft: 1 + 0.6 tokens for 2 nodes' cost + drafting
+    one = next(r for r in rank_trees({"c1": [(0,)]}, rank_acc, linear, 2.0))
+    assert one["tokens_per_step"] == 1.6 and one["step_ms"] == 22.0
+    assert one["speedup_vs_plain"] == round(1.6 * 10 / 22, 3)
