@@ -384,7 +384,7 @@ def model_bytes(model: torch.nn.Module) -> int:
     embedding table too when the logits read their own copy of it, as the token lookup
     touches one row)."""
     seen, total = set(), 0
-    own_copy = getattr(model, "unembed_q", None) is not None or getattr(model, "unembed_t", None) is not None
+    own_copy = getattr(model, "unembed_t", None) is not None
     named = itertools.chain(model.named_parameters(), model.named_buffers(),
                             [("unembed_t", getattr(model, "unembed_t", None))])
     for name, t in named:

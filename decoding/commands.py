@@ -1,4 +1,5 @@
-"""Offline subcommands (generate, bench, train-heads, inspect) and the shared engine flags.
+"""Offline subcommands (generate, bench, train-heads, inspect, export-model, export-heads) and
+the shared engine flags.
 
 The only place in decoding/ that reads flags or environment variables.
 """
@@ -21,9 +22,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "float32", "bfloat16", "float16", "float64"],
                    help="compute dtype (auto: bf16 on GPUs and CPUs with native bf16, else fp32)")
     g.add_argument("--weights", default="auto", choices=["auto", "dense", "int8", "int4"],
-                   help="weight format on CPU: dense, or weight-only int8 / int4 (group 32, "
-                        "GGUF Q4_1's own blocks) with an int8 unembedding; faster, not "
-                        "bit-identical to dense (auto: see README)")
+                   help="weight format of the trunk on CPU: dense, or weight-only int8 / int4 "
+                        "(group 32: GGUF Q4_0/Q4_1's own blocks); faster, not bit-identical "
+                        "to dense (auto: int4 for a Q4_0/Q4_1 GGUF on CPU, else dense)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
     g.add_argument("--max-model-len", type=int, default=2048, help="context per sequence")
@@ -157,3 +158,8 @@ def register_offline_commands(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded)")
     i.add_argument("--heads", default=None, help="heads folder to check against the model")
     i.set_defaults(func=_run_inspect)
+
+    # -- exports for other engines (decoding/export.py): export-model, export-heads --------
+    from .export import add_export_commands
+
+    add_export_commands(sub)

@@ -122,8 +122,8 @@ class LLMEngine:
             raise ValueError(f"{ckpt.path}: {exc}") from None
         ckpt.tensors = {}
         if weights in ("int8", "int4"):
-            model.quantize(weights, unembedding="int8")
-        elif device.type == "cpu":
+            model.quantize(weights)
+        if device.type == "cpu":
             model.use_transposed_weights()
         model.eval()
         heads = load_heads_for(config.spec, ckpt.config, ckpt.path, device, dtype)

@@ -163,7 +163,6 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size,
                                                                    bias=False)
         self.unembed_t: torch.Tensor | None = None  # see use_transposed_weights
-        self.unembed_q: Linear | None = None  # see quantize
 
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
                 return_pre_last: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -183,28 +182,23 @@ class CausalLM(nn.Module):
         return (h, pre_last) if return_pre_last else h
 
     @torch.no_grad()
-    def quantize(self, trunk: str, unembedding: str = "dense") -> None:
-        """Weight-only quantization: `trunk` (int8|int4) for every projection of every
-        layer, `unembedding` (dense|int8) for a quantized copy used by compute_logits (the
-        dense table stays for the embedding lookup)."""
+    def quantize(self, trunk: str) -> None:
+        """Weight-only int8 or int4 for every projection of every layer. The unembedding
+        stays dense: the kernels' bf16 outputs would round logits to ~0.1 at this scale,
+        which makes ties of what should be clear choices."""
         for m in self.layers.modules():
             if isinstance(m, Linear):
                 m.quantize_int4() if trunk == "int4" else m.quantize_int8()
-        if unembedding == "int8":
-            w = self.unembed_weight()
-            q = Linear(w.shape[1], w.shape[0], bias=False).to(device=w.device, dtype=w.dtype)
-            q.set_weight(w)
-            q.quantize_int8()
-            self.unembed_q = q
 
     def unembed_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @torch.no_grad()
     def use_transposed_weights(self) -> None:
-        """CPU decode: trunk projections stored [in, out], plus an [H, V] copy of the
-        unembedding for the 1-2 row matmuls of plain decode (the [V, H] original stays for
-        the embedding lookup and wider verify passes, where it is faster)."""
+        """CPU decode: dense trunk projections stored [in, out], plus an [H, V] copy of
+        the unembedding for the 1-2 row logits of plain decode; wider verify passes compute
+        W @ h^T from the [V, H] original, which BLAS streams faster for 3+ rows
+        (docs/benchmarks.md). Quantized projections keep their packed layout."""
         for m in self.layers.modules():
             if isinstance(m, Linear):
                 m.transpose_storage()
@@ -212,10 +206,10 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""
-        if self.unembed_q is not None:
-            return self.unembed_q(hidden).float()
-        if self.unembed_t is not None and hidden.shape[0] <= 2:
-            return torch.matmul(hidden, self.unembed_t).float()
+        if self.unembed_t is not None:  # CPU: pick the layout BLAS streams fastest for N
+            if hidden.shape[0] <= 2:
+                return torch.matmul(hidden, self.unembed_t).float()
+            return torch.mm(self.unembed_weight(), hidden.t()).t().float()
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
         return F.linear(hidden, self.embed_tokens.weight).float()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from decoding_helpers import prefill_logits, random_causal_lm, tiny_config
-from mtpserve.decoding.config import EngineConfig
+from mtpserve.decoding.config import EngineConfig, SamplingParams
 from mtpserve.decoding.linear import INT4_GROUP, Linear, _int4_codes
 
 
@@ -83,7 +83,7 @@ def test_quantized_model_logits_stay_close_to_dense(fmt):
     ids = list(range(5, 40))
     ref = prefill_logits(model, ids)
     q = copy.deepcopy(model)
-    q.quantize(fmt, unembedding="int8")
+    q.quantize(fmt)
     got = prefill_logits(q, ids)
     assert got.dtype == torch.float32
     rel = float((got - ref).norm() / ref.norm())
@@ -108,13 +108,21 @@ def test_auto_serves_q4_gguf_as_int4_on_cpu_only():
     assert resolve_weights("int8", cpu, None) == "int8"
 
 
-def test_default_model_int4_engine_agrees_with_dense_fp32(default_engine):
+@pytest.fixture(scope="module")
+def int4_engine():
+    from mtpserve.decoding.config import SpecConfig
+    from mtpserve.decoding.engine import LLMEngine
+
+    return LLMEngine.from_config(EngineConfig(max_num_seqs=2, max_model_len=512,
+                                              spec=SpecConfig(mode="on", proposer="ngram")))
+
+
+def test_default_model_int4_engine_agrees_with_dense_fp32(default_engine, int4_engine):
     """The embedded Q4_1 file served with its own int4 codes: the same next-token choice
     as the dense fp32 oracle engine at nearly every position of a real chat prompt."""
     from decoding_helpers import chat
-    from mtpserve.decoding.engine import LLMEngine
 
-    eng = LLMEngine.from_config(EngineConfig(max_num_seqs=1, max_model_len=256))
+    eng = int4_engine
     assert eng.weight_format == "int4" and default_engine.weight_format == "dense"
     ids = chat(eng.tokenizer, "Write a Python function that returns the n-th Fibonacci number.")
     ids = ids + default_engine.generate([ids], _greedy(48))[0]["token_ids"]
@@ -125,7 +133,32 @@ def test_default_model_int4_engine_agrees_with_dense_fp32(default_engine):
     assert float((got - ref).norm() / ref.norm()) < 0.1
 
 
-def _greedy(n: int):
-    from mtpserve.decoding.config import SamplingParams
+def test_int4_speculative_greedy_leaves_plain_only_at_near_ties(int4_engine):
+    """bf16 kernel inputs make a k-row verify round differently from one-row steps, so
+    speculative greedy may leave plain greedy's path, but only where plain's top two
+    tokens are nearly tied: a large margin there would be a bookkeeping bug."""
+    from decoding_helpers import chat
 
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, speculate=False)
+    eng = int4_engine
+    prompts = [chat(eng.tokenizer, t) for t in (
+        "Write a Python function that reverses a list, with a docstring and tests.",
+        "List the planets of the solar system in order, one per line, with a fact each.")]
+    plain = [r["token_ids"] for r in eng.generate(prompts, _greedy(40, speculate=False))]
+    spec_runs = eng.generate(prompts, _greedy(40, speculate=True))
+    assert sum(r["spec"].num_accepted_draft_tokens for r in spec_runs) > 0  # it did speculate
+    for p, a, r in zip(prompts, plain, spec_runs):
+        b = r["token_ids"]
+        d = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if d is None:
+            assert a == b
+            continue
+        out = eng.generate([p + a[:d]], SamplingParams(max_tokens=1, temperature=0.0,
+                                                       logprobs=2, speculate=False))
+        del out  # logprobs come through step outputs; recompute the margin directly:
+        logits = prefill_logits(eng.model, p + a[:d])[-1]
+        top2 = logits.log_softmax(-1).topk(2).values
+        assert float(top2[0] - top2[1]) < 0.05, (d, top2)
+
+
+def _greedy(n: int, speculate: bool = False) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, speculate=speculate)
