@@ -407,8 +407,9 @@ class LLMEngine:
         spec_seqs = [s for s in seqs if s.speculate]
         if self.heads is not None and spec_seqs and self.policy.use_heads(depth):
             idx = torch.tensor([rows[seqs.index(s)] for s in spec_seqs], device=hidden.device)
+            needed = min(depth, max(len(c) for c in self.policy.choices))  # heads the tree reads
             head_cands = self.heads.candidates(hidden[idx], self.model,
-                                               [s.token_ids[-1] for s in spec_seqs])
+                                               [s.token_ids[-1] for s in spec_seqs], needed)
         for i, seq in enumerate(spec_seqs):
             cands = head_cands[i] if head_cands is not None else None
             seq.draft = self.policy.build_tree(seq.token_ids, cands, depth)

@@ -4,6 +4,13 @@ Implemented: Medusa residual-block heads (Medusa-1/2 layout, or the project's ow
 with the base unembedding shared). Head k (from 1) reads the base model's final hidden
 state at the last accepted token and guesses token t+1+k, t+1 being the verifier's own
 bonus token, which is why candidates start at the second position of a step.
+
+Draft vocabulary (FR-Spec style, optional): the project format may store a sorted int64
+tensor `draft_vocab` of token ids in heads.safetensors (its length is `draft_vocab_size`
+in heads.json). Heads then score only those rows of the unembedding (sliced once per
+model/device/dtype and cached, not per step) and their top-k are mapped back to token
+ids, so drafting costs num_heads x |draft_vocab| instead of num_heads x V per row. Without
+it (older folders, the Medusa authors' layout) heads score the full vocabulary.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from torch import nn
 from .config import ModelConfig, SpecConfig
 
 HEADS_FORMAT = "mtpserve-heads"
+DRAFT_VOCAB_KEY = "draft_vocab"  # optional int64 tensor in heads.safetensors
 SHIPPED_HEADS_DIR = Path(__file__).parent / "heads"
 
 
@@ -27,10 +35,11 @@ class DraftHeads(Protocol):
     default_tree: str
     num_heads: int
 
-    def candidates(self, hidden: torch.Tensor, model: nn.Module, last_tokens: list[int]
-                   ) -> list[list[list[int]]]:
+    def candidates(self, hidden: torch.Tensor, model: nn.Module, last_tokens: list[int],
+                   num_heads: int | None = None) -> list[list[list[int]]]:
         """hidden: [B, H] at each sequence's last accepted token -> per sequence, per
-        depth, the top-k candidate tokens (most likely first)."""
+        depth (the first num_heads depths; default all), the top-k candidate tokens
+        (most likely first)."""
         ...
 
 
@@ -60,24 +69,104 @@ class MedusaHeads(nn.Module):
         )
         self.lm_heads = nn.ModuleList(nn.Linear(hidden, vocab, bias=False)
                                       for _ in range(num_heads)) if own_unembedding else None
+        self.vocab_size = vocab
+        # Sorted token ids the heads draft from (None: the full vocabulary). A buffer so
+        # `.to(device)` moves it, but not persistent: it is not a weight (saved separately).
+        self.register_buffer("draft_vocab", None, persistent=False)
+        self._sub_unembed: torch.Tensor | None = None  # cached rows of the unembedding
+        self._sub_key: tuple | None = None
 
-    def head_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, H] -> [num_heads, B, H]."""
-        return torch.stack([blk(hidden) for blk in self.blocks])
+    def set_draft_vocab(self, ids: torch.Tensor | None, where: str = "draft_vocab") -> None:
+        """Restrict drafting to `ids` (1-D, strictly increasing, within the vocabulary);
+        None restores the full vocabulary."""
+        self._sub_unembed, self._sub_key = None, None
+        if ids is None:
+            self.draft_vocab = None
+            return
+        ids = check_draft_vocab(ids, self.vocab_size, where)
+        dev = next(self.parameters()).device
+        self.draft_vocab = ids.to(dev)
 
-    def head_logits(self, hidden: torch.Tensor, model: nn.Module) -> torch.Tensor:
-        """[B, H] -> [num_heads, B, V] float32."""
-        hs = self.head_hidden(hidden)
+    def _draft_unembedding(self, model: nn.Module | None) -> torch.Tensor:
+        """Rows `draft_vocab` of the unembedding in use ([V', H], or [nh, V', H] for heads
+        with their own), built on the first call and kept while the source weight, device
+        and dtype stay the same."""
         if self.lm_heads is None:
-            nh, B, H = hs.shape
+            src = model.unembed_weight()
+            key = (src.data_ptr(), src.device, src.dtype, src.shape, self.draft_vocab.data_ptr(),
+                   self.draft_vocab.device)
+        else:
+            src = None
+            w0 = self.lm_heads[0].weight
+            key = (tuple(lm.weight.data_ptr() for lm in self.lm_heads), w0.device, w0.dtype,
+                   self.draft_vocab.data_ptr(), self.draft_vocab.device)
+        if self._sub_key != key:
+            with torch.no_grad():
+                dv = self.draft_vocab.to(src.device if src is not None else w0.device)
+                if src is not None:
+                    self._sub_unembed = src.detach().index_select(0, dv).contiguous()
+                else:
+                    rows = [lm.weight.detach().index_select(0, dv) for lm in self.lm_heads]
+                    self._sub_unembed = torch.stack(rows).contiguous()
+            self._sub_key = key
+        return self._sub_unembed
+
+    def prepare(self, model: nn.Module | None = None) -> None:
+        """Build the draft-vocabulary slice of the unembedding now (after `.to(device,
+        dtype)`), instead of on the first drafting step. No-op without a draft vocab."""
+        if self.draft_vocab is not None:
+            self._draft_unembedding(model)
+
+    def head_hidden(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+        """[B, H] -> [n, B, H] for the first n (default all) heads."""
+        return torch.stack([blk(hidden) for blk in self.blocks[:num_heads]])
+
+    def head_logits(self, hidden: torch.Tensor, model: nn.Module,
+                    num_heads: int | None = None) -> torch.Tensor:
+        """[B, H] -> [n, B, V] float32, or [n, B, |draft_vocab|] when a draft vocabulary is
+        set (column j is token draft_vocab[j]); n = the first num_heads heads (default all):
+        a tree that drafts two tokens deep needs only two heads' logits."""
+        hs = self.head_hidden(hidden, num_heads)
+        nh, B, H = hs.shape
+        if self.draft_vocab is not None:
+            w = self._draft_unembedding(model)
+            if w.dim() == 2:  # W @ h^T: BLAS streams the [V', H] slice once for all rows
+                return torch.mm(w.to(hs.dtype), hs.reshape(nh * B, H).t()).t().reshape(
+                    nh, B, -1).float()
+            return torch.bmm(hs, w[:nh].to(hs.dtype).transpose(1, 2)).float()
+        if self.lm_heads is None:
             return model.compute_logits(hs.reshape(nh * B, H)).view(nh, B, -1)
         return torch.stack([lm(h) for lm, h in zip(self.lm_heads, hs)]).float()
 
-    def candidates(self, hidden: torch.Tensor, model: nn.Module, last_tokens: list[int]
-                   ) -> list[list[list[int]]]:
-        top = self.head_logits(hidden, model).topk(self.topk, dim=-1).indices  # [nh, B, k]
-        per_head = top.transpose(0, 1).tolist()  # one host sync: [B][nh][k]
+    def topk_tokens(self, hidden: torch.Tensor, model: nn.Module, k: int,
+                    num_heads: int | None = None) -> torch.Tensor:
+        """[B, H] -> [n, B, k] token ids, most likely first."""
+        logits = self.head_logits(hidden, model, num_heads)
+        top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+        return top if self.draft_vocab is None else self.draft_vocab[top]
+
+    def candidates(self, hidden: torch.Tensor, model: nn.Module, last_tokens: list[int],
+                   num_heads: int | None = None) -> list[list[list[int]]]:
+        top = self.topk_tokens(hidden, model, self.topk, num_heads)  # [n, B, k]
+        per_head = top.transpose(0, 1).tolist()  # one host sync: [B][n][k]
         return per_head
+
+
+def check_draft_vocab(ids: torch.Tensor, vocab_size: int, where: str) -> torch.Tensor:
+    """A draft vocabulary as int64, or a ValueError naming `where`."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.numel() == 0:
+        raise ValueError(f"{where}: draft_vocab must be a non-empty 1-D tensor of token ids")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{where}: draft_vocab must hold integer token ids, not {ids.dtype}")
+    ids = ids.to(torch.int64)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{where}: draft_vocab holds token id {bad}, outside the model's "
+                         f"vocabulary of {vocab_size}")
+    if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        raise ValueError(f"{where}: draft_vocab must be sorted and without repeats")
+    return ids
 
 
 # -- loading ------------------------------------------------------------------------------
@@ -120,7 +209,19 @@ def load_project_heads(folder: Path, base: ModelConfig) -> MedusaHeads:
     heads = MedusaHeads(base.hidden_size, base.vocab_size, int(meta["num_heads"]),
                         int(meta["num_layers"]), bool(meta.get("own_unembedding", False)),
                         default_tree=meta.get("default_tree", "tree16"))
-    _assign(heads, _read_tensors(folder / "heads.safetensors"), folder / "heads.safetensors")
+    weights = folder / "heads.safetensors"
+    tensors = _read_tensors(weights)
+    draft_vocab = tensors.pop(DRAFT_VOCAB_KEY, None)
+    _assign(heads, tensors, weights)
+    size = meta.get("draft_vocab_size")
+    if draft_vocab is None and size:
+        raise ValueError(f"{weights}: heads.json gives draft_vocab_size {size} but there is "
+                         f"no '{DRAFT_VOCAB_KEY}' tensor")
+    if draft_vocab is not None:
+        heads.set_draft_vocab(draft_vocab, where=str(weights))
+        if size is not None and int(size) != draft_vocab.numel():
+            raise ValueError(f"{weights}: draft_vocab has {draft_vocab.numel()} ids, "
+                             f"{meta_path} says draft_vocab_size {size}")
     return heads
 
 
@@ -152,17 +253,54 @@ def save_project_heads(heads: MedusaHeads, folder: str | Path, base: ModelConfig
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in heads.state_dict().items()},
-              str(folder / "heads.safetensors"))
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in heads.state_dict().items()}
+    if heads.draft_vocab is not None:
+        tensors[DRAFT_VOCAB_KEY] = heads.draft_vocab.detach().to(torch.int64).contiguous().cpu()
+    save_file(tensors, str(folder / "heads.safetensors"))
     meta = {
         "format": HEADS_FORMAT, "version": 1, "head_type": "medusa",
         "num_heads": heads.num_heads, "num_layers": heads.num_layers,
         "hidden_size": base.hidden_size, "vocab_size": base.vocab_size,
         "own_unembedding": heads.lm_heads is not None,
         "base_fingerprint": base.fingerprint(), "default_tree": heads.default_tree,
-        "training": training or {},
     }
+    if heads.draft_vocab is not None:
+        meta["draft_vocab_size"] = int(heads.draft_vocab.numel())
+    meta["training"] = training or {}
     (folder / "heads.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def add_draft_vocab(folder: str | Path, base: ModelConfig, ids: torch.Tensor,
+                    info: dict | None = None) -> None:
+    """Store a draft vocabulary in an existing project-format heads folder (replacing any
+    earlier one): the `draft_vocab` tensor in heads.safetensors, `draft_vocab_size` and
+    `info` (under "draft_vocab") in heads.json. The head weights are untouched."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    weights = folder / "heads.safetensors"
+    ids = check_draft_vocab(ids, base.vocab_size, str(weights))
+    load_project_heads(folder, base)  # refuses folders that do not belong to this base
+    tensors = _read_tensors(weights)
+    tensors[DRAFT_VOCAB_KEY] = ids.contiguous().cpu()
+    tmp = weights.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(weights)
+    meta_path = folder / "heads.json"
+    meta = json.loads(meta_path.read_text())
+    out: dict = {}
+    for k, v in meta.items():  # keep the key order, draft_vocab_size before "training"
+        if k in ("draft_vocab_size", "draft_vocab"):
+            continue
+        if k == "training":
+            out["draft_vocab_size"] = int(ids.numel())
+            if info is not None:
+                out["draft_vocab"] = info
+        out[k] = v
+    out.setdefault("draft_vocab_size", int(ids.numel()))
+    if info is not None:
+        out.setdefault("draft_vocab", info)
+    meta_path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 def load_heads(path: str | Path, base: ModelConfig) -> MedusaHeads:
@@ -177,8 +315,10 @@ def load_heads(path: str | Path, base: ModelConfig) -> MedusaHeads:
 
 
 def load_heads_for(spec: SpecConfig, base: ModelConfig, model_path: str, device: torch.device,
-                   dtype: torch.dtype) -> MedusaHeads | None:
-    """Heads named by --heads, else heads shipped for this exact base model, else none."""
+                   dtype: torch.dtype, model: nn.Module | None = None) -> MedusaHeads | None:
+    """Heads named by --heads, else heads shipped for this exact base model, else none.
+    With `model`, a draft vocabulary's slice of its unembedding is built now rather than
+    on the first drafting step."""
     if spec.mode == "off" or spec.proposer == "ngram":
         return None
     path = spec.heads_path
@@ -189,5 +329,7 @@ def load_heads_for(spec: SpecConfig, base: ModelConfig, model_path: str, device:
         path = str(shipped)
     if not os.path.exists(path):
         raise ValueError(f"{path}: heads path does not exist")
-    heads = load_heads(path, base)
-    return heads.to(device=device, dtype=dtype).eval()
+    heads = load_heads(path, base).to(device=device, dtype=dtype).eval()
+    if model is not None:
+        heads.prepare(model)
+    return heads

@@ -12,8 +12,11 @@ cached in a JSONL) -> run the frozen trunk once over every sequence and cache h_
 base argmax -> train the heads over that cache for several epochs (cheap: one residual
 block per head; the unembedding is the base model's, shared and frozen; the softmax
 runs over the targets and the base model's own top-8 guesses unless `--vocab full`) ->
-evaluate top-1/top-5 on a held-out split over the FULL vocabulary -> pick a tree -> save
-in the project format.
+evaluate top-1/top-5 on a held-out split over the FULL vocabulary -> build a draft
+vocabulary (`--draft-vocab N`, FR-Spec style: the N most frequent answer tokens of the
+training split plus every head target seen in training) and evaluate again restricted to
+it -> pick a tree -> save in the project format. `--draft-vocab-only` adds (or replaces)
+the draft vocabulary of heads already in OUT without training.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .heads import MedusaHeads, save_project_heads
+from .heads import MedusaHeads, add_draft_vocab, load_heads, save_project_heads
 from .heads_data import Example, generate_answers, read_sources
 from .tree import PRESETS
 
@@ -174,27 +177,76 @@ def _logits(heads: MedusaHeads, unembed: torch.Tensor, hidden: torch.Tensor) -> 
 
 @torch.no_grad()
 def evaluate(heads: MedusaHeads, model, cache: HiddenCache, rows: torch.Tensor,
-             tgts: torch.Tensor, max_rank: int = 10, batch: int = 512) -> dict:
-    """Full-vocabulary accuracy: per head, hit rate of each rank 0..max_rank-1."""
+             tgts: torch.Tensor, max_rank: int = 10, batch: int = 512,
+             vocab_ids: torch.Tensor | None = None) -> dict:
+    """Per head, hit rate of each rank 0..max_rank-1 over the FULL vocabulary, or, with
+    `vocab_ids` (a draft vocabulary), over those tokens only (what drafting then proposes;
+    `in_vocab`: the share of targets inside it, the ceiling of any top-k)."""
     K = heads.num_heads
     unembed = model.unembed_weight().detach().float().cpu()
+    if vocab_ids is not None:
+        vocab_ids = vocab_ids.cpu()
+        unembed = unembed[vocab_ids]
     hits = torch.zeros(K, max_rank)
     count = torch.zeros(K)
+    inside = torch.zeros(K)
+    member = None
+    if vocab_ids is not None:
+        member = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        member[vocab_ids] = True
     for s in range(0, len(rows), batch):
         h = cache.hidden[rows[s:s + batch]]
         tg = tgts[s:s + batch].T  # [K, B]
         top = _logits(heads, unembed, h).topk(max_rank, dim=-1).indices  # [K, B, R]
+        if vocab_ids is not None:
+            top = vocab_ids[top]
         ok = tg >= 0
         eq = (top == tg[..., None]) & ok[..., None]
         hits += eq.sum(1).float()
         count += ok.sum(1).float()
+        if member is not None:
+            inside += (member[tg.clamp(min=0)] & ok).sum(1).float()
     rank_acc = (hits / count.clamp(min=1)[:, None])
-    return {
+    out = {
         "positions": int(count[0].item()) if K else 0,
         "top1": [round(float(r[0]), 4) for r in rank_acc],
         "top5": [round(float(r[:5].sum()), 4) for r in rank_acc],
         "rank_acc": [[round(float(x), 4) for x in r] for r in rank_acc],
     }
+    if vocab_ids is not None:
+        out["vocab"] = len(vocab_ids)
+        out["in_vocab"] = [round(float(x), 4) for x in inside / count.clamp(min=1)]
+    return out
+
+
+# -- draft vocabulary (FR-Spec style) --------------------------------------------------------
+def build_draft_vocab(cache: HiddenCache, seqs: list[int], tgts: torch.Tensor, top_n: int,
+                      vocab_size: int) -> tuple[torch.Tensor | None, dict]:
+    """The `top_n` most frequent answer tokens of sequences `seqs` (the data's next tokens
+    at trained positions; ties: lower id first) plus every head target in `tgts` (so no
+    training target is undraftable) -> sorted int64 ids and a summary for heads.json.
+    None (full vocabulary) when top_n is 0 or the result would cover the whole vocabulary."""
+    parts = []
+    for s in seqs:
+        a, b = int(cache.seq_start[s]), int(cache.seq_start[s + 1])
+        t = cache.tokens[a + int(cache.train_from[s]):b - 1]
+        parts.append(t[t >= 0])
+    answer = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    counts = torch.bincount(answer, minlength=vocab_size)
+    info = {"top_n": top_n, "answer_tokens": int(answer.numel()),
+            "distinct_answer_tokens": int((counts > 0).sum())}
+    if top_n <= 0:
+        return None, info | {"size": vocab_size}
+    order = torch.sort(counts, descending=True, stable=True).indices
+    top = order[:min(top_n, int((counts > 0).sum()))]
+    target_ids = torch.unique(tgts[tgts >= 0])
+    ids = torch.unique(torch.cat([top, target_ids]))  # sorted
+    info |= {"size": int(ids.numel()), "head_target_ids": int(target_ids.numel()),
+             "added_by_targets": int(ids.numel() - top.numel()),
+             "answer_token_coverage": round(float(counts[ids].sum()) / max(1, answer.numel()), 4)}
+    if ids.numel() >= vocab_size:
+        return None, info
+    return ids, info
 
 
 def expected_accepted(choices: list[tuple[int, ...]], rank_acc: list[list[float]]) -> float:
@@ -242,7 +294,8 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def train(model, cache: HiddenCache, cfg: TrainConfig, out: Path, resume: bool = False,
-          progress=None, default_tree: str = "tree16") -> tuple[MedusaHeads, dict]:
+          progress=None, default_tree: str = "tree16", draft_vocab: int = 0
+          ) -> tuple[MedusaHeads, dict]:
     """Train heads over the cached hidden states; checkpoint to out/checkpoint.pt."""
     torch.manual_seed(cfg.seed)
     H, V = model.config.hidden_size, model.config.vocab_size
@@ -328,6 +381,13 @@ def train(model, cache: HiddenCache, cfg: TrainConfig, out: Path, resume: bool =
         report["heldout"] = evaluate(heads, model, cache, h_rows, h_tgts)
         if baseline is not None:
             report["heldout_untrained_identity_heads"] = {k: baseline[k] for k in ("top1", "top5")}
+    if draft_vocab:
+        ids, info = build_draft_vocab(cache, train_seqs, tgts, draft_vocab, V)
+        if ids is not None:
+            heads.set_draft_vocab(ids)
+            if len(h_rows):
+                info["heldout"] = evaluate(heads, model, cache, h_rows, h_tgts, vocab_ids=ids)
+        report["draft_vocab"] = info
     return heads, report
 
 
@@ -402,6 +462,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="training softmax over the targets plus the base model's top-8 at every "
                         "position (default), the targets only, or the full vocabulary (slow); "
                         "held-out accuracy is always over the full vocabulary")
+    p.add_argument("--draft-vocab", type=int, default=8192, metavar="N",
+                   help="draft vocabulary: heads draft only from the N most frequent answer "
+                        "tokens of the training split plus every head target seen in training "
+                        "(stored in heads.safetensors; 0: the full vocabulary)")
+    p.add_argument("--draft-vocab-only", action="store_true",
+                   help="do not train: add (or replace) the draft vocabulary of the heads "
+                        "already in OUT, built from the same --data/--generated (nothing is "
+                        "generated) and the split in OUT/heads.json; prints held-out accuracy "
+                        "over the full and the draft vocabulary")
+    p.add_argument("--hidden-cache", default=None,
+                   help="trunk hidden-state cache, reused while the data is the same "
+                        "(default OUT/hidden_cache.pt)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
@@ -460,6 +532,8 @@ def run_train_heads(a: argparse.Namespace) -> int:
     src = read_sources(a.data, engine.tokenizer)
     recipe = {"sources": src.recipe}
     examples = list(src.examples)
+    if a.draft_vocab_only:
+        return _run_draft_vocab_only(a, engine, src, out, say)
     if src.prompts:
         cache_path = Path(a.generated) if a.generated else out / "answers.jsonl"
         answers, stats = generate_answers(engine, src.prompts, cache_path, a.generate_max_tokens,
@@ -469,16 +543,20 @@ def run_train_heads(a: argparse.Namespace) -> int:
                                 "greedy": True, "dtype": a.dtype, "max_num_seqs": a.gen_batch,
                                 "chat_template": True, **stats}
     examples = chunk_examples(examples, a.seq_len)
-    cache, trunk = _hidden_cache(model, examples, out / "hidden_cache.pt", say)
+    hidden_path = Path(a.hidden_cache) if a.hidden_cache else out / "hidden_cache.pt"
+    cache, trunk = _hidden_cache(model, examples, hidden_path, say)
     recipe.update(sequences=cache.num_seqs, positions=int(cache.seq_start[-1]), **_agreement(cache))
-    heads, report = train(model, cache, cfg, out, resume=a.resume, progress=say)
+    heads, report = train(model, cache, cfg, out, resume=a.resume, progress=say,
+                          draft_vocab=a.draft_vocab)
     tree_info: dict = {}
     if "heldout" in report:
-        best, tree_info = choose_tree(report["heldout"]["rank_acc"], out)
+        # The tree is calibrated on what drafting will propose: the draft vocabulary's
+        # accuracies when there is one.
+        ranks = report.get("draft_vocab", {}).get("heldout", report["heldout"])["rank_acc"]
+        best, tree_info = choose_tree(ranks, out)
         heads.default_tree = best
     training = {
-        "command": "mtpserve train-heads " + " ".join(shlex.quote(x) for x in sys.argv[2:])
-        if len(sys.argv) > 1 and sys.argv[1] == "train-heads" else " ".join(map(shlex.quote, sys.argv)),
+        "command": _command(),
         "method": "medusa-1 self-distillation: frozen trunk, shared frozen unembedding, "
                   f"targets={cfg.targets}",
         "base_model": engine.model_name, "config": asdict(cfg), "data": recipe,
@@ -488,9 +566,79 @@ def run_train_heads(a: argparse.Namespace) -> int:
     save_project_heads(heads, out, model.config, training=training)
     ho = report.get("heldout")
     if ho:
-        for k in range(cfg.num_heads):
-            say(f"head {k + 1}: held-out top-1 {ho['top1'][k]:.3f} top-5 {ho['top5'][k]:.3f}")
+        _say_heldout(say, ho, report.get("draft_vocab", {}).get("heldout"))
         say(f"default tree: {heads.default_tree} (expected accepted drafts per step: "
             f"{tree_info['expected_accepted_drafts']})")
+    if "draft_vocab" in report:
+        say(f"draft vocabulary: {report['draft_vocab']['size']} tokens")
+    say(f"wrote {out / 'heads.json'} and {out / 'heads.safetensors'}")
+    return 0
+
+
+def _command() -> str:
+    if len(sys.argv) > 1 and sys.argv[1] == "train-heads":
+        return "mtpserve train-heads " + " ".join(shlex.quote(x) for x in sys.argv[2:])
+    return " ".join(map(shlex.quote, sys.argv))
+
+
+def _say_heldout(say, full: dict, draft: dict | None) -> None:
+    for k in range(len(full["top1"])):
+        line = f"head {k + 1}: held-out top-1 {full['top1'][k]:.3f} top-5 {full['top5'][k]:.3f}"
+        if draft:
+            line += (f" | draft vocab ({draft['vocab']}) top-1 {draft['top1'][k]:.3f} top-5 "
+                     f"{draft['top5'][k]:.3f}, targets inside {draft['in_vocab'][k]:.3f}")
+        say(line)
+
+
+def _run_draft_vocab_only(a: argparse.Namespace, engine, src, out: Path, say) -> int:
+    """Add a draft vocabulary to the heads in OUT, built from the data they were trained on
+    (same split: holdout_frac, seed and targets from OUT/heads.json when recorded)."""
+    from .heads_data import _key
+
+    if a.draft_vocab <= 0:
+        raise ValueError("--draft-vocab-only needs --draft-vocab N with N > 0")
+    meta_path = out / "heads.json"
+    if not meta_path.exists():
+        raise ValueError(f"{meta_path}: no heads to add a draft vocabulary to")
+    model = engine.model
+    heads = load_heads(out, model.config)
+    meta = json.loads(meta_path.read_text())
+    tc = meta.get("training", {}).get("config", {})
+    holdout = float(tc.get("holdout_frac", a.holdout_frac))
+    seed = int(tc.get("seed", a.seed))
+    targets = tc.get("targets", a.targets)
+    examples = list(src.examples)
+    if src.prompts:
+        cache_path = Path(a.generated) if a.generated else out / "answers.jsonl"
+        have = set()
+        if cache_path.exists():
+            have = {json.loads(line)["key"] for line in cache_path.read_text(encoding="utf-8")
+                    .splitlines() if line.strip()}
+        missing = sum(_key(m) not in have for m in src.prompts)
+        if missing:
+            raise ValueError(f"{cache_path}: {missing} of {len(src.prompts)} prompts have no "
+                             "cached answer; --draft-vocab-only generates nothing")
+        answers, _ = generate_answers(engine, src.prompts, cache_path, a.generate_max_tokens)
+        examples += answers
+    examples = chunk_examples(examples, a.seq_len)
+    hidden_path = Path(a.hidden_cache) if a.hidden_cache else out / "hidden_cache.pt"
+    cache, _ = _hidden_cache(model, examples, hidden_path, say)
+    train_seqs, hold_seqs = split_sequences(cache.num_seqs, holdout, seed)
+    _, tgts = targets_for(cache, train_seqs, heads.num_heads, targets)
+    ids, info = build_draft_vocab(cache, train_seqs, tgts, a.draft_vocab, model.config.vocab_size)
+    if ids is None:
+        raise ValueError(f"a draft vocabulary of {a.draft_vocab} covers the whole vocabulary")
+    h_rows, h_tgts = targets_for(cache, hold_seqs, heads.num_heads, targets)
+    if len(h_rows):
+        full = evaluate(heads, model, cache, h_rows, h_tgts)
+        info["heldout"] = evaluate(heads, model, cache, h_rows, h_tgts, vocab_ids=ids)
+        info["heldout_full_vocab"] = {k: full[k] for k in ("positions", "top1", "top5")}
+        _say_heldout(say, full, info["heldout"])
+    info["command"] = _command()
+    info["split"] = {"holdout_frac": holdout, "seed": seed, "targets": targets,
+                     "train_sequences": len(train_seqs), "heldout_sequences": len(hold_seqs)}
+    add_draft_vocab(out, model.config, ids, info)
+    say(f"draft vocabulary: {info['size']} tokens ({info['added_by_targets']} added by head "
+        f"targets), covers {info['answer_token_coverage']:.4f} of the training answer tokens")
     say(f"wrote {out / 'heads.json'} and {out / 'heads.safetensors'}")
     return 0

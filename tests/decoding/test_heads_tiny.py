@@ -153,12 +153,12 @@ class OracleHeads(nn.Module):
             for j, t in enumerate(seq):
                 self.next.setdefault(t, seq[j + 1:j + 1 + self.num_heads])
 
-    def candidates(self, hidden, model, last_tokens):
+    def candidates(self, hidden, model, last_tokens, num_heads=None):
         out = []
         for last in last_tokens:
             truth = self.next.get(last, [])
             per_depth = []
-            for d in range(self.num_heads):
+            for d in range(self.num_heads if num_heads is None else num_heads):
                 cands = [self.rng.randrange(self.vocab) for _ in range(4)]
                 if d < len(truth) and self.rng.random() < 0.85:
                     cands[self.rng.randrange(4)] = truth[d]
@@ -302,3 +302,24 @@ def test_logprobs_under_speculation_match_plain_decoding(tok, plain_ref):
         assert b.logprob == pytest.approx(a.logprob, abs=1e-5)
         assert [t for t, _ in b.top] == [t for t, _ in a.top]
         assert b.top[0][0] == b.token_id  # greedy: the chosen token is the most likely
+
+
+def test_candidates_for_fewer_heads_are_the_first_heads_candidates():
+    """Drafting only the depths a tree reads gives exactly those heads' candidates."""
+    from decoding_helpers import random_causal_lm, tiny_config
+    from mtpserve.decoding.heads import MedusaHeads
+
+    model = random_causal_lm(tiny_config(vocab=64, hidden=32), dtype=torch.float32, seed=1)
+    heads = MedusaHeads(32, 64, 4, 1).eval()
+    for i, blk in enumerate(heads.blocks):
+        torch.nn.init.normal_(blk[0].linear.weight, std=0.3, generator=torch.Generator().manual_seed(i))
+    hidden = torch.randn(3, 32, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        full = heads.candidates(hidden, model, [1, 2, 3])
+        two = heads.candidates(hidden, model, [1, 2, 3], num_heads=2)
+        heads.set_draft_vocab(torch.arange(0, 64, 2))
+        dv_full = heads.candidates(hidden, model, [1, 2, 3])
+        dv_two = heads.candidates(hidden, model, [1, 2, 3], num_heads=2)
+    assert [c[:2] for c in full] == two and len(two[0]) == 2
+    assert [c[:2] for c in dv_full] == dv_two
+    assert all(t % 2 == 0 for seq in dv_two for head in seq for t in head)
