@@ -45,6 +45,7 @@ class ServerSettings:
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
     served_model_name: str | None = None  # None: the engine's model_name
+    max_tokens_limit: int | None = None  # largest max_tokens accepted; None: the context
 
     def __post_init__(self) -> None:
         if self.max_queued < 0:
@@ -55,6 +56,8 @@ class ServerSettings:
             raise ValueError("max_body_bytes must be >= 1024")
         if self.drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
+        if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
+            raise ValueError("max_tokens_limit must be >= 1")
 
 
 Status = Literal["loading", "ready", "draining", "error"]
@@ -78,6 +81,8 @@ class ServerState:
         self.model_name = settings.served_model_name or ""
         self.max_model_len = 0
         self.drain_deadline: float | None = None
+        self.max_num_seqs = 0
+        self.vocab_size = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def _build(self) -> tuple[Any, EngineRunner, bool]:
@@ -97,8 +102,9 @@ class ServerState:
         self.engine, self.runner, self.owns_runner = engine, runner, owns
         self.model_name = self.settings.served_model_name or engine.model_name
         self.max_model_len = int(engine.max_model_len)
-        max_num_seqs = self.settings.max_num_seqs or engine.config.max_num_seqs
-        self.client = EngineClient(runner, max_num_seqs + self.settings.max_queued)
+        self.max_num_seqs = self.settings.max_num_seqs or engine.config.max_num_seqs
+        self.vocab_size = int(getattr(engine.tokenizer, "vocab_size", 0) or 0)
+        self.client = EngineClient(runner, self.max_num_seqs + self.settings.max_queued)
         if self.status == "loading":
             self.status = "ready"
         log.info("serving %s (max_model_len %d, capacity %d)", self.model_name,
@@ -145,6 +151,20 @@ class ServerState:
             await asyncio.to_thread(self.runner.stop)
 
     # -- queries ---------------------------------------------------------------------------
+    @property
+    def max_tokens_limit(self) -> int:
+        """The largest max_tokens a request may ask for (the context when not capped)."""
+        cap = self.settings.max_tokens_limit
+        return self.max_model_len if cap is None else min(cap, self.max_model_len)
+
+    @property
+    def max_seqs_per_request(self) -> int:
+        """Engine sequences one request may ask for (prompts x n): the admission capacity,
+        but never fewer than n's own maximum."""
+        from .protocol import MAX_N
+
+        return max(MAX_N, self.client.capacity if self.client is not None else MAX_N)
+
     def _engine_stats(self) -> EngineStats | None:
         return self.runner.stats() if self.runner is not None else None
 

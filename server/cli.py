@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import sys
+import time
 from types import FrameType, ModuleType
 from typing import Any, Callable
 
@@ -44,9 +45,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted; larger ones get 413 "
                         "(default 1048576)")
+    g.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
+                   help="largest max_tokens a request may ask for; larger ones get 400 "
+                        "(default: the context length)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM "
-                        "before they are aborted (default 30)")
+                        "before they are aborted; meanwhile the port stays open and new "
+                        "requests get 503 (default 30)")
     g.add_argument("--cors-origins", nargs="*", default=[], metavar="ORIGIN",
                    help="allow cross-origin requests from these origins (default: CORS off)")
     g.add_argument("--log-prompts", action="store_true",
@@ -86,23 +91,51 @@ def _make_server_class() -> type:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """uvicorn.Server that starts draining at the signal and exits 0 afterwards.
+        """uvicorn.Server that drains with the port open, then exits 0.
+
+        The first SIGTERM/SIGINT starts draining (`on_signal`): the listening socket stays
+        open, so new requests and /health get 503 (OpenAI's error schema) instead of a
+        refused connection, while in-flight requests go on. Once nothing is in flight
+        (`is_idle`) or the drain deadline passes, uvicorn's own shutdown runs with what is
+        left of the deadline as its grace period; whatever is still running then is
+        cancelled (and aborted in the engine). A second signal shuts down at once.
 
         uvicorn re-raises a captured SIGTERM after a graceful shutdown (exit status 143);
         a drained shutdown is a success here, so the captured signals are dropped.
         """
 
-        def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]) -> None:
+        def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None],
+                     is_idle: Callable[[], bool], drain_timeout: float) -> None:
             super().__init__(config)
             self._on_signal = on_signal
+            self._is_idle = is_idle
+            self._drain_timeout = drain_timeout
+            self._drain_deadline: float | None = None
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            try:
-                self._on_signal()
-            except Exception:  # never let draining bookkeeping block the shutdown
-                log.exception("begin_drain failed")
-            super().handle_exit(sig, frame)
+            if self._drain_deadline is None and not self.should_exit:
+                self._drain_deadline = time.monotonic() + self._drain_timeout
+                try:
+                    self._on_signal()
+                except Exception:  # never let draining bookkeeping block the shutdown
+                    log.exception("begin_drain failed")
+                    self.should_exit = True
+            else:  # second signal: stop now
+                super().handle_exit(sig, frame)
             self._captured_signals.clear()
+
+        async def on_tick(self, counter: int) -> bool:
+            if self._drain_deadline is not None and not self.should_exit:
+                left = self._drain_deadline - time.monotonic()
+                idle = self._is_idle()
+                if idle or left <= 0:
+                    if not idle:
+                        log.warning("drain timeout: shutting down with requests in flight")
+                    # uvicorn's own wait for connections and tasks: what is left, at
+                    # least a moment for responses being written and for cancellations
+                    self.config.timeout_graceful_shutdown = max(1.0, left)
+                    self.should_exit = True
+            return await super().on_tick(counter)
 
     return DrainingServer
 
@@ -126,6 +159,7 @@ def run_serve(args: argparse.Namespace) -> int:
             cors_origins=list(args.cors_origins or []),
             log_prompts=args.log_prompts,
             served_model_name=args.served_model_name,
+            max_tokens_limit=args.max_tokens_limit,
         )
     except ValueError as exc:
         print(f"mtpserve serve: {exc}", file=sys.stderr)
@@ -151,7 +185,11 @@ def run_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=settings.drain_timeout,
                             lifespan="on", server_header=False)
-    server = _make_server_class()(config, on_signal=app.state.mtp.begin_drain)
+    state = app.state.mtp
+    server = _make_server_class()(
+        config, on_signal=state.begin_drain,
+        is_idle=lambda: state.client is None or state.client.inflight == 0,
+        drain_timeout=settings.drain_timeout)
     server.run()
     return exit_code
 

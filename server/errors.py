@@ -74,7 +74,8 @@ def error_event(exc: APIError | str) -> str:
 def _loc(loc: tuple[Any, ...]) -> str | None:
     # drop pydantic's union-branch tags ("str", "list[int]"...) and "body"
     parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and (
-        "[" in p or p in ("str", "int", "float", "bool", "function-after")))]
+        "[" in p or p in ("str", "int", "float", "bool", "function-after")
+        or p.startswith("constrained-")))]
     return ".".join(parts) or None
 
 
@@ -82,8 +83,13 @@ def validation_error_to_api(errors: list[dict[str, Any]]) -> APIError:
     """The first pydantic error, phrased for a client: 'param: message'."""
     if not errors:
         return bad_request("invalid request")
-    # our own checks (value_error) say more than a failed branch of a union type
-    err = next((e for e in errors if e.get("type") == "value_error"), errors[0])
+    # our own checks (value_error) say more than a broken limit (too_long,
+    # less_than_equal...), which says more than a failed branch of a union type
+    def rank(e: dict[str, Any]) -> int:
+        etype = str(e.get("type", ""))
+        return 0 if etype == "value_error" else 2 if etype.endswith("_type") else 1
+
+    err = min(errors, key=rank)
     errors = [err] + [e for e in errors if e is not err]
     msg = str(err.get("msg", "invalid value"))
     if msg.startswith("Value error, "):

@@ -20,9 +20,21 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 MAX_N = 8
 MAX_STOP = 4
+MAX_STOP_CHARS = 1024  # characters per stop string
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+# temperature below this is decoded greedily (as vLLM does); top_p below this keeps only
+# the most likely token, which is what top-p means there (the top token of a vocabulary
+# of V <= 1e6 tokens has probability >= 1/V > 1e-6), so it is sent as top_k 1
+GREEDY_BELOW = 1e-5
+TOP1_BELOW = 1e-6
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """Client text echoed in an error message, cut to `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class _Strict(BaseModel):
@@ -51,7 +63,8 @@ class SpeculationOptions(_Strict):
     typical_delta: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
 
 
-StopField = Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP)], None]
+StopString = Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]
+StopField = Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP)], None]
 
 
 class _SamplingFields(_Strict):
@@ -158,28 +171,29 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextContentPart(_Strict):
-    type: StrictStr
+    type: Annotated[StrictStr, Field(json_schema_extra={"enum": ["text"]})]
     text: StrictStr | None = None
 
     @model_validator(mode="after")
     def _only_text(self) -> "TextContentPart":
         if self.type != "text":
-            raise ValueError(f"content part type {self.type!r} is not supported (only 'text')")
+            raise ValueError(f"content part type {clip(self.type)!r} is not supported "
+                             "(only 'text')")
         if self.text is None:
             raise ValueError("a text content part needs 'text'")
         return self
 
 
 class ChatMessage(_Strict):
-    role: StrictStr
+    role: Annotated[StrictStr, Field(json_schema_extra={"enum": list(CHAT_ROLES)})]
     content: StrictStr | list[TextContentPart] | None = None
     name: StrictStr | None = None
 
     @model_validator(mode="after")
     def _check_role(self) -> "ChatMessage":
-        if self.role not in ("system", "developer", "user", "assistant"):
+        if self.role not in CHAT_ROLES:
             raise ValueError(
-                f"message role {self.role!r} is not supported "
+                f"message role {clip(self.role)!r} is not supported "
                 "(use system, developer, user or assistant)")
         if self.content is None:
             raise ValueError(f"a {self.role} message needs content")
@@ -196,7 +210,7 @@ class ChatMessage(_Strict):
 
 
 class ResponseFormat(_Strict):
-    type: StrictStr = "text"
+    type: Annotated[StrictStr, Field(json_schema_extra={"enum": ["text"]})] = "text"
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -219,7 +233,7 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("tool_choice / function_call is not supported by this server")
         if self.response_format is not None and self.response_format.type != "text":
             raise ValueError(
-                f"response_format {self.response_format.type!r} is not supported "
+                f"response_format {clip(self.response_format.type)!r} is not supported "
                 "(only 'text')")
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")

@@ -31,6 +31,7 @@ from mtpserve.decoding.outputs import RequestOutput
 from . import protocol as p
 from .app import ServerState
 from .errors import AUTHENTICATION, APIError, bad_request, validation_error_to_api
+from .openapi import openapi_document
 from .serving import (ChoiceAcc, Job, chat_logprobs, completion_logprobs, log_request,
                       metrics_of, run_job, token_text, usage_of)
 
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 LONG_PROMPT_CHARS = 20_000  # tokenize longer prompts off the event loop
+MANY_MESSAGES = 200  # render longer conversations off the event loop
+JSON_TYPES = ("application/json",)
 
 
 def get_state(request: Request) -> ServerState:
@@ -61,7 +64,21 @@ async def require_api_key(request: Request) -> None:
                        AUTHENTICATION, code="invalid_api_key")
 
 
+def check_content_type(request: Request) -> None:
+    """JSON bodies only: a missing Content-Type is taken as JSON, any other type is 415."""
+    header = request.headers.get("content-type")
+    if header is None:
+        return
+    media = header.split(";", 1)[0].strip().lower()
+    if media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise APIError(415, f"unsupported Content-Type {p.clip(header)!r}: send the body as "
+                        f"JSON with 'Content-Type: application/json'",
+                   code="unsupported_media_type")
+
+
 async def parse_body(request: Request, model: type[p.BaseModel]) -> Any:
+    check_content_type(request)
     body = await request.body()
     if not body.strip():
         raise bad_request("request body is empty; expected a JSON object", code="invalid_json")
@@ -74,7 +91,7 @@ async def parse_body(request: Request, model: type[p.BaseModel]) -> Any:
 def check_model(state: ServerState, name: str | None) -> None:
     if name is None or name in (state.model_name, getattr(state.engine, "model_name", None)):
         return
-    raise APIError(404, f"The model `{name}` does not exist. This server serves "
+    raise APIError(404, f"The model `{p.clip(name)}` does not exist. This server serves "
                         f"`{state.model_name}`.", param="model", code="model_not_found")
 
 
@@ -88,6 +105,25 @@ def check_length(state: ServerState, num_prompt: int, max_tokens: int) -> None:
             param="max_tokens", code="context_length_exceeded")
 
 
+def check_max_tokens(state: ServerState, max_tokens: int, param: str = "max_tokens") -> None:
+    """The server's own cap on max_tokens (--max-tokens-limit), checked before any work."""
+    cap = state.settings.max_tokens_limit
+    if cap is not None and max_tokens > cap:
+        raise bad_request(f"{param} is {max_tokens}, but this server's limit is {cap} tokens "
+                          f"per completion (--max-tokens-limit)", param=param,
+                          code="max_tokens_exceeded")
+
+
+def check_num_seqs(state: ServerState, num_prompts: int, n: int) -> None:
+    """prompts x n engine sequences per request, at most the admission capacity."""
+    limit = state.max_seqs_per_request
+    if num_prompts * n > limit:
+        raise bad_request(
+            f"this request asks for {num_prompts * n} sequences ({num_prompts} prompt(s) x "
+            f"n={n}); the limit is {limit} per request (--max-num-seqs + --max-queued)",
+            param="prompt" if num_prompts > 1 else "n", code="too_many_sequences")
+
+
 def default_max_tokens(state: ServerState, num_prompt: int) -> int:
     remaining = state.max_model_len - num_prompt
     if remaining < 1:
@@ -95,18 +131,26 @@ def default_max_tokens(state: ServerState, num_prompt: int) -> int:
             f"This model's maximum context length is {state.max_model_len} tokens. However, "
             f"the prompt has {num_prompt} tokens, leaving no room for the completion.",
             param="messages", code="context_length_exceeded")
-    return remaining
+    cap = state.settings.max_tokens_limit
+    return remaining if cap is None else min(cap, remaining)
 
 
 def build_params(req: p._SamplingFields, max_tokens: int, logprobs: int | None,
                  seed: int | None) -> SamplingParams:
     spec = req.speculation
+    temperature = 1.0 if req.temperature is None else req.temperature
+    if temperature < p.GREEDY_BELOW:
+        temperature = 0.0  # the limit it approaches; float32 logits / 1e-40 overflow
+    top_p = 1.0 if req.top_p is None else req.top_p
+    top_k = max(0, req.top_k or 0)
+    if top_p < p.TOP1_BELOW:  # keeps only the most likely token: say so exactly
+        top_p, top_k = 1.0, 1
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=max(0, req.top_k or 0),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
             seed=seed,
             stop=tuple(req.stop_list),
             ignore_eos=req.ignore_eos,
@@ -157,6 +201,11 @@ async def health(request: Request) -> JSONResponse:
                         status_code=200 if status == "ready" else 503)
 
 
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(openapi_document(get_state(request)))
+
+
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     body, content_type = get_state(request).metrics.render()
@@ -180,11 +229,17 @@ async def completions(request: Request) -> Response:
     check_model(state, req.model)
     check_speculation(state, req)
     tok = state.engine.tokenizer
-    vocab = int(getattr(tok, "vocab_size", 0) or 0)
+    vocab = state.vocab_size
+    prompts = req.prompts()
+    check_num_seqs(state, len(prompts), req.n)
+    max_tokens = req.max_tokens
+    if max_tokens is None or "max_tokens" not in req.model_fields_set:
+        max_tokens = min(16, state.max_tokens_limit)  # OpenAI's default, within the cap
+    check_max_tokens(state, max_tokens)
 
     prompts_ids: list[list[int]] = []
     prompt_texts: list[str | None] = []
-    for item in req.prompts():
+    for item in prompts:
         if isinstance(item, str):
             if not item:
                 raise bad_request("prompt must not be empty", param="prompt")
@@ -199,7 +254,6 @@ async def completions(request: Request) -> Response:
             raise bad_request("prompt must not be empty", param="prompt")
         prompts_ids.append(ids)
 
-    max_tokens = 16 if req.max_tokens is None else req.max_tokens
     for ids in prompts_ids:
         check_length(state, len(ids), max_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -275,10 +329,16 @@ async def chat_completions(request: Request) -> Response:
     req: p.ChatCompletionRequest = await parse_body(request, p.ChatCompletionRequest)
     check_model(state, req.model)
     check_speculation(state, req)
+    check_num_seqs(state, 1, req.n)
+    max_tokens = req.requested_max_tokens
+    if max_tokens is not None:
+        check_max_tokens(state, max_tokens, "max_completion_tokens"
+                         if req.max_completion_tokens is not None else "max_tokens")
     tok = state.engine.tokenizer
     messages = [m.to_template_dict() for m in req.messages]
     try:
-        if sum(len(m["content"]) for m in messages) > LONG_PROMPT_CHARS:
+        if len(messages) > MANY_MESSAGES or \
+                sum(len(m["content"]) for m in messages) > LONG_PROMPT_CHARS:
             ids = await asyncio.to_thread(tok.encode_chat, messages)
         else:
             ids = tok.encode_chat(messages)
@@ -286,7 +346,6 @@ async def chat_completions(request: Request) -> Response:
         raise bad_request(f"invalid conversation: {exc}", param="messages") from None
     if not ids:
         raise bad_request("messages produce an empty prompt", param="messages")
-    max_tokens = req.requested_max_tokens
     if max_tokens is None:
         max_tokens = default_max_tokens(state, len(ids))
     check_length(state, len(ids), max_tokens)

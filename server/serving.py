@@ -167,9 +167,13 @@ def submit_job(state: ServerState, job: Job) -> RequestStream:
     client = state.require_ready()
     try:
         return client.submit(job.requests, request_id=job.response_id)
-    except QueueFull as exc:
-        raise APIError(429, str(exc), RATE_LIMIT, code="rate_limit_exceeded",
-                       headers={"Retry-After": "1"}) from None
+    except QueueFull:
+        raise APIError(
+            429, f"server is at capacity: {client.inflight} sequences in flight and this "
+                 f"request needs {job.n_choices}; the limit is {client.capacity} "
+                 f"(--max-num-seqs {state.max_num_seqs} + --max-queued "
+                 f"{state.settings.max_queued}); retry later",
+            RATE_LIMIT, code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
     except EngineUnavailable as exc:
         raise APIError(503, str(exc), UNAVAILABLE, code="engine_unavailable") from None
     except ValueError as exc:
@@ -188,6 +192,8 @@ async def collect(request: Request, stream: RequestStream, tracker: RequestTrack
         async for index, out, t in stream:
             tracker.observe(index, out, t)
             accs[index].add(out)
+            if out.finished and out.finish_reason in ("error", "abort"):
+                return  # the request has failed: the other choices are aborted below
 
     task = asyncio.ensure_future(consume())
     try:

@@ -27,12 +27,25 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def _run(self) -> None:
+        async def serve() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve(sockets=[self.sock])
+
         try:
-            asyncio.run(self.server.serve(sockets=[self.sock]))
+            asyncio.run(serve())
         except BaseException as exc:  # surfaced by the fixture
             self.error = exc
+
+    def num_tasks(self) -> int:
+        """asyncio tasks alive on the server's event loop (this query excluded)."""
+        async def count() -> int:
+            return len(asyncio.all_tasks()) - 1
+
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(count(), self.loop).result(10)
 
     @property
     def state(self):

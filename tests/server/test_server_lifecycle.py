@@ -208,7 +208,8 @@ def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "mtpserve.server.cli", "serve", "--help"],
                          capture_output=True, text=True, timeout=120)
     for flag in ("--host", "--port", "--api-key", "--max-queued", "--max-body-bytes",
-                 "--drain-timeout", "--cors-origins", "--log-prompts", "--served-model-name"):
+                 "--drain-timeout", "--cors-origins", "--log-prompts", "--served-model-name",
+                 "--max-tokens-limit"):
         assert flag in out.stdout
 
 
@@ -221,14 +222,18 @@ def _free_port() -> int:
 @pytest.mark.skipif(importlib.util.find_spec("mtpserve.decoding.commands") is None,
                     reason="engine commands module not available")
 def test_serve_process_drains_on_sigterm_and_exits_0(tmp_path):
+    """SIGTERM under load: every stream in flight finishes whole, new requests and
+    /health get 503 (the port stays open while draining), then the process exits 0
+    well within --drain-timeout."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "serve.log", "w+")
     env = {**os.environ, "MTPSERVE_API_KEY": "k"}
+    drain_timeout = 60
     proc = subprocess.Popen(
         [sys.executable, "-m", "mtpserve.server.cli", "serve", "--port", str(port),
-         "--dtype", "float32", "--max-model-len", "256", "--drain-timeout", "60",
-         "--served-model-name", "tiny"],
+         "--dtype", "float32", "--max-model-len", "256", "--drain-timeout", str(drain_timeout),
+         "--max-num-seqs", "2", "--max-queued", "2", "--served-model-name", "tiny"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 240
@@ -246,28 +251,47 @@ def test_serve_process_drains_on_sigterm_and_exits_0(tmp_path):
             time.sleep(0.2)
         headers = {"Authorization": "Bearer k"}
         assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"] == "tiny"
-        result: dict = {}
-        first = threading.Event()
+        results: dict[int, list[str]] = {}
+        started = [threading.Event() for _ in range(3)]  # 2 running, 1 waiting for a slot
 
-        def stream():
+        def stream(i: int) -> None:
             with httpx.stream("POST", url + COMPLETIONS, headers=headers, timeout=120, json={
-                    "model": "tiny", "prompt": "Once upon a time", "max_tokens": 24,
-                    "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+                    "model": "tiny", "prompt": f"Once upon a time {i}", "max_tokens": 24,
+                    "temperature": 0, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}) as r:
                 lines = []
                 for line in r.iter_lines():
                     if line:
                         lines.append(line)
-                        first.set()
-                result["lines"] = lines
+                        started[i].set()
+                results[i] = lines
 
-        t = threading.Thread(target=stream)
-        t.start()
-        assert first.wait(120)
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for e in started[:2]:
+            assert e.wait(120)
+        t_signal = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        t.join(120)
+        time.sleep(0.3)  # the signal handler has run
+        refused = httpx.post(url + COMPLETIONS, headers=headers, timeout=30,
+                             json={"model": "tiny", "prompt": "late", "max_tokens": 2})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "draining"
+        assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
+        h = httpx.get(url + "/health", timeout=30)
+        assert h.status_code == 503 and h.json() == {"status": "draining"}
+        for t in threads:
+            t.join(120)
         assert proc.wait(120) == 0, open(tmp_path / "serve.log").read()
-        lines = result["lines"]
-        assert lines[-1] == "data: [DONE]" and '"finish_reason":"length"' in lines[-2]
+        assert time.monotonic() - t_signal < drain_timeout / 2  # left once idle, not at the timeout
+        for i in range(3):  # all in flight at the signal (one waiting) finished whole
+            lines = results[i]
+            assert lines[-1] == "data: [DONE]", lines[-3:]
+            assert '"completion_tokens":24' in lines[-2]
+            assert '"finish_reason":"length"' in lines[-3]
+        with pytest.raises(httpx.TransportError):  # and now the port is closed
+            httpx.get(url + "/health", timeout=5)
     finally:
         if proc.poll() is None:
             proc.kill()
