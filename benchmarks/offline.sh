@@ -14,7 +14,7 @@ CHAT=benchmarks/prompts/chat16.jsonl  # general chat prompts, none of them train
 if [[ -n "${QUICK:-}" ]]; then
   N=2; TOK=16; WARM=0; BS=1,2; TBS=1; RUNS=3; NCHAT=2
 else
-  N=8; TOK=128; WARM=1; BS=1,4,16; TBS=1,4; RUNS=30; NCHAT=16
+  N=8; TOK=128; WARM=1; BS=1,4,16; TBS=1; RUNS=15; NCHAT=16
 fi
 COMMON=(--max-tokens "$TOK" --warmup "$WARM")
 run() {  # name, then bench flags
@@ -34,7 +34,7 @@ for w in int4 int8 dense; do
 done
 # 3. speculation off vs on: HumanEval (greedy / typical 0.7 / rejection 0.7, batch 1 and
 #    under batch), each draft source alone (greedy), and general chat prompts
-run compare --compare --num-prompts "$N" --compare-batch-sizes "$BS"
+run compare --compare --num-prompts "$N" --compare-batch-sizes 1,4
 for p in ngram heads; do
   run "compare-$p" --compare --num-prompts "$N" --compare-settings greedy --compare-batch-sizes 1 --proposer "$p"
 done

@@ -191,6 +191,11 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], where: Path) ->
     module.load_state_dict(tensors)
 
 
+def _tree_in(folder: Path, tree: str) -> str:
+    """A default tree given as a JSON file name lives in the heads folder."""
+    return str(folder / tree) if tree.endswith(".json") else tree
+
+
 def load_project_heads(folder: Path, base: ModelConfig) -> MedusaHeads:
     meta_path = folder / "heads.json"
     meta = json.loads(meta_path.read_text())
@@ -208,7 +213,7 @@ def load_project_heads(folder: Path, base: ModelConfig) -> MedusaHeads:
                          f"this model is {base.fingerprint()}")
     heads = MedusaHeads(base.hidden_size, base.vocab_size, int(meta["num_heads"]),
                         int(meta["num_layers"]), bool(meta.get("own_unembedding", False)),
-                        default_tree=meta.get("default_tree", "tree16"))
+                        default_tree=_tree_in(folder, meta.get("default_tree", "tree16")))
     weights = folder / "heads.safetensors"
     tensors = _read_tensors(weights)
     draft_vocab = tensors.pop(DRAFT_VOCAB_KEY, None)

@@ -107,14 +107,15 @@ class Linear(nn.Module):
         if self.weight_t is not None:
             y = torch.matmul(x, self.weight_t)
         elif self.int4_weight is not None or self.int8_weight is not None:
-            shape = x.shape
-            x2 = x.reshape(-1, shape[-1]).to(_KERNEL_DTYPE)
+            x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(_KERNEL_DTYPE)
             if self.int4_weight is not None:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                     x2, self.int4_weight, self.int4_group, self.int4_scales_zeros)
             else:
                 y = torch.ops.aten._weight_int8pack_mm(x2, self.int8_weight, self.int8_scales)
-            y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+            y = y.to(x.dtype)
+            if x.dim() != 2:  # the trunk's packed [T, H] never pays for these
+                y = y.reshape(*x.shape[:-1], self.out_features)
         else:
             return F.linear(x, self.weight, self.bias)
         return y if self.bias is None else y + self.bias

@@ -196,8 +196,8 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def use_transposed_weights(self) -> None:
         """CPU decode: dense trunk projections stored [in, out], plus an [H, V] copy of
-        the unembedding for the 1-2 row logits of plain decode; wider verify passes compute
-        W @ h^T from the [V, H] original, which BLAS streams faster for 3+ rows
+        the unembedding for the one-row logits of plain decode; verify passes compute
+        W @ h^T from the [V, H] original, which BLAS streams faster for 2+ rows
         (docs/benchmarks.md). Quantized projections keep their packed layout."""
         for m in self.layers.modules():
             if isinstance(m, Linear):
@@ -207,7 +207,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""
         if self.unembed_t is not None:  # CPU: pick the layout BLAS streams fastest for N
-            if hidden.shape[0] <= 2:
+            if hidden.shape[0] == 1:
                 return torch.matmul(hidden, self.unembed_t).float()
             return torch.mm(self.unembed_weight(), hidden.t()).t().float()
         if self.lm_head is not None:
