@@ -107,8 +107,12 @@ class ServerState:
         self.client = EngineClient(runner, self.max_num_seqs + self.settings.max_queued)
         if self.status == "loading":
             self.status = "ready"
-        log.info("serving %s (max_model_len %d, capacity %d)", self.model_name,
-                 self.max_model_len, self.client.capacity)
+        spec = engine.config.spec
+        log.info("serving %s (max_model_len %d, capacity %d; weights %s, %s; speculate %s, "
+                 "proposer %s, draft heads %s)", self.model_name, self.max_model_len,
+                 self.client.capacity, getattr(engine, "weight_format", "?"),
+                 str(getattr(engine, "dtype", "?")).removeprefix("torch."), spec.mode,
+                 spec.proposer, "loaded" if getattr(engine, "heads", None) is not None else "none")
 
     def _failed(self, exc: BaseException) -> None:
         self.load_error = exc
