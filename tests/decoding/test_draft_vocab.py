@@ -187,14 +187,12 @@ def test_train_with_draft_vocab_reports_both(model, cached, tmp_path):
 
 
 def test_cli_draft_vocab_only_adds_to_existing_heads(tmp_path, capsys):
-    from test_train_heads import _tiny_hf_folder
+    from test_train_heads import _tiny_hf_folder, _word_prompts
 
     from mtpserve.server.cli import main
 
     model = _tiny_hf_folder(tmp_path)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n"
-                               for i in range(3, 13)))
+    prompts = _word_prompts(tmp_path, 13)
     out = tmp_path / "out"
     base = ["train-heads", "--model", model, "--data", str(prompts), "--out", str(out),
             "--num-heads", "2", "--gen-batch", "4", "--generate-max-tokens", "6",

@@ -207,13 +207,19 @@ def _tiny_hf_folder(root) -> str:
     return str(folder)
 
 
+def _word_prompts(root, stop: int):
+    """prompts.jsonl of three-word prompts "w3 w4 w5" .. for the tiny folder's vocabulary."""
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n"
+                               for i in range(3, stop)))
+    return prompts
+
+
 def test_cli_end_to_end_answers_prompts_caches_and_resumes(tmp_path, capsys):
     from mtpserve.server.cli import main
 
     model = _tiny_hf_folder(tmp_path)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n"
-                               for i in range(3, 15)))
+    prompts = _word_prompts(tmp_path, 15)
     text = tmp_path / "notes.txt"
     text.write_text(" ".join(f"w{3 + i % 7}" for i in range(80)))
     out = tmp_path / "out"
