@@ -8,9 +8,13 @@ bootstrap are prompts: a prompt counts when both arms answered it successfully.
   > 1 means B is faster.
 * ``speedup_tpot``: A's mean TPOT over B's mean TPOT; > 1 means B is faster.
 * At temperature 0 the texts of both arms must match per prompt. For each mismatch the
-  first differing character is located and arm A (the baseline) is asked again with
-  logprobs; the top-2 logprob margin at the token covering that character tells a
-  near-tie (a small margin: floating-point noise can flip it) from a real divergence.
+  first differing character is located and the top-2 logprob margin of arm A (the
+  baseline) at the token covering that character tells a near-tie (a small margin:
+  floating-point noise can flip it) from a real divergence. The margin is read from the
+  logprobs arm A returned in the run itself when the run asked for them
+  (``RequestConfig.top_logprobs``); otherwise arm A is asked again with logprobs. A
+  re-ask runs alone, in another batch shape than the run, and batch shape alone can flip
+  a near-tie, so the re-asked text may differ from the run's (``probe_text_matches_a``).
 """
 from __future__ import annotations
 
@@ -32,13 +36,16 @@ PROBE_TOP_LOGPROBS = 5
 
 @dataclass(slots=True)
 class Probe:
-    """The baseline arm asked again, with logprobs, about one mismatching prompt."""
+    """The baseline arm's logprobs at one mismatch: from the run ("in-run") or from
+    asking it again ("re-asked")."""
 
+    source: str = "re-asked"
     token_index: int | None = None
     token: str | None = None
     top: list[tuple[str, float]] = field(default_factory=list)
     margin: float | None = None       # top-1 minus top-2 logprob at token_index
     near_tie: bool | None = None      # margin < near_tie_margin
+    margin_b: float | None = None     # arm B's own top-2 margin there (in-run only)
     probe_text_matches_a: bool | None = None
     error: str | None = None
 
@@ -162,19 +169,13 @@ def find_mismatches(records: Sequence[RequestRecord], arm_a: str, arm_b: str,
     return len(keys), out
 
 
-async def probe_mismatch(http: httpx.AsyncClient, arm: Arm, prompt: Prompt,
-                         cfg: RequestConfig, mismatch: Mismatch, text_a: str,
-                         near_tie_margin: float) -> Probe:
-    """Ask ``arm`` again with logprobs; report the top-2 margin at the first difference."""
-    rec = await send_request(http, arm, prompt, cfg, top_logprobs=PROBE_TOP_LOGPROBS)
-    if not rec.ok:
-        return Probe(error=f"probe request failed: {rec.error_type}: {rec.error_detail}")
-    tokens = rec.token_logprobs or []
-    probe = Probe(probe_text_matches_a=rec.text == text_a)
+def _judge(tokens: Sequence[TokenLogprob], char_index: int, near_tie_margin: float,
+           probe: Probe) -> Probe:
+    """Fill ``probe`` from the logprob entry covering ``char_index``."""
     if not tokens:
         probe.error = "server returned no logprobs"
         return probe
-    idx = token_at_char(tokens, mismatch.first_diff_char)
+    idx = token_at_char(tokens, char_index)
     if idx is None:
         probe.error = "logprob tokens do not cover the differing character"
         return probe
@@ -185,14 +186,41 @@ async def probe_mismatch(http: httpx.AsyncClient, arm: Arm, prompt: Prompt,
     return probe
 
 
+def judge_in_run(rec_a: RequestRecord, rec_b: RequestRecord, mismatch: Mismatch,
+                 near_tie_margin: float) -> Probe | None:
+    """The verdict from the logprobs both arms returned in the run (None when arm A's
+    record has none: the run did not ask, or the server ignored the field)."""
+    if not rec_a.token_logprobs:
+        return None
+    probe = _judge(rec_a.token_logprobs, mismatch.first_diff_char, near_tie_margin,
+                   Probe(source="in-run", probe_text_matches_a=True))
+    if rec_b.token_logprobs:
+        idx_b = token_at_char(rec_b.token_logprobs, mismatch.first_diff_char)
+        if idx_b is not None:
+            probe.margin_b = top2_margin(rec_b.token_logprobs[idx_b])
+    return probe
+
+
+async def probe_mismatch(http: httpx.AsyncClient, arm: Arm, prompt: Prompt,
+                         cfg: RequestConfig, mismatch: Mismatch, text_a: str,
+                         near_tie_margin: float) -> Probe:
+    """Ask ``arm`` again with logprobs; report the top-2 margin at the first difference."""
+    rec = await send_request(http, arm, prompt, cfg, top_logprobs=PROBE_TOP_LOGPROBS)
+    if not rec.ok:
+        return Probe(error=f"probe request failed: {rec.error_type}: {rec.error_detail}")
+    return _judge(rec.token_logprobs or [], mismatch.first_diff_char, near_tie_margin,
+                  Probe(probe_text_matches_a=rec.text == text_a))
+
+
 async def analyze_level(http: httpx.AsyncClient, records: Sequence[RequestRecord],
                         arm_a: Arm, arm_b: Arm, prompts: Sequence[Prompt],
                         cfg: RequestConfig, *, n_resamples: int = 2000, seed: int = 0,
                         near_tie_margin: float = 0.5, max_probes: int = 10,
                         probe_cache: ProbeCache | None = None) -> ABLevel:
-    """Speedups with CIs, and (at temperature 0) the mismatch check with probes.
-    ``probe_cache`` (keyed by prompt index, first difference and baseline text) avoids
-    asking again at the next level about an unchanged mismatch."""
+    """Speedups with CIs, and (at temperature 0) the mismatch check: each mismatch is
+    judged from the run's own logprobs when it has them, else by re-asking arm A (at most
+    ``max_probes`` per level). ``probe_cache`` (keyed by prompt index, first difference
+    and baseline text) avoids re-asking at the next level about an unchanged mismatch."""
     result = compare_speed(records, arm_a.name, arm_b.name, n_resamples=n_resamples,
                            seed=seed)
     if cfg.temperature != 0:
@@ -202,10 +230,18 @@ async def analyze_level(http: httpx.AsyncClient, records: Sequence[RequestRecord
                                                          prompts)
     result.identical = result.compared - len(result.mismatches)
     result.mismatch_check = "done"
-    texts_a = _first_ok(records, arm_a.name)
+    recs_a, recs_b = _first_ok(records, arm_a.name), _first_ok(records, arm_b.name)
     cache: ProbeCache = probe_cache if probe_cache is not None else {}
-    for m in result.mismatches[:max_probes]:
-        text_a = texts_a[m.prompt_index].text
+    reasked = 0
+    for m in result.mismatches:
+        m.probe = judge_in_run(recs_a[m.prompt_index], recs_b[m.prompt_index], m,
+                               near_tie_margin)
+        if m.probe is not None:
+            continue
+        if reasked >= max_probes:
+            continue
+        reasked += 1
+        text_a = recs_a[m.prompt_index].text
         key = (m.prompt_index, m.first_diff_char, text_a)
         if key not in cache:
             cache[key] = await probe_mismatch(http, arm_a, prompts[m.prompt_index], cfg, m,

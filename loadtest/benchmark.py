@@ -1,5 +1,9 @@
 """A whole run: resolve models, load the workload, warm up, then for every load level
-scrape /metrics, run the level, scrape again, aggregate, and (A/B) compare the arms."""
+scrape /metrics, run the level, scrape again, aggregate, and (A/B) compare the arms.
+
+A/B with ``ab_schedule="separate"`` runs each level once per arm (a block each, arm
+order alternating by level) and scrapes /metrics around each block, labelled by arm, so
+each arm's throughput and counters are its own."""
 from __future__ import annotations
 
 import dataclasses
@@ -104,29 +108,48 @@ async def _run(cfg: BenchmarkConfig, http: httpx.AsyncClient, progress: bool) ->
     targets = metrics_targets(arms) if cfg.scrape_metrics else {}
     probe_cache: ProbeCache = {}
     for i, level in enumerate(cfg.levels):
-        items = build_items(prompts, arms, level.num_requests)
-        before = await _scrape_all(http, targets)
-        bar = ProgressLine(level.label, len(items), enabled=progress)
-        run = await run_level(http, items, level, cfg.request, seed=cfg.seed + i,
-                              on_record=bar.update)
-        bar.close()
-        after = await _scrape_all(http, targets)
-        server_metrics = {
-            label: (spec_decode_stats(counter_deltas(before[label], after[label]))
-                    if before[label] is not None and after[label] is not None else None)
-            for label in targets}
-        aggs = {a.name: aggregate(run.records, a.name, run.elapsed_s,
-                                  slo_ttft_ms=cfg.slo_ttft_ms, slo_tpot_ms=cfg.slo_tpot_ms)
-                for a in arms}
+        if cfg.is_ab and cfg.ab_schedule == "separate":
+            order = arms if i % 2 == 0 else arms[::-1]  # AB, BA, ...: drift hits both arms
+            blocks = [(build_items(prompts, [arm], level.num_requests),
+                       {arm.name: arm} if cfg.scrape_metrics else {}) for arm in order]
+        else:
+            blocks = [(build_items(prompts, arms, level.num_requests), targets)]
+        records: list[RequestRecord] = []
+        server_metrics: dict[str, dict[str, SpecDecodeStats] | None] = {}
+        aggs: dict[str, ArmAggregate] = {}
+        elapsed = 0.0
+        for b, (items, block_targets) in enumerate(blocks):
+            before = await _scrape_all(http, block_targets)
+            bar = ProgressLine(level.label if len(blocks) == 1 else
+                               f"{level.label} {items[0].arm.name}", len(items),
+                               enabled=progress)
+            run = await run_level(http, items, level, cfg.request, seed=cfg.seed + i,
+                                  on_record=bar.update)
+            bar.close()
+            after = await _scrape_all(http, block_targets)
+            server_metrics.update({
+                label: (spec_decode_stats(counter_deltas(before[label], after[label]))
+                        if before[label] is not None and after[label] is not None else None)
+                for label in block_targets})
+            block_arms = {it.arm.name for it in items}
+            aggs.update({a.name: aggregate(run.records, a.name, run.elapsed_s,
+                                           slo_ttft_ms=cfg.slo_ttft_ms,
+                                           slo_tpot_ms=cfg.slo_tpot_ms)
+                         for a in arms if a.name in block_arms})
+            offset = b * len(items)  # request ids stay unique across a level's blocks
+            for r in run.records:
+                r.request_id += offset
+            records += run.records
+            elapsed += run.elapsed_s
+        aggs = {a.name: aggs[a.name] for a in arms}
         ab = None
         if cfg.is_ab:
-            ab = await analyze_level(http, run.records, arms[0], arms[1], prompts, cfg.request,
+            ab = await analyze_level(http, records, arms[0], arms[1], prompts, cfg.request,
                                      n_resamples=cfg.bootstrap_resamples, seed=cfg.seed,
                                      near_tie_margin=cfg.near_tie_margin,
                                      max_probes=cfg.max_mismatch_probes,
                                      probe_cache=probe_cache)
-        result.levels.append(LevelResult(level=level, elapsed_s=run.elapsed_s, arms=aggs,
+        result.levels.append(LevelResult(level=level, elapsed_s=elapsed, arms=aggs,
                                          server_metrics=server_metrics, ab=ab,
-                                         records=sorted(run.records,
-                                                        key=lambda r: r.request_id)))
+                                         records=sorted(records, key=lambda r: r.request_id)))
     return result

@@ -108,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help='e.g. \'{"speculation": {"enabled": false}}\'')
     ab.add_argument("--extra-body-b", type=_json_object, default=None,
                     help='e.g. \'{"speculation": {"enabled": true}}\'')
+    ab.add_argument("--ab-schedule", choices=("interleaved", "separate"), default="interleaved",
+                    help="interleaved: each prompt to both arms in one closed loop (the arms "
+                         "share the load); separate: each level runs once per arm, alone, "
+                         "order alternating by level (use it for two servers on one machine, "
+                         "or to compare all-on with all-off on one server)")
+    ab.add_argument("--logprobs-in-run", type=int, default=None, metavar="K",
+                    help="ask every request of both arms for top-K logprobs, so temperature-0 "
+                         "mismatches are judged in the run that produced them (default: 2 "
+                         "for A/B at temperature 0, else off; 0 = off: re-ask arm A instead)")
     ab.add_argument("--near-tie-margin", type=float, default=0.5,
                     help="top-2 logprob margin below which a temperature-0 mismatch is a near tie")
     ab.add_argument("--max-probes", type=int, default=10,
@@ -137,8 +146,11 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                         args.metrics_url_b or (None if args.base_url_b else args.metrics_url)))
         else:
             arms = (Arm("main", args.base_url, args.model, args.api_key, {}, args.metrics_url),)
+        in_run = args.logprobs_in_run
+        if in_run is None:
+            in_run = 2 if args.ab and args.temperature == 0 else 0
         request = RequestConfig(
-            endpoint=args.endpoint, max_tokens=args.max_tokens, temperature=args.temperature,
+            top_logprobs=in_run or None, endpoint=args.endpoint, max_tokens=args.max_tokens, temperature=args.temperature,
             seed=None if args.no_request_seed else args.seed, ignore_eos=args.ignore_eos,
             timeout_s=args.timeout, extra_body=args.extra_body)
         num_requests = args.num_requests or _default_num_requests(args)
@@ -152,7 +164,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
             scrape_metrics=not args.no_metrics, bootstrap_resamples=args.bootstrap,
             near_tie_margin=args.near_tie_margin, max_mismatch_probes=args.max_probes,
-            trust_env=args.trust_env)
+            trust_env=args.trust_env, ab_schedule=args.ab_schedule)
     except ValueError as e:
         parser.error(str(e))
 

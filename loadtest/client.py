@@ -38,6 +38,8 @@ def build_body(arm: Arm, prompt: Prompt, cfg: RequestConfig, *,
         body["seed"] = cfg.seed
     if cfg.ignore_eos:
         body["ignore_eos"] = True
+    if top_logprobs is None:
+        top_logprobs = cfg.top_logprobs
     if top_logprobs is not None:
         if cfg.endpoint == "chat":
             body.update(logprobs=True, top_logprobs=top_logprobs)
@@ -167,7 +169,7 @@ async def send_request(http: httpx.AsyncClient, arm: Arm, prompt: Prompt,
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
             rec.error_detail = f"no complete response within --timeout {cfg.timeout_s:g}s"
     rec.e2e_s = time.perf_counter() - t_send
-    _finish(rec, st, collect_logprobs=top_logprobs is not None)
+    _finish(rec, st, collect_logprobs=top_logprobs is not None or cfg.top_logprobs is not None)
     return rec
 
 

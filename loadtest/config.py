@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 Endpoint = Literal["chat", "completions"]
 LoadMode = Literal["closed", "open"]
+ABSchedule = Literal["interleaved", "separate"]
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +80,9 @@ class RequestConfig:
     ignore_eos: bool = False
     timeout_s: float = 120.0
     extra_body: dict[str, Any] = field(default_factory=dict)
+    # Asked in every request of the run (both arms alike), so that a temperature-0
+    # mismatch is judged from the logprobs of the very run that produced it.
+    top_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.endpoint not in ("chat", "completions"):
@@ -89,6 +93,8 @@ class RequestConfig:
             raise ValueError("temperature must be >= 0")
         if not self.timeout_s > 0:
             raise ValueError("timeout must be > 0")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise ValueError("top_logprobs must be between 0 and 20")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +145,10 @@ class BenchmarkConfig:
     near_tie_margin: float = 0.5
     max_mismatch_probes: int = 10
     trust_env: bool = False
+    # A/B: "interleaved" sends each prompt to both arms in one closed loop (both arms share
+    # the load); "separate" runs each level once per arm, alone, order alternating by level
+    # (AB, BA, ...): the arms never share a server's batches or the machine's cores.
+    ab_schedule: ABSchedule = "interleaved"
 
     def __post_init__(self) -> None:
         if len(self.arms) not in (1, 2):
@@ -151,6 +161,9 @@ class BenchmarkConfig:
             raise ValueError("warmup must be >= 0 and num_prompts >= 1")
         if self.bootstrap_resamples < 100:
             raise ValueError("bootstrap_resamples must be >= 100")
+        if self.ab_schedule not in ("interleaved", "separate"):
+            raise ValueError(f"ab_schedule must be 'interleaved' or 'separate', "
+                             f"got {self.ab_schedule!r}")
 
     @property
     def is_ab(self) -> bool:

@@ -106,10 +106,14 @@ def _header(result: BenchmarkResult) -> list[str]:
                      f"extra body `{extra}`")
     if r.extra_body:
         lines.append(f"- extra body (all requests): `{json.dumps(r.extra_body)}`")
+    if cfg.is_ab:
+        lines.append(f"- A/B schedule: {cfg.ab_schedule}")
+    if r.top_logprobs:
+        lines.append(f"- every request asked for top-{r.top_logprobs} logprobs (both arms)")
     return lines + [""]
 
 
-def _throughput(levels: Sequence[LevelResult]) -> list[str]:
+def _throughput(levels: Sequence[LevelResult], shared_wall: bool) -> list[str]:
     rows = []
     for lv in levels:
         for a in lv.arms.values():
@@ -120,7 +124,7 @@ def _throughput(levels: Sequence[LevelResult]) -> list[str]:
                          fmt(a.elapsed_s, 1), fmt(a.request_throughput),
                          fmt(a.output_throughput, 1), good, fmt(a.output_tokens.mean, 1)])
     note = []
-    if any(len(lv.arms) > 1 for lv in levels):
+    if shared_wall and any(len(lv.arms) > 1 for lv in levels):
         note = ["In A/B mode both arms share each level's wall time, so compare the arms in "
                 "the A/B table below, not here.", ""]
     return ["## Throughput", ""] + note + table(
@@ -215,25 +219,27 @@ def _ab(result: BenchmarkResult) -> list[str]:
         for lv, m in mism:
             p = m.probe
             if p is None:
-                probe = [NA, NA, NA, "not probed"]
+                probe = [NA, NA, NA, NA, NA, "not probed"]
             else:
                 tops = ", ".join(f"{t!r}: {lp:.3f}" for t, lp in p.top[:2]) or NA
-                probe = [repr(p.token) if p.token is not None else NA, tops, fmt(p.margin, 3),
+                probe = [p.source, repr(p.token) if p.token is not None else NA, tops,
+                         fmt(p.margin, 3), fmt(p.margin_b, 3),
                          p.error or ("near tie" if p.near_tie else
                                      "NOT a near tie" if p.near_tie is False else NA)]
             mrows.append([lv.level.label, m.prompt_id, str(m.first_diff_char),
                           repr(m.context_a), repr(m.context_b), *probe])
-        lines += [f"### Mismatching outputs (temperature 0; probe = {a_name} asked again "
-                  f"with logprobs, near tie when top-2 margin < "
-                  f"{result.config.near_tie_margin:g})", ""]
+        lines += [f"### Mismatching outputs (temperature 0; near tie when {a_name}'s top-2 "
+                  f"logprob margin there < {result.config.near_tie_margin:g}; logprobs from "
+                  f"the run itself (in-run) or from asking {a_name} again (re-asked))", ""]
         lines += table(["level", "prompt", "first diff char", f"{a_name} text", f"{b_name} text",
-                        "token there", "top-2 logprobs", "margin", "verdict"], mrows)
+                        "logprobs", f"{a_name} token there", "top-2 logprobs",
+                        f"margin {a_name}", f"margin {b_name}", "verdict"], mrows)
     return lines
 
 
 def markdown_summary(result: BenchmarkResult) -> str:
     lines = _header(result)
-    lines += _throughput(result.levels)
+    lines += _throughput(result.levels, result.config.ab_schedule == "interleaved")
     lines += _latency(result.levels)
     lines += _errors(result.levels)
     lines += _server_spec(result.levels)

@@ -138,12 +138,14 @@ def test_resolve_model(server):
 
 
 def bench_config(server, *, arms, levels, endpoint="chat", warmup=0, temperature=0.0,
-                 workload_path=None):
+                 workload_path=None, top_logprobs=None, ab_schedule="interleaved"):
     return BenchmarkConfig(
         arms=arms, request=RequestConfig(endpoint=endpoint, max_tokens=N_TOKENS,
-                                         temperature=temperature, timeout_s=5),
+                                         temperature=temperature, timeout_s=5,
+                                         top_logprobs=top_logprobs),
         levels=tuple(levels), workload=f"jsonl:{workload_path}", warmup=warmup,
-        bootstrap_resamples=200, slo_ttft_ms=10_000, slo_tpot_ms=10_000)
+        bootstrap_resamples=200, slo_ttft_ms=10_000, slo_tpot_ms=10_000,
+        ab_schedule=ab_schedule)
 
 
 def write_workload(tmp_path, lines):
@@ -229,3 +231,52 @@ def test_ab_skips_text_check_when_sampling(server, tmp_path):
                        workload_path=path)
     ab = asyncio.run(run_benchmark(cfg, progress=False)).levels[0].ab
     assert ab.mismatch_check.startswith("skipped") and ab.mismatches == []
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_ab_judges_mismatch_from_in_run_logprobs(server, tmp_path, endpoint):
+    """With logprobs asked in the run, the verdict comes from arm A's own run: nothing is
+    re-asked, and arm B's margin at the same character is reported too."""
+    path = write_workload(tmp_path, ["", "[[diverge=4]]", "", ""])
+    arms = (Arm("A", server.base_url, extra_body=SPEC_OFF),
+            Arm("B", server.base_url, extra_body=SPEC_ON))
+    cfg = bench_config(server, arms=arms, levels=[level(value=2, n=4)], endpoint=endpoint,
+                       workload_path=path, top_logprobs=2)
+    bodies_before = len(server.state.bodies)
+    ab = asyncio.run(run_benchmark(cfg, progress=False)).levels[0].ab
+    sent = list(server.state.bodies)[bodies_before:]
+    assert len(sent) == 8  # 4 prompts x 2 arms, no re-ask
+    key = "top_logprobs" if endpoint == "chat" else "logprobs"
+    assert all(b[key] == 2 for b in sent)
+    (m,) = ab.mismatches
+    p = m.probe
+    assert p.source == "in-run" and p.error is None
+    assert p.token_index == 4 and p.token == " w004"
+    assert p.margin == pytest.approx(NEAR_TIE_MARGIN) and p.near_tie is True
+    assert p.margin_b == pytest.approx(NEAR_TIE_MARGIN)
+
+
+def test_ab_separate_schedule_runs_each_arm_alone(server, tmp_path):
+    """Separate schedule: per level one block per arm, order alternating (AB then BA); each
+    block's /metrics deltas are labelled by arm, so only arm B's counters move."""
+    path = write_workload(tmp_path, ["", "", "", ""])
+    arms = (Arm("A", server.base_url, extra_body=SPEC_OFF),
+            Arm("B", server.base_url, extra_body=SPEC_ON))
+    cfg = bench_config(server, arms=arms, levels=[level(value=2, n=4), level(value=2, n=4)],
+                       workload_path=path, ab_schedule="separate")
+    bodies_before = len(server.state.bodies)
+    result = asyncio.run(run_benchmark(cfg, progress=False))
+    spec = [b["speculation"]["enabled"] for b in list(server.state.bodies)[bodies_before:]]
+    assert spec == [False] * 4 + [True] * 4 + [True] * 4 + [False] * 4
+    for lv in result.levels:
+        assert {a: lv.arms[a].num_ok for a in "AB"} == {"A": 4, "B": 4}
+        assert lv.ab.pairs == 4 and lv.ab.identical == 4
+        assert sorted(r.request_id for r in lv.records) == list(range(8))
+        assert lv.server_metrics["B"]["mtpserve"].num_drafts == 4 * N_TOKENS // SPEC_K
+        assert not lv.server_metrics["A"] or \
+            lv.server_metrics["A"]["mtpserve"].num_drafts == 0
+        # each arm's wall time is its own block's: the level's is their sum
+        assert lv.elapsed_s == pytest.approx(lv.arms["A"].elapsed_s + lv.arms["B"].elapsed_s)
+    md = markdown_summary(result)
+    assert "A/B schedule: separate" in md and "share each level's wall time" not in md
+    json.dumps(results_dict(result))

@@ -89,3 +89,34 @@ def test_extra_body_null_removes_a_field():
     body = build_body(Arm("A", "http://h", "m"), Prompt(id="p", prompt="x"),
                       RequestConfig(extra_body={"stream_options": None, "seed": None}))
     assert "stream_options" not in body and "seed" not in body
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--ab", "--extra-body-b", "{}"], 2),                        # A/B at temperature 0: on
+    (["--ab", "--extra-body-b", "{}", "--temperature", "0.7"], None),  # sampling: no check
+    (["--ab", "--extra-body-b", "{}", "--logprobs-in-run", "0"], None),  # off: re-ask instead
+    (["--ab", "--extra-body-b", "{}", "--logprobs-in-run", "5"], 5),
+    ([], None),                                                   # one arm: nothing to judge
+])
+def test_cli_in_run_logprobs_default(argv, expected):
+    from mtpserve.loadtest.cli import build_parser, config_from_args
+    parser = build_parser()
+    args = parser.parse_args(["--base-url", "http://127.0.0.1:9", "--workload",
+                              "synthetic:8,8", "--num-requests", "2", *argv])
+    cfg = config_from_args(args, parser)
+    assert cfg.request.top_logprobs == expected
+    assert cfg.ab_schedule == "interleaved"
+    args = parser.parse_args(["--base-url", "http://127.0.0.1:9", "--workload", "synthetic:8,8",
+                              "--num-requests", "2", "--ab", "--extra-body-b", "{}",
+                              "--ab-schedule", "separate"])
+    assert config_from_args(args, parser).ab_schedule == "separate"
+
+
+def test_config_rejects_bad_schedule_and_logprobs():
+    with pytest.raises(ValueError, match="top_logprobs"):
+        RequestConfig(top_logprobs=21)
+    from mtpserve.loadtest.config import BenchmarkConfig
+    with pytest.raises(ValueError, match="ab_schedule"):
+        BenchmarkConfig(arms=(Arm("A", "http://h:1"), Arm("B", "http://h:1")),
+                        request=RequestConfig(), levels=(LoadLevel("closed", 1, 1, 1),),
+                        ab_schedule="mixed")
