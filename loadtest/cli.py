@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="open-loop Poisson levels in requests/s, e.g. 2,4 (inf = all at once)")
     ld.add_argument("--num-requests", type=int, default=None,
                     help="requests per level (per arm in A/B); default: number of prompts")
+    ld.add_argument("--min-rounds", type=int, default=1,
+                    help="closed loop: at least this many requests per worker, i.e. a level "
+                         "sends max(--num-requests, R x concurrency) (per arm in A/B)")
     ld.add_argument("--duration", type=float, default=600.0,
                     help="seconds per level at most; requests still running are cancelled")
     s = p.add_argument_group("statistics")
@@ -137,6 +140,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error("--base-url-b / --extra-body-a / --extra-body-b need --ab")
     if args.num_requests is not None and args.num_requests < 1:
         parser.error("--num-requests must be >= 1")
+    if args.min_rounds < 1:
+        parser.error("--min-rounds must be >= 1")
     try:
         if args.ab:
             arms = (Arm("A", args.base_url, args.model, args.api_key, args.extra_body_a or {},
@@ -154,7 +159,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             seed=None if args.no_request_seed else args.seed, ignore_eos=args.ignore_eos,
             timeout_s=args.timeout, extra_body=args.extra_body)
         num_requests = args.num_requests or _default_num_requests(args)
-        levels = [LoadLevel("closed", c, num_requests, args.duration)
+        levels = [LoadLevel("closed", c, max(num_requests, args.min_rounds * c), args.duration)
                   for c in (args.concurrency or ([] if args.request_rate else [1]))]
         levels += [LoadLevel("open", rate, num_requests, args.duration)
                    for rate in (args.request_rate or [])]

@@ -120,3 +120,13 @@ def test_config_rejects_bad_schedule_and_logprobs():
         BenchmarkConfig(arms=(Arm("A", "http://h:1"), Arm("B", "http://h:1")),
                         request=RequestConfig(), levels=(LoadLevel("closed", 1, 1, 1),),
                         ab_schedule="mixed")
+
+
+def test_cli_min_rounds_scales_requests_with_concurrency():
+    from mtpserve.loadtest.cli import build_parser, config_from_args
+    parser = build_parser()
+    args = parser.parse_args(["--base-url", "http://127.0.0.1:9", "--workload", "synthetic:8,8",
+                              "--num-requests", "8", "--min-rounds", "2",
+                              "--concurrency", "1,4,8,32", "--request-rate", "2"])
+    cfg = config_from_args(args, parser)
+    assert [lv.num_requests for lv in cfg.levels] == [8, 8, 16, 64, 8]
