@@ -16,7 +16,9 @@ from .config import ModelConfig
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, slot_len: int, dtype: torch.dtype,
-                 device: torch.device, lazy: bool = False) -> None:
+                 device: torch.device, lazy: bool = False, extra_layers: int = 0) -> None:
+        # extra_layers: cache layers after the trunk's, for draft heads that are full
+        # transformer blocks attending over the context (Meta-style MTP, mtp_parallel.py).
         self.num_slots = num_slots
         self.slot_len = slot_len
         # [layer, k/v, slot, kv_head, index, head_dim]: slicing a slot range is a view.
@@ -24,15 +26,16 @@ class KVCache:
         # RSS follows use, not the budget; the caller then runs `ensure_initialized` before
         # each read so masked-out keys are finite (0 * NaN would poison attention).
         alloc = torch.empty if lazy else torch.zeros
-        self.buf = alloc(cfg.num_layers, 2, num_slots, cfg.num_kv_heads, slot_len,
+        self.buf = alloc(cfg.num_layers + extra_layers, 2, num_slots, cfg.num_kv_heads, slot_len,
                          cfg.head_dim, dtype=dtype, device=device)
         # per slot: indices [0, n) hold finite values
         self._initialized = [0 if lazy else slot_len] * num_slots
         self._free = list(range(num_slots - 1, -1, -1))
 
     @staticmethod
-    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-        return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, extra_layers: int = 0) -> int:
+        layers = cfg.num_layers + extra_layers
+        return layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
     # -- slots ------------------------------------------------------------------------
     def allocate(self) -> int | None:

@@ -10,6 +10,7 @@ gate/up are fused at load time for fewer, larger matmuls.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -236,8 +237,7 @@ class CausalLM(nn.Module):
             if value is not None:
                 param.copy_(value.to(param.dtype))
 
-        H, D = cfg.hidden_size, cfg.head_dim
-        qs, kvs = cfg.num_heads * D, cfg.num_kv_heads * D
+        H = cfg.hidden_size
         put(self.embed_tokens.weight, take("embed_tokens.weight", (cfg.vocab_size, H)))
         put(self.norm.weight, take("norm.weight", (H,)))
         if self.lm_head is not None:
@@ -245,35 +245,7 @@ class CausalLM(nn.Module):
         else:
             remaining.pop("lm_head.weight", None)  # some tied checkpoints still store it
         for i, layer in enumerate(self.layers):
-            p = f"layers.{i}."
-            att = layer.self_attn
-            q = take(p + "self_attn.q_proj.weight", (qs, H))
-            k = take(p + "self_attn.k_proj.weight", (kvs, H))
-            v = take(p + "self_attn.v_proj.weight", (kvs, H))
-            if q is not None and k is not None and v is not None:
-                att.qkv_proj.set_weight(torch.cat([q, k, v], 0))
-            if cfg.attention_bias:
-                bq = take(p + "self_attn.q_proj.bias", (qs,))
-                bk = take(p + "self_attn.k_proj.bias", (kvs,))
-                bv = take(p + "self_attn.v_proj.bias", (kvs,))
-                if bq is not None and bk is not None and bv is not None:
-                    att.qkv_proj.set_bias(torch.cat([bq, bk, bv], 0))
-            o = take(p + "self_attn.o_proj.weight", (H, qs))
-            if o is not None:
-                att.o_proj.set_weight(o)
-            if cfg.qk_norm:
-                put(att.q_norm.weight, take(p + "self_attn.q_norm.weight", (D,)))
-                put(att.k_norm.weight, take(p + "self_attn.k_norm.weight", (D,)))
-            put(layer.input_layernorm.weight, take(p + "input_layernorm.weight", (H,)))
-            put(layer.post_attention_layernorm.weight,
-                take(p + "post_attention_layernorm.weight", (H,)))
-            g = take(p + "mlp.gate_proj.weight", (cfg.intermediate_size, H))
-            u = take(p + "mlp.up_proj.weight", (cfg.intermediate_size, H))
-            if g is not None and u is not None:
-                layer.mlp.gate_up_proj.set_weight(torch.cat([g, u], 0))
-            d = take(p + "mlp.down_proj.weight", (H, cfg.intermediate_size))
-            if d is not None:
-                layer.mlp.down_proj.set_weight(d)
+            load_decoder_layer(layer, cfg, take, f"layers.{i}.")
         ignorable = ("rotary_emb.inv_freq",)
         for name in sorted(remaining):
             if not name.endswith(ignorable):
@@ -282,3 +254,45 @@ class CausalLM(nn.Module):
             shown = "; ".join(problems[:8])
             more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
             raise ValueError(f"checkpoint does not fit the model config: {shown}{more}")
+
+
+@torch.no_grad()
+def load_decoder_layer(layer: DecoderLayer, cfg: ModelConfig,
+                       take: Callable[[str, tuple[int, ...]], torch.Tensor | None], p: str) -> None:
+    """Fill one DecoderLayer from HF-named tensors `p + "self_attn.q_proj.weight"`, ...,
+    fusing q/k/v and gate/up. `take(name, shape)` returns the tensor, or None after
+    recording it as missing / mis-shaped (the caller reports). Shared with the MTP heads,
+    whose extra blocks are ordinary decoder layers."""
+    def put(param: torch.Tensor, value: torch.Tensor | None) -> None:
+        if value is not None:
+            param.copy_(value.to(param.dtype))
+
+    H, D = cfg.hidden_size, cfg.head_dim
+    qs, kvs = cfg.num_heads * D, cfg.num_kv_heads * D
+    att = layer.self_attn
+    q = take(p + "self_attn.q_proj.weight", (qs, H))
+    k = take(p + "self_attn.k_proj.weight", (kvs, H))
+    v = take(p + "self_attn.v_proj.weight", (kvs, H))
+    if q is not None and k is not None and v is not None:
+        att.qkv_proj.set_weight(torch.cat([q, k, v], 0))
+    if cfg.attention_bias:
+        bq = take(p + "self_attn.q_proj.bias", (qs,))
+        bk = take(p + "self_attn.k_proj.bias", (kvs,))
+        bv = take(p + "self_attn.v_proj.bias", (kvs,))
+        if bq is not None and bk is not None and bv is not None:
+            att.qkv_proj.set_bias(torch.cat([bq, bk, bv], 0))
+    o = take(p + "self_attn.o_proj.weight", (H, qs))
+    if o is not None:
+        att.o_proj.set_weight(o)
+    if cfg.qk_norm:
+        put(att.q_norm.weight, take(p + "self_attn.q_norm.weight", (D,)))
+        put(att.k_norm.weight, take(p + "self_attn.k_norm.weight", (D,)))
+    put(layer.input_layernorm.weight, take(p + "input_layernorm.weight", (H,)))
+    put(layer.post_attention_layernorm.weight, take(p + "post_attention_layernorm.weight", (H,)))
+    g = take(p + "mlp.gate_proj.weight", (cfg.intermediate_size, H))
+    u = take(p + "mlp.up_proj.weight", (cfg.intermediate_size, H))
+    if g is not None and u is not None:
+        layer.mlp.gate_up_proj.set_weight(torch.cat([g, u], 0))
+    d = take(p + "mlp.down_proj.weight", (H, cfg.intermediate_size))
+    if d is not None:
+        layer.mlp.down_proj.set_weight(d)
