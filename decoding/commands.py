@@ -109,7 +109,8 @@ def _run_inspect(a: argparse.Namespace) -> int:
                           "eos": list(ck.tokenizer.eos_token_ids)}}
     if a.heads:
         h = load_heads(a.heads, ck.config)
-        info["heads"] = {"type": "medusa", "num_heads": h.num_heads, "num_layers": h.num_layers,
+        info["heads"] = {"type": getattr(h, "kind", "medusa"), "num_heads": h.num_heads,
+                         "num_layers": getattr(h, "num_layers", 1),
                          "default_tree": h.default_tree}
     print(json.dumps(info, indent=2, default=str))
     return 0

@@ -19,6 +19,7 @@ from .config import EngineConfig, SamplingParams
 from .heads import DraftHeads, load_heads_for
 from .kv_cache import KVCache
 from .model import CausalLM, RotaryEmbedding
+from .mtp_parallel import ParallelMTPHeads
 from .outputs import EngineStats, RequestOutput, TokenLogprob
 from .proposers import ngram_propose
 from .sampling import apply_penalties, processed_probs, sample
@@ -81,9 +82,12 @@ class LLMEngine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.policy = SpeculationPolicy(config.spec, heads)
+        # Meta-style heads are extra blocks in the verify forward, with KV-cache layers.
+        self.branch_heads = heads if isinstance(heads, ParallelMTPHeads) else None
+        extra_layers = self.branch_heads.kv_layers if self.branch_heads is not None else 0
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
         slot_len = self.max_model_len + self.policy.max_tree_nodes + 1
-        per_slot = KVCache.bytes_per_token(self.model_config, self.dtype) * slot_len
+        per_slot = KVCache.bytes_per_token(self.model_config, self.dtype, extra_layers) * slot_len
         num_slots = config.max_num_seqs
         if config.kv_cache_memory_gb > 0:
             num_slots = min(num_slots, int(config.kv_cache_memory_gb * 2**30 // per_slot))
@@ -92,7 +96,7 @@ class LLMEngine:
                     f"kv cache budget {config.kv_cache_memory_gb} GB holds no sequence of "
                     f"{self.max_model_len} tokens ({per_slot / 2**20:.1f} MiB each)")
         self.kv = KVCache(self.model_config, num_slots, slot_len, self.dtype, self.device,
-                          lazy=True)
+                          lazy=True, extra_layers=extra_layers)
         self.scheduler = Scheduler(num_slots, config.prefill_chunk_size, config.max_tokens_per_step)
         self.eos_ids = set(self.model_config.eos_token_ids) | set(tokenizer.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
@@ -204,7 +208,7 @@ class LLMEngine:
         self.num_steps += 1
         t_start = time.perf_counter()
         ids, meta, logit_rows = self._prepare(batch)
-        hidden = self.model(ids, meta, self.kv)
+        hidden, draft_src = self._forward(ids, meta)
         logits = self.model.compute_logits(hidden[logit_rows]) if logit_rows.numel() else None
         outputs: list[RequestOutput] = []
         row = 0
@@ -234,11 +238,22 @@ class LLMEngine:
                 drafting.append(seq)
             row += rows
             offset += n
-        self._draft_next(drafting, hidden, last_rows)
+        self._draft_next(drafting, draft_src, last_rows)
         if all(item.tree is not None for item in batch):  # decode-only steps teach auto
             # Timed after drafting, so the heads' own cost is part of a speculative step.
             self.policy.observe_step(int(ids.numel()), time.perf_counter() - t_start)
         return outputs
+
+    def _forward(self, ids: torch.Tensor, meta: AttentionMetadata
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over every row -> (final-normed hidden [T, H], the rows heads draft
+        from: the same hidden, or for Meta-style heads their blocks' outputs [T, n, H],
+        computed from the residual entering the last layer in this same pass)."""
+        if self.branch_heads is None:
+            hidden = self.model(ids, meta, self.kv)
+            return hidden, hidden
+        hidden, pre_last = self.model(ids, meta, self.kv, return_pre_last=True)
+        return hidden, self.branch_heads.branch(pre_last, self.model, meta, self.kv)
 
     def _prepare(self, batch: list[ScheduledSeq]
                  ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
@@ -398,7 +413,8 @@ class LLMEngine:
         return [TokenLogprob(t, c, list(zip(ti[i], tv[i]))) for i, (t, c) in enumerate(zip(kept, chosen))]
 
     def _draft_next(self, seqs: list[Sequence], hidden: torch.Tensor, rows: list[int]) -> None:
-        """Build each speculating sequence's tree for the next step."""
+        """Build each speculating sequence's tree for the next step. hidden: the rows the
+        heads draft from (see _forward); rows: each sequence's last accepted row."""
         if not seqs:
             return
         batch_size = len(self.scheduler.running)
@@ -408,8 +424,9 @@ class LLMEngine:
         if self.heads is not None and spec_seqs and self.policy.use_heads(depth):
             idx = torch.tensor([rows[seqs.index(s)] for s in spec_seqs], device=hidden.device)
             needed = min(depth, max(len(c) for c in self.policy.choices))  # heads the tree reads
-            head_cands = self.heads.candidates(hidden[idx], self.model,
-                                               [s.token_ids[-1] for s in spec_seqs], needed)
+            head_cands = self.heads.candidates(
+                hidden[idx], self.model, [s.token_ids[-1] for s in spec_seqs], needed,
+                positions=[s.num_cached - 1 for s in spec_seqs])  # last accepted token's
         for i, seq in enumerate(spec_seqs):
             cands = head_cands[i] if head_cands is not None else None
             seq.draft = self.policy.build_tree(seq.token_ids, cands, depth)

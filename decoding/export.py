@@ -349,12 +349,15 @@ def _run_export_model(a: argparse.Namespace) -> int:
 
 def _run_export_heads(a: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
-    from .heads import load_heads
+    from .heads import MedusaHeads, load_heads
 
     try:
         _check_out(Path(a.out), a.force)
         ck = load_checkpoint(a.model)
         heads = load_heads(a.heads, ck.config)
+        if not isinstance(heads, MedusaHeads):  # vLLM's Medusa format is the only target here
+            raise ValueError(f"{a.heads}: export-heads converts Medusa heads only, these are "
+                             f"{getattr(heads, 'kind', type(heads).__name__)} heads")
         unembed = None
         if heads.lm_heads is None:  # the base model's unembedding, tied or not
             unembed = ck.tensors["embed_tokens.weight" if ck.config.tie_word_embeddings

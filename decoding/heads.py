@@ -1,9 +1,15 @@
-"""Draft heads and their checkpoint layouts.
+"""Draft heads and their checkpoint layouts; `load_heads` detects the layout on disk.
 
-Implemented: Medusa residual-block heads (Medusa-1/2 layout, or the project's own format
-with the base unembedding shared). Head k (from 1) reads the base model's final hidden
-state at the last accepted token and guesses token t+1+k, t+1 being the verifier's own
-bonus token, which is why candidates start at the second position of a step.
+- Medusa residual-block heads (here): the Medusa authors' layout (config.json with
+  `medusa_num_heads` + medusa_lm_head.*) or the project's own format (heads.json), with
+  the base unembedding shared or their own. Head k (from 1) reads the base model's final
+  hidden state at the last accepted token and guesses token t+1+k, t+1 being the
+  verifier's own bonus token, which is why candidates start at the second position of a step.
+- Meta-style parallel MTP (mtp_parallel.py): params.json with `n_future_tokens`; the extra
+  transformer blocks branch off the residual stream entering the last layer and run in
+  the verify forward itself, with their own KV-cache layers.
+- Sequential MTP modules, DeepSeek-V3 / MiMo (mtp_sequential.py): config.json with
+  `num_nextn_predict_layers`; chained drafts, one module per depth (the last one reused).
 
 Draft vocabulary (FR-Spec style, optional): the project format may store a sorted int64
 tensor `draft_vocab` of token ids in heads.safetensors (its length is `draft_vocab_size`
@@ -36,10 +42,13 @@ class DraftHeads(Protocol):
     num_heads: int
 
     def candidates(self, hidden: torch.Tensor, model: nn.Module, last_tokens: list[int],
-                   num_heads: int | None = None) -> list[list[list[int]]]:
-        """hidden: [B, H] at each sequence's last accepted token -> per sequence, per
-        depth (the first num_heads depths; default all), the top-k candidate tokens
-        (most likely first)."""
+                   num_heads: int | None = None, positions: list[int] | None = None
+                   ) -> list[list[list[int]]]:
+        """hidden: [B, H] at each sequence's last accepted token (heads that branch off
+        the trunk get their own rows instead, see mtp_parallel.py), last_tokens: each
+        sequence's newest token (the bonus), positions: the last accepted token's
+        position -> per sequence, per depth (the first num_heads depths; default all),
+        the top-k candidate tokens (most likely first)."""
         ...
 
 
@@ -146,7 +155,8 @@ class MedusaHeads(nn.Module):
         return top if self.draft_vocab is None else self.draft_vocab[top]
 
     def candidates(self, hidden: torch.Tensor, model: nn.Module, last_tokens: list[int],
-                   num_heads: int | None = None) -> list[list[list[int]]]:
+                   num_heads: int | None = None, positions: list[int] | None = None
+                   ) -> list[list[list[int]]]:
         top = self.topk_tokens(hidden, model, self.topk, num_heads)  # [n, B, k]
         per_head = top.transpose(0, 1).tolist()  # one host sync: [B][n][k]
         return per_head
@@ -308,7 +318,11 @@ def add_draft_vocab(folder: str | Path, base: ModelConfig, ids: torch.Tensor,
     meta_path.write_text(json.dumps(out, indent=2) + "\n")
 
 
-def load_heads(path: str | Path, base: ModelConfig) -> MedusaHeads:
+def load_heads(path: str | Path, base: ModelConfig) -> DraftHeads:
+    """Heads from a folder (or a file in it), the layout detected from what is there."""
+    from .mtp_parallel import is_meta_mtp_folder, load_meta_mtp_heads
+    from .mtp_sequential import is_sequential_mtp_folder, load_sequential_mtp_heads
+
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent
@@ -316,11 +330,17 @@ def load_heads(path: str | Path, base: ModelConfig) -> MedusaHeads:
         return load_project_heads(folder, base)
     if (folder / "config.json").exists() and "medusa_num_heads" in (folder / "config.json").read_text():
         return load_medusa_heads(folder, base)
-    raise ValueError(f"{path}: no draft heads found (expected heads.json or a Medusa config.json)")
+    if is_meta_mtp_folder(folder):
+        return load_meta_mtp_heads(folder, base)
+    if is_sequential_mtp_folder(folder):
+        return load_sequential_mtp_heads(folder, base)
+    raise ValueError(f"{path}: no draft heads found (expected heads.json, a Medusa config.json, "
+                     f"a Meta params.json with n_future_tokens or a config.json with "
+                     f"num_nextn_predict_layers)")
 
 
 def load_heads_for(spec: SpecConfig, base: ModelConfig, model_path: str, device: torch.device,
-                   dtype: torch.dtype, model: nn.Module | None = None) -> MedusaHeads | None:
+                   dtype: torch.dtype, model: nn.Module | None = None) -> DraftHeads | None:
     """Heads named by --heads, else heads shipped for this exact base model, else none.
     With `model`, a draft vocabulary's slice of its unembedding is built now rather than
     on the first drafting step."""

@@ -153,7 +153,7 @@ class OracleHeads(nn.Module):
             for j, t in enumerate(seq):
                 self.next.setdefault(t, seq[j + 1:j + 1 + self.num_heads])
 
-    def candidates(self, hidden, model, last_tokens, num_heads=None):
+    def candidates(self, hidden, model, last_tokens, num_heads=None, positions=None):
         out = []
         for last in last_tokens:
             truth = self.next.get(last, [])

@@ -1,0 +1,194 @@
+"""Sequential MTP modules, as in DeepSeek-V3 and Xiaomi MiMo.
+
+Module k keeps the causal chain: h_k = Block(eh_proj(cat[enorm(emb(x_k)), hnorm(h_{k-1})]))
+(DeepSeek's order, embedding first, as vLLM's deepseek_mtp.py; MiMo concatenates
+[hidden, embedding] and applies its own final norm to h_k), and the logits of depth k come
+from the shared final norm + unembedding (a module's own `shared_head` when it has one).
+h_0 is the trunk's final-normed hidden state at the last accepted token (what vLLM feeds
+its MTP modules) and x_1 the verifier's bonus token; x_{k+1} is the top-1 token of depth k,
+so depth d's top-k are computed along the top-1 chain of the shallower depths (a tree
+should branch off that chain only: the default tree is a chain). With fewer modules than
+the tree is deep, the last module is reused, as vLLM does for DeepSeek's single module.
+Chain step j sits at rope position p + j (p: the last accepted token's position, the
+embedding zeroed at position 0), vLLM's convention.
+
+Checkpoint layout: the model's config.json with `num_nextn_predict_layers` and its
+safetensors, module i under `model.layers.{num_hidden_layers + i}.` (DeepSeek: enorm,
+hnorm, eh_proj, optional shared_head.{norm,head} and embed_tokens) or `model.mtp_layers.{i}.`
+(MiMo: token_layernorm, hidden_layernorm, input_proj, final_layernorm), each plus one
+decoder block under HF names (input_layernorm, self_attn.*, post_attention_layernorm, mlp.*).
+
+LIMITATION (attention context): the modules keep no KV cache of the earlier context. A
+module's block attends only over the chain positions of the current draft at which that
+same module ran (itself, or its earlier steps when reused), with their real rope
+positions. In vLLM a module also attends over the whole prefix, so acceptance with real
+checkpoints will be lower here than there. Greedy output is unaffected (verification).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMetadata
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .model import DecoderLayer, RMSNorm, load_decoder_layer
+from .mtp_common import TensorTaker, check_field, put, read_matching, safetensors_files
+
+
+class MTPModule(nn.Module):
+    """One sequential MTP module: two norms, the input projection, a decoder block, and
+    optionally its own output norm / unembedding / embedding (else the base model's)."""
+
+    def __init__(self, cfg: ModelConfig, idx: int, mimo: bool, own_norm: bool,
+                 own_head: bool, own_embed: bool) -> None:
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.mimo = mimo
+        self.enorm, self.hnorm = RMSNorm(H, eps), RMSNorm(H, eps)
+        self.eh_proj = nn.Linear(2 * H, H, bias=False)
+        self.block = DecoderLayer(cfg, idx)  # idx: its layer in the drafting's own cache
+        self.norm = RMSNorm(H, eps) if own_norm else None
+        self.head = nn.Linear(H, cfg.vocab_size, bias=False) if own_head else None
+        self.embed = nn.Embedding(cfg.vocab_size, H) if own_embed else None
+
+    def step(self, tokens: torch.Tensor, h_prev: torch.Tensor, model: nn.Module,
+             meta: AttentionMetadata, kv: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B], h_prev [B, H] -> (h [B, H] chained to the next depth, float32
+        logits [B, V])."""
+        emb = (model.embed_tokens if self.embed is None else self.embed)(tokens)
+        emb = emb * (meta.positions != 0).to(emb.dtype)[:, None]  # vLLM masks position 0
+        e, h = self.enorm(emb), self.hnorm(h_prev)
+        x = self.eh_proj(torch.cat([h, e] if self.mimo else [e, h], dim=-1))
+        x = self.block(x, model.rope.tables(meta.positions, x.dtype), meta, kv)
+        if self.mimo:  # MiMo's module output is already final-normed
+            x = self.norm(x)
+            normed = x
+        else:
+            normed = (self.norm or model.norm)(x)
+        if self.head is not None:
+            return x, F.linear(normed, self.head.weight).float()
+        return x, model.compute_logits(normed)
+
+
+class SequentialMTPHeads(nn.Module):
+    kind = "sequential-mtp"
+
+    def __init__(self, cfg: ModelConfig, modules: list[MTPModule], style: str, topk: int = 4,
+                 default_tree: str = "chain4") -> None:
+        super().__init__()
+        self.mods = nn.ModuleList(modules)
+        self.style = style  # "deepseek" or "mimo"
+        self.num_heads = len(modules)
+        self.topk = topk
+        self.default_tree = default_tree
+        # The drafting cache has one layer per module (block idx i -> layer i).
+        self._cache_cfg = dataclasses.replace(cfg, num_layers=len(modules))
+
+    def prepare(self, model: nn.Module | None = None) -> None:
+        """Nothing to precompute (same interface as MedusaHeads)."""
+
+    def candidates(self, hidden: torch.Tensor, model: nn.Module, last_tokens: list[int],
+                   num_heads: int | None = None, positions: list[int] | None = None
+                   ) -> list[list[list[int]]]:
+        """hidden: [B, H] final-normed trunk state at each last accepted token, positions:
+        that token's position (default 0) -> per sequence, per depth (num_heads depths,
+        default one per module), the top-k tokens."""
+        depth = num_heads or self.num_heads
+        B, dev = hidden.shape[0], hidden.device
+        last_mod = len(self.mods) - 1
+        # Module m runs at chain steps [m] (or [last_mod, depth) for the last one); its
+        # cache layer holds exactly those steps, from index 0.
+        steps_of = [1] * last_mod + [max(1, depth - last_mod)]
+        kv = KVCache(self._cache_cfg, B, max(steps_of), hidden.dtype, dev)
+        rows = torch.arange(B, device=dev)
+        pos0 = torch.tensor(positions if positions is not None else [0] * B, device=dev)
+        tokens = torch.tensor(last_tokens, device=dev)
+        h, tops = hidden, []
+        for j in range(depth):
+            m = min(j, last_mod)
+            idx = j - m  # this module's own earlier steps come first in its cache layer
+            meta = AttentionMetadata(
+                positions=pos0 + j, token_slots=rows, token_store=torch.full_like(rows, idx),
+                seq_slots=rows, slot_start=0, kv_len=idx + 1, num_seqs=B, q_len=1,
+                q_gather=None if B == 1 else rows, q_scatter=None if B == 1 else rows,
+                mask=None)
+            h, logits = self.mods[m].step(tokens, h, model, meta, kv)
+            top = logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices  # [B, k]
+            tops.append(top)
+            tokens = top[:, 0]  # the chain continues along the top-1 token
+        return torch.stack(tops, dim=1).tolist()  # one host sync: [B][depth][k]
+
+
+def is_sequential_mtp_folder(folder: Path) -> bool:
+    p = folder / "config.json"
+    return p.exists() and "num_nextn_predict_layers" in p.read_text()
+
+
+_DEEPSEEK = {"enorm": "enorm.weight", "hnorm": "hnorm.weight", "eh_proj": "eh_proj.weight",
+             "norm": "shared_head.norm.weight", "head": "shared_head.head.weight"}
+_MIMO = {"enorm": "token_layernorm.weight", "hnorm": "hidden_layernorm.weight",
+         "eh_proj": "input_proj.weight", "norm": "final_layernorm.weight", "head": None}
+
+
+def load_sequential_mtp_heads(folder: Path, base: ModelConfig) -> SequentialMTPHeads:
+    cfg_path = folder / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text())
+        n = int(raw["num_nextn_predict_layers"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{cfg_path}: no usable num_nextn_predict_layers ({exc!r})") from None
+    if n < 1:
+        raise ValueError(f"{cfg_path}: num_nextn_predict_layers is {n}: no MTP modules")
+    check_field(cfg_path, raw, "hidden_size", base.hidden_size, "hidden size")
+    check_field(cfg_path, raw, "vocab_size", base.vocab_size, "vocabulary size")
+    check_field(cfg_path, raw, "num_hidden_layers", base.num_layers, "layer count")
+    check_field(cfg_path, raw, "num_attention_heads", base.num_heads, "attention head count",
+                required=False)
+    check_field(cfg_path, raw, "num_key_value_heads", base.num_kv_heads, "key/value head count",
+                required=False)
+    files = safetensors_files(folder)
+    if not files:
+        raise ValueError(f"{folder}: no *.safetensors next to config.json")
+    where = files[0] if len(files) == 1 else folder
+    L = base.num_layers
+    deepseek_layer = re.compile(r"model\.layers\.(\d+)\.")
+
+    def is_mtp(key: str) -> bool:
+        if key.startswith("model.mtp_layers."):
+            return True
+        m = deepseek_layer.match(key)
+        return m is not None and int(m.group(1)) >= L
+
+    tensors = read_matching(files, is_mtp)
+    mimo = any(k.startswith("model.mtp_layers.") for k in tensors)
+    names, style = (_MIMO, "mimo") if mimo else (_DEEPSEEK, "deepseek")
+    prefix = (lambda i: f"model.mtp_layers.{i}.") if mimo else (lambda i: f"model.layers.{L + i}.")
+    H, V = base.hidden_size, base.vocab_size
+    take = TensorTaker(tensors, where)
+    modules = []
+    for i in range(n):
+        p = prefix(i)
+        own_norm = mimo or p + names["norm"] in tensors
+        own_head = names["head"] is not None and p + names["head"] in tensors
+        mod = MTPModule(base, i, mimo, own_norm, own_head, p + "embed_tokens.weight" in tensors)
+        put(mod.enorm.weight, take(p + names["enorm"], (H,)))
+        put(mod.hnorm.weight, take(p + names["hnorm"], (H,)))
+        put(mod.eh_proj.weight, take(p + names["eh_proj"], (H, 2 * H)))
+        if mod.norm is not None:
+            put(mod.norm.weight, take(p + names["norm"], (H,)))
+        if mod.head is not None:
+            put(mod.head.weight, take(p + names["head"], (V, H)))
+        if mod.embed is not None:
+            put(mod.embed.weight, take(p + "embed_tokens.weight", (V, H)))
+        load_decoder_layer(mod.block, base, take, p)
+        modules.append(mod)
+    take.finish()
+    return SequentialMTPHeads(base, modules, style)
