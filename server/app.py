@@ -25,6 +25,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from mtpserve.decoding.outputs import EngineStats
 from mtpserve.decoding.runner import EngineRunner
 
+from .engine_api import EngineBackend, NativeBackend
 from .engine_client import EngineClient
 from .errors import UNAVAILABLE, APIError, install_error_handlers
 from .metrics import ServerMetrics
@@ -74,8 +75,9 @@ class ServerState:
         self.metrics = ServerMetrics(self._engine_stats)
         self.status: Status = "loading"
         self.load_error: BaseException | None = None
-        self.engine: Any = None
-        self.runner: EngineRunner | None = None
+        self.engine: Any = None  # backend.engine: tokenizer, model_name, ...
+        self.backend: EngineBackend | None = None
+        self.runner: EngineRunner | None = None  # the native backend's runner
         self.client: EngineClient | None = None
         self.owns_runner = False
         self.model_name = settings.served_model_name or ""
@@ -85,34 +87,33 @@ class ServerState:
         self.vocab_size = 0
 
     # -- lifecycle -------------------------------------------------------------------------
-    def _build(self) -> tuple[Any, EngineRunner, bool]:
-        """Load (if given a factory) and start the runner. Runs on a worker thread."""
+    def _build(self) -> tuple[EngineBackend, bool]:
+        """Load (if given a factory) and start the backend. Runs on a worker thread."""
         src = self.source
-        if not isinstance(src, EngineRunner) and not hasattr(src, "validate_request") \
-                and callable(src):
+        if not isinstance(src, (EngineRunner, EngineBackend)) \
+                and not hasattr(src, "validate_request") and callable(src):
             src = src()
-        if isinstance(src, EngineRunner):
-            runner, owns = src, False
-        else:
-            runner, owns = EngineRunner(src), True
-        runner.start()
-        return runner.engine, runner, owns
+        if isinstance(src, EngineBackend):
+            backend, owns = src, True
+        else:  # an LLMEngine (owned) or a shared EngineRunner (not stopped here)
+            backend = NativeBackend(src)
+            owns = backend.owns_runner
+        backend.start()
+        return backend, owns
 
-    def _ready(self, engine: Any, runner: EngineRunner, owns: bool) -> None:
-        self.engine, self.runner, self.owns_runner = engine, runner, owns
-        self.model_name = self.settings.served_model_name or engine.model_name
-        self.max_model_len = int(engine.max_model_len)
-        self.max_num_seqs = self.settings.max_num_seqs or engine.config.max_num_seqs
-        self.vocab_size = int(getattr(engine.tokenizer, "vocab_size", 0) or 0)
-        self.client = EngineClient(runner, self.max_num_seqs + self.settings.max_queued)
+    def _ready(self, backend: EngineBackend, owns: bool) -> None:
+        self.backend, self.owns_runner = backend, owns
+        self.engine = backend.engine
+        self.runner = getattr(backend, "runner", None)
+        self.model_name = self.settings.served_model_name or backend.model_name
+        self.max_model_len = int(backend.max_model_len)
+        self.max_num_seqs = self.settings.max_num_seqs or backend.max_num_seqs
+        self.vocab_size = int(getattr(backend.tokenizer, "vocab_size", 0) or 0)
+        self.client = EngineClient(backend, self.max_num_seqs + self.settings.max_queued)
         if self.status == "loading":
             self.status = "ready"
-        spec = engine.config.spec
-        log.info("serving %s (max_model_len %d, capacity %d; weights %s, %s; speculate %s, "
-                 "proposer %s, draft heads %s)", self.model_name, self.max_model_len,
-                 self.client.capacity, getattr(engine, "weight_format", "?"),
-                 str(getattr(engine, "dtype", "?")).removeprefix("torch."), spec.mode,
-                 spec.proposer, "loaded" if getattr(engine, "heads", None) is not None else "none")
+        log.info("serving %s (max_model_len %d, capacity %d; %s)", self.model_name,
+                 self.max_model_len, self.client.capacity, backend.describe())
 
     def _failed(self, exc: BaseException) -> None:
         self.load_error = exc
@@ -151,8 +152,8 @@ class ServerState:
             remaining = self.drain_deadline - time.monotonic()
             if not await self.client.wait_idle(remaining):
                 log.warning("drain timeout: aborting %d request(s)", self.client.inflight)
-        if self.runner is not None and self.owns_runner:
-            await asyncio.to_thread(self.runner.stop)
+        if self.backend is not None and self.owns_runner:
+            await asyncio.to_thread(self.backend.stop)
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -170,11 +171,12 @@ class ServerState:
         return max(MAX_N, self.client.capacity if self.client is not None else MAX_N)
 
     def _engine_stats(self) -> EngineStats | None:
-        return self.runner.stats() if self.runner is not None else None
+        return self.backend.stats() if self.backend is not None else None
 
     @property
     def healthy(self) -> bool:
-        return (self.status == "ready" and self.runner is not None and self.runner.is_alive)
+        return (self.status == "ready" and self.backend is not None
+                and self.backend.is_alive)
 
     def health_status(self) -> str:
         if self.status == "ready" and not self.healthy:
@@ -198,9 +200,10 @@ def create_app(source: Any, settings: ServerSettings | None = None, *,
     """Build the app.
 
     `source` is an `LLMEngine` (the app creates, starts and stops its runner), an already
-    built `EngineRunner` (shared; the app starts it if needed but never stops it), or a
-    zero-argument callable returning either, called on a background thread at startup
-    so that the port answers 503 while the model loads.
+    built `EngineRunner` (shared; the app starts it if needed but never stops it), an
+    `EngineBackend` (engine_api.py; started and stopped by the app), or a zero-argument
+    callable returning any of these, called on a background thread at startup so that the
+    port answers 503 while the model loads.
     """
     from .routes import router
 

@@ -30,6 +30,7 @@ from mtpserve.decoding.outputs import RequestOutput
 
 from . import protocol as p
 from .app import ServerState
+from .engine_api import UnsupportedRequest
 from .errors import AUTHENTICATION, APIError, bad_request, validation_error_to_api
 from .openapi import openapi_document
 from .serving import (ChoiceAcc, Job, chat_logprobs, completion_logprobs, log_request,
@@ -174,12 +175,21 @@ def choice_seed(seed: int | None, i: int) -> int | None:
 
 
 def check_speculation(state: ServerState, req: p._SamplingFields) -> None:
+    """Per-request speculation options the server cannot honour are refused (400), never
+    dropped: asking for speculation where there is none, and whatever the engine backend
+    refuses (`EngineBackend.check_request`; e.g. typical acceptance under vLLM)."""
     spec = req.speculation
     if spec is not None and spec.enabled and not getattr(state.engine,
                                                          "speculation_available", True):
         raise bad_request("speculation.enabled is true but speculative decoding is not "
                           "available on this server (no draft heads / --speculate off)",
                           param="speculation.enabled")
+    if state.backend is not None:
+        try:
+            state.backend.check_request(build_params(req, 1, None, None))
+        except UnsupportedRequest as exc:
+            raise bad_request(str(exc), param=exc.param,
+                              code="unsupported_by_backend") from None
 
 
 async def encode_text(state: ServerState, text: str) -> list[int]:
