@@ -17,6 +17,9 @@ from typing import Any, Callable
 log = logging.getLogger("mtpserve.server")
 
 API_KEY_ENV = "MTPSERVE_API_KEY"
+VLLM_CACHE_ENV = "MTPSERVE_CACHE_DIR"
+VLLM_ONLY_FLAGS = ("tensor_parallel_size", "pipeline_parallel_size", "num_speculative_tokens",
+                   "vllm_engine_args", "vllm_cache_dir")
 
 
 def _commands() -> ModuleType | None:
@@ -59,6 +62,25 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="log level (default info)")
+    g.add_argument("--backend", default="native", choices=["native", "vllm"],
+                   help="engine behind the server: native (this project's engine, default) "
+                        "or vllm (vLLM's async engine: tensor / pipeline parallel, "
+                        "multi-node; needs pip install 'mtpserve[vllm]'). Same routes, "
+                        "errors, auth and metrics; native-only features are refused")
+    v = parser.add_argument_group("vLLM backend (--backend vllm)")
+    v.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="GPUs each model replica is split over (vLLM; default 1)")
+    v.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="N",
+                   help="pipeline stages, e.g. one per node (vLLM; default 1)")
+    v.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="tokens drafted per step (vLLM; default: the number of heads for "
+                        "Medusa, 4 for ngram)")
+    v.add_argument("--vllm-engine-args", default=None, metavar="JSON",
+                   help="more vllm AsyncEngineArgs as a JSON object, e.g. "
+                        "'{\"enforce_eager\": true, \"gpu_memory_utilization\": 0.8}'")
+    v.add_argument("--vllm-cache-dir", default=None, metavar="DIR",
+                   help="where GGUF models and project-format heads are exported for vLLM "
+                        f"(default: ${{{VLLM_CACHE_ENV}}}/vllm or ~/.cache/mtpserve/vllm)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "/metrics. SIGTERM drains in-flight requests, then exits 0.")
     add_serve_args(serve)
     serve.set_defaults(func=run_serve)
+    parser._mtp_serve = serve  # type: ignore[attr-defined]  # for explicit_flags()
     commands = _commands()
     if commands is not None:
         commands.add_engine_args(serve)
@@ -140,6 +163,32 @@ def _make_server_class() -> type:
     return DrainingServer
 
 
+def _backend_loader(args: argparse.Namespace, engine_config: Any) -> Callable[[], Any] | int:
+    """The engine factory for --backend (called on the load thread), or an exit status
+    after printing why the configuration is refused."""
+    explicit = set(getattr(args, "explicit", set()))
+    if getattr(args, "backend", "native") == "vllm":
+        from .vllm_backend import BackendConfigError, VllmBackend, import_vllm, \
+            options_from_args
+
+        try:
+            options = options_from_args(args, explicit)
+            import_vllm()
+        except BackendConfigError as exc:
+            print(f"mtpserve serve: {exc}", file=sys.stderr)
+            return 2
+        return lambda: VllmBackend(options)
+    given = [f"--{d.replace('_', '-')}" for d in VLLM_ONLY_FLAGS
+             if d in explicit and getattr(args, d, None) not in (None, 1)]
+    if given:
+        print(f"mtpserve serve: {', '.join(given)}: only with --backend vllm (the native "
+              f"engine runs on one device)", file=sys.stderr)
+        return 2
+    from mtpserve.decoding.engine import LLMEngine
+
+    return lambda: LLMEngine.from_config(engine_config)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -150,7 +199,8 @@ def run_serve(args: argparse.Namespace) -> int:
     commands = _commands()
     assert commands is not None  # build_parser routes to _engine_missing otherwise
     try:
-        engine_config = commands.engine_config_from_args(args)
+        engine_config = (None if getattr(args, "backend", "native") == "vllm"
+                         else commands.engine_config_from_args(args))
         settings = ServerSettings(
             api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
             max_queued=args.max_queued,
@@ -167,10 +217,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if not settings.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without an API key", args.host)
 
-    from mtpserve.decoding.engine import LLMEngine
-
-    def load() -> Any:
-        return LLMEngine.from_config(engine_config)
+    load = _backend_loader(args, engine_config)
+    if isinstance(load, int):
+        return load
 
     exit_code = 0
     server: Any = None
@@ -194,9 +243,30 @@ def run_serve(args: argparse.Namespace) -> int:
     return exit_code
 
 
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The `serve` options given on the command line (dests), whatever their values: the
+    vLLM backend refuses native-only flags only when the user asked for them."""
+    serve = getattr(parser, "_mtp_serve", None)
+    if serve is None or "serve" not in argv:
+        return set()
+    rest = argv[argv.index("serve") + 1:]
+    saved = [(a, a.default) for a in serve._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        ns, _ = serve.parse_known_args(rest, argparse.Namespace())
+    finally:
+        for a, d in saved:
+            a.default = d
+    return set(vars(ns))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        args.explicit = explicit_flags(parser, argv)
     return int(args.func(args) or 0)
 
 
