@@ -261,6 +261,15 @@ def read_safetensors_folder(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _is_mtp_tensor(name: str, num_layers: int) -> bool:
+    """`mtp_layers.*` (MiMo) or `layers.{N >= num_layers}.*` (DeepSeek): mtp_sequential.py
+    loads these as draft heads (--heads on the same folder)."""
+    if name.startswith("mtp_layers."):
+        return True
+    parts = name.split(".", 2)
+    return parts[0] == "layers" and parts[1].isdigit() and int(parts[1]) >= num_layers
+
+
 def load_hf_folder(path: str | Path, dtype: torch.dtype | None = None) -> LoadedCheckpoint:
     path = Path(path)
     try:
@@ -269,6 +278,8 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype | None = None) -> Loaded
         raise ValueError(f"{path / 'config.json'}: invalid JSON ({exc})") from None
     cfg = hf_config(raw, path)
     tensors = read_safetensors_folder(path)
+    if raw.get("num_nextn_predict_layers"):  # DeepSeek/MiMo MTP modules: heads, not trunk
+        tensors = {k: v for k, v in tensors.items() if not _is_mtp_tensor(k, cfg.num_layers)}
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     tok = Tokenizer.from_hf_folder(str(path))

@@ -514,3 +514,26 @@ def test_heads_flag_loads_each_layout_for_a_checkpoint_folder(tmp_path, layout):
     plain = run_requests(eng, [(p, greedy(12, ignore_eos=True, speculate=False)) for p in prompts])
     assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
     assert all(r.last.spec.num_draft_tokens > 0 for r in spec)
+
+
+def test_one_folder_serves_as_model_and_as_heads(tmp_path):
+    """A checkpoint whose safetensors carry its own MTP modules (config.json with
+    num_nextn_predict_layers): the trunk loader leaves them to the heads loader."""
+    from safetensors.torch import load_file, save_file
+    from test_checkpoint_errors import _config, make_folder
+
+    from mtpserve.decoding.checkpoint import hf_config
+
+    folder = make_folder(tmp_path, config=_config() | {"num_nextn_predict_layers": 1})
+    cfg = hf_config(json.loads((folder / "config.json").read_text()), folder)
+    mtp = write_sequential(tmp_path / "mtp", cfg, "deepseek", n=1)
+    f = folder / "model.safetensors"
+    save_file(load_file(str(f)) | {k: v.float() for k, v in mtp.items()
+                                   if k.startswith(f"model.layers.{cfg.num_layers}.")}, str(f))
+    eng = LLMEngine.from_config(EngineConfig(
+        model=str(folder), dtype="float64", device="cpu", max_num_seqs=1, max_model_len=64,
+        spec=SpecConfig(mode="on", proposer="heads", heads_path=str(folder))))
+    assert isinstance(eng.heads, SequentialMTPHeads)
+    spec, = run_requests(eng, [([3, 4, 5], greedy(10, ignore_eos=True))])
+    plain, = run_requests(eng, [([3, 4, 5], greedy(10, ignore_eos=True, speculate=False))])
+    assert spec.token_ids == plain.token_ids and spec.last.spec.num_draft_tokens > 0
