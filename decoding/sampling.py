@@ -23,7 +23,12 @@ def apply_penalties(logits: torch.Tensor, output_ids: torch.Tensor,
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits: [N, V] float32 -> probs [N, V] for temperature > 0."""
-    logits = logits / params.temperature
+    # Shift by the max first: the same distribution, but a tiny temperature then sends the
+    # other logits to -inf instead of sending the top one to +inf (inf - inf = NaN). The
+    # temperature is floored at the dtype's smallest normal number: below it, it would
+    # round to 0 in the logits' dtype (0 / 0 = NaN); the result is one-hot either way.
+    temperature = max(params.temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -32,6 +37,7 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         # Drop tokens whose preceding mass already reaches top_p (the top token always stays).
         drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        drop[..., 0] = False  # also when a tiny top_p rounds to 0 in the probs' dtype
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)

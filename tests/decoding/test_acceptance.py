@@ -303,3 +303,17 @@ def test_load_choices_rejects_bad_files(tmp_path, content, needle):
 def test_load_choices_unknown_name():
     with pytest.raises(ValueError, match="not a preset"):
         load_choices("no-such-tree")
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-38])
+def test_tiny_temperature_is_a_finite_one_hot(temperature):
+    """A denormal temperature must not overflow the top logit to +inf (NaN after softmax):
+    the distribution is all on the argmax, and top_p tiny keeps only that token too."""
+    from mtpserve.decoding.config import SamplingParams
+    from mtpserve.decoding.sampling import processed_probs
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-6], [0.5, -1.0, 0.25, 0.0]])
+    for top_p in (1.0, 1e-300):
+        probs = processed_probs(logits, SamplingParams(temperature=temperature, top_p=top_p))
+        assert torch.isfinite(probs).all()
+        assert probs.argmax(-1).tolist() == [1, 0]
+        assert probs.max(-1).values.tolist() == [1.0, 1.0]
