@@ -23,7 +23,12 @@ Refused (never silently dropped): native-only startup flags (`--weights int8|int
 `--tree`, `--acceptance typical|greedy`, `--typical-*`, `--proposer hybrid`,
 `--prefill-chunk`, `--device`, `--dtype float64`) at startup; per-request
 `speculation.acceptance: "typical"`, `speculation.typical_*` and `speculation.enabled:
-false` (vLLM cannot turn speculation off per request) with HTTP 400 naming the field.
+false` (vLLM cannot turn speculation off per request) with HTTP 400 naming the field; on
+vLLM's CPU build without triton-cpu, also temperature > 0 while speculation is on (its
+sampled-draft verification needs Triton and garbles the output without it).
+
+Heads with a draft vocabulary are exported over the full vocabulary: vLLM 0.32's Medusa
+loader refuses any checkpoint with a `token_map`.
 """
 
 from __future__ import annotations
@@ -215,6 +220,9 @@ def _stat_key(path: Path) -> list:
 
 def _publish(tmp: Path, final: Path) -> Path:
     """Move a finished export into place (atomic rename; a concurrent winner is kept)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; another user (a container) reads it
     try:
         os.replace(tmp, final)
     except OSError:
@@ -310,9 +318,15 @@ def prepare_heads(heads: str | None, model: PreparedModel, cache_dir: Path,
         if not src.is_dir():
             raise BackendConfigError(f"--heads {heads}: not a folder")
     if _is_vllm_medusa(src):
+        cfg = json.loads((src / "config.json").read_text())
+        if int(cfg.get("truncated_vocab_size") or cfg["vocab_size"]) < int(cfg["vocab_size"]):
+            raise BackendConfigError(
+                f"--heads {src}: a draft vocabulary (token_map) that vLLM's Medusa loader "
+                f"refuses; pass the project-format heads folder instead (mtpserve exports it "
+                f"over the full vocabulary)")
         out = src
     else:
-        out = cache_dir / "heads" / f"{src.name}-{_key(_stat_key(src), str(model.hf_dir))}"
+        out = cache_dir / "heads" / f"{src.name}-{_key(_stat_key(src), str(model.hf_dir), 'full-vocab')}"
         if not (out / EXPORT_META).exists():
             from mtpserve.decoding.export import export_heads_vllm
             from mtpserve.decoding.heads import load_heads
@@ -323,6 +337,21 @@ def prepare_heads(heads: str | None, model: PreparedModel, cache_dir: Path,
                 h = load_heads(str(src), ck.config)
             except ValueError as exc:
                 raise BackendConfigError(f"--heads {src}: {exc}") from None
+            if type(h).__name__ != "MedusaHeads":  # MTP layouts: vLLM's Medusa can't load
+                raise BackendConfigError(
+                    f"--heads {src}: {getattr(h, 'kind', type(h).__name__)} heads have no "
+                    f"vLLM Medusa export; serve them with --backend native")
+            if getattr(h, "draft_vocab", None) is not None:
+                # vLLM 0.32's Medusa loader assigns `token_map` as a parameter but does not
+                # report it loaded, so its strict weight check refuses every checkpoint that
+                # has one ("weights were not initialized from checkpoint: {'token_map'}").
+                # Export over the full vocabulary instead: drafts are each head's argmax
+                # over all tokens rather than over the draft vocabulary; verification (and
+                # so the output) is unchanged.
+                log.warning("draft heads %s restrict drafts to %d tokens; vLLM's Medusa "
+                            "cannot load a token_map, so they are exported over the full "
+                            "vocabulary", src, int(h.draft_vocab.numel()))
+                h.set_draft_vocab(None)
             unembed = None
             if h.lm_heads is None:
                 unembed = ck.tensors["embed_tokens.weight" if ck.config.tie_word_embeddings
@@ -372,6 +401,11 @@ class VllmBackend(EngineBackend):
         self.max_num_seqs = options.max_num_seqs
         self.max_model_len = options.max_model_len
         self.speculation_available = False
+        # vLLM's CPU build verifies sampled drafts with Triton kernels; without triton-cpu
+        # (vLLM 0.32 disables Triton) every draft is rejected and the recovered tokens are
+        # garbage, so sampled requests are refused there while speculation is on (greedy
+        # verification does not use them and matches the native engine token for token).
+        self.sampled_speculation_ok = True
         self.spec_desc = "off"
         self.llm: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -383,6 +417,13 @@ class VllmBackend(EngineBackend):
     # -- request refusals (before the engine) ------------------------------------------------
     def check_request(self, params: SamplingParams) -> None:
         check_vllm_request(params, self.speculation_available)
+        if params.temperature > 0 and self.speculation_available \
+                and not self.sampled_speculation_ok:
+            raise UnsupportedRequest(
+                "temperature > 0 with speculative decoding is not available on this vLLM "
+                "build: on CPU its rejection sampler needs triton-cpu, which is missing, and "
+                "sampled output comes out garbled. Use temperature 0, or restart the server "
+                "with --speculate off", "temperature")
 
     # -- loading ---------------------------------------------------------------------------
     def engine_args(self) -> dict[str, Any]:
@@ -435,6 +476,14 @@ class VllmBackend(EngineBackend):
         from vllm.platforms import current_platform
 
         kw = self.engine_args()
+        if current_platform.is_cpu() and self.speculation_available:
+            from vllm.triton_utils import HAS_TRITON
+
+            self.sampled_speculation_ok = bool(HAS_TRITON)
+            if not HAS_TRITON:
+                log.warning("vLLM on CPU without triton-cpu: sampled requests (temperature "
+                            "> 0) are refused while speculation is on (greedy is served); "
+                            "use --speculate off to sample")
         if current_platform.is_cpu() and not os.environ.get(CPU_KVCACHE_ENV) \
                 and "kv_cache_memory_bytes" not in kw:
             os.environ[CPU_KVCACHE_ENV] = DEFAULT_CPU_KVCACHE_GIB
@@ -601,11 +650,13 @@ class VllmBackend(EngineBackend):
                 lps.append(TokenLogprob(tid, float(entry.logprob) if entry else float("nan"),
                                         top[:k]))
         finished = bool(out.finished)
-        spec = None
-        if self.speculation_available:
-            m = getattr(c, "spec_decode_metrics", None)
-            if m is not None or finished:
-                spec = _spec_stats(m, st.params.greedy, st.num_steps)
+        spec = None  # vLLM reports per-request speculation when the request finishes
+        if finished:
+            if self.speculation_available:
+                spec = _spec_stats(getattr(c, "spec_decode_metrics", None),
+                                   st.params.greedy, st.num_steps)
+            else:
+                spec = SpecStats(num_steps=st.num_steps)
         return RequestOutput(
             rid, new_ids, c.text or "", st.num_prompt, st.num_output, finished=finished,
             finish_reason=_finish_reason(c.finish_reason) if finished else None,

@@ -209,6 +209,23 @@ def test_vllm_supported_speculation_fields_pass(refusal_server):
     assert httpx.post(srv.url + COMPLETIONS, json={"prompt": "Hi"}).status_code == 401
 
 
+def test_sampling_refused_where_vllm_cannot_verify_sampled_drafts(refusal_server):
+    """vLLM's CPU build without triton-cpu garbles sampled speculative output: refused."""
+    srv, backend = refusal_server
+    h = {"Authorization": "Bearer k"}
+    backend.sampled_speculation_ok = False
+    try:
+        for body in ({"prompt": "Hi", "temperature": 0.7}, {"prompt": "Hi"}):
+            r = httpx.post(srv.url + COMPLETIONS, headers=h, json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+            assert "--speculate off" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + COMPLETIONS, headers=h,
+                       json={"prompt": "Hi", "temperature": 0, "max_tokens": 1})
+        assert r.status_code == 200
+    finally:
+        backend.sampled_speculation_ok = True
+
+
 # -- part 2: a real vLLM server (skipped without vLLM) -------------------------------------
 PROMPTS = ["The three primary colors are", "def fibonacci(n):",
            "Paris is the capital of"]
@@ -317,10 +334,19 @@ def test_vllm_chat_and_streaming(oai):
     assert finish == plain.choices[0].finish_reason
 
 
-def test_vllm_sampling_logprobs_stop_and_n(oai):
+def test_vllm_sampling_logprobs_stop_and_n(vllm_server, oai):
+    url, _ = vllm_server
     name = oai.models.list().data[0].id
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0.8, "seed": 1}
+    temperature = 0.8
+    r = httpx.post(url + COMPLETIONS, json=body, timeout=300)
+    if r.status_code == 400:  # vLLM CPU without triton-cpu, speculation on: refused
+        assert r.json()["error"]["param"] == "temperature"
+        temperature = 0
+    else:
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
     r = oai.completions.create(model=name, prompt="Once upon a time", max_tokens=6,
-                               temperature=0.8, seed=1, n=2, logprobs=2)
+                               temperature=temperature, seed=1, n=2, logprobs=2)
     assert len(r.choices) == 2
     for c in r.choices:
         assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) >= 1
@@ -334,7 +360,8 @@ def test_vllm_bad_input_gets_400(vllm_server):
     url, _ = vllm_server
     r = httpx.post(url + COMPLETIONS, json={"prompt": "x", "temperature": 9}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-    r = httpx.post(url + COMPLETIONS, json={"prompt": "x", "max_tokens": 100000}, timeout=30)
+    r = httpx.post(url + COMPLETIONS, json={"prompt": "x", "max_tokens": 100000,
+                                           "temperature": 0}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = httpx.post(url + COMPLETIONS, timeout=30, json={
         "prompt": "x", "temperature": 0.5, "speculation": {"acceptance": "typical"}})
