@@ -90,7 +90,7 @@ if [[ -n "$VLLM_PYTHON" ]]; then
   HF="$OUT/hf-model"; HEADS="$OUT/vllm-medusa"
   [[ -d "$HF" ]] || mtpserve export-model --out "$HF"
   SHIPPED=$(python -c "import mtpserve.decoding.heads as h; print(next(p.parent for p in h.SHIPPED_HEADS_DIR.glob('*/heads.json')))")
-  [[ -d "$HEADS" ]] || mtpserve export-heads --heads "$SHIPPED" --format vllm-medusa --out "$HEADS"
+  [[ -d "$HEADS" ]] || mtpserve export-heads --heads "$SHIPPED" --format vllm-medusa --full-vocabulary --out "$HEADS"
   export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
   VLLM=("$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server --model "$HF" --served-model-name smollm2
         --host 127.0.0.1 --port "$PORT" --dtype bfloat16 --max-model-len 2048 --max-num-seqs "$MAXSEQ")

@@ -358,6 +358,8 @@ def _run_export_heads(a: argparse.Namespace) -> int:
         if not isinstance(heads, MedusaHeads):  # vLLM's Medusa format is the only target here
             raise ValueError(f"{a.heads}: export-heads converts Medusa heads only, these are "
                              f"{getattr(heads, 'kind', type(heads).__name__)} heads")
+        if a.full_vocabulary:
+            heads.set_draft_vocab(None)  # the same greedy output, drafted over every token
         unembed = None
         if heads.lm_heads is None:  # the base model's unembedding, tied or not
             unembed = ck.tensors["embed_tokens.weight" if ck.config.tie_word_embeddings
@@ -396,6 +398,9 @@ def add_export_commands(sub: argparse._SubParsersAction) -> None:
                         "unembedding is written for heads that share it")
     h.add_argument("--out", required=True, help="output folder (created; must be empty)")
     h.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="weight dtype")
+    h.add_argument("--full-vocabulary", action="store_true",
+                   help="drop the heads' draft vocabulary (no token_map): vLLM 0.32's Medusa "
+                        "loader refuses checkpoints that have one")
     h.add_argument("--force", action="store_true", help="overwrite files in a non-empty --out")
     h.set_defaults(func=_run_export_heads)
 

@@ -324,3 +324,25 @@ def test_export_heads_cli_on_the_default_model(default_engine, exported, tmp_pat
     _check_round_trip(heads, default_engine.model, out, hidden)
     assert main(["export-heads", "--heads", str(tmp_path / "heads"), "--model", str(exported),
                  "--out", str(out)]) == 2  # not empty without --force
+
+
+def test_export_heads_cli_full_vocabulary_drops_the_token_map(default_engine, exported, tmp_path):
+    """vLLM 0.32's Medusa loader refuses a token_map: --full-vocabulary writes heads with a
+    draft vocabulary over the whole vocabulary instead (without it the map is kept)."""
+    from safetensors.torch import load_file
+
+    base = default_engine.model_config
+    heads = randomize_(MedusaHeads(base.hidden_size, base.vocab_size, 2, 1), seed=9).float().eval()
+    heads.set_draft_vocab(torch.arange(0, base.vocab_size, 7))
+    save_project_heads(heads, tmp_path / "heads", base)
+    common = ["export-heads", "--heads", str(tmp_path / "heads"), "--model", str(exported)]
+    assert main(common + ["--out", str(tmp_path / "mapped")]) == 0
+    assert main(common + ["--full-vocabulary", "--out", str(tmp_path / "full")]) == 0
+    mapped = load_file(str(tmp_path / "mapped" / "model.safetensors"))
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert "token_map" in mapped and "token_map" not in full
+    cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert cfg["truncated_vocab_size"] == base.vocab_size
+    heads.set_draft_vocab(None)
+    hidden = torch.randn(3, base.hidden_size, generator=torch.Generator().manual_seed(8))
+    _check_round_trip(heads, default_engine.model, tmp_path / "full", hidden)
