@@ -186,18 +186,35 @@ def _judge(tokens: Sequence[TokenLogprob], char_index: int, near_tie_margin: flo
     return probe
 
 
+def first_token_difference(a: Sequence[TokenLogprob], b: Sequence[TokenLogprob]) -> int | None:
+    """Index of the first token whose text differs between two runs (None if the shorter
+    is a prefix of the longer). Exact where a character search is not: for "Given a tree"
+    vs "Given an array" the texts first differ at the space after "a", which starts A's
+    token " tree", but the runs diverged one token earlier (" a" vs " an")."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.token != y.token:
+            return i
+    return None
+
+
 def judge_in_run(rec_a: RequestRecord, rec_b: RequestRecord, mismatch: Mismatch,
                  near_tie_margin: float) -> Probe | None:
     """The verdict from the logprobs both arms returned in the run (None when arm A's
-    record has none: the run did not ask, or the server ignored the field)."""
-    if not rec_a.token_logprobs:
+    record has none: the run did not ask, or the server ignored the field). With both
+    arms' tokens the margins are read at the first differing token; with A's alone, at
+    A's token covering the first differing character."""
+    toks_a, toks_b = rec_a.token_logprobs, rec_b.token_logprobs
+    if not toks_a:
         return None
-    probe = _judge(rec_a.token_logprobs, mismatch.first_diff_char, near_tie_margin,
-                   Probe(source="in-run", probe_text_matches_a=True))
-    if rec_b.token_logprobs:
-        idx_b = token_at_char(rec_b.token_logprobs, mismatch.first_diff_char)
-        if idx_b is not None:
-            probe.margin_b = top2_margin(rec_b.token_logprobs[idx_b])
+    probe = Probe(source="in-run", probe_text_matches_a=True)
+    idx = first_token_difference(toks_a, toks_b) if toks_b else None
+    if idx is None:
+        return _judge(toks_a, mismatch.first_diff_char, near_tie_margin, probe)
+    entry = toks_a[idx]
+    probe.token_index, probe.token, probe.top = idx, entry.token, entry.top[:PROBE_TOP_LOGPROBS]
+    probe.margin = top2_margin(entry)
+    probe.near_tie = None if probe.margin is None else probe.margin < near_tie_margin
+    probe.margin_b = top2_margin(toks_b[idx])
     return probe
 
 

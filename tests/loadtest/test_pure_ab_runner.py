@@ -130,3 +130,33 @@ def test_cli_min_rounds_scales_requests_with_concurrency():
                               "--concurrency", "1,4,8,32", "--request-rate", "2"])
     cfg = config_from_args(args, parser)
     assert [lv.num_requests for lv in cfg.levels] == [8, 8, 16, 64, 8]
+
+
+def test_in_run_verdict_reads_the_first_differing_token_not_the_character():
+    """"Given a tree" vs "Given an array": the texts differ at the space after "a" (the
+    start of A's " tree"), but the runs diverged at " a" vs " an": the margins must be
+    read there (a near tie), not at " tree" (a clear choice)."""
+    from mtpserve.loadtest.ab import Mismatch, first_token_difference, judge_in_run
+
+    def toks(*entries):
+        return [TokenLogprob(t, top[0][1], list(top)) for t, top in entries]
+
+    a = toks(("Given", [("Given", -0.1), ("Let", -3.0)]),
+             (" a", [(" a", -0.70), (" an", -0.72)]),
+             (" tree", [(" tree", -0.79), (" list", -1.44)]))
+    b = toks(("Given", [("Given", -0.1), ("Let", -3.0)]),
+             (" an", [(" an", -0.70), (" a", -0.71)]),
+             (" array", [(" array", -0.2), (" list", -2.0)]))
+    text_a, text_b = "".join(t.token for t in a), "".join(t.token for t in b)
+    pos = first_difference(text_a, text_b)
+    assert text_a[pos] == " " and token_at_char(a, pos) == 2  # the character lands on " tree"
+    assert first_token_difference(a, b) == 1
+    m = Mismatch("p", 0, pos, text_a, text_b)
+    ra = RequestRecord(0, "c=1", "A", "p", 0, ok=True, text=text_a, token_logprobs=a)
+    rb = RequestRecord(1, "c=1", "B", "p", 0, ok=True, text=text_b, token_logprobs=b)
+    p = judge_in_run(ra, rb, m, near_tie_margin=0.5)
+    assert (p.token_index, p.token) == (1, " a")
+    assert p.margin == pytest.approx(0.02) and p.near_tie is True
+    assert p.margin_b == pytest.approx(0.01)
+    rb.token_logprobs = None  # B without logprobs: A's token at the character, as before
+    assert judge_in_run(ra, rb, m, near_tie_margin=0.5).token == " tree"
