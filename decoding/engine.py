@@ -417,19 +417,22 @@ class LLMEngine:
         heads draft from (see _forward); rows: each sequence's last accepted row."""
         if not seqs:
             return
-        batch_size = len(self.scheduler.running)
-        depth = self.policy.draft_depth(batch_size)
-        head_cands = None
         spec_seqs = [s for s in seqs if s.speculate]
-        if self.heads is not None and spec_seqs and self.policy.use_heads(depth):
-            idx = torch.tensor([rows[seqs.index(s)] for s in spec_seqs], device=hidden.device)
-            needed = min(depth, max(len(c) for c in self.policy.choices))  # heads the tree reads
-            head_cands = self.heads.candidates(
-                hidden[idx], self.model, [s.token_ids[-1] for s in spec_seqs], needed,
-                positions=[s.num_cached - 1 for s in spec_seqs])  # last accepted token's
-        for i, seq in enumerate(spec_seqs):
-            cands = head_cands[i] if head_cands is not None else None
-            seq.draft = self.policy.build_tree(seq.token_ids, cands, depth)
+        depths = self.policy.draft_depths(len(self.scheduler.running), len(spec_seqs))
+        # Heads run only for the sequences that draft this step (often one probe, or none).
+        with_heads = [(s, d) for s, d in zip(spec_seqs, depths) if self.policy.use_heads(d)]
+        head_cands: dict[int, list[list[int]]] = {}
+        if self.heads is not None and with_heads:
+            hs = [s for s, _ in with_heads]
+            idx = torch.tensor([rows[seqs.index(s)] for s in hs], device=hidden.device)
+            top = max(d for _, d in with_heads)
+            needed = min(top, max(len(c) for c in self.policy.choices))  # heads the trees read
+            cands = self.heads.candidates(
+                hidden[idx], self.model, [s.token_ids[-1] for s in hs], needed,
+                positions=[s.num_cached - 1 for s in hs])  # last accepted token's
+            head_cands = {id(s): c for s, c in zip(hs, cands)}
+        for seq, depth in zip(spec_seqs, depths):
+            seq.draft = self.policy.build_tree(seq.token_ids, head_cands.get(id(seq)), depth)
 
     # -- bookkeeping -------------------------------------------------------------------
     def _finish(self, seq: Sequence) -> None:

@@ -34,15 +34,15 @@ def test_nodes_count_the_heads_tree_and_the_ngram_chain():
 def test_auto_stops_drafting_when_verifying_costs_as_much_as_it_saves():
     p = _policy()
     _teach(p, lambda n: 0.01 * n, accept=0.5)  # cost linear in tokens: never pays
-    depths = [p.draft_depth(1) for _ in range(PROBE_EVERY - 1)]
-    assert depths == [0] * (PROBE_EVERY - 1)
-    assert p.draft_depth(1) == p.max_depth  # the periodic probe keeps measuring
+    depths = [p.draft_depths(1, 1) for _ in range(PROBE_EVERY - 1)]
+    assert depths == [[0]] * (PROBE_EVERY - 1)
+    assert p.draft_depths(1, 1) == [p.max_depth]  # the periodic probe keeps measuring
 
 
 def test_auto_drafts_fully_when_verifying_is_nearly_free_and_drafts_are_good():
     p = _policy()
     _teach(p, lambda n: 0.01 * (1 + 0.01 * n), accept=0.8)
-    assert p.draft_depth(1) == p.max_depth
+    assert p.draft_depths(1, 1) == [p.max_depth]
 
 
 def test_auto_shrinks_drafts_as_the_batch_grows():
@@ -50,5 +50,25 @@ def test_auto_shrinks_drafts_as_the_batch_grows():
     batch 8 gets little or no draft."""
     p = _policy()
     _teach(p, lambda n: 0.02 * max(1.0, n / 8), accept=0.6)
-    assert p.draft_depth(1) >= 3
-    assert p.draft_depth(8) == 0
+    assert p.best_depth(1) >= 3
+    assert p.best_depth(8) == 0
+
+
+def test_auto_probes_one_sequence_at_a_time():
+    """Drafting off for a batch of 8: each probe step drafts fully for ONE sequence, round
+    robin, not for the whole batch (whose tree would cost several plain steps)."""
+    p = _policy()
+    _teach(p, lambda n: 0.02 * max(1.0, n / 8), accept=0.6)
+    probes = []
+    for step in range(1, 4 * PROBE_EVERY + 1):
+        depths = p.draft_depths(8, 8)
+        drafting = [i for i, d in enumerate(depths) if d]
+        if step % PROBE_EVERY:
+            assert drafting == []
+        else:
+            assert len(drafting) == 1 and depths[drafting[0]] == p.max_depth
+            probes.append(drafting[0])
+    assert len(set(probes)) == 4  # a different sequence each time
+    assert p.draft_depths(8, 0) == []
+    on = SpeculationPolicy(SpecConfig(mode="on", proposer="ngram", tree="chain4"), None)
+    assert on.draft_depths(8, 3) == [on.max_depth] * 3
