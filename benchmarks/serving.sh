@@ -92,7 +92,14 @@ if [[ -n "$VLLM_PYTHON" ]]; then
   SHIPPED=$(python -c "import mtpserve.decoding.heads as h; print(next(p.parent for p in h.SHIPPED_HEADS_DIR.glob('*/heads.json')))")
   [[ -d "$HEADS" ]] || mtpserve export-heads --heads "$SHIPPED" --format vllm-medusa --full-vocabulary --out "$HEADS"
   export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
-  VLLM=("$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server --model "$HF" --served-model-name smollm2
+  # vLLM's CPU build reserves one core for its front end by default (1 of 2 here) and wants
+  # tcmalloc + Intel OpenMP preloaded: give it every core and its allocator, as its docs say.
+  export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-$(($(nproc) - 1))}
+  VLLM_LIB="$(dirname "$(dirname "$VLLM_PYTHON")")/lib"
+  for lib in /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 "$VLLM_LIB/libiomp5.so"; do
+    [[ -e "$lib" ]] && VLLM_PRELOAD="${VLLM_PRELOAD:+$VLLM_PRELOAD:}$lib"
+  done
+  VLLM=(env LD_PRELOAD="${VLLM_PRELOAD:-}" "$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server --model "$HF" --served-model-name smollm2
         --host 127.0.0.1 --port "$PORT" --dtype bfloat16 --max-model-len 2048 --max-num-seqs "$MAXSEQ")
   NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
   NHEADS=$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["num_heads"])' "$HEADS/config.json")
