@@ -169,6 +169,16 @@ def find_mismatches(records: Sequence[RequestRecord], arm_a: str, arm_b: str,
     return len(keys), out
 
 
+def _at_token(probe: Probe, tokens: Sequence[TokenLogprob], idx: int,
+              near_tie_margin: float) -> Probe:
+    """Fill ``probe`` with arm A's token ``idx``: its alternatives, margin and verdict."""
+    entry = tokens[idx]
+    probe.token_index, probe.token, probe.top = idx, entry.token, entry.top[:PROBE_TOP_LOGPROBS]
+    probe.margin = top2_margin(entry)
+    probe.near_tie = None if probe.margin is None else probe.margin < near_tie_margin
+    return probe
+
+
 def _judge(tokens: Sequence[TokenLogprob], char_index: int, near_tie_margin: float,
            probe: Probe) -> Probe:
     """Fill ``probe`` from the logprob entry covering ``char_index``."""
@@ -179,11 +189,7 @@ def _judge(tokens: Sequence[TokenLogprob], char_index: int, near_tie_margin: flo
     if idx is None:
         probe.error = "logprob tokens do not cover the differing character"
         return probe
-    entry = tokens[idx]
-    probe.token_index, probe.token, probe.top = idx, entry.token, entry.top[:PROBE_TOP_LOGPROBS]
-    probe.margin = top2_margin(entry)
-    probe.near_tie = None if probe.margin is None else probe.margin < near_tie_margin
-    return probe
+    return _at_token(probe, tokens, idx, near_tie_margin)
 
 
 def first_token_difference(a: Sequence[TokenLogprob], b: Sequence[TokenLogprob]) -> int | None:
@@ -210,12 +216,8 @@ def judge_in_run(rec_a: RequestRecord, rec_b: RequestRecord, mismatch: Mismatch,
     idx = first_token_difference(toks_a, toks_b) if toks_b else None
     if idx is None:
         return _judge(toks_a, mismatch.first_diff_char, near_tie_margin, probe)
-    entry = toks_a[idx]
-    probe.token_index, probe.token, probe.top = idx, entry.token, entry.top[:PROBE_TOP_LOGPROBS]
-    probe.margin = top2_margin(entry)
-    probe.near_tie = None if probe.margin is None else probe.margin < near_tie_margin
     probe.margin_b = top2_margin(toks_b[idx])
-    return probe
+    return _at_token(probe, toks_a, idx, near_tie_margin)
 
 
 async def probe_mismatch(http: httpx.AsyncClient, arm: Arm, prompt: Prompt,
