@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from typing import Callable
 
 import torch
 
@@ -103,7 +104,11 @@ class LLMEngine:
         self._seed_rng = random.Random(config.seed)
         self.num_steps = 0
         self.generated_tokens = 0
-        self.fault_hook = None  # tests only: callable(seq) that may raise inside a step
+        # Tests only: raise inside a step. fault_hook(seq) runs in one sequence's own
+        # processing (fails that sequence); batch_fault_hook(seqs) runs just before the
+        # batched forward (fails every sequence of the step).
+        self.fault_hook: Callable[[Sequence], None] | None = None
+        self.batch_fault_hook: Callable[[list[Sequence]], None] | None = None
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -206,11 +211,24 @@ class LLMEngine:
         if not batch:
             return []
         self.num_steps += 1
+        outputs: list[RequestOutput] = []
+        try:
+            self._run_batch(batch, outputs)
+        except Exception as exc:  # shared work failed: fail this step's requests, keep serving
+            log.exception("engine step %d failed; failing its %d request(s)",
+                          self.num_steps, len(batch))
+            outputs.extend(self._fail_batch(batch, exc))
+        return outputs
+
+    def _run_batch(self, batch: list[ScheduledSeq], outputs: list[RequestOutput]) -> None:
+        """One step over a scheduled batch; appends each output to `outputs` as soon as it
+        exists, so a later fault in the step does not lose outputs already final."""
         t_start = time.perf_counter()
         ids, meta, logit_rows = self._prepare(batch)
+        if self.batch_fault_hook is not None:
+            self.batch_fault_hook([item.seq for item in batch])
         hidden, draft_src = self._forward(ids, meta)
         logits = self.model.compute_logits(hidden[logit_rows]) if logit_rows.numel() else None
-        outputs: list[RequestOutput] = []
         row = 0
         last_rows: list[int] = []  # hidden row of each sequence's last accepted node
         drafting: list[Sequence] = []
@@ -242,7 +260,19 @@ class LLMEngine:
         if all(item.tree is not None for item in batch):  # decode-only steps teach auto
             # Timed after drafting, so the heads' own cost is part of a speculative step.
             self.policy.observe_step(int(ids.numel()), time.perf_counter() - t_start)
-        return outputs
+
+    def _fail_batch(self, batch: list[ScheduledSeq], exc: Exception) -> list[RequestOutput]:
+        """Finish every sequence of a failed step with an error (freeing its slot). Those
+        that finished earlier in the step keep their output; waiting ones are untouched."""
+        message = f"engine step failed: {type(exc).__name__}: {exc}"
+        failed: list[RequestOutput] = []
+        for item in batch:
+            seq = item.seq
+            if seq.status is Status.FINISHED:  # earlier in this step: its output stands
+                continue
+            self._finish(seq)
+            failed.append(self._output(seq, [], "", "error", error=message))
+        return failed
 
     def _forward(self, ids: torch.Tensor, meta: AttentionMetadata
                  ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -130,7 +130,9 @@ class EngineRunner:
                 for out in self.engine.step():
                     self._deliver(out)
                 self._stats = self.engine.stats()
-        except BaseException as exc:  # engine bug: fail every request loudly, keep no zombies
+        # Last line of defence: step() contains its own faults (failing that step's
+        # requests), so this is a bug in that recovery or outside the step.
+        except BaseException as exc:  # fail every request loudly, keep no zombies
             log.exception("engine loop crashed")
             self.fatal_error = exc
             for rid in list(self._callbacks):

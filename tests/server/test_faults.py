@@ -4,8 +4,10 @@ at once and recovers.
 
 Faults are raised inside the engine's step through its test-only `fault_hook` (called
 for each sequence that gets logits in a step; whatever it raises fails that sequence
-alone). Every test ends with the engine idle: no running or waiting sequence, the KV
-cache empty, no admission slot held, no asyncio task left on the server's loop.
+alone), or through `batch_fault_hook` (called before each step's batched forward;
+whatever it raises fails every request of that step). Every test ends with the engine
+idle: no running or waiting sequence, the KV cache empty, no admission slot held, no
+asyncio task left on the server's loop.
 """
 
 from __future__ import annotations
@@ -153,6 +155,59 @@ def test_engine_fault_fails_alone_while_concurrent_requests_finish(srv, model_na
     assert INJECTED in err["message"]
     assert len(fault_hook.injected) == 3  # each fault fired once, and failed its request
     fault_hook.rules = []
+    assert_clean(srv)
+
+
+def _failed_requests(m: dict, path: str) -> float:
+    return m.get(("mtpserve_requests_total", (("endpoint", path), ("finish_reason", "error"),
+                                              ("status", "500"))), 0)
+
+
+def test_batch_fault_fails_its_step_and_the_engine_serves_on(srv, model_name, shared_runner):
+    """A fault in a step's batched forward: the request(s) of that step fail as a
+    per-request fault does (500 engine_error, or an error event and [DONE]); the engine
+    thread lives on and the next request gets its normal answer."""
+    assert_clean(srv)
+    engine = shared_runner.engine
+    plain = {"model": model_name, "prompt": "Once upon a time", "max_tokens": 12,
+             "temperature": 0, "ignore_eos": True}
+    ok = httpx.post(srv.url + COMPLETIONS, json=plain, timeout=120)
+    assert ok.status_code == 200
+    expected = ok.json()["choices"][0]["text"]
+    marker = 17  # max_tokens of the requests whose steps fail
+    hit: list[list[str]] = []
+
+    def hook(seqs) -> None:
+        if any(s.params.max_tokens == marker and s.num_emitted >= 2 for s in seqs):
+            hit.append([s.request_id for s in seqs])
+            raise RuntimeError(f"{INJECTED} in the batch")
+
+    before = scrape(srv.url)
+    engine.batch_fault_hook = hook
+    try:
+        r = httpx.post(srv.url + COMPLETIONS, json={**plain, "max_tokens": marker}, timeout=120)
+        chat = {"model": model_name, "messages": [{"role": "user", "content": "Tell a story."}],
+                "max_tokens": marker, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + CHAT, json=chat, timeout=120) as s:
+            assert s.status_code == 200  # headers were out: the error is an event
+            events = sse_events(s)
+    finally:
+        engine.batch_fault_hook = None
+    assert r.status_code == 500
+    err = assert_openai_error(r.json(), "engine_error")
+    assert err["type"] == "server_error" and INJECTED in err["message"]
+    assert events[-1] == "[DONE]"
+    err = assert_openai_error(events[-2], "engine_error")
+    assert INJECTED in err["message"]
+    assert all("choices" in e for e in events[:-2]) and len(events) > 3  # tokens came first
+    assert [len(b) for b in hit] == [1, 1]  # one step each, holding only its request
+    after = scrape(srv.url)
+    for path in (COMPLETIONS, CHAT):  # each faulted request counted once as failed
+        assert _failed_requests(after, path) - _failed_requests(before, path) == 1
+
+    assert shared_runner.is_alive and shared_runner.fatal_error is None
+    again = httpx.post(srv.url + COMPLETIONS, json=plain, timeout=120)
+    assert again.status_code == 200 and again.json()["choices"][0]["text"] == expected
     assert_clean(srv)
 
 
