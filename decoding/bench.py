@@ -616,19 +616,22 @@ def _heads_meta(engine) -> dict:
     rank_acc = meta.get("training", {}).get("heldout", {}).get("rank_acc")
     if not rank_acc:
         raise ValueError(f"{meta_path}: no training.heldout.rank_acc (train-heads writes it)")
-    return {"path": path, "rank_acc": rank_acc}
+    topk = getattr(engine.heads, "topk", None)
+    return {"path": path, "rank_acc": [r[:topk] for r in rank_acc] if topk else rank_acc,
+            "chain_only": meta.get("head_type") == "sequential"}
 
 
-def tree_candidates(rank_acc: list[list[float]], max_nodes: int = 16
+def tree_candidates(rank_acc: list[list[float]], max_nodes: int = 16, chain_only: bool = False
                     ) -> dict[str, list[tuple[int, ...]]]:
-    """The presets plus the Medusa-calibrated trees of every size up to max_nodes."""
-    from .train_heads import calibrated_tree
+    """The presets plus the Medusa-calibrated trees of every size up to max_nodes
+    (chain_only: sequential heads, trees that branch off the top-1 chain)."""
+    from .train_heads import calibrated_tree, on_chain
     from .tree import PRESETS
 
     out = {name: list(ch) for name, ch in PRESETS.items()
-           if all(len(c) <= len(rank_acc) for c in ch)}
+           if all(len(c) <= len(rank_acc) for c in ch) and (not chain_only or on_chain(ch))}
     for n in range(1, max_nodes + 1):
-        out[f"calibrated{n}"] = calibrated_tree(rank_acc, n)
+        out[f"calibrated{n}"] = calibrated_tree(rank_acc, n, chain_only)
     return out
 
 
@@ -653,7 +656,7 @@ def calibrate_tree(engine, args, filler: list[int]) -> dict:
     """Measure the verify cost of every tree size and the heads' drafting cost here, then
     rank trees by expected speedup over plain decoding (heads' held-out accuracies)."""
     hm = _heads_meta(engine)
-    cands = tree_candidates(hm["rank_acc"])
+    cands = tree_candidates(hm["rank_acc"], chain_only=hm["chain_only"])
     sizes = sorted({1} | {1 + len(c) for c in cands.values()})
     curve = verify_curve(engine, filler, args.verify_context, sizes, args.verify_runs)
     verify_ms = {r["k"]: r["ms"] for r in curve}
@@ -664,7 +667,8 @@ def calibrate_tree(engine, args, filler: list[int]) -> dict:
         for i in range(args.verify_runs + 3):
             _sync(engine.device)
             t0 = time.perf_counter()
-            engine.heads.candidates(hidden, engine.model, [filler[0]])
+            engine.heads.candidates(hidden, engine.model, [filler[0]], len(hm["rank_acc"]),
+                                    positions=[1])
             _sync(engine.device)
             if i >= 3:
                 times.append(time.perf_counter() - t0)

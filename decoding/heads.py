@@ -52,6 +52,23 @@ class DraftHeads(Protocol):
         ...
 
 
+class UnembedRows:
+    """Rows `ids` of an unembedding, copied once and rebuilt only when the weight (storage,
+    device, dtype, shape) or the ids change: drafting reads them every step."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self.rows: torch.Tensor | None = None
+
+    def get(self, src: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        key = (src.data_ptr(), src.device, src.dtype, src.shape, ids.data_ptr(), ids.device)
+        if key != self._key:
+            with torch.no_grad():
+                self.rows = src.detach().index_select(0, ids.to(src.device)).contiguous()
+            self._key = key
+        return self.rows
+
+
 class ResBlock(nn.Module):
     """h + SiLU(W h + b): Medusa's block, initialised to identity by W = 0."""
 
@@ -82,13 +99,15 @@ class MedusaHeads(nn.Module):
         # Sorted token ids the heads draft from (None: the full vocabulary). A buffer so
         # `.to(device)` moves it, but not persistent: it is not a weight (saved separately).
         self.register_buffer("draft_vocab", None, persistent=False)
-        self._sub_unembed: torch.Tensor | None = None  # cached rows of the unembedding
+        self._shared_rows = UnembedRows()  # draft-vocabulary rows of the base unembedding
+        self._sub_unembed: torch.Tensor | None = None  # the same for heads' own unembeddings
         self._sub_key: tuple | None = None
 
     def set_draft_vocab(self, ids: torch.Tensor | None, where: str = "draft_vocab") -> None:
         """Restrict drafting to `ids` (1-D, strictly increasing, within the vocabulary);
         None restores the full vocabulary."""
         self._sub_unembed, self._sub_key = None, None
+        self._shared_rows = UnembedRows()
         if ids is None:
             self.draft_vocab = None
             return
@@ -101,22 +120,15 @@ class MedusaHeads(nn.Module):
         with their own), built on the first call and kept while the source weight, device
         and dtype stay the same."""
         if self.lm_heads is None:
-            src = model.unembed_weight()
-            key = (src.data_ptr(), src.device, src.dtype, src.shape, self.draft_vocab.data_ptr(),
-                   self.draft_vocab.device)
-        else:
-            src = None
-            w0 = self.lm_heads[0].weight
-            key = (tuple(lm.weight.data_ptr() for lm in self.lm_heads), w0.device, w0.dtype,
-                   self.draft_vocab.data_ptr(), self.draft_vocab.device)
+            return self._shared_rows.get(model.unembed_weight(), self.draft_vocab)
+        w0 = self.lm_heads[0].weight
+        key = (tuple(lm.weight.data_ptr() for lm in self.lm_heads), w0.device, w0.dtype,
+               self.draft_vocab.data_ptr(), self.draft_vocab.device)
         if self._sub_key != key:
             with torch.no_grad():
-                dv = self.draft_vocab.to(src.device if src is not None else w0.device)
-                if src is not None:
-                    self._sub_unembed = src.detach().index_select(0, dv).contiguous()
-                else:
-                    rows = [lm.weight.detach().index_select(0, dv) for lm in self.lm_heads]
-                    self._sub_unembed = torch.stack(rows).contiguous()
+                dv = self.draft_vocab.to(w0.device)
+                rows = [lm.weight.detach().index_select(0, dv) for lm in self.lm_heads]
+                self._sub_unembed = torch.stack(rows).contiguous()
             self._sub_key = key
         return self._sub_unembed
 
@@ -125,6 +137,11 @@ class MedusaHeads(nn.Module):
         dtype)`), instead of on the first drafting step. No-op without a draft vocab."""
         if self.draft_vocab is not None:
             self._draft_unembedding(model)
+
+    def project_meta(self) -> dict:
+        """What heads.json records about this head type (besides the common fields)."""
+        return {"head_type": "medusa", "num_heads": self.num_heads, "num_layers": self.num_layers,
+                "own_unembedding": self.lm_heads is not None}
 
     def head_hidden(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
         """[B, H] -> [n, B, H] for the first n (default all) heads."""
@@ -206,13 +223,17 @@ def _tree_in(folder: Path, tree: str) -> str:
     return str(folder / tree) if tree.endswith(".json") else tree
 
 
-def load_project_heads(folder: Path, base: ModelConfig) -> MedusaHeads:
+def load_project_heads(folder: Path, base: ModelConfig) -> DraftHeads:
+    """The project's format: heads.json + heads.safetensors, Medusa or sequential heads."""
+    from .mtp_sequential import SequentialMTPHeads
+
     meta_path = folder / "heads.json"
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != HEADS_FORMAT:
         raise ValueError(f"{meta_path}: not an {HEADS_FORMAT} file")
-    if meta.get("head_type") != "medusa":
-        raise ValueError(f"{meta_path}: head type {meta.get('head_type')!r} is not supported")
+    if meta.get("head_type") not in ("medusa", "sequential"):
+        raise ValueError(f"{meta_path}: head type {meta.get('head_type')!r} is not supported "
+                         f"(medusa, sequential)")
     if meta.get("hidden_size") != base.hidden_size or meta.get("vocab_size") != base.vocab_size:
         raise ValueError(
             f"{meta_path}: heads were made for hidden {meta.get('hidden_size')} / vocab "
@@ -221,9 +242,14 @@ def load_project_heads(folder: Path, base: ModelConfig) -> MedusaHeads:
     if fp and fp != base.fingerprint():
         raise ValueError(f"{meta_path}: heads belong to base model {fp}, "
                          f"this model is {base.fingerprint()}")
-    heads = MedusaHeads(base.hidden_size, base.vocab_size, int(meta["num_heads"]),
-                        int(meta["num_layers"]), bool(meta.get("own_unembedding", False)),
-                        default_tree=_tree_in(folder, meta.get("default_tree", "tree16")))
+    tree = _tree_in(folder, meta.get("default_tree", "tree16"))
+    if meta["head_type"] == "sequential":
+        heads: MedusaHeads | SequentialMTPHeads = SequentialMTPHeads.from_project_meta(
+            meta, base, tree)
+    else:
+        heads = MedusaHeads(base.hidden_size, base.vocab_size, int(meta["num_heads"]),
+                            int(meta["num_layers"]), bool(meta.get("own_unembedding", False)),
+                            default_tree=tree)
     weights = folder / "heads.safetensors"
     tensors = _read_tensors(weights)
     draft_vocab = tensors.pop(DRAFT_VOCAB_KEY, None)
@@ -262,8 +288,10 @@ def load_medusa_heads(folder: Path, base: ModelConfig) -> MedusaHeads:
     return heads
 
 
-def save_project_heads(heads: MedusaHeads, folder: str | Path, base: ModelConfig,
+def save_project_heads(heads: DraftHeads, folder: str | Path, base: ModelConfig,
                        training: dict | None = None) -> None:
+    """heads.safetensors (+ draft_vocab) and heads.json, for MedusaHeads or the
+    project's SequentialMTPHeads (anything with `project_meta()`)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -272,13 +300,9 @@ def save_project_heads(heads: MedusaHeads, folder: str | Path, base: ModelConfig
     if heads.draft_vocab is not None:
         tensors[DRAFT_VOCAB_KEY] = heads.draft_vocab.detach().to(torch.int64).contiguous().cpu()
     save_file(tensors, str(folder / "heads.safetensors"))
-    meta = {
-        "format": HEADS_FORMAT, "version": 1, "head_type": "medusa",
-        "num_heads": heads.num_heads, "num_layers": heads.num_layers,
-        "hidden_size": base.hidden_size, "vocab_size": base.vocab_size,
-        "own_unembedding": heads.lm_heads is not None,
-        "base_fingerprint": base.fingerprint(), "default_tree": heads.default_tree,
-    }
+    meta = {"format": HEADS_FORMAT, "version": 1, **heads.project_meta(),
+            "hidden_size": base.hidden_size, "vocab_size": base.vocab_size,
+            "base_fingerprint": base.fingerprint(), "default_tree": heads.default_tree}
     if heads.draft_vocab is not None:
         meta["draft_vocab_size"] = int(heads.draft_vocab.numel())
     meta["training"] = training or {}

@@ -12,6 +12,10 @@ the tree is deep, the last module is reused, as vLLM does for DeepSeek's single 
 Chain step j sits at rope position p + j (p: the last accepted token's position, the
 embedding zeroed at position 0), vLLM's convention.
 
+The project's own format (heads.json `head_type: sequential`, written by `mtpserve
+train-heads --head-type sequential`) holds DeepSeek-style modules with their own output
+norm, sharing the base embedding and unembedding, optionally with a draft vocabulary.
+
 Checkpoint layout: the model's config.json with `num_nextn_predict_layers` and its
 safetensors, module i under `model.layers.{num_hidden_layers + i}.` (DeepSeek: enorm,
 hnorm, eh_proj, optional shared_head.{norm,head} and embed_tokens) or `model.mtp_layers.{i}.`
@@ -38,6 +42,7 @@ from torch import nn
 
 from .attention import AttentionMetadata
 from .config import ModelConfig
+from .heads import UnembedRows, check_draft_vocab
 from .kv_cache import KVCache
 from .model import DecoderLayer, RMSNorm, load_decoder_layer
 from .mtp_common import TensorTaker, check_field, put, read_matching, safetensors_files
@@ -60,9 +65,22 @@ class MTPModule(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, H) if own_embed else None
 
     def step(self, tokens: torch.Tensor, h_prev: torch.Tensor, model: nn.Module,
-             meta: AttentionMetadata, kv: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+             meta: AttentionMetadata, kv: KVCache, vocab_rows: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B], h_prev [B, H] -> (h [B, H] chained to the next depth, float32
-        logits [B, V])."""
+        logits [B, V], or [B, V'] against `vocab_rows` [V', H] of the unembedding when a
+        draft vocabulary is in use)."""
+        x, normed = self.advance(tokens, h_prev, model, meta, kv)
+        if vocab_rows is not None:
+            return x, F.linear(normed, vocab_rows.to(normed.dtype)).float()
+        if self.head is not None:
+            return x, F.linear(normed, self.head.weight).float()
+        return x, model.compute_logits(normed)
+
+    def advance(self, tokens: torch.Tensor, h_prev: torch.Tensor, model: nn.Module,
+                meta: AttentionMetadata, kv: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (h [B, H] for the next depth, the normed state the unembedding reads).
+        Differentiable: train-heads runs it with a list-backed cache (train_sequential.py)."""
         emb = (model.embed_tokens if self.embed is None else self.embed)(tokens)
         emb = emb * (meta.positions != 0).to(emb.dtype)[:, None]  # vLLM masks position 0
         e, h = self.enorm(emb), self.hnorm(h_prev)
@@ -73,9 +91,7 @@ class MTPModule(nn.Module):
             normed = x
         else:
             normed = (self.norm or model.norm)(x)
-        if self.head is not None:
-            return x, F.linear(normed, self.head.weight).float()
-        return x, model.compute_logits(normed)
+        return x, normed
 
 
 class SequentialMTPHeads(nn.Module):
@@ -89,11 +105,63 @@ class SequentialMTPHeads(nn.Module):
         self.num_heads = len(modules)
         self.topk = topk
         self.default_tree = default_tree
+        self.vocab_size = cfg.vocab_size
         # The drafting cache has one layer per module (block idx i -> layer i).
         self._cache_cfg = dataclasses.replace(cfg, num_layers=len(modules))
+        # Sorted token ids drafting scores (None: all); not a weight, saved separately.
+        self.register_buffer("draft_vocab", None, persistent=False)
+        self._rows = UnembedRows()
+
+    # -- the project's own format (train-heads writes it, heads.py reads it) ---------------
+    @classmethod
+    def new(cls, cfg: ModelConfig, num_modules: int = 1, default_tree: str = "chain4"
+            ) -> "SequentialMTPHeads":
+        """Untrained DeepSeek-style modules with their own output norm and the base
+        unembedding shared (what `train-heads --head-type sequential` trains)."""
+        mods = [MTPModule(cfg, i, mimo=False, own_norm=True, own_head=False, own_embed=False)
+                for i in range(num_modules)]
+        return cls(cfg, mods, "deepseek", default_tree=default_tree)
+
+    @classmethod
+    def from_project_meta(cls, meta: dict, cfg: ModelConfig, default_tree: str
+                          ) -> "SequentialMTPHeads":
+        """An empty instance shaped as heads.json says (weights are assigned after)."""
+        n = int(meta["num_modules"])
+        style = meta.get("style", "deepseek")
+        if n < 1 or style not in ("deepseek", "mimo"):
+            raise ValueError(f"heads.json: num_modules {n} / style {style!r} is not usable")
+        mimo = style == "mimo"
+        mods = [MTPModule(cfg, i, mimo=mimo, own_norm=mimo or bool(meta.get("own_norm", True)),
+                          own_head=False, own_embed=False) for i in range(n)]
+        return cls(cfg, mods, style, default_tree=default_tree)
+
+    def project_meta(self) -> dict:
+        if any(m.head is not None or m.embed is not None for m in self.mods):
+            raise ValueError("the project format shares the base model's embedding and "
+                             "unembedding; these modules carry their own")
+        return {"head_type": "sequential", "num_modules": len(self.mods), "style": self.style,
+                "own_norm": self.mods[0].norm is not None}
+
+    # -- draft vocabulary (see heads.py) ------------------------------------------------------
+    def set_draft_vocab(self, ids: torch.Tensor | None, where: str = "draft_vocab") -> None:
+        self._rows = UnembedRows()
+        if ids is None:
+            self.draft_vocab = None
+            return
+        if any(m.head is not None for m in self.mods):
+            raise ValueError(f"{where}: a draft vocabulary needs the shared unembedding")
+        ids = check_draft_vocab(ids, self.vocab_size, where)
+        self.draft_vocab = ids.to(next(self.parameters()).device)
+
+    def _vocab_rows(self, model: nn.Module) -> torch.Tensor | None:
+        if self.draft_vocab is None:
+            return None
+        return self._rows.get(model.unembed_weight(), self.draft_vocab)
 
     def prepare(self, model: nn.Module | None = None) -> None:
-        """Nothing to precompute (same interface as MedusaHeads)."""
+        """Slice the draft vocabulary's rows of the unembedding now, not on the first step."""
+        if model is not None:
+            self._vocab_rows(model)
 
     def candidates(self, hidden: torch.Tensor, model: nn.Module, last_tokens: list[int],
                    num_heads: int | None = None, positions: list[int] | None = None
@@ -111,6 +179,7 @@ class SequentialMTPHeads(nn.Module):
         rows = torch.arange(B, device=dev)
         pos0 = torch.tensor(positions if positions is not None else [0] * B, device=dev)
         tokens = torch.tensor(last_tokens, device=dev)
+        vocab_rows = self._vocab_rows(model)
         h, tops = hidden, []
         for j in range(depth):
             m = min(j, last_mod)
@@ -120,8 +189,10 @@ class SequentialMTPHeads(nn.Module):
                 seq_slots=rows, slot_start=0, kv_len=idx + 1, num_seqs=B, q_len=1,
                 q_gather=None if B == 1 else rows, q_scatter=None if B == 1 else rows,
                 mask=None)
-            h, logits = self.mods[m].step(tokens, h, model, meta, kv)
+            h, logits = self.mods[m].step(tokens, h, model, meta, kv, vocab_rows)
             top = logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices  # [B, k]
+            if self.draft_vocab is not None:
+                top = self.draft_vocab[top]  # columns -> token ids
             tops.append(top)
             tokens = top[:, 0]  # the chain continues along the top-1 token
         return torch.stack(tops, dim=1).tolist()  # one host sync: [B][depth][k]

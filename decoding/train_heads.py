@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 # -- config ------------------------------------------------------------------------------
 @dataclass(slots=True)
 class TrainConfig:
-    num_heads: int = 4
+    head_type: str = "medusa"  # medusa | sequential (train_sequential.py)
+    num_heads: int = 4  # medusa: heads; sequential: chain depths trained
     num_layers: int = 1
     epochs: int = 6
     lr: float = 3e-3
@@ -66,6 +67,8 @@ class TrainConfig:
             raise ValueError("need epochs >= 1, batch_tokens >= 1, lr > 0")
         if not 0.0 <= self.holdout_frac < 1.0:
             raise ValueError("holdout_frac must be in [0, 1)")
+        if self.head_type not in ("medusa", "sequential"):
+            raise ValueError("head_type must be medusa or sequential")
         if self.targets not in ("argmax", "tokens") or \
                 self.vocab not in ("plausible", "targets", "full"):
             raise ValueError("targets must be argmax|tokens, vocab plausible|targets|full")
@@ -259,17 +262,25 @@ def expected_accepted(choices: list[tuple[int, ...]], rank_acc: list[list[float]
     return total
 
 
-def calibrated_tree(rank_acc: list[list[float]], num_nodes: int) -> list[tuple[int, ...]]:
-    """Medusa's greedy construction: add the node with the highest path probability."""
+def calibrated_tree(rank_acc: list[list[float]], num_nodes: int, chain_only: bool = False
+                    ) -> list[tuple[int, ...]]:
+    """Medusa's greedy construction: add the node with the highest path probability.
+    chain_only (sequential heads, which draft every depth after the top-1 token of the
+    one before): only the top-1 node of a depth has children."""
     chosen: list[tuple[int, ...]] = []
     frontier = {(r,) for r in range(len(rank_acc[0]))}
     while frontier and len(chosen) < num_nodes:
         best = max(sorted(frontier), key=lambda p: expected_accepted([p], rank_acc))
         frontier.remove(best)
         chosen.append(best)
-        if len(best) < len(rank_acc):
+        if len(best) < len(rank_acc) and not (chain_only and best[-1] != 0):
             frontier |= {best + (r,) for r in range(len(rank_acc[len(best)]))}
     return sorted(chosen, key=lambda c: (len(c), c))
+
+
+def on_chain(choices: list[tuple[int, ...]]) -> bool:
+    """Every path branches off the top-1 chain (what sequential heads can fill)."""
+    return all(all(r == 0 for r in c[:-1]) for c in choices)
 
 
 @torch.no_grad()
@@ -296,7 +307,7 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def train(model, cache: HiddenCache, cfg: TrainConfig, out: Path, resume: bool = False,
           progress=None, default_tree: str = "tree16", draft_vocab: int = 0
           ) -> tuple[MedusaHeads, dict]:
-    """Train heads over the cached hidden states; checkpoint to out/checkpoint.pt."""
+    """Train Medusa heads over the cached hidden states; checkpoint to out/checkpoint.pt."""
     torch.manual_seed(cfg.seed)
     H, V = model.config.hidden_size, model.config.vocab_size
     heads = MedusaHeads(H, V, cfg.num_heads, cfg.num_layers, default_tree=default_tree)
@@ -309,74 +320,27 @@ def train(model, cache: HiddenCache, cfg: TrainConfig, out: Path, resume: bool =
     unembed = model.unembed_weight().detach().float().cpu()
     if cfg.vocab != "full":
         vocab_ids = softmax_vocab(cfg, unembed, cache.hidden[rows], tgts)
-        remap = torch.full((V,), -1, dtype=torch.long)
-        remap[vocab_ids] = torch.arange(len(vocab_ids))
-        sub_tgts = torch.where(tgts >= 0, remap[tgts.clamp(min=0)], tgts)
+        sub_tgts = remap_targets(tgts, vocab_ids, V)
         unembed = unembed[vocab_ids.to(unembed.device)]
     else:
         sub_tgts = tgts
-    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(rows) / cfg.batch_tokens)
-    total = steps_per_epoch * cfg.epochs
-    step = 0
-    ckpt = out / "checkpoint.pt"
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["config"] != asdict(cfg) or state["train_positions"] != len(rows):
-            raise ValueError(f"{ckpt}: was written with other settings or data "
-                             f"({state['config']}, {state['train_positions']} positions)")
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        (progress or log.info)(f"resumed from {ckpt} at step {step}/{total}")
+    resuming = resume and (out / "checkpoint.pt").exists()
     baseline = evaluate(MedusaHeads(H, V, cfg.num_heads, cfg.num_layers), model, cache,
-                        h_rows, h_tgts) if len(h_rows) and step == 0 else None
+                        h_rows, h_tgts) if len(h_rows) and not resuming else None
 
-    def save_ckpt() -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"heads": heads.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "config": asdict(cfg), "train_positions": len(rows)}, tmp)
-        tmp.replace(ckpt)
-
-    bar = _bar(total, step)
-    t0 = time.perf_counter()
-    ema_loss, ema_acc = None, None
-    heads.train()
-    while step < total:
-        epoch, within = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        idx = perm[within * cfg.batch_tokens:(within + 1) * cfg.batch_tokens]
-        h = cache.hidden[rows[idx]]
+    def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = _logits(heads, unembed, cache.hidden[rows[idx]])  # [K, B, V']
         tg = sub_tgts[idx].T  # [K, B]
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, total, cfg)
-        logits = _logits(heads, unembed, h)  # [K, B, V']
         losses = [F.cross_entropy(logits[k], tg[k], ignore_index=-1) for k in range(cfg.num_heads)]
-        loss = torch.stack(losses).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        with torch.no_grad():
-            ok = tg >= 0
-            acc = ((logits.argmax(-1) == tg) & ok).sum(1).float() / ok.sum(1).clamp(min=1)
-        ema_loss = loss.item() if ema_loss is None else 0.9 * ema_loss + 0.1 * loss.item()
-        ema_acc = acc if ema_acc is None else 0.9 * ema_acc + 0.1 * acc
-        bar.update(step, f"epoch {epoch + 1}/{cfg.epochs} loss {ema_loss:.3f} top1 "
-                         + " ".join(f"{a:.2f}" for a in ema_acc.tolist()))
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            save_ckpt()
-    bar.close()
-    save_ckpt()
+        return torch.stack(losses).sum(), top1_hits(logits, tg)
+
+    report = run_steps(heads, len(rows), cfg, out, resume, batch_loss, progress)
     heads.eval()
-    report = {
-        "steps": total, "steps_per_epoch": steps_per_epoch, "train_positions": len(rows),
-        "train_sequences": len(train_seqs), "heldout_sequences": len(hold_seqs),
+    report.update({
+        "train_positions": len(rows), "train_sequences": len(train_seqs),
+        "heldout_sequences": len(hold_seqs),
         "softmax_vocab": len(vocab_ids) if vocab_ids is not None else V,
-        "train_seconds_this_run": round(time.perf_counter() - t0, 1),
-        "final_train_loss_ema": round(ema_loss, 4) if ema_loss is not None else None,
-    }
+    })
     if len(h_rows):
         report["heldout"] = evaluate(heads, model, cache, h_rows, h_tgts)
         if baseline is not None:
@@ -389,6 +353,76 @@ def train(model, cache: HiddenCache, cfg: TrainConfig, out: Path, resume: bool =
                 info["heldout"] = evaluate(heads, model, cache, h_rows, h_tgts, vocab_ids=ids)
         report["draft_vocab"] = info
     return heads, report
+
+
+def remap_targets(tgts: torch.Tensor, vocab_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Token ids -> their column in a softmax over `vocab_ids` (-1 stays -1)."""
+    remap = torch.full((vocab_size,), -1, dtype=torch.long)
+    remap[vocab_ids] = torch.arange(len(vocab_ids))
+    return torch.where(tgts >= 0, remap[tgts.clamp(min=0)], tgts)
+
+
+@torch.no_grad()
+def top1_hits(logits: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
+    """logits [K, B, V'], targets [K, B] (-1: none) -> top-1 accuracy per head [K]."""
+    ok = tg >= 0
+    return ((logits.argmax(-1) == tg) & ok).sum(1).float() / ok.sum(1).clamp(min=1)
+
+
+def run_steps(module: torch.nn.Module, num_rows: int, cfg: TrainConfig, out: Path,
+              resume: bool, batch_loss, progress=None) -> dict:
+    """The optimisation both head types share: AdamW with warmup + cosine decay over
+    `cfg.epochs` shuffled passes of `num_rows` training positions, `batch_loss(idx) ->
+    (loss, top-1 per depth)` on each batch, checkpoints of (weights, optimizer, step) in
+    out/checkpoint.pt, and `resume` from it (refused when settings or data differ)."""
+    opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(num_rows / cfg.batch_tokens)
+    total = steps_per_epoch * cfg.epochs
+    step = 0
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(cfg) or state["train_positions"] != num_rows:
+            raise ValueError(f"{ckpt}: was written with other settings or data "
+                             f"({state['config']}, {state['train_positions']} positions)")
+        module.load_state_dict(state["heads"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        (progress or log.info)(f"resumed from {ckpt} at step {step}/{total}")
+
+    def save_ckpt() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"heads": module.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "config": asdict(cfg), "train_positions": num_rows}, tmp)
+        tmp.replace(ckpt)
+
+    bar = _bar(total, step)
+    t0 = time.perf_counter()
+    ema_loss, ema_acc = None, None
+    module.train()
+    while step < total:
+        epoch, within = divmod(step, steps_per_epoch)
+        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        idx = perm[within * cfg.batch_tokens:(within + 1) * cfg.batch_tokens]
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, total, cfg)
+        loss, acc = batch_loss(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        ema_loss = loss.item() if ema_loss is None else 0.9 * ema_loss + 0.1 * loss.item()
+        ema_acc = acc if ema_acc is None else 0.9 * ema_acc + 0.1 * acc
+        bar.update(step, f"epoch {epoch + 1}/{cfg.epochs} loss {ema_loss:.3f} top1 "
+                         + " ".join(f"{a:.2f}" for a in ema_acc.tolist()))
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            save_ckpt()
+    bar.close()
+    save_ckpt()
+    return {"steps": total, "steps_per_epoch": steps_per_epoch,
+            "train_seconds_this_run": round(time.perf_counter() - t0, 1),
+            "final_train_loss_ema": round(ema_loss, 4) if ema_loss is not None else None}
 
 
 class _bar:
@@ -417,15 +451,22 @@ class _bar:
 
 
 # -- tree choice ---------------------------------------------------------------------------
-def choose_tree(rank_acc: list[list[float]], out: Path) -> tuple[str, dict]:
+def choose_tree(rank_acc: list[list[float]], out: Path, chain_only: bool = False,
+                topk: int | None = None) -> tuple[str, dict]:
     """Expected accepted drafts per step of each preset under the measured held-out rank
-    accuracies (heads taken as independent, as Medusa does), and a calibrated 16-node
-    choice list written to OUT/tree.json. The default tree is the preset with the highest
-    expectation (fewer nodes on a tie); `--tree OUT/tree.json` selects the calibrated one."""
-    scores = {name: round(expected_accepted(ch, rank_acc), 3) for name, ch in PRESETS.items()}
-    custom = calibrated_tree(rank_acc, 16)
+    accuracies (heads taken as independent, as Medusa does; for sequential heads,
+    `chain_only`, the accuracies are conditional on the earlier depths being right and
+    only trees that branch off the top-1 chain count), and a calibrated 16-node choice
+    list written to OUT/tree.json. The default tree is the preset with the highest
+    expectation (fewer nodes on a tie); `--tree OUT/tree.json` selects the calibrated one.
+    `topk`: the ranks the heads draft (deeper ranks are never filled)."""
+    if topk is not None:
+        rank_acc = [r[:topk] for r in rank_acc]
+    presets = {n: ch for n, ch in PRESETS.items() if not chain_only or on_chain(ch)}
+    scores = {name: round(expected_accepted(ch, rank_acc), 3) for name, ch in presets.items()}
+    custom = calibrated_tree(rank_acc, 16, chain_only)
     (out / "tree.json").write_text(json.dumps([list(c) for c in custom]) + "\n")
-    best = max(scores, key=lambda n: (scores[n], -len(PRESETS[n])))
+    best = max(scores, key=lambda n: (scores[n], -len(presets[n])))
     return best, {"expected_accepted_drafts": scores,
                   "calibrated16": {"file": "tree.json", "choices": [list(c) for c in custom],
                                    "expected_accepted_drafts":
@@ -440,8 +481,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "(answered by the model) or {prompt_ids, completion_ids}")
     p.add_argument("--out", required=True, help="output folder: heads.json, heads.safetensors, "
                                                 "checkpoints, caches")
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--num-layers", type=int, default=1, help="residual blocks per head")
+    p.add_argument("--head-type", default="medusa", choices=["medusa", "sequential"],
+                   help="medusa: one residual block per future token, all from h_t; "
+                        "sequential: one DeepSeek/EAGLE-style module that also reads the "
+                        "token it just drafted, run once per depth (train_sequential.py)")
+    p.add_argument("--num-heads", type=int, default=4,
+                   help="medusa: heads; sequential: chain depths trained")
+    p.add_argument("--num-layers", type=int, default=1, help="residual blocks per head (medusa)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-tokens", type=int, default=1024, help="positions per optimizer step")
@@ -519,7 +565,7 @@ def run_train_heads(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     torch.set_num_threads(a.threads)
-    cfg = TrainConfig(num_heads=a.num_heads, num_layers=a.num_layers, epochs=a.epochs, lr=a.lr,
+    cfg = TrainConfig(head_type=a.head_type, num_heads=a.num_heads, num_layers=a.num_layers, epochs=a.epochs, lr=a.lr,
                       batch_tokens=a.batch_tokens, seed=a.seed, checkpoint_every=a.checkpoint_every,
                       holdout_frac=a.holdout_frac, targets=a.targets, vocab=a.vocab)
     out = Path(a.out)
@@ -546,18 +592,27 @@ def run_train_heads(a: argparse.Namespace) -> int:
     hidden_path = Path(a.hidden_cache) if a.hidden_cache else out / "hidden_cache.pt"
     cache, trunk = _hidden_cache(model, examples, hidden_path, say)
     recipe.update(sequences=cache.num_seqs, positions=int(cache.seq_start[-1]), **_agreement(cache))
-    heads, report = train(model, cache, cfg, out, resume=a.resume, progress=say,
-                          draft_vocab=a.draft_vocab)
+    sequential = cfg.head_type == "sequential"
+    if sequential:
+        from .train_sequential import train_sequential
+
+        heads, report = train_sequential(model, cache, cfg, out, resume=a.resume, progress=say,
+                                         draft_vocab=a.draft_vocab)
+    else:
+        heads, report = train(model, cache, cfg, out, resume=a.resume, progress=say,
+                              draft_vocab=a.draft_vocab)
     tree_info: dict = {}
     if "heldout" in report:
         # The tree is calibrated on what drafting will propose: the draft vocabulary's
         # accuracies when there is one.
         ranks = report.get("draft_vocab", {}).get("heldout", report["heldout"])["rank_acc"]
-        best, tree_info = choose_tree(ranks, out)
+        best, tree_info = choose_tree(ranks, out, chain_only=sequential, topk=heads.topk)
         heads.default_tree = best
+    method = ("sequential (DeepSeek-style module, one for all depths, chain attention only) "
+              if sequential else "medusa-1 ")
     training = {
         "command": _command(),
-        "method": "medusa-1 self-distillation: frozen trunk, shared frozen unembedding, "
+        "method": method + "self-distillation: frozen trunk, shared frozen unembedding, "
                   f"targets={cfg.targets}",
         "base_model": engine.model_name, "config": asdict(cfg), "data": recipe,
         "trunk_pass": trunk, "total_seconds_this_run": round(time.perf_counter() - t_all, 1),
@@ -597,6 +652,9 @@ def _run_draft_vocab_only(a: argparse.Namespace, engine, src, out: Path, say) ->
 
     if a.draft_vocab <= 0:
         raise ValueError("--draft-vocab-only needs --draft-vocab N with N > 0")
+    if a.head_type != "medusa":
+        raise ValueError("--draft-vocab-only re-evaluates Medusa heads; sequential heads "
+                         "build their draft vocabulary while training")
     meta_path = out / "heads.json"
     if not meta_path.exists():
         raise ValueError(f"{meta_path}: no heads to add a draft vocabulary to")

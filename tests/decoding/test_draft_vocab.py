@@ -73,16 +73,16 @@ def test_sliced_unembedding_is_built_once_and_follows_dtype(model):
     heads = _heads()
     heads.set_draft_vocab(torch.arange(0, V, 2))
     heads.prepare(model)
-    w = heads._sub_unembed
+    w = heads._shared_rows.rows
     assert w.shape == (V // 2, H) and torch.equal(w, model.unembed_weight()[::2])
     heads.candidates(_hidden(4), model, [0] * 4)
     heads.candidates(_hidden(4, seed=1), model, [0] * 4)
-    assert heads._sub_unembed is w  # cached, not rebuilt per step
+    assert heads._shared_rows.rows is w  # cached, not rebuilt per step
     m32 = random_causal_lm(tiny_config(vocab=V, hidden=H), torch.float32, seed=3)
     h32 = heads.float()
     assert h32.draft_vocab.dtype == torch.int64  # .to(dtype) leaves the token ids alone
     c = h32.candidates(_hidden(4).float(), m32, [0] * 4)
-    assert h32._sub_unembed.dtype == torch.float32 and h32._sub_unembed is not w
+    assert h32._shared_rows.rows.dtype == torch.float32 and h32._shared_rows.rows is not w
     assert all(t % 2 == 0 for row in c for head in row for t in head)
 
 

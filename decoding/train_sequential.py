@@ -1,0 +1,208 @@
+"""`mtpserve train-heads --head-type sequential`: a DeepSeek/EAGLE-style module that drafts
+a chain, trained by self-distillation on the frozen trunk's cached hidden states.
+
+Why: a Medusa head guesses token t+1+k from h_t alone; a sequential module also reads the
+embedding of the token it has just drafted, so each depth conditions on the one before.
+
+Training runs exactly what drafting runs (mtp_sequential.py): depth j = 1..D takes the
+previous depth's state (the trunk's final-normed h_t at depth 1) and the embedding of
+x_{t+j} (at depth 1 the verifier's bonus token), attends over the chain's earlier depths
+only (drafting keeps no context KV for the module), and is scored against x_{t+1+j} (the
+base model's greedy choice with `--targets argmax`). Input tokens are teacher-forced: a
+draft at depth j counts only when the depths before it were right, i.e. equal to these.
+One module serves every depth (drafting reuses the last module), so a tree may be deeper
+than the depth trained.
+
+Start: the block is the trunk's last layer with its two output projections zeroed and
+eh_proj passing the hidden state through (token part small and random), so the untrained
+module drafts what h_t itself predicts, Medusa's identity start; measured on the embedded
+model this starts learning far faster than a block over a mixed input (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionMetadata
+from .mtp_sequential import SequentialMTPHeads
+from .train_heads import (HiddenCache, TrainConfig, build_draft_vocab, remap_targets, run_steps,
+                          softmax_vocab, split_sequences, targets_for, top1_hits)
+
+
+class ListKV:
+    """The drafting cache's interface over Python lists, so autograd sees plain tensors:
+    each chain step appends its keys/values and attention reads the stack of all steps."""
+
+    def __init__(self) -> None:
+        self.k: dict[int, list[torch.Tensor]] = {}
+        self.v: dict[int, list[torch.Tensor]] = {}
+
+    def write(self, layer: int, meta: AttentionMetadata, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k.setdefault(layer, []).append(k)
+        self.v.setdefault(layer, []).append(v)
+
+    def keys(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
+        return torch.stack(self.k[layer], 2)  # [B, Hkv, steps, D]
+
+    def values(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
+        return torch.stack(self.v[layer], 2)
+
+
+@torch.no_grad()
+def init_from_trunk(heads: SequentialMTPHeads, model: torch.nn.Module, seed: int) -> None:
+    """Every module starts as the identity on h_t (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    last = dict(model.layers[-1].named_parameters())
+    H = model.config.hidden_size
+    for mod in heads.mods:
+        for name, p in mod.block.named_parameters():
+            p.copy_(last[name].detach().reshape(p.shape))  # dense [out, in] views
+        mod.block.self_attn.o_proj.weight.zero_()
+        mod.block.mlp.down_proj.weight.zero_()
+        w = torch.zeros(H, 2 * H)
+        w[:, :H] = torch.randn(H, H, generator=g) * 0.01  # [embedding | hidden]
+        w[:, H:] = torch.eye(H)
+        mod.eh_proj.weight.copy_(w)
+        for norm in (mod.enorm, mod.hnorm, mod.norm):
+            norm.weight.fill_(1.0)
+
+
+def chain_inputs(cache: HiddenCache, rows: torch.Tensor, depth: int, mode: str) -> torch.Tensor:
+    """[M, depth] tokens fed at each depth: x_{t+1..t+depth} (the base model's greedy
+    tokens with mode argmax, the data's with tokens); 0 where the sequence has ended
+    (those depths have no target)."""
+    src = cache.argmax if mode == "argmax" else cache.tokens
+    idx = (rows[:, None] + torch.arange(depth)[None]).clamp(max=len(src) - 1)
+    return src[idx].clamp(min=0)
+
+
+def row_positions(cache: HiddenCache) -> torch.Tensor:
+    """Each cached row's position inside its sequence (rope positions of the chain)."""
+    lengths = cache.seq_start[1:] - cache.seq_start[:-1]
+    starts = torch.repeat_interleave(cache.seq_start[:-1], lengths)
+    return torch.arange(int(cache.seq_start[-1])) - starts
+
+
+def chain_logits(heads: SequentialMTPHeads, model: torch.nn.Module, h0: torch.Tensor,
+                 tokens: torch.Tensor, pos0: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
+    """h0 [B, H], tokens [B, D], pos0 [B] -> float32 logits [B, D, V'] against unembed [V', H],
+    through MTPModule.advance as drafting runs it (module j, or the last one, at depth j)."""
+    B, D = tokens.shape
+    rows = torch.arange(B, device=h0.device)
+    kv, h, out = ListKV(), h0, []
+    last = len(heads.mods) - 1
+    for j in range(D):
+        mod = heads.mods[min(j, last)]
+        steps = j - min(j, last) + 1  # this module's steps in the chain so far
+        meta = AttentionMetadata(
+            positions=pos0 + j, token_slots=rows, token_store=rows, seq_slots=rows,
+            slot_start=0, kv_len=steps, num_seqs=B, q_len=1, q_gather=rows, q_scatter=rows,
+            mask=None)
+        h, normed = mod.advance(tokens[:, j], h, model, meta, kv)
+        out.append(normed.float() @ unembed.T)
+    return torch.stack(out, 1)
+
+
+@torch.no_grad()
+def evaluate_chain(heads: SequentialMTPHeads, model, cache: HiddenCache, rows: torch.Tensor,
+                   tgts: torch.Tensor, mode: str, vocab_ids: torch.Tensor | None = None,
+                   max_rank: int = 10, batch: int = 256) -> dict:
+    """Per depth, the hit rate of ranks 0..max_rank-1 with the earlier depths fed the right
+    tokens (so `rank_acc[d][r]` is P(rank r right at depth d | depths < d right), what a
+    tree that branches off the top-1 chain needs), over the full vocabulary or the draft
+    vocabulary `vocab_ids`; `chain_accepted`: mean drafts accepted per step by the top-1
+    chain of each length."""
+    D = tgts.shape[1]
+    unembed = model.unembed_weight().detach().float().cpu()
+    if vocab_ids is not None:
+        unembed = unembed[vocab_ids.cpu()]
+    pos = row_positions(cache)
+    hits, count = torch.zeros(D, max_rank), torch.zeros(D)
+    chain = torch.zeros(D)
+    heads.eval()
+    for s in range(0, len(rows), batch):
+        r = rows[s:s + batch]
+        lg = chain_logits(heads, model, cache.hidden[r], chain_inputs(cache, r, D, mode), pos[r],
+                          unembed)
+        top = lg.topk(min(max_rank, lg.shape[-1]), -1).indices  # [B, D, R']
+        if vocab_ids is not None:
+            top = vocab_ids.cpu()[top]
+        tg = tgts[s:s + batch]
+        ok = tg >= 0
+        eq = (top == tg[..., None]) & ok[..., None]
+        hits[:, :top.shape[-1]] += eq.sum(0).float()
+        count += ok.sum(0).float()
+        chain += torch.cumprod(eq[..., 0].float(), 1).sum(0)
+    rank_acc = hits / count.clamp(min=1)[:, None]
+    return {"positions": int(count[0]), "top1": [round(float(a[0]), 4) for a in rank_acc],
+            "top5": [round(float(a[:5].sum()), 4) for a in rank_acc],
+            "rank_acc": [[round(float(x), 4) for x in a] for a in rank_acc],
+            "chain_accepted": [round(float(x), 4) for x in
+                               torch.cumsum(chain / max(1, len(rows)), 0)]}
+
+
+def train_sequential(model, cache: HiddenCache, cfg: TrainConfig, out: Path,
+                     resume: bool = False, progress=None, draft_vocab: int = 0
+                     ) -> tuple[SequentialMTPHeads, dict]:
+    """One module trained over `cfg.num_heads` chain depths. With `draft_vocab` the softmax
+    runs over that vocabulary (what drafting scores), else over `cfg.vocab`'s choice."""
+    torch.manual_seed(cfg.seed)
+    model.requires_grad_(False)  # the trunk is frozen: no gradients into its embedding
+    V = model.config.vocab_size
+    D = cfg.num_heads
+    heads = SequentialMTPHeads.new(model.config, num_modules=1)
+    init_from_trunk(heads, model, cfg.seed)
+    for p in heads.parameters():
+        p.requires_grad_(True)
+    train_seqs, hold_seqs = split_sequences(cache.num_seqs, cfg.holdout_frac, cfg.seed)
+    rows, tgts = targets_for(cache, train_seqs, D, cfg.targets)
+    h_rows, h_tgts = targets_for(cache, hold_seqs, D, cfg.targets)
+    if len(rows) == 0:
+        raise ValueError("no trainable positions: the data is empty or too short")
+    ids, dv_info = (build_draft_vocab(cache, train_seqs, tgts, draft_vocab, V) if draft_vocab
+                    else (None, None))
+    unembed = model.unembed_weight().detach().float().cpu()
+    vocab_ids = ids if ids is not None else (
+        softmax_vocab(cfg, unembed, cache.hidden[rows], tgts) if cfg.vocab != "full" else None)
+    sub_tgts = tgts if vocab_ids is None else remap_targets(tgts, vocab_ids, V)
+    if vocab_ids is not None:
+        unembed = unembed[vocab_ids]
+    inputs = chain_inputs(cache, rows, D, cfg.targets)
+    pos = row_positions(cache)[rows]
+    weights = torch.tensor([0.8 ** j for j in range(D)])  # deeper depths matter less
+    resuming = resume and (out / "checkpoint.pt").exists()
+    baseline = (evaluate_chain(heads, model, cache, h_rows, h_tgts, cfg.targets)
+                if len(h_rows) and not resuming else None)
+
+    def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = chain_logits(heads, model, cache.hidden[rows[idx]], inputs[idx], pos[idx],
+                              unembed)  # [B, D, V']
+        tg = sub_tgts[idx]
+        losses = torch.stack([F.cross_entropy(logits[:, j], tg[:, j], ignore_index=-1)
+                              for j in range(D)])
+        return (weights * losses).sum(), top1_hits(logits.transpose(0, 1), tg.T)
+
+    report = run_steps(heads, len(rows), cfg, out, resume, batch_loss, progress)
+    heads.eval()
+    for p in heads.parameters():
+        p.requires_grad_(False)
+    report.update({
+        "train_positions": len(rows), "train_sequences": len(train_seqs),
+        "heldout_sequences": len(hold_seqs),
+        "softmax_vocab": len(vocab_ids) if vocab_ids is not None else V,
+    })
+    if len(h_rows):
+        report["heldout"] = evaluate_chain(heads, model, cache, h_rows, h_tgts, cfg.targets)
+        if baseline is not None:
+            report["heldout_untrained_identity_heads"] = {k: baseline[k] for k in ("top1", "top5")}
+    if ids is not None:
+        heads.set_draft_vocab(ids)
+        if len(h_rows):
+            dv_info["heldout"] = evaluate_chain(heads, model, cache, h_rows, h_tgts, cfg.targets,
+                                                vocab_ids=ids)
+    if dv_info is not None:
+        report["draft_vocab"] = dv_info
+    return heads, report

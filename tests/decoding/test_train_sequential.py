@@ -1,0 +1,185 @@
+"""train-heads --head-type sequential on a tiny random-weight model: the module learns,
+training runs what drafting runs, the project format round-trips, greedy output is kept."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from decoding_helpers import greedy, run_requests
+from mtpserve.decoding.config import EngineConfig, ModelConfig, SpecConfig
+from mtpserve.decoding.engine import LLMEngine
+from mtpserve.decoding.heads import load_heads, save_project_heads
+from mtpserve.decoding.heads_data import Example
+from mtpserve.decoding.model import CausalLM
+from mtpserve.decoding.mtp_sequential import SequentialMTPHeads
+from mtpserve.decoding import train_heads
+from mtpserve.decoding.train_heads import (TrainConfig, cache_hidden, calibrated_tree,
+                                           choose_tree, on_chain, targets_for)
+from mtpserve.decoding.train_sequential import (chain_inputs, chain_logits, row_positions,
+                                                train_sequential)
+
+CFG = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, max_position_embeddings=256)
+# The token after x depends on the token before it (3 follows 11 after 7 but 5 after 9):
+# a Medusa head at t+2 must guess, a module that sees x_{t+1} and h_t need not.
+PERIOD = [7, 11, 3, 0, 9, 11, 5, 14, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = CausalLM(CFG, max_positions=256)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.3) if not name.endswith("norm.weight") else p.fill_(1.0)
+    model.eval()
+    examples = [Example((PERIOD * 12)[s:s + 60], train_from=2) for s in range(12)]
+    return model, cache_hidden(model, examples)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(head_type="sequential", num_heads=3, epochs=10, lr=2e-2, batch_tokens=128,
+                seed=1, checkpoint_every=0, holdout_frac=0.25, targets="tokens", vocab="full",
+                warmup_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    model, cache = tiny
+    out = tmp_path_factory.mktemp("seq")
+    heads, report = train_sequential(model, cache, _cfg(), out, draft_vocab=12)
+    return heads, report, out
+
+
+def test_module_learns_every_depth_from_its_identity_start(trained):
+    _, report, _ = trained
+    before = report["heldout_untrained_identity_heads"]["top1"]
+    after = report["heldout"]["top1"]
+    assert max(before) < 0.6, report
+    assert min(after) > 0.95, report
+    assert report["heldout"]["chain_accepted"][-1] > 2.8  # 3 of 3 drafts nearly always
+    assert report["draft_vocab"]["size"] <= 12
+
+
+def test_training_chain_equals_drafting(tiny, trained):
+    """Feeding the drafted top-1 tokens back as the chain's inputs, train_sequential's
+    list-backed forward gives the drafting path's top-k at every depth."""
+    model, cache = tiny
+    heads, _, _ = trained
+    rows = torch.tensor([5, 17, 30, 44])
+    pos = row_positions(cache)[rows]
+    bonus = cache.argmax[rows].tolist()
+    with torch.no_grad():
+        drafted = heads.candidates(cache.hidden[rows], model, bonus, 3, positions=pos.tolist())
+        chain = torch.tensor([[bonus[i]] + [d[0] for d in drafted[i][:2]] for i in range(4)])
+        unembed = model.unembed_weight().detach().float()[heads.draft_vocab]
+        lg = chain_logits(heads, model, cache.hidden[rows], chain, pos, unembed)
+    top = heads.draft_vocab[lg.topk(heads.topk, -1).indices]
+    assert top.tolist() == drafted
+
+
+def test_inputs_are_the_tokens_the_chain_reads(tiny):
+    _, cache = tiny
+    rows, tgts = targets_for(cache, [0], 3, "tokens")
+    inp = chain_inputs(cache, rows, 3, "tokens")
+    ids = (PERIOD * 12)[0:60]
+    t = int(rows[0])
+    assert inp[0].tolist() == [ids[t + 1], ids[t + 2], ids[t + 3]]  # x_{t+1}, x_{t+2}, x_{t+3}
+    assert tgts[0].tolist() == [ids[t + 2], ids[t + 3], ids[t + 4]]  # one further each
+    assert row_positions(cache)[int(cache.seq_start[1]) + 4] == 4
+
+
+def test_project_format_round_trips_and_refuses_another_base(trained, tmp_path):
+    heads, report, _ = trained
+    heads.default_tree = "chain4"
+    save_project_heads(heads, tmp_path, CFG, training={"report": report})
+    meta = json.loads((tmp_path / "heads.json").read_text())
+    assert meta["head_type"] == "sequential" and meta["num_modules"] == 1
+    assert meta["draft_vocab_size"] == heads.draft_vocab.numel()
+    loaded = load_heads(tmp_path, CFG)
+    assert isinstance(loaded, SequentialMTPHeads) and loaded.default_tree == "chain4"
+    assert torch.equal(loaded.draft_vocab, heads.draft_vocab)
+    for (k, a), b in zip(heads.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    other = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=3,
+                        num_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match="belong to base model"):
+        load_heads(tmp_path, other)
+    meta["num_modules"] = 2  # the weights hold one module
+    (tmp_path / "heads.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="heads do not fit"):
+        load_heads(tmp_path, CFG)
+
+
+def test_resume_continues_to_the_same_weights(tiny, tmp_path):
+    model, cache = tiny
+    cfg = _cfg(epochs=2, checkpoint_every=2)
+    full, _ = train_sequential(model, cache, cfg, tmp_path / "full")
+
+    class Stop(Exception):
+        pass
+
+    orig = train_heads._bar.update
+
+    def update(self, step, text):
+        if step > 2:
+            raise Stop  # killed right after the step-2 checkpoint
+        orig(self, step, text)
+
+    train_heads._bar.update = update
+    try:
+        with pytest.raises(Stop):
+            train_sequential(model, cache, cfg, tmp_path / "mid")
+    finally:
+        train_heads._bar.update = orig
+    resumed, _ = train_sequential(model, cache, cfg, tmp_path / "mid", resume=True)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    with pytest.raises(ValueError, match="other settings"):
+        train_sequential(model, cache, _cfg(epochs=2, lr=1e-3), tmp_path / "mid", resume=True)
+
+
+def test_trees_for_sequential_heads_branch_off_the_chain(tmp_path):
+    rank_acc = [[0.5, 0.3, 0.1], [0.6, 0.3, 0.05], [0.7, 0.2, 0.01]]
+    free = calibrated_tree(rank_acc, 8)
+    assert not on_chain(free)  # (1, 0) is worth a node when heads are independent
+    chained = calibrated_tree(rank_acc, 8, chain_only=True)
+    assert on_chain(chained) and len(chained) == 8
+    best, info = choose_tree(rank_acc, tmp_path, chain_only=True)
+    assert set(info["expected_accepted_drafts"]) == {"chain2", "chain4"}
+    _, info = choose_tree(rank_acc, tmp_path, topk=2)
+    assert all(r < 2 for c in info["calibrated16"]["choices"] for r in c)
+
+
+def test_trained_heads_keep_greedy_output_and_get_accepted(tiny, trained):
+    model, cache = tiny
+    heads, _, _ = trained
+    m64 = copy.deepcopy(model).double()
+    m64.rope.float()
+    h64 = copy.deepcopy(heads).double().eval()
+
+    class Tok:
+        vocab_size = 16
+        eos_token_ids: tuple[int, ...] = ()
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(65 + i) for i in ids)
+
+    def engine(spec: str) -> LLMEngine:
+        cfg = EngineConfig(dtype="float64", device="cpu", max_num_seqs=4, max_model_len=128,
+                           spec=SpecConfig(mode=spec, proposer="heads", tree="chain4"))
+        return LLMEngine(cfg, m64, Tok(), "tiny", heads=h64 if spec == "on" else None)
+
+    prompts = [PERIOD[:5], PERIOD[3:9] + PERIOD[:2], [1, 2, 3], [4]]
+    plain = run_requests(engine("off"), [(p, greedy(24, ignore_eos=True)) for p in prompts])
+    spec = run_requests(engine("on"), [(p, greedy(24, ignore_eos=True)) for p in prompts])
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    drafted = sum(r.last.spec.num_draft_tokens for r in spec)
+    accepted = sum(r.last.spec.num_accepted_draft_tokens for r in spec)
+    assert drafted > 0 and accepted > 0
