@@ -636,8 +636,10 @@ def tree_candidates(rank_acc: list[list[float]], max_nodes: int = 16, chain_only
 
 
 def rank_trees(candidates: dict[str, list[tuple[int, ...]]], rank_acc: list[list[float]],
-               verify_ms: dict[int, float], draft_ms: float) -> list[dict]:
-    """Expected tokens per second of each tree relative to plain decoding (pure)."""
+               verify_ms: dict[int, float], draft_ms: float | dict[int, float]) -> list[dict]:
+    """Expected tokens per second of each tree relative to plain decoding (pure).
+    draft_ms: the heads' drafting time, or per tree depth (sequential heads run once
+    per depth)."""
     from .train_heads import expected_accepted
 
     plain = verify_ms[1]
@@ -645,7 +647,8 @@ def rank_trees(candidates: dict[str, list[tuple[int, ...]]], rank_acc: list[list
     for name, choices in candidates.items():
         k = 1 + len(choices)
         tokens = 1 + expected_accepted(choices, rank_acc)
-        ms = verify_ms[k] + draft_ms
+        depth = max(len(c) for c in choices)
+        ms = verify_ms[k] + (draft_ms[depth] if isinstance(draft_ms, dict) else draft_ms)
         rows.append({"tree": name, "nodes": k, "tokens_per_step": round(tokens, 3),
                      "step_ms": round(ms, 2), "speedup_vs_plain": round(tokens * plain / ms, 3),
                      "choices": [list(c) for c in choices]})
@@ -662,24 +665,26 @@ def calibrate_tree(engine, args, filler: list[int]) -> dict:
     verify_ms = {r["k"]: r["ms"] for r in curve}
     H = engine.model_config.hidden_size
     hidden = torch.randn(1, H, device=engine.device, dtype=engine.dtype)
-    times = []
+    draft_ms: dict[int, float] = {}  # per depth: the heads draft only as deep as the tree
     with torch.inference_mode():
-        for i in range(args.verify_runs + 3):
-            _sync(engine.device)
-            t0 = time.perf_counter()
-            engine.heads.candidates(hidden, engine.model, [filler[0]], len(hm["rank_acc"]),
-                                    positions=[1])
-            _sync(engine.device)
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-    draft_ms = 1000 * statistics.median(times)
+        for depth in range(1, len(hm["rank_acc"]) + 1):
+            times = []
+            for i in range(args.verify_runs + 3):
+                _sync(engine.device)
+                t0 = time.perf_counter()
+                engine.heads.candidates(hidden, engine.model, [filler[0]], depth, positions=[1])
+                _sync(engine.device)
+                if i >= 3:
+                    times.append(time.perf_counter() - t0)
+            draft_ms[depth] = 1000 * statistics.median(times)
     rows = rank_trees(cands, hm["rank_acc"], verify_ms, draft_ms)
     best = rows[0]
     print(format_table(["tree", "nodes", "tokens_per_step", "step_ms", "speedup_vs_plain"],
                        [[r[c] for c in ("tree", "nodes", "tokens_per_step", "step_ms",
                                         "speedup_vs_plain")] for r in rows[:12]],
                        f"\ntree calibration for {hm['path']}: plain step {verify_ms[1]:.1f} ms, "
-                       f"drafting {draft_ms:.1f} ms (heads' held-out accuracies; top 12)"))
+                       f"drafting {', '.join(f'{v:.1f}' for v in draft_ms.values())} ms at "
+                       f"depth 1..{len(draft_ms)} (heads' held-out accuracies; top 12)"))
     print(f"best: {best['tree']} ({best['nodes']} nodes, expected {best['speedup_vs_plain']}x)")
     if args.tree_out:
         with open(args.tree_out, "w", encoding="utf-8") as f:

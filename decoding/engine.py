@@ -80,6 +80,9 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.heads = heads
+        prepare = getattr(heads, "prepare", None)  # optional in the DraftHeads protocol
+        if prepare is not None:  # draft-vocabulary slices (and int4 drafting) before step 1
+            prepare(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.policy = SpeculationPolicy(config.spec, heads)

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ from .attention import AttentionMetadata
 from .config import ModelConfig
 from .heads import UnembedRows, check_draft_vocab
 from .kv_cache import KVCache
+from .linear import Linear
 from .model import DecoderLayer, RMSNorm, load_decoder_layer
 from .mtp_common import TensorTaker, check_field, put, read_matching, safetensors_files
 
@@ -65,14 +67,15 @@ class MTPModule(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, H) if own_embed else None
 
     def step(self, tokens: torch.Tensor, h_prev: torch.Tensor, model: nn.Module,
-             meta: AttentionMetadata, kv: KVCache, vocab_rows: torch.Tensor | None = None
+             meta: AttentionMetadata, kv: KVCache,
+             draft_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B], h_prev [B, H] -> (h [B, H] chained to the next depth, float32
-        logits [B, V], or [B, V'] against `vocab_rows` [V', H] of the unembedding when a
-        draft vocabulary is in use)."""
+        logits [B, V], or [B, V'] from `draft_logits` (the draft vocabulary's rows of the
+        unembedding) when one is in use)."""
         x, normed = self.advance(tokens, h_prev, model, meta, kv)
-        if vocab_rows is not None:
-            return x, F.linear(normed, vocab_rows.to(normed.dtype)).float()
+        if draft_logits is not None:
+            return x, draft_logits(normed).float()
         if self.head is not None:
             return x, F.linear(normed, self.head.weight).float()
         return x, model.compute_logits(normed)
@@ -111,6 +114,8 @@ class SequentialMTPHeads(nn.Module):
         # Sorted token ids drafting scores (None: all); not a weight, saved separately.
         self.register_buffer("draft_vocab", None, persistent=False)
         self._rows = UnembedRows()
+        self._int4_rows: Linear | None = None  # see prepare()
+        self._quantized = False
 
     # -- the project's own format (train-heads writes it, heads.py reads it) ---------------
     @classmethod
@@ -144,7 +149,7 @@ class SequentialMTPHeads(nn.Module):
 
     # -- draft vocabulary (see heads.py) ------------------------------------------------------
     def set_draft_vocab(self, ids: torch.Tensor | None, where: str = "draft_vocab") -> None:
-        self._rows = UnembedRows()
+        self._rows, self._int4_rows = UnembedRows(), None
         if ids is None:
             self.draft_vocab = None
             return
@@ -153,15 +158,35 @@ class SequentialMTPHeads(nn.Module):
         ids = check_draft_vocab(ids, self.vocab_size, where)
         self.draft_vocab = ids.to(next(self.parameters()).device)
 
-    def _vocab_rows(self, model: nn.Module) -> torch.Tensor | None:
+    def _draft_logits(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if self.draft_vocab is None:
             return None
-        return self._rows.get(model.unembed_weight(), self.draft_vocab)
+        if self._int4_rows is not None:
+            n = len(self.draft_vocab)
+            return lambda h: self._int4_rows(h)[:, :n]  # drop the kernel's padding rows
+        rows = self._rows.get(model.unembed_weight(), self.draft_vocab)
+        return lambda h: F.linear(h, rows.to(h.dtype))
 
     def prepare(self, model: nn.Module | None = None) -> None:
-        """Slice the draft vocabulary's rows of the unembedding now, not on the first step."""
-        if model is not None:
-            self._vocab_rows(model)
+        """Slice the draft vocabulary's rows of the unembedding now, not on the first step.
+        Over an int4 trunk on CPU, the modules' projections and those rows become int4
+        too: drafting then streams ~1/7 of the bytes per depth (measured 2.8 -> see
+        docs/benchmarks.md), and a draft's rounding can only cost acceptance, never
+        change the output (verification decides)."""
+        if model is None:
+            return
+        if _trunk_is_int4(model) and not self._quantized:
+            for m in self.mods:
+                m.block.apply(lambda mod: mod.quantize_int4() if isinstance(mod, Linear) else None)
+            if self.draft_vocab is not None:
+                rows = self._rows.get(model.unembed_weight(), self.draft_vocab)
+                n_pad = -rows.shape[0] % 16  # the int4 packing wants rows in 16s
+                lin = Linear(rows.shape[1], rows.shape[0] + n_pad, bias=False).to(rows.device)
+                lin.set_weight(F.pad(rows.float(), (0, 0, 0, n_pad)))
+                lin.quantize_int4()
+                self._int4_rows = lin
+            self._quantized = True
+        self._draft_logits(model)
 
     def candidates(self, hidden: torch.Tensor, model: nn.Module, last_tokens: list[int],
                    num_heads: int | None = None, positions: list[int] | None = None
@@ -179,7 +204,7 @@ class SequentialMTPHeads(nn.Module):
         rows = torch.arange(B, device=dev)
         pos0 = torch.tensor(positions if positions is not None else [0] * B, device=dev)
         tokens = torch.tensor(last_tokens, device=dev)
-        vocab_rows = self._vocab_rows(model)
+        draft_logits = self._draft_logits(model)
         h, tops = hidden, []
         for j in range(depth):
             m = min(j, last_mod)
@@ -189,13 +214,18 @@ class SequentialMTPHeads(nn.Module):
                 seq_slots=rows, slot_start=0, kv_len=idx + 1, num_seqs=B, q_len=1,
                 q_gather=None if B == 1 else rows, q_scatter=None if B == 1 else rows,
                 mask=None)
-            h, logits = self.mods[m].step(tokens, h, model, meta, kv, vocab_rows)
+            h, logits = self.mods[m].step(tokens, h, model, meta, kv, draft_logits)
             top = logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices  # [B, k]
             if self.draft_vocab is not None:
                 top = self.draft_vocab[top]  # columns -> token ids
             tops.append(top)
             tokens = top[:, 0]  # the chain continues along the top-1 token
         return torch.stack(tops, dim=1).tolist()  # one host sync: [B][depth][k]
+
+
+def _trunk_is_int4(model: nn.Module) -> bool:
+    layers = getattr(model, "layers", None)
+    return bool(layers) and layers[0].self_attn.qkv_proj.weight_format == "int4"
 
 
 def is_sequential_mtp_folder(folder: Path) -> bool:

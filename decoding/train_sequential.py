@@ -121,7 +121,11 @@ def evaluate_chain(heads: SequentialMTPHeads, model, cache: HiddenCache, rows: t
         unembed = unembed[vocab_ids.cpu()]
     pos = row_positions(cache)
     hits, count = torch.zeros(D, max_rank), torch.zeros(D)
-    chain = torch.zeros(D)
+    chain, inside = torch.zeros(D), torch.zeros(D)
+    member = None
+    if vocab_ids is not None:
+        member = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        member[vocab_ids.cpu()] = True
     heads.eval()
     for s in range(0, len(rows), batch):
         r = rows[s:s + batch]
@@ -136,8 +140,12 @@ def evaluate_chain(heads: SequentialMTPHeads, model, cache: HiddenCache, rows: t
         hits[:, :top.shape[-1]] += eq.sum(0).float()
         count += ok.sum(0).float()
         chain += torch.cumprod(eq[..., 0].float(), 1).sum(0)
+        if member is not None:
+            inside += (member[tg.clamp(min=0)] & ok).sum(0).float()
     rank_acc = hits / count.clamp(min=1)[:, None]
-    return {"positions": int(count[0]), "top1": [round(float(a[0]), 4) for a in rank_acc],
+    extra = {} if member is None else {
+        "vocab": len(vocab_ids), "in_vocab": [round(float(x), 4) for x in inside / count.clamp(min=1)]}
+    return extra | {"positions": int(count[0]), "top1": [round(float(a[0]), 4) for a in rank_acc],
             "top5": [round(float(a[:5].sum()), 4) for a in rank_acc],
             "rank_acc": [[round(float(x), 4) for x in a] for a in rank_acc],
             "chain_accepted": [round(float(x), 4) for x in

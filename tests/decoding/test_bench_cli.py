@@ -229,3 +229,11 @@ def test_rank_trees_trades_expected_tokens_against_measured_cost():
     one = next(r for r in rank_trees({"c1": [(0,)]}, rank_acc, linear, 2.0))
     assert one["tokens_per_step"] == 1.6 and one["step_ms"] == 22.0
     assert one["speedup_vs_plain"] == round(1.6 * 10 / 22, 3)
+    # per-depth drafting (sequential heads): a tree pays the depth it drafts to
+    per_depth = {1: 2.0, 2: 5.0, 3: 8.0, 4: 11.0}
+    rows = {r["tree"]: r for r in rank_trees({"c1": [(0,)], "c2": [(0,), (0, 0)]}, rank_acc,
+                                             linear, per_depth)}
+    assert rows["c1"]["step_ms"] == 22.0 and rows["c2"]["step_ms"] == 35.0
+    chained = tree_candidates(rank_acc, max_nodes=6, chain_only=True)
+    assert "tree8" not in chained and all(all(r == 0 for r in c[:-1])
+                                          for ch in chained.values() for c in ch)

@@ -183,3 +183,50 @@ def test_trained_heads_keep_greedy_output_and_get_accepted(tiny, trained):
     drafted = sum(r.last.spec.num_draft_tokens for r in spec)
     accepted = sum(r.last.spec.num_accepted_draft_tokens for r in spec)
     assert drafted > 0 and accepted > 0
+
+
+def test_cli_trains_sequential_heads_that_load_and_report(tmp_path, capsys):
+    from test_train_heads import _tiny_hf_folder, _word_prompts
+
+    from mtpserve.server.cli import main
+
+    model = _tiny_hf_folder(tmp_path)
+    prompts = _word_prompts(tmp_path, 15)
+    out = tmp_path / "out"
+    argv = ["train-heads", "--head-type", "sequential", "--model", model, "--data", str(prompts),
+            "--out", str(out), "--num-heads", "2", "--epochs", "2", "--batch-tokens", "32",
+            "--gen-batch", "4", "--generate-max-tokens", "6", "--threads", "1",
+            "--holdout-frac", "0.2", "--draft-vocab", "8"]
+    assert main(argv) == 0
+    meta = json.loads((out / "heads.json").read_text())
+    assert meta["head_type"] == "sequential" and meta["training"]["method"].startswith("sequential")
+    choices = meta["training"]["tree"]["calibrated16"]["choices"]
+    assert on_chain([tuple(c) for c in choices]) and max(r for c in choices for r in c) < 4
+    err = capsys.readouterr().err
+    assert "held-out top-1" in err and "draft vocab" in err
+    from mtpserve.decoding.checkpoint import load_checkpoint
+
+    assert isinstance(load_heads(out, load_checkpoint(model).config), SequentialMTPHeads)
+    with pytest.raises(ValueError, match="sequential heads build their draft vocabulary"):
+        main(argv + ["--draft-vocab-only"])
+
+
+def test_over_an_int4_trunk_drafting_is_int4_and_stays_in_the_draft_vocab(tiny, trained):
+    model, cache = tiny
+    heads, _, _ = trained
+    m4 = copy.deepcopy(model)
+    m4.quantize("int4")
+    h4 = copy.deepcopy(heads)
+    h4.prepare(m4)
+    h4.prepare(m4)  # idempotent: quantizes once
+    assert h4.mods[0].block.mlp.down_proj.weight_format == "int4"
+    assert heads.mods[0].block.mlp.down_proj.weight_format == "dense"  # over a dense trunk
+    rows = torch.tensor([5, 17, 30])
+    bonus = cache.argmax[rows].tolist()
+    with torch.no_grad():
+        dense = heads.candidates(cache.hidden[rows], model, bonus, 3)
+        quant = h4.candidates(cache.hidden[rows], m4, bonus, 3)
+    allowed = set(heads.draft_vocab.tolist())
+    assert all(t in allowed for seq in quant for depth in seq for t in depth)
+    # bf16 kernel rounding may reorder near-ties, not the clear top-1 of a learned pattern
+    assert [[d[0] for d in s] for s in quant] == [[d[0] for d in s] for s in dense]
