@@ -604,9 +604,9 @@ def run_bench(args: argparse.Namespace, engine=None) -> int:
 
 
 def _heads_meta(engine) -> dict:
-    from .heads import SHIPPED_HEADS_DIR
+    from .heads import shipped_heads
 
-    path = engine.config.spec.heads_path or str(SHIPPED_HEADS_DIR / engine.model_config.fingerprint())
+    path = engine.config.spec.heads_path or str(shipped_heads(engine.model_config.fingerprint()))
     meta_path = os.path.join(path, "heads.json")
     if engine.heads is None or not os.path.isfile(meta_path):
         raise ValueError("--calibrate-tree needs heads in the project's format (--heads DIR "

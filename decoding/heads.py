@@ -363,6 +363,21 @@ def load_heads(path: str | Path, base: ModelConfig) -> DraftHeads:
                      f"num_nextn_predict_layers)")
 
 
+def shipped_heads(fingerprint: str, head_type: str | None = None) -> Path | None:
+    """The heads folder shipped for a base model (by config fingerprint): its default
+    `<fingerprint>/`, or with `head_type` the first shipped folder of that type among
+    `<fingerprint>/` and `<fingerprint>-*/` (e.g. the Medusa heads kept beside sequential
+    default heads for vLLM's Medusa export). None when there is none."""
+    default = SHIPPED_HEADS_DIR / fingerprint
+    if head_type is None:
+        return default if (default / "heads.json").exists() else None
+    for folder in [default, *sorted(SHIPPED_HEADS_DIR.glob(f"{fingerprint}-*"))]:
+        meta = folder / "heads.json"
+        if meta.exists() and json.loads(meta.read_text()).get("head_type") == head_type:
+            return folder
+    return None
+
+
 def load_heads_for(spec: SpecConfig, base: ModelConfig, model_path: str, device: torch.device,
                    dtype: torch.dtype, model: nn.Module | None = None) -> DraftHeads | None:
     """Heads named by --heads, else heads shipped for this exact base model, else none.
@@ -372,8 +387,8 @@ def load_heads_for(spec: SpecConfig, base: ModelConfig, model_path: str, device:
         return None
     path = spec.heads_path
     if path is None:
-        shipped = SHIPPED_HEADS_DIR / base.fingerprint()
-        if not (shipped / "heads.json").exists():
+        shipped = shipped_heads(base.fingerprint())
+        if shipped is None:
             return None
         path = str(shipped)
     if not os.path.exists(path):

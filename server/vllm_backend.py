@@ -302,15 +302,17 @@ def prepare_heads(heads: str | None, model: PreparedModel, cache_dir: Path,
     """(vLLM Medusa folder, number of heads) for `heads` (None: the heads shipped for the
     model), exporting a project-format folder once; None when there are none (an error
     when `required`)."""
-    from mtpserve.decoding.heads import SHIPPED_HEADS_DIR
+    from mtpserve.decoding.heads import shipped_heads
 
     if heads is None:
-        shipped = SHIPPED_HEADS_DIR / model.fingerprint if model.fingerprint else None
-        if shipped is None or not (shipped / "heads.json").exists():
+        # vLLM's Medusa is the one head type it can take from us: the shipped default may
+        # be sequential heads, with Medusa heads shipped beside them for this export.
+        shipped = shipped_heads(model.fingerprint, "medusa") if model.fingerprint else None
+        if shipped is None:
             if required:
                 raise BackendConfigError(
-                    f"--proposer heads: no draft heads are shipped for {model.name}; pass "
-                    f"--heads DIR (train them with `mtpserve train-heads`)")
+                    f"--proposer heads: no Medusa draft heads are shipped for {model.name}; "
+                    f"pass --heads DIR (train them with `mtpserve train-heads`)")
             return None
         src = shipped
     else:

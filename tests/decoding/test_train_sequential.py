@@ -230,3 +230,17 @@ def test_over_an_int4_trunk_drafting_is_int4_and_stays_in_the_draft_vocab(tiny, 
     assert all(t in allowed for seq in quant for depth in seq for t in depth)
     # bf16 kernel rounding may reorder near-ties, not the clear top-1 of a learned pattern
     assert [[d[0] for d in s] for s in quant] == [[d[0] for d in s] for s in dense]
+
+
+def test_shipped_heads_default_and_by_type(tmp_path, monkeypatch):
+    from mtpserve.decoding import heads as heads_mod
+
+    monkeypatch.setattr(heads_mod, "SHIPPED_HEADS_DIR", tmp_path)
+    assert heads_mod.shipped_heads("abc") is None
+    for name, kind in (("abc", "sequential"), ("abc-medusa", "medusa"), ("abd", "medusa")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "heads.json").write_text(json.dumps({"head_type": kind}))
+    assert heads_mod.shipped_heads("abc") == tmp_path / "abc"  # the default, whatever its type
+    assert heads_mod.shipped_heads("abc", "sequential") == tmp_path / "abc"
+    assert heads_mod.shipped_heads("abc", "medusa") == tmp_path / "abc-medusa"
+    assert heads_mod.shipped_heads("abd", "sequential") is None
