@@ -1,7 +1,8 @@
 """When and how much to speculate: per-request switch, tree shape, adaptive sizing.
 
 `auto` decides from measurements on this hardware, per step: it keeps an EMA of the
-step time as a function of the tokens in the pass (bucketed by powers of two) and of the
+step time as a function of the tokens in the pass (exact up to 16 tokens, then in steps of
+8 and 32; unmeasured sizes read off the measured curve, see `_cost`) and of the
 acceptance rate at each draft depth, and gives each sequence the draft depth d that
 maximises expected tokens per second, (1 + sum_i prod_{j<=i} a_j) / cost(B * nodes(d)),
 nodes(d) being the tokens one sequence's tree puts in the pass. A step's measured time
@@ -25,11 +26,14 @@ PROBE_EVERY = 32  # auto: every 32nd decode step one sequence drafts fully, to k
 EMA = 0.1
 
 
-def _bucket(n: int) -> int:
-    b = 1
-    while b < n:
-        b *= 2
-    return b
+def _size_key(n: int) -> int:
+    """The pass size a step's cost is recorded under: exact where kernels change cost
+    row by row, coarser above. (Power-of-two buckets mixed 33-token probe steps into the
+    cost of 64-token passes, and made drafting at 32 sequences look cheap: 0.85x.)"""
+    if n <= 16:
+        return n
+    step = 8 if n <= 128 else 32
+    return (n + step - 1) // step * step
 
 
 class SpeculationPolicy:
@@ -44,7 +48,7 @@ class SpeculationPolicy:
             raise ValueError("proposer 'heads' needs draft heads (--heads PATH)")
         self.max_tree_nodes = MAX_TREE_NODES + spec.ngram_draft_len
         self.max_depth = max(spec.ngram_draft_len, max(len(c) for c in self.choices))
-        self.step_cost: dict[int, float] = {}  # token bucket -> EMA seconds per step
+        self.step_cost: dict[int, float] = {}  # pass size key -> EMA seconds per step
         self.depth_accept = [0.5] * self.max_depth  # P(accept depth i | reached i-1)
         self._steps = 0
 
@@ -55,7 +59,7 @@ class SpeculationPolicy:
 
     # -- measurements (fed by the engine) ------------------------------------------------
     def observe_step(self, num_tokens: int, seconds: float) -> None:
-        b = _bucket(num_tokens)
+        b = _size_key(num_tokens)
         old = self.step_cost.get(b)
         self.step_cost[b] = seconds if old is None else (1 - EMA) * old + EMA * seconds
 
@@ -68,7 +72,24 @@ class SpeculationPolicy:
 
     # -- decisions ---------------------------------------------------------------------
     def _cost(self, tokens: int) -> float | None:
-        return self.step_cost.get(_bucket(tokens))
+        """Seconds for a pass of `tokens`: measured, else interpolated between the nearest
+        measured sizes, else (beyond the largest) extrapolated along the measured curve's
+        overall slope, so a pass never seen is priced from what was (None: nothing yet)."""
+        k = _size_key(tokens)
+        if k in self.step_cost or not self.step_cost:
+            return self.step_cost.get(k)
+        sizes = sorted(self.step_cost)
+        lo = max((s for s in sizes if s < k), default=None)
+        hi = min((s for s in sizes if s > k), default=None)
+        if lo is None:
+            return self.step_cost[hi]
+        if hi is not None:
+            w = (k - lo) / (hi - lo)
+            return (1 - w) * self.step_cost[lo] + w * self.step_cost[hi]
+        first, last = sizes[0], sizes[-1]
+        slope = 0.0 if last == first else max(
+            0.0, (self.step_cost[last] - self.step_cost[first]) / (last - first))
+        return self.step_cost[last] + slope * (k - last)
 
     def draft_depths(self, batch_size: int, num_seqs: int) -> list[int]:
         """The draft depth of each of `num_seqs` speculating sequences in a batch of
@@ -83,19 +104,19 @@ class SpeculationPolicy:
         return depths
 
     def best_depth(self, batch_size: int) -> int:
-        """The d that maximises expected tokens/s for this batch size (an unmeasured
-        pass size is tried once)."""
-        base = self._cost(batch_size)
-        if base is None:
+        """The d that maximises expected tokens/s for this batch size (pass sizes never
+        measured are priced by `_cost`; the periodic probe measures new ones)."""
+        if not self.step_cost:
             return self.max_depth  # nothing measured yet: measure
+        if _size_key(batch_size) not in self.step_cost:
+            return 0  # a new batch size: its plain step is measured first, once
+        base = self.step_cost[_size_key(batch_size)]
         best_d, best_rate = 0, 1.0 / base
         expected, reach = 1.0, 1.0
         for d in range(1, self.max_depth + 1):
             reach *= self.depth_accept[d - 1]
             expected += reach
             cost = self._cost(batch_size * self.nodes(d))
-            if cost is None:
-                return d  # unmeasured size: try it once
             if expected / cost > best_rate:
                 best_d, best_rate = d, expected / cost
         return best_d

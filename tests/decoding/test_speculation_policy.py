@@ -72,3 +72,20 @@ def test_auto_probes_one_sequence_at_a_time():
     assert p.draft_depths(8, 0) == []
     on = SpeculationPolicy(SpecConfig(mode="on", proposer="ngram", tree="chain4"), None)
     assert on.draft_depths(8, 3) == [on.max_depth] * 3
+
+
+def test_auto_prices_pass_sizes_it_never_saw_from_the_measured_curve():
+    """32 sequences, the plain step and the probe's 37-token step measured (compute-bound:
+    cost grows with tokens): a 96-token draft pass is priced along that slope, so drafting
+    stays off even with good acceptance, and no 96-token step is tried to find out."""
+    p = _policy("hybrid", "chain2")
+    for n, s in ((1, 0.03), (2, 0.031), (4, 0.033), (8, 0.06), (32, 0.6), (37, 0.69)):
+        for _ in range(20):
+            p.observe_step(n, s)
+    for _ in range(100):
+        p.observe_acceptance(2, 1)  # 100% at depth 1
+    assert p._cost(96) > 1.6  # 0.69 + slope (0.66 / 36 per token) * 59
+    assert p._cost(6) == (0.033 + 0.06) / 2  # between measured sizes: interpolated
+    assert p.best_depth(32) == 0
+    assert p.best_depth(1) > 0  # at batch 1 a 2-4 token pass costs ~1.1x: drafting pays
+    assert p.best_depth(3) == 0  # a batch size never measured: its plain step first
