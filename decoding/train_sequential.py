@@ -15,8 +15,9 @@ than the depth trained.
 
 Start: the block is the trunk's last layer with its two output projections zeroed and
 eh_proj passing the hidden state through (token part small and random), so the untrained
-module drafts what h_t itself predicts, Medusa's identity start; measured on the embedded
-model this starts learning far faster than a block over a mixed input (docs/benchmarks.md).
+module drafts what h_t itself predicts, Medusa's identity start. On the embedded model's
+round-2 data one epoch reached held-out depth-1 top-1 0.39 from this start, 0.22 from the
+unchanged last layer over an evenly mixed [embedding, hidden] input (session 4 experiment).
 """
 
 from __future__ import annotations
