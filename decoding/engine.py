@@ -39,6 +39,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# A step whose batched work fails fails only its own requests; this many in a row means the
+# engine itself is broken (a lost device, exhausted memory): raise so the runner stops and
+# /health reports the error, instead of failing every request forever while looking healthy.
+MAX_FAILED_STEPS_IN_A_ROW = 8
+
+
+class EngineBroken(RuntimeError):
+    """Raised by `step()` after MAX_FAILED_STEPS_IN_A_ROW consecutive failed steps."""
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
@@ -106,6 +116,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._seed_rng = random.Random(config.seed)
         self.num_steps = 0
+        self.failed_steps_in_a_row = 0
         self.generated_tokens = 0
         # Tests only: raise inside a step. fault_hook(seq) runs in one sequence's own
         # processing (fails that sequence); batch_fault_hook(seqs) runs just before the
@@ -221,6 +232,12 @@ class LLMEngine:
             log.exception("engine step %d failed; failing its %d request(s)",
                           self.num_steps, len(batch))
             outputs.extend(self._fail_batch(batch, exc))
+            self.failed_steps_in_a_row += 1
+            if self.failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
+                raise EngineBroken(f"{self.failed_steps_in_a_row} engine steps in a row failed; "
+                                   f"last: {type(exc).__name__}: {exc}") from exc
+            return outputs
+        self.failed_steps_in_a_row = 0
         return outputs
 
     def _run_batch(self, batch: list[ScheduledSeq], outputs: list[RequestOutput]) -> None:

@@ -31,6 +31,7 @@ def alone(tiny) -> list[list[int]]:
 def _clean(tiny):
     yield
     tiny.batch_fault_hook = None
+    tiny.failed_steps_in_a_row = 0
     for rid in list(tiny._seqs):
         tiny.abort_request(rid)
 
@@ -144,3 +145,52 @@ def test_runner_survives_a_batch_fault(tiny, alone):
         runner.stop()
     assert fault.hit == ["rb-bad"]
     assert tiny.kv.num_free == tiny.kv.num_slots and not tiny.has_unfinished()
+
+
+def _always(seqs) -> None:
+    raise RuntimeError(INJECTED)
+
+
+def test_every_step_failing_stops_the_engine_after_a_limit(tiny, alone):
+    """A broken engine (each step faults) must not look healthy forever: after
+    MAX_FAILED_STEPS_IN_A_ROW failed steps in a row step() raises; one good step resets."""
+    from mtpserve.decoding.engine import MAX_FAILED_STEPS_IN_A_ROW, EngineBroken
+
+    def fail_steps(n: int, tag: str) -> None:
+        for i in range(n):
+            tiny.add_request(f"{tag}-{i}", PROMPTS[0], greedy(4, ignore_eos=True))
+            assert [o.finish_reason for o in tiny.step()] == ["error"]
+
+    tiny.batch_fault_hook = _always
+    fail_steps(MAX_FAILED_STEPS_IN_A_ROW - 1, "a")
+    tiny.batch_fault_hook = None
+    assert run_requests(tiny, [(PROMPTS[0], greedy(12, ignore_eos=True))])[0].token_ids == alone[0]
+    assert tiny.failed_steps_in_a_row == 0
+    tiny.batch_fault_hook = _always
+    fail_steps(MAX_FAILED_STEPS_IN_A_ROW - 1, "b")  # the good step reset the count
+    tiny.add_request("b-last", PROMPTS[0], greedy(4, ignore_eos=True))
+    with pytest.raises(EngineBroken, match=INJECTED):
+        tiny.step()
+    assert tiny.kv.num_free == tiny.kv.num_slots and not tiny.has_unfinished()
+
+
+def test_runner_stops_and_reports_a_broken_engine(tiny):
+    """Through the runner: every request of the failing steps gets an error, then the
+    thread stops with fatal_error set (the server's /health turns to error on it)."""
+    import queue
+
+    from mtpserve.decoding.engine import MAX_FAILED_STEPS_IN_A_ROW, EngineBroken
+
+    tiny.batch_fault_hook = _always
+    runner = EngineRunner(tiny)
+    runner.start()
+    try:
+        got: queue.Queue = queue.Queue()
+        for i in range(MAX_FAILED_STEPS_IN_A_ROW):
+            runner.submit(f"rx-{i}", PROMPTS[1], greedy(4, ignore_eos=True), got.put)
+            out = got.get(timeout=60)
+            assert out.finished and out.finish_reason == "error" and INJECTED in out.error
+        runner._thread.join(timeout=60)
+        assert not runner.is_alive and isinstance(runner.fatal_error, EngineBroken)
+    finally:
+        runner.stop()
