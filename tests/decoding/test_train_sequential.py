@@ -115,6 +115,10 @@ def test_project_format_round_trips_and_refuses_another_base(trained, tmp_path):
     (tmp_path / "heads.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="heads do not fit"):
         load_heads(tmp_path, CFG)
+    del meta["num_modules"]
+    (tmp_path / "heads.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="num_modules"):
+        load_heads(tmp_path, CFG)
 
 
 def test_resume_continues_to_the_same_weights(tiny, tmp_path):
