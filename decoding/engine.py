@@ -155,7 +155,7 @@ class LLMEngine:
     @property
     def weight_format(self) -> str:
         """dense, int8 or int4: how the trunk's projections are stored."""
-        return self.model.layers[0].mlp.down_proj.weight_format
+        return self.model.weight_format
 
     @property
     def speculation_available(self) -> bool:

@@ -188,6 +188,11 @@ class CausalLM(nn.Module):
             if isinstance(m, Linear):
                 m.quantize_int4() if trunk == "int4" else m.quantize_int8()
 
+    @property
+    def weight_format(self) -> str:
+        """dense, int8 or int4: how the layers' projections are stored."""
+        return self.layers[0].mlp.down_proj.weight_format
+
     def unembed_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 

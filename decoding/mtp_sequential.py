@@ -178,7 +178,7 @@ class SequentialMTPHeads(nn.Module):
         never change the output (verification decides)."""
         if model is None:
             return
-        if _trunk_is_int4(model) and not self._quantized:
+        if getattr(model, "weight_format", "dense") == "int4" and not self._quantized:
             for m in self.mods:
                 m.block.apply(lambda mod: mod.quantize_int4() if isinstance(mod, Linear) else None)
             if self.draft_vocab is not None:
@@ -224,11 +224,6 @@ class SequentialMTPHeads(nn.Module):
             tops.append(top)
             tokens = top[:, 0]  # the chain continues along the top-1 token
         return torch.stack(tops, dim=1).tolist()  # one host sync: [B][depth][k]
-
-
-def _trunk_is_int4(model: nn.Module) -> bool:
-    layers = getattr(model, "layers", None)
-    return bool(layers) and layers[0].self_attn.qkv_proj.weight_format == "int4"
 
 
 def is_sequential_mtp_folder(folder: Path) -> bool:
