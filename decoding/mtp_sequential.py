@@ -188,6 +188,7 @@ class SequentialMTPHeads(nn.Module):
                 lin.set_weight(F.pad(rows.float(), (0, 0, 0, n_pad)))
                 lin.quantize_int4()
                 self._int4_rows = lin
+                self._rows = UnembedRows()  # the dense slice (17 MB here) is not read again
             self._quantized = True
         self._draft_logits(model)
 

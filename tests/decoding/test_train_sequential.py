@@ -224,6 +224,7 @@ def test_over_an_int4_trunk_drafting_is_int4_and_stays_in_the_draft_vocab(tiny, 
     h4.prepare(m4)
     h4.prepare(m4)  # idempotent: quantizes once
     assert h4.mods[0].block.mlp.down_proj.weight_format == "int4"
+    assert h4._int4_rows is not None and h4._rows.rows is None  # no dense copy kept
     assert heads.mods[0].block.mlp.down_proj.weight_format == "dense"  # over a dense trunk
     rows = torch.tensor([5, 17, 30])
     bonus = cache.argmax[rows].tolist()
