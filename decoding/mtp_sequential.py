@@ -173,8 +173,8 @@ class SequentialMTPHeads(nn.Module):
     def prepare(self, model: nn.Module | None = None) -> None:
         """Slice the draft vocabulary's rows of the unembedding now, not on the first step.
         Over an int4 trunk on CPU, the modules' projections and those rows become int4
-        too: drafting streams ~1/7 of the bytes per depth (measured here 2.8 -> 1.5 ms
-        per depth, docs/benchmarks.md), and a draft's rounding can only cost acceptance,
+        too: drafting streams ~1/7 of the bytes per depth (about half the time per depth
+        here, benchmarks/draft_cost.py), and a draft's rounding can only cost acceptance,
         never change the output (verification decides)."""
         if model is None:
             return

@@ -1,0 +1,69 @@
+"""Cost of the trunk's projections by rows per pass, per weight format (the shape of the
+verify curve): all 30 layers' q/k/v, o, gate/up and down projections of SmolLM2-135M with
+random weights, int4 (PyTorch's CPU kernel, bf16 inputs), bf16 and fp32 dense. Prints a
+table of median milliseconds.
+
+    python benchmarks/linear_rows.py [--threads 2] [--runs 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mtpserve.decoding.linear import Linear
+
+SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (in, out): qkv, o, gate_up, down
+LAYERS = 30
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=15)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dense = [[torch.randn(o, i) * 0.02 for i, o in SHAPES] for _ in range(LAYERS)]
+    bf16 = [[w.to(torch.bfloat16) for w in row] for row in dense]
+    int4 = []
+    for row in dense:
+        lins = []
+        for w in row:
+            lin = Linear(w.shape[1], w.shape[0], bias=False)
+            lin.set_weight(w)
+            lin.quantize_int4()
+            lins.append(lin)
+        int4.append(lins)
+
+    def run(rows: int, fmt: str) -> float:
+        xs = {i: torch.randn(rows, i) for i, _ in SHAPES}
+        times = []
+        for r in range(args.runs + 3):
+            t0 = time.perf_counter()
+            for layer in range(LAYERS):
+                for j, (i, _) in enumerate(SHAPES):
+                    if fmt == "int4":
+                        int4[layer][j](xs[i])
+                    elif fmt == "bf16":
+                        F.linear(xs[i].to(torch.bfloat16), bf16[layer][j]).float()
+                    else:
+                        F.linear(xs[i], dense[layer][j])
+            if r >= 3:
+                times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
+
+    print(f"ms for all {LAYERS} layers' projections (median of {args.runs}), {args.threads} threads")
+    print(f"{'rows':>4} {'int4':>7} {'bf16':>7} {'fp32':>7}")
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 4, 5, 8, 16, 32):
+            print(f"{rows:>4} " + " ".join(f"{run(rows, f):7.1f}" for f in ("int4", "bf16", "fp32")),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
