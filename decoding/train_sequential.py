@@ -17,7 +17,8 @@ Start: the block is the trunk's last layer with its two output projections zeroe
 eh_proj passing the hidden state through (token part small and random), so the untrained
 module drafts what h_t itself predicts, Medusa's identity start. On the embedded model's
 round-2 data one epoch reached held-out depth-1 top-1 0.39 from this start, 0.22 from the
-unchanged last layer over an evenly mixed [embedding, hidden] input (session 4 experiment).
+unchanged last layer over an evenly mixed [embedding, hidden] input (a one-off
+prototype of this training in session 4, not kept).
 """
 
 from __future__ import annotations
