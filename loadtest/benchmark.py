@@ -3,7 +3,9 @@ scrape /metrics, run the level, scrape again, aggregate, and (A/B) compare the a
 
 A/B with ``ab_schedule="separate"`` runs each level once per arm (a block each, arm
 order alternating by level) and scrapes /metrics around each block, labelled by arm, so
-each arm's throughput and counters are its own."""
+each arm's throughput and counters are its own. ``"alternating"`` splits each level into
+``ab_blocks`` chunks of its requests, each run by one arm then the other (ABBA...); an
+arm's wall time and counters are the sums over its blocks."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +21,7 @@ from .config import Arm, BenchmarkConfig, LoadLevel
 from .progress import ProgressLine
 from .prom import SpecDecodeStats, counter_deltas, scrape, spec_decode_stats
 from .records import RequestRecord
-from .runner import build_items, run_level
+from .runner import WorkItem, build_items, run_level
 from .workloads import load_workload
 
 
@@ -80,6 +82,34 @@ async def _scrape_all(http: httpx.AsyncClient, targets: dict[str, Arm]):
             for label, arm in targets.items()}
 
 
+def _blocks(cfg: BenchmarkConfig, arms: tuple[Arm, ...], prompts, level: LoadLevel, i: int,
+            targets: dict[str, Arm]) -> list[tuple[list[WorkItem], dict[str, Arm]]]:
+    """The level's runs, in order: (work items, metrics targets to scrape around them)."""
+    if not cfg.is_ab or cfg.ab_schedule == "interleaved":
+        return [(build_items(prompts, arms, level.num_requests), targets)]
+    own = lambda arm: {arm.name: arm} if cfg.scrape_metrics else {}  # noqa: E731
+    if cfg.ab_schedule == "separate":
+        order = arms if i % 2 == 0 else arms[::-1]  # AB, BA, ...: drift hits both arms
+        return [(build_items(prompts, [arm], level.num_requests), own(arm)) for arm in order]
+    # alternating: chunk k of the requests by both arms, ABBA ABBA ...
+    base = build_items(prompts, arms[:1], level.num_requests)
+    size = -(-len(base) // min(cfg.ab_blocks, len(base)))
+    out = []
+    for k, s in enumerate(range(0, len(base), size)):
+        chunk = base[s:s + size]
+        order = arms if k % 2 == 0 else arms[::-1]
+        out += [([WorkItem(it.prompt, it.prompt_index, arm) for it in chunk], own(arm))
+                for arm in order]
+    return out
+
+
+def _summed(a: dict | None, b: dict | None) -> dict | None:
+    """Counter deltas of two blocks added (None, a missing endpoint, wins)."""
+    if a is None or b is None:
+        return None
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in a.keys() | b.keys()}
+
+
 async def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True,
                         http: httpx.AsyncClient | None = None) -> BenchmarkResult:
     own_client = http is None
@@ -108,40 +138,35 @@ async def _run(cfg: BenchmarkConfig, http: httpx.AsyncClient, progress: bool) ->
     targets = metrics_targets(arms) if cfg.scrape_metrics else {}
     probe_cache: ProbeCache = {}
     for i, level in enumerate(cfg.levels):
-        if cfg.is_ab and cfg.ab_schedule == "separate":
-            order = arms if i % 2 == 0 else arms[::-1]  # AB, BA, ...: drift hits both arms
-            blocks = [(build_items(prompts, [arm], level.num_requests),
-                       {arm.name: arm} if cfg.scrape_metrics else {}) for arm in order]
-        else:
-            blocks = [(build_items(prompts, arms, level.num_requests), targets)]
+        blocks = _blocks(cfg, arms, prompts, level, i, targets)
         records: list[RequestRecord] = []
-        server_metrics: dict[str, dict[str, SpecDecodeStats] | None] = {}
-        aggs: dict[str, ArmAggregate] = {}
+        deltas: dict[str, dict | None] = {}  # metrics label -> summed counter deltas
+        arm_elapsed = dict.fromkeys((a.name for a in arms), 0.0)
         elapsed = 0.0
         for b, (items, block_targets) in enumerate(blocks):
             before = await _scrape_all(http, block_targets)
             bar = ProgressLine(level.label if len(blocks) == 1 else
-                               f"{level.label} {items[0].arm.name}", len(items),
-                               enabled=progress)
+                               f"{level.label} {items[0].arm.name} {b + 1}/{len(blocks)}",
+                               len(items), enabled=progress)
             run = await run_level(http, items, level, cfg.request, seed=cfg.seed + i,
                                   on_record=bar.update)
             bar.close()
             after = await _scrape_all(http, block_targets)
-            server_metrics.update({
-                label: (spec_decode_stats(counter_deltas(before[label], after[label]))
-                        if before[label] is not None and after[label] is not None else None)
-                for label in block_targets})
-            block_arms = {it.arm.name for it in items}
-            aggs.update({a.name: aggregate(run.records, a.name, run.elapsed_s,
-                                           slo_ttft_ms=cfg.slo_ttft_ms,
-                                           slo_tpot_ms=cfg.slo_tpot_ms)
-                         for a in arms if a.name in block_arms})
-            offset = b * len(items)  # request ids stay unique across a level's blocks
-            for r in run.records:
-                r.request_id += offset
+            for label in block_targets:
+                d = (counter_deltas(before[label], after[label])
+                     if before[label] is not None and after[label] is not None else None)
+                deltas[label] = _summed(deltas[label], d) if label in deltas else d
+            for name in {it.arm.name for it in items}:
+                arm_elapsed[name] += run.elapsed_s  # the arm's own wall time
+            for r in run.records:  # request ids stay unique across a level's blocks
+                r.request_id += len(records)
             records += run.records
             elapsed += run.elapsed_s
-        aggs = {a.name: aggs[a.name] for a in arms}
+        server_metrics: dict[str, dict[str, SpecDecodeStats] | None] = {
+            label: None if d is None else spec_decode_stats(d) for label, d in deltas.items()}
+        aggs = {a.name: aggregate(records, a.name, arm_elapsed[a.name],
+                                  slo_ttft_ms=cfg.slo_ttft_ms, slo_tpot_ms=cfg.slo_tpot_ms)
+                for a in arms}
         ab = None
         if cfg.is_ab:
             ab = await analyze_level(http, records, arms[0], arms[1], prompts, cfg.request,

@@ -111,11 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help='e.g. \'{"speculation": {"enabled": false}}\'')
     ab.add_argument("--extra-body-b", type=_json_object, default=None,
                     help='e.g. \'{"speculation": {"enabled": true}}\'')
-    ab.add_argument("--ab-schedule", choices=("interleaved", "separate"), default="interleaved",
+    ab.add_argument("--ab-schedule", choices=("interleaved", "separate", "alternating"),
+                    default="interleaved",
                     help="interleaved: each prompt to both arms in one closed loop (the arms "
                          "share the load); separate: each level runs once per arm, alone, "
                          "order alternating by level (use it for two servers on one machine, "
-                         "or to compare all-on with all-off on one server)")
+                         "or to compare all-on with all-off on one server); alternating: "
+                         "like separate, but each level in --ab-blocks chunks that both arms "
+                         "run back to back (ABBA...), so machine drift falls on both arms")
+    ab.add_argument("--ab-blocks", type=int, default=4, metavar="R",
+                    help="alternating schedule: chunks per level (default 4)")
     ab.add_argument("--logprobs-in-run", type=int, default=None, metavar="K",
                     help="ask every request of both arms for top-K logprobs, so temperature-0 "
                          "mismatches are judged in the run that produced them (default: 2 "
@@ -140,6 +145,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error("--base-url-b / --extra-body-a / --extra-body-b need --ab")
     if args.num_requests is not None and args.num_requests < 1:
         parser.error("--num-requests must be >= 1")
+    if args.ab_blocks < 1:
+        parser.error("--ab-blocks must be >= 1")
     if args.min_rounds < 1:
         parser.error("--min-rounds must be >= 1")
     try:
@@ -169,7 +176,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
             scrape_metrics=not args.no_metrics, bootstrap_resamples=args.bootstrap,
             near_tie_margin=args.near_tie_margin, max_mismatch_probes=args.max_probes,
-            trust_env=args.trust_env, ab_schedule=args.ab_schedule)
+            trust_env=args.trust_env, ab_schedule=args.ab_schedule, ab_blocks=args.ab_blocks)
     except ValueError as e:
         parser.error(str(e))
 

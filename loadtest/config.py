@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 Endpoint = Literal["chat", "completions"]
 LoadMode = Literal["closed", "open"]
-ABSchedule = Literal["interleaved", "separate"]
+ABSchedule = Literal["interleaved", "separate", "alternating"]
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -147,8 +147,12 @@ class BenchmarkConfig:
     trust_env: bool = False
     # A/B: "interleaved" sends each prompt to both arms in one closed loop (both arms share
     # the load); "separate" runs each level once per arm, alone, order alternating by level
-    # (AB, BA, ...): the arms never share a server's batches or the machine's cores.
+    # (AB, BA, ...): the arms never share a server's batches or the machine's cores;
+    # "alternating" is separate within a level too: the level's requests split into
+    # ab_blocks chunks, each run by both arms back to back, arm order ABBA..., so a slow
+    # spell of the machine falls on both arms instead of on one arm's whole block.
     ab_schedule: ABSchedule = "interleaved"
+    ab_blocks: int = 4
 
     def __post_init__(self) -> None:
         if len(self.arms) not in (1, 2):
@@ -161,9 +165,11 @@ class BenchmarkConfig:
             raise ValueError("warmup must be >= 0 and num_prompts >= 1")
         if self.bootstrap_resamples < 100:
             raise ValueError("bootstrap_resamples must be >= 100")
-        if self.ab_schedule not in ("interleaved", "separate"):
-            raise ValueError(f"ab_schedule must be 'interleaved' or 'separate', "
-                             f"got {self.ab_schedule!r}")
+        if self.ab_schedule not in ("interleaved", "separate", "alternating"):
+            raise ValueError(f"ab_schedule must be 'interleaved', 'separate' or "
+                             f"'alternating', got {self.ab_schedule!r}")
+        if self.ab_blocks < 1:
+            raise ValueError("ab_blocks must be >= 1")
 
     @property
     def is_ab(self) -> bool:

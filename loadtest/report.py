@@ -107,7 +107,9 @@ def _header(result: BenchmarkResult) -> list[str]:
     if r.extra_body:
         lines.append(f"- extra body (all requests): `{json.dumps(r.extra_body)}`")
     if cfg.is_ab:
-        lines.append(f"- A/B schedule: {cfg.ab_schedule}")
+        blocks = (f" ({cfg.ab_blocks} blocks per arm and level, ABBA...)"
+                  if cfg.ab_schedule == "alternating" else "")
+        lines.append(f"- A/B schedule: {cfg.ab_schedule}{blocks}")
     if r.top_logprobs:
         lines.append(f"- every request asked for top-{r.top_logprobs} logprobs (both arms)")
     return lines + [""]

@@ -138,14 +138,14 @@ def test_resolve_model(server):
 
 
 def bench_config(server, *, arms, levels, endpoint="chat", warmup=0, temperature=0.0,
-                 workload_path=None, top_logprobs=None, ab_schedule="interleaved"):
+                 workload_path=None, top_logprobs=None, ab_schedule="interleaved", ab_blocks=4):
     return BenchmarkConfig(
         arms=arms, request=RequestConfig(endpoint=endpoint, max_tokens=N_TOKENS,
                                          temperature=temperature, timeout_s=5,
                                          top_logprobs=top_logprobs),
         levels=tuple(levels), workload=f"jsonl:{workload_path}", warmup=warmup,
         bootstrap_resamples=200, slo_ttft_ms=10_000, slo_tpot_ms=10_000,
-        ab_schedule=ab_schedule)
+        ab_schedule=ab_schedule, ab_blocks=ab_blocks)
 
 
 def write_workload(tmp_path, lines):
@@ -254,6 +254,29 @@ def test_ab_judges_mismatch_from_in_run_logprobs(server, tmp_path, endpoint):
     assert p.token_index == 4 and p.token == " w004"
     assert p.margin == pytest.approx(NEAR_TIE_MARGIN) and p.near_tie is True
     assert p.margin_b == pytest.approx(NEAR_TIE_MARGIN)
+
+
+def test_ab_alternating_schedule_runs_chunks_abba(server, tmp_path):
+    """Alternating schedule: each level's requests in chunks, each chunk by one arm then
+    the other, order ABBA; each arm's counters and wall time are summed over its blocks."""
+    path = write_workload(tmp_path, ["", "", "", "", "", ""])
+    arms = (Arm("A", server.base_url, extra_body=SPEC_OFF),
+            Arm("B", server.base_url, extra_body=SPEC_ON))
+    cfg = bench_config(server, arms=arms, levels=[level(value=2, n=6)], workload_path=path,
+                       ab_schedule="alternating", ab_blocks=3)
+    bodies_before = len(server.state.bodies)
+    result = asyncio.run(run_benchmark(cfg, progress=False))
+    spec = [b["speculation"]["enabled"] for b in list(server.state.bodies)[bodies_before:]]
+    F, T = [False] * 2, [True] * 2
+    assert spec == F + T + T + F + F + T  # chunks of 2: AB, BA, AB
+    (lv,) = result.levels
+    assert {a: lv.arms[a].num_ok for a in "AB"} == {"A": 6, "B": 6}
+    assert lv.ab.pairs == 6 and lv.ab.identical == 6
+    assert sorted(r.request_id for r in lv.records) == list(range(12))
+    assert lv.server_metrics["B"]["mtpserve"].num_drafts == 6 * N_TOKENS // SPEC_K
+    assert not lv.server_metrics["A"] or lv.server_metrics["A"]["mtpserve"].num_drafts == 0
+    assert lv.elapsed_s == pytest.approx(lv.arms["A"].elapsed_s + lv.arms["B"].elapsed_s)
+    assert "A/B schedule: alternating (3 blocks" in markdown_summary(result)
 
 
 def test_ab_separate_schedule_runs_each_arm_alone(server, tmp_path):

@@ -110,6 +110,12 @@ def test_cli_in_run_logprobs_default(argv, expected):
                               "--num-requests", "2", "--ab", "--extra-body-b", "{}",
                               "--ab-schedule", "separate"])
     assert config_from_args(args, parser).ab_schedule == "separate"
+    ab = ["--base-url", "http://x", "--ab", "--extra-body-b", "{}"]
+    cfg = config_from_args(parser.parse_args(ab + ["--ab-schedule", "alternating",
+                                                   "--ab-blocks", "6"]), parser)
+    assert (cfg.ab_schedule, cfg.ab_blocks) == ("alternating", 6)
+    with pytest.raises(SystemExit):
+        config_from_args(parser.parse_args(ab + ["--ab-blocks", "0"]), parser)
 
 
 def test_config_rejects_bad_schedule_and_logprobs():
