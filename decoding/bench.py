@@ -665,6 +665,13 @@ def calibrate_tree(engine, args, filler: list[int]) -> dict:
     verify_ms = {r["k"]: r["ms"] for r in curve}
     H = engine.model_config.hidden_size
     hidden = torch.randn(1, H, device=engine.device, dtype=engine.dtype)
+    if engine.module_ctx is not None:  # modules over the context: a step's real drafting call
+        from .mtp_context import draft_timer
+
+        draft = draft_timer(engine.heads, engine.model, engine.module_ctx, args.verify_context)
+    else:
+        def draft(depth: int) -> None:
+            engine.heads.candidates(hidden, engine.model, [filler[0]], depth, positions=[1])
     draft_ms: dict[int, float] = {}  # per depth: the heads draft only as deep as the tree
     with torch.inference_mode():
         for depth in range(1, len(hm["rank_acc"]) + 1):
@@ -672,11 +679,13 @@ def calibrate_tree(engine, args, filler: list[int]) -> dict:
             for i in range(args.verify_runs + 3):
                 _sync(engine.device)
                 t0 = time.perf_counter()
-                engine.heads.candidates(hidden, engine.model, [filler[0]], depth, positions=[1])
+                draft(depth)
                 _sync(engine.device)
                 if i >= 3:
                     times.append(time.perf_counter() - t0)
             draft_ms[depth] = 1000 * statistics.median(times)
+    if engine.module_ctx is not None:
+        engine.module_ctx.reset(0)
     rows = rank_trees(cands, hm["rank_acc"], verify_ms, draft_ms)
     best = rows[0]
     print(format_table(["tree", "nodes", "tokens_per_step", "step_ms", "speedup_vs_plain"],

@@ -20,7 +20,9 @@ from .config import EngineConfig, SamplingParams
 from .heads import DraftHeads, load_heads_for
 from .kv_cache import KVCache
 from .model import CausalLM, RotaryEmbedding
+from .mtp_context import ModuleContext, NewEntries, write_and_draft
 from .mtp_parallel import ParallelMTPHeads
+from .mtp_sequential import SequentialMTPHeads
 from .outputs import EngineStats, RequestOutput, TokenLogprob
 from .proposers import ngram_propose
 from .sampling import apply_penalties, processed_probs, sample
@@ -101,7 +103,14 @@ class LLMEngine:
         extra_layers = self.branch_heads.kv_layers if self.branch_heads is not None else 0
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
         slot_len = self.max_model_len + self.policy.max_tree_nodes + 1
-        per_slot = KVCache.bytes_per_token(self.model_config, self.dtype, extra_layers) * slot_len
+        # Sequential modules that attend over the context keep their own cache per slot.
+        context_modules = (len(heads.mods) if isinstance(heads, SequentialMTPHeads)
+                           and heads.context and config.spec.mode != "off" else 0)
+        per_token = KVCache.bytes_per_token(self.model_config, self.dtype, extra_layers)
+        if context_modules:
+            per_token += ModuleContext.bytes_per_token(self.model_config, context_modules,
+                                                       self.dtype)
+        per_slot = per_token * slot_len
         num_slots = config.max_num_seqs
         if config.kv_cache_memory_gb > 0:
             num_slots = min(num_slots, int(config.kv_cache_memory_gb * 2**30 // per_slot))
@@ -111,6 +120,8 @@ class LLMEngine:
                     f"{self.max_model_len} tokens ({per_slot / 2**20:.1f} MiB each)")
         self.kv = KVCache(self.model_config, num_slots, slot_len, self.dtype, self.device,
                           lazy=True, extra_layers=extra_layers)
+        self.module_ctx = (ModuleContext(self.model_config, context_modules, num_slots, slot_len,
+                                         self.dtype, self.device) if context_modules else None)
         self.scheduler = Scheduler(num_slots, config.prefill_chunk_size, config.max_tokens_per_step)
         self.eos_ids = set(self.model_config.eos_token_ids) | set(tokenizer.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
@@ -252,12 +263,18 @@ class LLMEngine:
         row = 0
         last_rows: list[int] = []  # hidden row of each sequence's last accepted node
         drafting: list[Sequence] = []
+        committed: dict[int, NewEntries] = {}  # module entries to write (context heads)
         offset = 0
         for item in batch:
             seq = item.seq
             n = len(item.tokens)
+            start = seq.num_cached
             if not item.needs_logits:  # a prefill chunk mid-prompt
                 seq.num_cached += n
+                if self.module_ctx is not None and seq.speculate:
+                    committed[id(seq)] = NewEntries(seq.slot, start, list(range(offset, offset + n)),
+                                                    seq.token_ids[start + 1:start + n + 1],
+                                                    prefill=True)
                 offset += n
                 continue
             rows = 1 if item.tree is None else n
@@ -265,18 +282,24 @@ class LLMEngine:
             try:
                 if self.fault_hook is not None:
                     self.fault_hook(seq)
-                out, last_node = self._accept_and_emit(item, seq_logits)
+                out, path = self._accept_and_emit(item, seq_logits)
             except Exception as exc:  # one bad request fails alone
                 log.exception("request %s failed", seq.request_id)
                 self._finish(seq)
-                out, last_node = self._output(seq, [], "", "error", error=str(exc)), None
+                out, path = self._output(seq, [], "", "error", error=str(exc)), []
             outputs.append(out)
-            if last_node is not None and seq.status is Status.RUNNING:
-                last_rows.append(offset + (n - 1 if item.tree is None else last_node))
+            if path and seq.status is Status.RUNNING:
+                last_rows.append(offset + (n - 1 if item.tree is None else path[-1]))
                 drafting.append(seq)
+                if self.module_ctx is not None and seq.speculate:
+                    prefill = item.tree is None
+                    nodes = list(range(n)) if prefill else path  # now committed
+                    committed[id(seq)] = NewEntries(
+                        seq.slot, start, [offset + j for j in nodes],
+                        seq.token_ids[start + 1:start + len(nodes) + 1], prefill=prefill)
             row += rows
             offset += n
-        self._draft_next(drafting, draft_src, last_rows)
+        self._draft_next(drafting, draft_src, last_rows, committed)
         if all(item.tree is not None for item in batch):  # decode-only steps teach auto
             # Timed after drafting, so the heads' own cost is part of a speculative step.
             self.policy.observe_step(int(ids.numel()), time.perf_counter() - t_start)
@@ -365,8 +388,9 @@ class LLMEngine:
         return as_t(ids), meta, as_t(logit_rows)
 
     def _accept_and_emit(self, item: ScheduledSeq, logits: torch.Tensor
-                         ) -> tuple[RequestOutput, int]:
-        """Accept (decode) or sample the first token (prefill end); commit KV; emit."""
+                         ) -> tuple[RequestOutput, list[int]]:
+        """Accept (decode) or sample the first token (prefill end); commit KV; emit.
+        Returns the output and the accepted path (tree nodes, root first)."""
         seq, params = item.seq, item.seq.params
         tree = item.tree
         if tree is None:  # last prefill chunk: its final row predicts the first output token
@@ -388,7 +412,7 @@ class LLMEngine:
             if tree.num_drafts:
                 self.policy.observe_acceptance(tree.max_depth, acc.num_accepted)
         new_tokens = [tree.tokens[j] for j in acc.path[1:]] + [acc.bonus]
-        return self._emit(seq, new_tokens, logits, acc.path), acc.path[-1]
+        return self._emit(seq, new_tokens, logits, acc.path), acc.path
 
     def _accept(self, seq: Sequence, logits: torch.Tensor, tree: DraftTree) -> Accepted:
         p = seq.params
@@ -462,17 +486,19 @@ class LLMEngine:
         tv, ti = top_v.tolist(), top_i.tolist()
         return [TokenLogprob(t, c, list(zip(ti[i], tv[i]))) for i, (t, c) in enumerate(zip(kept, chosen))]
 
-    def _draft_next(self, seqs: list[Sequence], hidden: torch.Tensor, rows: list[int]) -> None:
+    def _draft_next(self, seqs: list[Sequence], hidden: torch.Tensor, rows: list[int],
+                    committed: dict[int, NewEntries]) -> None:
         """Build each speculating sequence's tree for the next step. hidden: the rows the
-        heads draft from (see _forward); rows: each sequence's last accepted row."""
-        if not seqs:
-            return
+        heads draft from (see _forward); rows: each sequence's last accepted row;
+        committed: each sequence's new module entries (context-attending heads only)."""
         spec_seqs = [s for s in seqs if s.speculate]
-        depths = self.policy.draft_depths(len(self.scheduler.running), len(spec_seqs))
+        depths = self.policy.draft_depths(len(self.scheduler.running), len(spec_seqs)) if seqs else []
         # Heads run only for the sequences that draft this step (often one probe, or none).
         with_heads = [(s, d) for s, d in zip(spec_seqs, depths) if self.policy.use_heads(d)]
         head_cands: dict[int, list[list[int]]] = {}
-        if self.heads is not None and with_heads:
+        if self.module_ctx is not None:
+            head_cands = self._draft_in_context(hidden, with_heads, committed)
+        elif self.heads is not None and with_heads:
             hs = [s for s, _ in with_heads]
             idx = torch.tensor([rows[seqs.index(s)] for s in hs], device=hidden.device)
             top = max(d for _, d in with_heads)
@@ -484,6 +510,22 @@ class LLMEngine:
         for seq, depth in zip(spec_seqs, depths):
             seq.draft = self.policy.build_tree(seq.token_ids, head_cands.get(id(seq)), depth)
 
+    def _draft_in_context(self, hidden: torch.Tensor, with_heads: list[tuple[Sequence, int]],
+                          committed: dict[int, NewEntries]) -> dict[int, list[list[int]]]:
+        """Context-attending modules: write the module entries of every prefill chunk and of
+        every drafting sequence's accepted path, and draft for the latter, in one call.
+        Sequences that draft nothing this step skip their entries (see mtp_context.py)."""
+        for s, _ in with_heads:
+            committed[id(s)].drafts = True
+        entries = [e for e in committed.values() if e.drafts or e.prefill]
+        if not entries:
+            return {}
+        top = max((d for _, d in with_heads), default=0)
+        needed = min(top, max(len(c) for c in self.policy.choices))
+        cands = write_and_draft(self.heads, hidden, self.model, entries, self.module_ctx, needed)
+        by_entry = {id(e): c for e, c in zip([e for e in entries if e.drafts], cands)}
+        return {id(s): by_entry[id(committed[id(s)])] for s, _ in with_heads}
+
     # -- bookkeeping -------------------------------------------------------------------
     def _finish(self, seq: Sequence) -> None:
         if seq.status is Status.FINISHED:
@@ -491,6 +533,8 @@ class LLMEngine:
         self.scheduler.remove(seq)
         if seq.slot is not None:
             self.kv.free(seq.slot)
+            if self.module_ctx is not None:
+                self.module_ctx.reset(seq.slot)
             seq.slot = None
         seq.status = Status.FINISHED
         self._seqs.pop(seq.request_id, None)

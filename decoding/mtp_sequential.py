@@ -22,11 +22,10 @@ hnorm, eh_proj, optional shared_head.{norm,head} and embed_tokens) or `model.mtp
 (MiMo: token_layernorm, hidden_layernorm, input_proj, final_layernorm), each plus one
 decoder block under HF names (input_layernorm, self_attn.*, post_attention_layernorm, mlp.*).
 
-LIMITATION (attention context): the modules keep no KV cache of the earlier context. A
-module's block attends only over the chain positions of the current draft at which that
-same module ran (itself, or its earlier steps when reused), with their real rope
-positions. In vLLM a module also attends over the whole prefix, so acceptance with real
-checkpoints will be lower here than there. Greedy output is unaffected (verification).
+Attention: in the engine the first module attends over the whole committed context
+through its own KV cache (mtp_context.py), as vLLM runs these modules; `candidates()` here
+is the chain-only form (the module sees its own draft chain), used by heads trained that way
+(project heads with `attention: chain`) and where no context exists (timing drafts).
 """
 
 from __future__ import annotations
@@ -74,11 +73,18 @@ class MTPModule(nn.Module):
         logits [B, V], or [B, V'] from `draft_logits` (the draft vocabulary's rows of the
         unembedding) when one is in use)."""
         x, normed = self.advance(tokens, h_prev, model, meta, kv)
+        return x, self.logits(normed, model, draft_logits)
+
+    def logits(self, normed: torch.Tensor, model: nn.Module,
+               draft_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+               ) -> torch.Tensor:
+        """float32 logits of the normed state: the draft vocabulary's columns when one is
+        in use, else the module's own head or the base unembedding."""
         if draft_logits is not None:
-            return x, draft_logits(normed).float()
+            return draft_logits(normed).float()
         if self.head is not None:
-            return x, F.linear(normed, self.head.weight).float()
-        return x, model.compute_logits(normed)
+            return F.linear(normed, self.head.weight).float()
+        return model.compute_logits(normed)
 
     def advance(self, tokens: torch.Tensor, h_prev: torch.Tensor, model: nn.Module,
                 meta: AttentionMetadata, kv: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,10 +107,13 @@ class SequentialMTPHeads(nn.Module):
     kind = "sequential-mtp"
 
     def __init__(self, cfg: ModelConfig, modules: list[MTPModule], style: str, topk: int = 4,
-                 default_tree: str = "chain4") -> None:
+                 default_tree: str = "chain4", context: bool = True) -> None:
         super().__init__()
         self.mods = nn.ModuleList(modules)
         self.style = style  # "deepseek" or "mimo"
+        # True: the first module attends over the committed context (mtp_context.py), as
+        # these modules are trained; False: over the draft chain only (heads trained so).
+        self.context = context
         self.num_heads = len(modules)
         self.topk = topk
         self.default_tree = default_tree
@@ -119,13 +128,13 @@ class SequentialMTPHeads(nn.Module):
 
     # -- the project's own format (train-heads writes it, heads.py reads it) ---------------
     @classmethod
-    def new(cls, cfg: ModelConfig, num_modules: int = 1, default_tree: str = "chain4"
-            ) -> "SequentialMTPHeads":
+    def new(cls, cfg: ModelConfig, num_modules: int = 1, default_tree: str = "chain4",
+            context: bool = True) -> "SequentialMTPHeads":
         """Untrained DeepSeek-style modules with their own output norm and the base
         unembedding shared (what `train-heads --head-type sequential` trains)."""
         mods = [MTPModule(cfg, i, mimo=False, own_norm=True, own_head=False, own_embed=False)
                 for i in range(num_modules)]
-        return cls(cfg, mods, "deepseek", default_tree=default_tree)
+        return cls(cfg, mods, "deepseek", default_tree=default_tree, context=context)
 
     @classmethod
     def from_project_meta(cls, meta: dict, cfg: ModelConfig, default_tree: str
@@ -138,17 +147,23 @@ class SequentialMTPHeads(nn.Module):
         style = meta.get("style", "deepseek")
         if n < 1 or style not in ("deepseek", "mimo"):
             raise ValueError(f"heads.json: num_modules {n} / style {style!r} is not usable")
+        # Heads written before modules could attend over the context were trained on the
+        # chain alone; they have no "attention" field.
+        attention = meta.get("attention", "chain")
+        if attention not in ("chain", "context"):
+            raise ValueError(f"heads.json: attention {attention!r} is not 'chain' or 'context'")
         mimo = style == "mimo"
         mods = [MTPModule(cfg, i, mimo=mimo, own_norm=mimo or bool(meta.get("own_norm", True)),
                           own_head=False, own_embed=False) for i in range(n)]
-        return cls(cfg, mods, style, default_tree=default_tree)
+        return cls(cfg, mods, style, default_tree=default_tree, context=attention == "context")
 
     def project_meta(self) -> dict:
         if any(m.head is not None or m.embed is not None for m in self.mods):
             raise ValueError("the project format shares the base model's embedding and "
                              "unembedding; these modules carry their own")
         return {"head_type": "sequential", "num_modules": len(self.mods), "style": self.style,
-                "own_norm": self.mods[0].norm is not None}
+                "own_norm": self.mods[0].norm is not None,
+                "attention": "context" if self.context else "chain"}
 
     # -- draft vocabulary (see heads.py) ------------------------------------------------------
     def set_draft_vocab(self, ids: torch.Tensor | None, where: str = "draft_vocab") -> None:
@@ -219,12 +234,14 @@ class SequentialMTPHeads(nn.Module):
                 q_gather=None if B == 1 else rows, q_scatter=None if B == 1 else rows,
                 mask=None)
             h, logits = self.mods[m].step(tokens, h, model, meta, kv, draft_logits)
-            top = logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices  # [B, k]
-            if self.draft_vocab is not None:
-                top = self.draft_vocab[top]  # columns -> token ids
-            tops.append(top)
-            tokens = top[:, 0]  # the chain continues along the top-1 token
+            tops.append(self.top_tokens(logits))
+            tokens = tops[-1][:, 0]  # the chain continues along the top-1 token
         return torch.stack(tops, dim=1).tolist()  # one host sync: [B][depth][k]
+
+    def top_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, V'] -> [B, k] token ids of the top-k (draft-vocabulary columns mapped back)."""
+        top = logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices
+        return top if self.draft_vocab is None else self.draft_vocab[top]
 
 
 def is_sequential_mtp_folder(folder: Path) -> bool:

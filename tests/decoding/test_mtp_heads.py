@@ -5,8 +5,8 @@ Each test writes its tiny checkpoint in the real on-disk layout. Checked: loadin
 refusals of heads that do not fit; greedy speculative == plain greedy with these (random)
 heads; and the drafts themselves against references written here from the papers'
 algorithms (Meta: a full causal forward of extra block k over h_trunk in Meta's own
-rotary convention; sequential: the module chain under the documented attention
-approximation).
+rotary convention; sequential: the module chain, over the draft chain alone (chain mode)
+or over every committed position too (context mode, as vLLM runs them)).
 """
 
 from __future__ import annotations
@@ -417,26 +417,37 @@ def hf_block_reference(x, pos, t, p, cfg):
     return h + ff @ t[p + "mlp.down_proj.weight"].T
 
 
-def sequential_reference(model, t, style, n_mod, committed, bonus, depth=2, k=4):
+def sequential_reference(model, t, style, n_mod, committed, bonus, depth=2, k=4,
+                         context=False):
     """Chain of the modules from h_0 = final-normed trunk state at the last committed
-    token, x_1 = the bonus token; each depth's top-k, continuing along the top-1."""
+    token, x_1 = the bonus token; each depth's top-k, continuing along the top-1. With
+    `context` the first module also attends over its entries (h_i, x_{i+1}) at every
+    earlier position i (or at the positions `context` lists)."""
     cfg, eps = model.config, model.config.rms_norm_eps
-    h, _ = trunk_states(model, committed)
-    h, p0 = h[-1], len(committed) - 1
+    hs, _ = trunk_states(model, committed)
+    h, p0 = hs[-1], len(committed) - 1
     L, tok, tops = cfg.num_layers, bonus, []
-    inputs: dict[int, list] = {}  # module -> its block inputs so far (its attention context)
-    for j in range(depth):
-        m = min(j, n_mod - 1)
+
+    def names(m):
         if style == "deepseek":
-            p = f"model.layers.{L + m}."
-            en, hn, proj = "enorm", "hnorm", "eh_proj"
-        else:
-            p = f"model.mtp_layers.{m}."
-            en, hn, proj = "token_layernorm", "hidden_layernorm", "input_proj"
-        emb = model.embed_tokens.weight[tok] * (p0 + j != 0)
+            return f"model.layers.{L + m}.", "enorm", "hnorm", "eh_proj"
+        return f"model.mtp_layers.{m}.", "token_layernorm", "hidden_layernorm", "input_proj"
+
+    def block_input(m, tok, h, pos):
+        p, en, hn, proj = names(m)
+        emb = model.embed_tokens.weight[tok] * (pos != 0)
         e, hh = _rms(emb, t[p + en + ".weight"], eps), _rms(h, t[p + hn + ".weight"], eps)
         cat = torch.cat([e, hh] if style == "deepseek" else [hh, e])
-        inputs.setdefault(m, []).append((cat @ t[p + proj + ".weight"].T, p0 + j))
+        return cat @ t[p + proj + ".weight"].T, pos
+
+    inputs: dict[int, list] = {}  # module -> its block inputs so far (its attention context)
+    if context:
+        where = range(p0) if context is True else sorted(context)
+        inputs[0] = [block_input(0, committed[i + 1], hs[i], i) for i in where]
+    for j in range(depth):
+        m = min(j, n_mod - 1)
+        p = names(m)[0]
+        inputs.setdefault(m, []).append(block_input(m, tok, h, p0 + j))
         rows = torch.stack([r for r, _ in inputs[m]])
         x = hf_block_reference(rows, [q for _, q in inputs[m]], t, p, cfg)[-1]
         if style == "mimo":
@@ -467,9 +478,76 @@ def test_sequential_drafts_equal_the_reference(tmp_path, model, style, n_mod, sh
         assert g == sequential_reference(model, t, style, n_mod, c, b, depth=3)
 
 
-def test_engine_feeds_sequential_heads_the_trunk_state_and_position(tmp_path, model):
+@pytest.mark.parametrize("style,n_mod,chunk,slots", [("deepseek", 1, 512, 4), ("deepseek", 1, 3, 2),
+                                                     ("mimo", 2, 4, 4)])
+def test_engine_drafts_over_the_context_as_the_reference(tmp_path, model, plain_ref, style,
+                                                         n_mod, chunk, slots, monkeypatch):
+    """Checkpoint modules attend over every committed position (as vLLM runs them): at every
+    step of a batch mixing lengths, with prompts prefilled whole or in chunks, each drafting
+    sequence's candidates equal the reference computed from scratch over its tokens (its
+    module entries were written from the right hidden rows, tokens and positions, and
+    nothing of another sequence or a rejected draft is read)."""
+    from mtpserve.decoding import engine as engine_mod
+
+    t = write_sequential(tmp_path / "s", _cfg(), style, n_mod, seed=9, shared_head=True)
+    heads = load_heads(tmp_path / "s", _cfg()).to(torch.float64).eval()
+    assert heads.context
+    cfg = EngineConfig(dtype="float64", device="cpu", max_num_seqs=slots, max_model_len=128,
+                       prefill_chunk_size=chunk,
+                       spec=SpecConfig(mode="on", proposer="heads", tree="chain4"))
+    eng = LLMEngine(cfg, model, ByteTok(), "tiny", heads=heads)
+    seen = []
+    real = engine_mod.write_and_draft
+
+    def spy(heads_, hidden, model_, entries, ctx, depth):
+        out = real(heads_, hidden, model_, entries, ctx, depth)
+        by_slot = {s.slot: s for s in eng._seqs.values()}
+        for e, cands in zip([e for e in entries if e.drafts], out):
+            seen.append((list(by_slot[e.slot].token_ids), depth, cands))
+        return out
+
+    monkeypatch.setattr(engine_mod, "write_and_draft", spy)
+    runs = run_requests(eng, [(p, greedy(MAX, ignore_eos=True)) for p in PROMPTS])
+    assert [r.token_ids for r in runs] == plain_ref
+    assert len(seen) > 3 * len(PROMPTS)
+    for tokens, depth, cands in seen:
+        want = sequential_reference(model, t, style, n_mod, tokens[:-1], tokens[-1], depth,
+                                    context=True)
+        assert cands == want
+
+
+def test_context_skips_gaps_and_forgets_a_freed_slot(tmp_path, model):
+    """Positions whose entries were never written (steps that drafted nothing) are masked,
+    not read stale, and a reset slot keeps nothing of its previous sequence, although the
+    cache buffer still holds that sequence's values at those positions."""
+    from mtpserve.decoding.mtp_context import ModuleContext, NewEntries, write_and_draft
+
+    t = write_sequential(tmp_path / "s", _cfg(), "deepseek", 1, seed=10, shared_head=True)
+    heads = load_heads(tmp_path / "s", _cfg()).to(torch.float64).eval()
+    ids = [3, 17, 99, 4, 250, 8, 61, 61, 7, 120, 33, 5]
+    other = [9, 200, 31, 77, 45, 46, 47, 48]
+    hs, _ = trunk_states(model, ids)
+    ho, _ = trunk_states(model, other)
+    ctx = ModuleContext(_cfg(), 1, 2, 64, torch.float64, torch.device("cpu"))
+    with torch.inference_mode():
+        write_and_draft(heads, ho, model, [NewEntries(1, 0, list(range(7)), other[1:], True)],
+                        ctx, 0)
+        ctx.reset(1)
+        write_and_draft(heads, hs, model, [NewEntries(1, 0, list(range(5)), ids[1:6], True)],
+                        ctx, 0)
+        got = write_and_draft(heads, hs, model,
+                              [NewEntries(1, 7, [7, 8, 9, 10], ids[8:12], drafts=True)], ctx, 3)
+    want = sequential_reference(model, t, "deepseek", 1, ids[:11], ids[11], 3,
+                                context={0, 1, 2, 3, 4, 7, 8, 9})
+    assert got == [want]
+    full = sequential_reference(model, t, "deepseek", 1, ids[:11], ids[11], 3, context=True)
+    assert want != full  # the gap matters, so the check above could fail
+
+
+def test_engine_feeds_chain_mode_heads_the_trunk_state_and_position(tmp_path, model):
     write_sequential(tmp_path / "s", _cfg(), "deepseek", 1, seed=6)
     heads = load_heads(tmp_path / "s", _cfg())
+    heads.context = False  # heads trained on the chain alone draft through candidates()
     eng = _engine(model, heads, tree="chain4")
     seen = []
     real = heads.candidates
@@ -537,3 +615,21 @@ def test_one_folder_serves_as_model_and_as_heads(tmp_path):
     spec, = run_requests(eng, [([3, 4, 5], greedy(10, ignore_eos=True))])
     plain, = run_requests(eng, [([3, 4, 5], greedy(10, ignore_eos=True, speculate=False))])
     assert spec.token_ids == plain.token_ids and spec.last.spec.num_draft_tokens > 0
+
+
+def test_draft_timer_writes_and_drafts_as_a_decode_step(tmp_path, model):
+    """bench --calibrate-tree times context modules with this: a prefilled context, then
+    each call writes the step's accepted rows and drafts the chain."""
+    from mtpserve.decoding.mtp_context import ModuleContext, draft_timer
+
+    write_sequential(tmp_path / "s", _cfg(), "deepseek", 1, seed=11, shared_head=True)
+    heads = load_heads(tmp_path / "s", _cfg()).to(torch.float64).eval()
+    ctx = ModuleContext(_cfg(), 1, 2, 64, torch.float64, torch.device("cpu"))
+    run = draft_timer(heads, model, ctx, context=10, new_rows=2)
+    assert ctx.valid[0].sum() == 10
+    with torch.inference_mode():
+        (chain,) = run(3)
+    assert len(chain) == 3 and all(len(d) == heads.topk for d in chain)
+    assert ctx.valid[0, :12].all() and ctx.valid[0].sum() == 12  # chain steps stay invalid
+    ctx.reset(0)
+    assert not ctx.valid.any()
