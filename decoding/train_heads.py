@@ -59,6 +59,7 @@ class TrainConfig:
     vocab: str = "plausible"  # softmax over: targets + base top-k (plausible) | targets | full
     plausible_topk: int = 8
     warmup_steps: int = 20
+    attention: str = "chain"  # sequential: chain (draft chain only) | context (mtp_context.py)
 
     def __post_init__(self) -> None:
         if self.num_heads < 1 or self.num_layers < 1:
@@ -69,6 +70,8 @@ class TrainConfig:
             raise ValueError("holdout_frac must be in [0, 1)")
         if self.head_type not in ("medusa", "sequential"):
             raise ValueError("head_type must be medusa or sequential")
+        if self.attention not in ("context", "chain"):
+            raise ValueError("attention must be context or chain")
         if self.targets not in ("argmax", "tokens") or \
                 self.vocab not in ("plausible", "targets", "full"):
             raise ValueError("targets must be argmax|tokens, vocab plausible|targets|full")
@@ -370,13 +373,15 @@ def top1_hits(logits: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
 
 
 def run_steps(module: torch.nn.Module, num_rows: int, cfg: TrainConfig, out: Path,
-              resume: bool, batch_loss, progress=None) -> dict:
+              resume: bool, batch_loss, progress=None, batch_size: int | None = None) -> dict:
     """The optimisation both head types share: AdamW with warmup + cosine decay over
-    `cfg.epochs` shuffled passes of `num_rows` training positions, `batch_loss(idx) ->
-    (loss, top-1 per depth)` on each batch, checkpoints of (weights, optimizer, step) in
-    out/checkpoint.pt, and `resume` from it (refused when settings or data differ)."""
+    `cfg.epochs` shuffled passes of `num_rows` training items (positions; whole sequences
+    with `batch_size` of them per step), `batch_loss(idx) -> (loss, top-1 per depth)` on
+    each batch, checkpoints of (weights, optimizer, step) in out/checkpoint.pt, and
+    `resume` from it (refused when settings or data differ)."""
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(num_rows / cfg.batch_tokens)
+    per_step = batch_size or cfg.batch_tokens
+    steps_per_epoch = math.ceil(num_rows / per_step)
     total = steps_per_epoch * cfg.epochs
     step = 0
     ckpt = out / "checkpoint.pt"
@@ -404,7 +409,7 @@ def run_steps(module: torch.nn.Module, num_rows: int, cfg: TrainConfig, out: Pat
     while step < total:
         epoch, within = divmod(step, steps_per_epoch)
         perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        idx = perm[within * cfg.batch_tokens:(within + 1) * cfg.batch_tokens]
+        idx = perm[within * per_step:(within + 1) * per_step]
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, total, cfg)
         loss, acc = batch_loss(idx)
@@ -485,6 +490,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="medusa: one residual block per future token, all from h_t; "
                         "sequential: one DeepSeek/EAGLE-style module that also reads the "
                         "token it just drafted, run once per depth (train_sequential.py)")
+    p.add_argument("--module-attention", default="chain", choices=["chain", "context"],
+                   help="sequential: what the module attends over: the draft chain only "
+                        "(chain), or also its own entries at every earlier position (context, "
+                        "as EAGLE/DeepSeek; on the embedded model's ~170k training tokens it "
+                        "generalised worse, docs/benchmarks.md)")
     p.add_argument("--num-heads", type=int, default=4,
                    help="medusa: heads; sequential: chain depths trained")
     p.add_argument("--num-layers", type=int, default=1, help="residual blocks per head (medusa)")
@@ -517,6 +527,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "already in OUT, built from the same --data/--generated (nothing is "
                         "generated) and the split in OUT/heads.json; prints held-out accuracy "
                         "over the full and the draft vocabulary")
+    p.add_argument("--init-heads", default=None, metavar="DIR",
+                   help="sequential: start from these heads' module weights (e.g. train "
+                        "--module-attention chain first, then context from its output)")
     p.add_argument("--hidden-cache", default=None,
                    help="trunk hidden-state cache, reused while the data is the same "
                         "(default OUT/hidden_cache.pt)")
@@ -531,19 +544,50 @@ def _data_key(examples: list[Example]) -> str:
     return h.hexdigest()[:16]
 
 
+def _example_keys(examples: list[Example]) -> list[str]:
+    return [hashlib.sha256(json.dumps([e.train_from, e.ids]).encode()).hexdigest()[:16]
+            for e in examples]
+
+
+def _first_sequences(cache: HiddenCache, n: int) -> HiddenCache:
+    end = int(cache.seq_start[n])
+    return HiddenCache(cache.hidden[:end], cache.argmax[:end], cache.tokens[:end],
+                       cache.seq_start[:n + 1], cache.train_from[:n])
+
+
+def _joined(a: HiddenCache, b: HiddenCache) -> HiddenCache:
+    return HiddenCache(torch.cat([a.hidden, b.hidden]), torch.cat([a.argmax, b.argmax]),
+                       torch.cat([a.tokens, b.tokens]),
+                       torch.cat([a.seq_start, b.seq_start[1:] + a.seq_start[-1]]),
+                       torch.cat([a.train_from, b.train_from]))
+
+
 def _hidden_cache(model, examples: list[Example], path: Path, say) -> tuple[HiddenCache, dict]:
-    """Run the trunk once and keep the result in `path`; reuse it while the data is the same."""
-    key = _data_key(examples)
+    """Run the trunk once and keep the result in `path`; reuse it while the data is the
+    same. Data that only adds sequences after the cached ones (a new --data file at the
+    end) reuses the cached ones and runs the trunk on the new ones alone."""
+    key, keys = _data_key(examples), _example_keys(examples)
     saved = torch.load(path, weights_only=False) if path.exists() else {}
     if saved.get("key") == key:
         say(f"hidden states: reusing {path}")
         return HiddenCache(**saved["cache"]), {"reused": str(path), "seconds": saved.get("seconds")}
+    old_keys = saved.get("example_keys", [])
+    n = 0
+    while n < min(len(old_keys), len(keys)) and old_keys[n] == keys[n]:
+        n += 1
     t0 = time.perf_counter()
-    cache = cache_hidden(model, examples, progress=say)
-    seconds = round(time.perf_counter() - t0, 1)
-    torch.save({"key": key, "seconds": seconds,
+    cache = cache_hidden(model, examples[n:], progress=say) if n < len(examples) else None
+    if n:
+        say(f"hidden states: reusing {n} of {len(examples)} sequences from {path}")
+        prefix = _first_sequences(HiddenCache(**saved["cache"]), n)
+        cache = prefix if cache is None else _joined(prefix, cache)
+    seconds = round(time.perf_counter() - t0, 1) + ((saved.get("seconds") or 0.0) if n else 0.0)
+    torch.save({"key": key, "example_keys": keys, "seconds": seconds,
                 "cache": {f: getattr(cache, f) for f in HiddenCache.__slots__}}, path)
-    return cache, {"seconds": seconds}
+    info: dict = {"seconds": seconds}
+    if n:
+        info["reused_sequences"] = n
+    return cache, info
 
 
 def _agreement(cache: HiddenCache) -> dict:
@@ -567,7 +611,8 @@ def run_train_heads(a: argparse.Namespace) -> int:
     torch.set_num_threads(a.threads)
     cfg = TrainConfig(head_type=a.head_type, num_heads=a.num_heads, num_layers=a.num_layers, epochs=a.epochs, lr=a.lr,
                       batch_tokens=a.batch_tokens, seed=a.seed, checkpoint_every=a.checkpoint_every,
-                      holdout_frac=a.holdout_frac, targets=a.targets, vocab=a.vocab)
+                      holdout_frac=a.holdout_frac, targets=a.targets, vocab=a.vocab,
+                      attention=a.module_attention)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -580,6 +625,8 @@ def run_train_heads(a: argparse.Namespace) -> int:
     examples = list(src.examples)
     if a.draft_vocab_only:
         return _run_draft_vocab_only(a, engine, src, out, say)
+    if a.init_heads and cfg.head_type != "sequential":
+        raise ValueError("--init-heads is for --head-type sequential")
     if src.prompts:
         cache_path = Path(a.generated) if a.generated else out / "answers.jsonl"
         answers, stats = generate_answers(engine, src.prompts, cache_path, a.generate_max_tokens,
@@ -594,10 +641,19 @@ def run_train_heads(a: argparse.Namespace) -> int:
     recipe.update(sequences=cache.num_seqs, positions=int(cache.seq_start[-1]), **_agreement(cache))
     sequential = cfg.head_type == "sequential"
     if sequential:
+        from .mtp_sequential import SequentialMTPHeads
         from .train_sequential import train_sequential
 
+        init = None
+        if a.init_heads:
+            from .heads import load_heads
+
+            init = load_heads(Path(a.init_heads), model.config)
+            if not isinstance(init, SequentialMTPHeads) or len(init.mods) != 1:
+                raise ValueError(f"--init-heads {a.init_heads}: not one sequential module")
+            recipe["init_heads"] = str(a.init_heads)
         heads, report = train_sequential(model, cache, cfg, out, resume=a.resume, progress=say,
-                                         draft_vocab=a.draft_vocab)
+                                         draft_vocab=a.draft_vocab, init=init)
     else:
         heads, report = train(model, cache, cfg, out, resume=a.resume, progress=say,
                               draft_vocab=a.draft_vocab)
@@ -608,8 +664,8 @@ def run_train_heads(a: argparse.Namespace) -> int:
         ranks = report.get("draft_vocab", {}).get("heldout", report["heldout"])["rank_acc"]
         best, tree_info = choose_tree(ranks, out, chain_only=sequential, topk=heads.topk)
         heads.default_tree = best
-    method = ("sequential (DeepSeek-style module, one for all depths, chain attention only) "
-              if sequential else "medusa-1 ")
+    method = (f"sequential (DeepSeek-style module, one for all depths, {cfg.attention} "
+              "attention) " if sequential else "medusa-1 ")
     training = {
         "command": _command(),
         "method": method + "self-distillation: frozen trunk, shared frozen unembedding, "

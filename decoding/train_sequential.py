@@ -4,14 +4,24 @@ a chain, trained by self-distillation on the frozen trunk's cached hidden states
 Why: a Medusa head guesses token t+1+k from h_t alone; a sequential module also reads the
 embedding of the token it has just drafted, so each depth conditions on the one before.
 
-Training runs exactly what drafting runs (mtp_sequential.py): depth j = 1..D takes the
-previous depth's state (the trunk's final-normed h_t at depth 1) and the embedding of
-x_{t+j} (at depth 1 the verifier's bonus token), attends over the chain's earlier depths
-only (drafting keeps no context KV for the module), and is scored against x_{t+1+j} (the
-base model's greedy choice with `--targets argmax`). Input tokens are teacher-forced: a
-draft at depth j counts only when the depths before it were right, i.e. equal to these.
-One module serves every depth (drafting reuses the last module), so a tree may be deeper
-than the depth trained.
+Training runs exactly what drafting runs: depth j = 1..D takes the previous depth's state
+(the trunk's final-normed h_t at depth 1) and the embedding of x_{t+j} (at depth 1 the
+verifier's bonus token) and is scored against x_{t+1+j} (the base model's greedy choice
+with `--targets argmax`). Input tokens are teacher-forced: a draft at depth j counts only
+when the depths before it were right, i.e. equal to these. One module serves every depth
+(drafting reuses the last module), so a tree may be deeper than the depth trained.
+
+Attention, `TrainConfig.attention`:
+- chain (default): every depth attends over its own chain only (mtp_sequential.py
+  `candidates()`). On the embedded model's data (~170k answer tokens) this generalised
+  better than context: held-out top-1 .450/.386/.369 vs .394/.352/.336 from the identity
+  start, and context fine-tuning from the chain weights lowered held-out accuracy while the
+  training loss fell (docs/benchmarks.md, session 5).
+- context (mtp_context.py, as EAGLE and DeepSeek train): depth 1 at position t
+  attends over the module's depth-1 entries at every position <= t, i.e. one causal pass
+  over whole sequences; depth j > 1 (chain step t + j - 1) attends over those same entries
+  <= t and over its own chain's depths 2..j (a block diagonal per depth: the "training-time
+  test" mask), so each depth sees exactly what it sees while drafting.
 
 Start: the block is the trunk's last layer with its two output projections zeroed and
 eh_proj passing the hidden state through (token part small and random), so the untrained
@@ -51,6 +61,72 @@ class ListKV:
 
     def values(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
         return torch.stack(self.v[layer], 2)
+
+
+class DepthKV:
+    """Training's stand-in for the module cache in context mode: whole padded sequences
+    [B, T], one block of keys per depth, concatenated along the key axis (so the mask of
+    depth j is [T, j*T]: causal over depth 1, the diagonal over depths 2..j)."""
+
+    def __init__(self, B: int, T: int) -> None:
+        self.B, self.T = B, T
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def _padded(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.q_scatter is not None:  # packed rows -> [B*T] with zero padding
+            x = x.new_zeros(self.B * self.T, *x.shape[1:]).index_copy(0, meta.q_scatter, x)
+        return x.view(self.B, self.T, *x.shape[1:]).transpose(1, 2)  # [B, Hkv, T, D]
+
+    def write(self, layer: int, meta: AttentionMetadata, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k.append(self._padded(k, meta))
+        self.v.append(self._padded(v, meta))
+
+    def keys(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
+        return torch.cat(self.k, 2)
+
+    def values(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
+        return torch.cat(self.v, 2)
+
+
+def context_logits(heads: SequentialMTPHeads, model: torch.nn.Module, cache: HiddenCache,
+                   seqs: list[int], depth: int, mode: str, unembed: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position of sequences `seqs`, context mode -> (global row index [N], float32
+    logits [N, depth, V'] against unembed [V', H]). Depth 1 reads the data's real next
+    token (the context's entries, as the engine writes them); deeper depths read the
+    teacher-forced chain inputs."""
+    spans = [(int(cache.seq_start[s]), int(cache.seq_start[s + 1])) for s in seqs]
+    counts = [b - a for a, b in spans]
+    B, T = len(spans), max(counts)
+    rows = torch.cat([torch.arange(a, b) for a, b in spans])
+    dev = cache.hidden.device
+    gather, scatter = [], []
+    for i, n in enumerate(counts):
+        base = sum(counts[:i])
+        gather += list(range(base, base + n)) + [-1] * (T - n)
+        scatter += range(i * T, i * T + n)
+    N = len(rows)
+    q_gather = torch.tensor([N if g < 0 else g for g in gather])
+    q_scatter = torch.tensor(scatter)
+    pos = row_positions(cache)[rows]
+    causal = torch.ones(T, T, dtype=torch.bool).tril_()
+    eye = torch.eye(T, dtype=torch.bool)
+    # Chain inputs within each sequence: depth 1 the data's next token, then teacher-forced.
+    inputs = chain_inputs(cache, rows, depth, mode)
+    inputs[:, 0] = cache.tokens[rows].clamp(min=0)
+    kv, h, out = DepthKV(B, T), cache.hidden[rows], []
+    last = len(heads.mods) - 1
+    for j in range(depth):
+        mask = torch.cat([causal] + [eye] * j, 1)[None, None]
+        meta = AttentionMetadata(
+            positions=pos + j, token_slots=rows, token_store=rows, seq_slots=torch.arange(B),
+            slot_start=0, kv_len=(j + 1) * T, num_seqs=B, q_len=T,
+            q_gather=None if B == 1 else q_gather, q_scatter=None if B == 1 else q_scatter,
+            mask=mask)
+        h, normed = heads.mods[min(j, last)].advance(inputs[:, j].to(dev), h, model, meta, kv)
+        out.append(normed.float() @ unembed.T)
+    return rows, torch.stack(out, 1)
 
 
 @torch.no_grad()
@@ -108,6 +184,27 @@ def chain_logits(heads: SequentialMTPHeads, model: torch.nn.Module, h0: torch.Te
     return torch.stack(out, 1)
 
 
+def _logit_batches(heads: SequentialMTPHeads, model, cache: HiddenCache, rows: torch.Tensor,
+                   tgts: torch.Tensor, mode: str, unembed: torch.Tensor, batch: int):
+    """(logits [b, D, V'], targets [b, D]) for `rows` in batches, as the heads draft."""
+    D = tgts.shape[1]
+    if not heads.context:
+        pos = row_positions(cache)
+        for s in range(0, len(rows), batch):
+            r = rows[s:s + batch]
+            yield (chain_logits(heads, model, cache.hidden[r], chain_inputs(cache, r, D, mode),
+                                pos[r], unembed), tgts[s:s + batch])
+        return
+    where = torch.full((len(cache.tokens),), -1, dtype=torch.long)
+    where[rows] = torch.arange(len(rows))
+    seqs = torch.unique(torch.searchsorted(cache.seq_start, rows, right=True) - 1).tolist()
+    per = max(1, batch // 256)  # whole sequences: ~256 positions each
+    for s in range(0, len(seqs), per):
+        all_rows, lg = context_logits(heads, model, cache, seqs[s:s + per], D, mode, unembed)
+        sel = where[all_rows] >= 0
+        yield lg[sel], tgts[where[all_rows[sel]]]
+
+
 @torch.no_grad()
 def evaluate_chain(heads: SequentialMTPHeads, model, cache: HiddenCache, rows: torch.Tensor,
                    tgts: torch.Tensor, mode: str, vocab_ids: torch.Tensor | None = None,
@@ -121,7 +218,6 @@ def evaluate_chain(heads: SequentialMTPHeads, model, cache: HiddenCache, rows: t
     unembed = model.unembed_weight().detach().float().cpu()
     if vocab_ids is not None:
         unembed = unembed[vocab_ids.cpu()]
-    pos = row_positions(cache)
     hits, count = torch.zeros(D, max_rank), torch.zeros(D)
     chain, inside = torch.zeros(D), torch.zeros(D)
     member = None
@@ -129,14 +225,10 @@ def evaluate_chain(heads: SequentialMTPHeads, model, cache: HiddenCache, rows: t
         member = torch.zeros(model.config.vocab_size, dtype=torch.bool)
         member[vocab_ids.cpu()] = True
     heads.eval()
-    for s in range(0, len(rows), batch):
-        r = rows[s:s + batch]
-        lg = chain_logits(heads, model, cache.hidden[r], chain_inputs(cache, r, D, mode), pos[r],
-                          unembed)
+    for lg, tg in _logit_batches(heads, model, cache, rows, tgts, mode, unembed, batch):
         top = lg.topk(min(max_rank, lg.shape[-1]), -1).indices  # [B, D, R']
         if vocab_ids is not None:
             top = vocab_ids.cpu()[top]
-        tg = tgts[s:s + batch]
         ok = tg >= 0
         eq = (top == tg[..., None]) & ok[..., None]
         hits[:, :top.shape[-1]] += eq.sum(0).float()
@@ -155,16 +247,22 @@ def evaluate_chain(heads: SequentialMTPHeads, model, cache: HiddenCache, rows: t
 
 
 def train_sequential(model, cache: HiddenCache, cfg: TrainConfig, out: Path,
-                     resume: bool = False, progress=None, draft_vocab: int = 0
+                     resume: bool = False, progress=None, draft_vocab: int = 0,
+                     init: SequentialMTPHeads | None = None
                      ) -> tuple[SequentialMTPHeads, dict]:
     """One module trained over `cfg.num_heads` chain depths. With `draft_vocab` the softmax
-    runs over that vocabulary (what drafting scores), else over `cfg.vocab`'s choice."""
+    runs over that vocabulary (what drafting scores), else over `cfg.vocab`'s choice.
+    `init`: start from these module weights instead of the identity start."""
     torch.manual_seed(cfg.seed)
     model.requires_grad_(False)  # the trunk is frozen: no gradients into its embedding
     V = model.config.vocab_size
     D = cfg.num_heads
-    heads = SequentialMTPHeads.new(model.config, num_modules=1)
-    init_from_trunk(heads, model, cfg.seed)
+    heads = SequentialMTPHeads.new(model.config, num_modules=1,
+                                   context=cfg.attention == "context")
+    if init is None:
+        init_from_trunk(heads, model, cfg.seed)
+    else:
+        heads.load_state_dict(init.state_dict())
     for p in heads.parameters():
         p.requires_grad_(True)
     train_seqs, hold_seqs = split_sequences(cache.num_seqs, cfg.holdout_frac, cfg.seed)
@@ -187,15 +285,32 @@ def train_sequential(model, cache: HiddenCache, cfg: TrainConfig, out: Path,
     baseline = (evaluate_chain(heads, model, cache, h_rows, h_tgts, cfg.targets)
                 if len(h_rows) and not resuming else None)
 
-    def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = chain_logits(heads, model, cache.hidden[rows[idx]], inputs[idx], pos[idx],
-                              unembed)  # [B, D, V']
-        tg = sub_tgts[idx]
+    def losses_of(logits: torch.Tensor, tg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         losses = torch.stack([F.cross_entropy(logits[:, j], tg[:, j], ignore_index=-1)
                               for j in range(D)])
         return (weights * losses).sum(), top1_hits(logits.transpose(0, 1), tg.T)
 
-    report = run_steps(heads, len(rows), cfg, out, resume, batch_loss, progress)
+    def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = chain_logits(heads, model, cache.hidden[rows[idx]], inputs[idx], pos[idx],
+                              unembed)  # [B, D, V']
+        return losses_of(logits, sub_tgts[idx])
+
+    # Context mode trains on whole sequences: targets of every cached position (-1 where
+    # none), and about batch_tokens trained positions per step.
+    full = torch.full((len(cache.tokens), D), -1, dtype=torch.long)
+    full[rows] = sub_tgts
+    per_seq = len(rows) / max(1, len(train_seqs))
+
+    def sequence_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        all_rows, logits = context_logits(heads, model, cache, [train_seqs[i] for i in idx.tolist()],
+                                          D, cfg.targets, unembed)
+        return losses_of(logits, full[all_rows])
+
+    if heads.context:
+        report = run_steps(heads, len(train_seqs), cfg, out, resume, sequence_loss, progress,
+                           batch_size=max(1, round(cfg.batch_tokens / per_seq)))
+    else:
+        report = run_steps(heads, len(rows), cfg, out, resume, batch_loss, progress)
     heads.eval()
     for p in heads.parameters():
         p.requires_grad_(False)
@@ -207,7 +322,8 @@ def train_sequential(model, cache: HiddenCache, cfg: TrainConfig, out: Path,
     if len(h_rows):
         report["heldout"] = evaluate_chain(heads, model, cache, h_rows, h_tgts, cfg.targets)
         if baseline is not None:
-            report["heldout_untrained_identity_heads"] = {k: baseline[k] for k in ("top1", "top5")}
+            start = "heldout_untrained_identity_heads" if init is None else "heldout_init_heads"
+            report[start] = {k: baseline[k] for k in ("top1", "top5")}
     if ids is not None:
         heads.set_draft_vocab(ids)
         if len(h_rows):

@@ -241,3 +241,36 @@ def test_cli_end_to_end_answers_prompts_caches_and_resumes(tmp_path, capsys):
     assert "reused" in t2["trunk_pass"]
     assert t2["trunk_pass"]["seconds"] == t["trunk_pass"]["seconds"]  # kept with the cache
     assert "held-out top-1" in capsys.readouterr().err
+
+
+def test_hidden_cache_reuses_the_sequences_it_has_and_runs_only_new_ones(tiny, tmp_path):
+    """Adding a data file after the cached ones runs the trunk on the new sequences only,
+    and the result equals a fresh trunk pass over all of them."""
+    model, _ = tiny
+    old = [Example((PERIOD * 9)[s:s + 40], train_from=1) for s in range(3)]
+    new = [Example([1, 2, 3, 4, 5, 6, 7, 8], train_from=0), Example(PERIOD * 2, train_from=3)]
+    path = tmp_path / "hidden.pt"
+    said: list[str] = []
+    train_heads._hidden_cache(model, old, path, said.append)
+    calls: list[int] = []
+    real = train_heads.cache_hidden
+
+    def counting(model_, examples, progress=None):
+        calls.append(len(examples))
+        return real(model_, examples, progress)
+
+    train_heads.cache_hidden = counting
+    try:
+        got, info = train_heads._hidden_cache(model, old + new, path, said.append)
+        again, info2 = train_heads._hidden_cache(model, old + new, path, said.append)
+        changed, _ = train_heads._hidden_cache(model, new + old, path, said.append)
+    finally:
+        train_heads.cache_hidden = real
+    assert calls == [2, 5]  # the new two; nothing on the rerun; all five once the order changed
+    assert info["reused_sequences"] == 3 and info2["reused"] == str(path)
+    fresh = cache_hidden(model, old + new)
+    for field in ("hidden", "argmax", "tokens", "seq_start", "train_from"):
+        torch.testing.assert_close(getattr(got, field), getattr(fresh, field), msg=field)
+        torch.testing.assert_close(getattr(again, field), getattr(fresh, field), msg=field)
+    assert changed.seq_start[1] == len(new[0].ids)
+    assert any("reusing 3 of 5" in m for m in said)

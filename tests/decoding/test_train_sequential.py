@@ -19,8 +19,9 @@ from mtpserve.decoding.mtp_sequential import SequentialMTPHeads
 from mtpserve.decoding import train_heads
 from mtpserve.decoding.train_heads import (TrainConfig, cache_hidden, calibrated_tree,
                                            choose_tree, on_chain, targets_for)
-from mtpserve.decoding.train_sequential import (chain_inputs, chain_logits, row_positions,
-                                                train_sequential)
+from mtpserve.decoding.mtp_context import ModuleContext, NewEntries, write_and_draft
+from mtpserve.decoding.train_sequential import (chain_inputs, chain_logits, context_logits,
+                                                row_positions, train_sequential)
 
 CFG = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, max_position_embeddings=256)
@@ -53,7 +54,17 @@ def _cfg(**kw) -> TrainConfig:
 def trained(tiny, tmp_path_factory):
     model, cache = tiny
     out = tmp_path_factory.mktemp("seq")
+    heads, report = train_sequential(model, cache, _cfg(attention="context"), out, draft_vocab=12)
+    return heads, report, out
+
+
+@pytest.fixture(scope="module")
+def trained_chain(tiny, tmp_path_factory):
+    """Heads trained the session-4 way: attending over the draft chain only."""
+    model, cache = tiny
+    out = tmp_path_factory.mktemp("seq_chain")
     heads, report = train_sequential(model, cache, _cfg(), out, draft_vocab=12)
+    assert not heads.context  # the default
     return heads, report, out
 
 
@@ -67,11 +78,15 @@ def test_module_learns_every_depth_from_its_identity_start(trained):
     assert report["draft_vocab"]["size"] <= 12
 
 
-def test_training_chain_equals_drafting(tiny, trained):
-    """Feeding the drafted top-1 tokens back as the chain's inputs, train_sequential's
-    list-backed forward gives the drafting path's top-k at every depth."""
+def test_chain_mode_learns_too(trained_chain):
+    assert min(trained_chain[1]["heldout"]["top1"]) > 0.9, trained_chain[1]
+
+
+def test_training_chain_equals_drafting(tiny, trained_chain):
+    """Chain mode: feeding the drafted top-1 tokens back as the chain's inputs,
+    train_sequential's list-backed forward gives the drafting path's top-k at every depth."""
     model, cache = tiny
-    heads, _, _ = trained
+    heads, _, _ = trained_chain
     rows = torch.tensor([5, 17, 30, 44])
     pos = row_positions(cache)[rows]
     bonus = cache.argmax[rows].tolist()
@@ -82,6 +97,41 @@ def test_training_chain_equals_drafting(tiny, trained):
         lg = chain_logits(heads, model, cache.hidden[rows], chain, pos, unembed)
     top = heads.draft_vocab[lg.topk(heads.topk, -1).indices]
     assert top.tolist() == drafted
+
+
+def test_context_training_forward_equals_drafting(tiny, trained):
+    """Context mode: training's whole-sequence forward (causal over depth-1 entries, the
+    chain's own deeper depths on the diagonal) gives, at every position, the top-k that
+    the engine's drafting (mtp_context.write_and_draft, entries written one step at a
+    time) gives there; deeper depths wherever the drafted chain matches the teacher-forced
+    one. Two sequences padded into one batch give the same logits as either alone."""
+    model, cache = tiny
+    heads, _, _ = trained
+    assert heads.context
+    s, D = 1, 3
+    a, b = int(cache.seq_start[s]), int(cache.seq_start[s + 1])
+    unembed = model.unembed_weight().detach().float()[heads.draft_vocab]
+    with torch.no_grad():
+        rows, lg = context_logits(heads, model, cache, [s], D, "tokens", unembed)
+        rows2, lg2 = context_logits(heads, model, cache, [3, s], D, "tokens", unembed)
+    assert rows.tolist() == list(range(a, b))
+    torch.testing.assert_close(lg2[(rows2 >= a) & (rows2 < b)], lg, rtol=1e-5, atol=1e-5)
+    train_top = heads.draft_vocab[lg.topk(heads.topk, -1).indices]  # [n, D, k]
+    inputs = chain_inputs(cache, rows, D, "tokens")
+    ctx = ModuleContext(CFG, 1, 1, 128, torch.float32, torch.device("cpu"))
+    deep = 0
+    with torch.inference_mode():
+        for p in range(b - a - 1):
+            got = write_and_draft(heads, cache.hidden, model,
+                                  [NewEntries(0, p, [a + p], [int(cache.tokens[a + p])],
+                                              drafts=True)], ctx, D)[0]
+            assert got[0] == train_top[p, 0].tolist(), p
+            for j in range(1, D):
+                if got[j - 1][0] != int(inputs[p, j]):
+                    break
+                assert got[j] == train_top[p, j].tolist(), (p, j)
+                deep += 1
+    assert deep > (b - a)  # most positions checked at depths 2 and 3 too
 
 
 def test_inputs_are_the_tokens_the_chain_reads(tiny):
@@ -213,6 +263,31 @@ def test_cli_trains_sequential_heads_that_load_and_report(tmp_path, capsys):
     assert isinstance(load_heads(out, load_checkpoint(model).config), SequentialMTPHeads)
     with pytest.raises(ValueError, match="sequential heads build their draft vocabulary"):
         main(argv + ["--draft-vocab-only"])
+    # chain (the default) first, then context from its weights
+    assert meta["attention"] == "chain" and "chain attention" in meta["training"]["method"]
+    ctx_out = tmp_path / "ctx"
+    argv_ctx = argv[:argv.index("--out") + 1] + [str(ctx_out)] + argv[argv.index("--out") + 2:]
+    assert main(argv_ctx + ["--module-attention", "context", "--init-heads", str(out)]) == 0
+    ctx_meta = json.loads((ctx_out / "heads.json").read_text())
+    assert ctx_meta["attention"] == "context"
+    warm = ctx_meta["training"]
+    assert warm["data"]["init_heads"] == str(out)
+    assert isinstance(load_heads(ctx_out, load_checkpoint(model).config), SequentialMTPHeads)
+    # the starting point reported is the given heads, not the identity start
+    assert "heldout_untrained_identity_heads" not in warm and "heldout_init_heads" in warm
+
+
+def test_init_starts_from_the_given_heads(tiny, trained_chain, tmp_path):
+    """`init` (train-heads --init-heads): training starts from those weights; with a
+    vanishing learning rate it ends there, in the attention mode asked for."""
+    model, cache = tiny
+    start, _, _ = trained_chain
+    cfg = _cfg(attention="context", epochs=1, lr=1e-12)
+    heads, report = train_sequential(model, cache, cfg, tmp_path, init=start)
+    assert heads.context and not start.context
+    for (k, a), b in zip(start.state_dict().items(), heads.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k, rtol=0, atol=1e-6)
+    assert "heldout_init_heads" in report
 
 
 def test_over_an_int4_trunk_drafting_is_int4_and_stays_in_the_draft_vocab(tiny, trained):
