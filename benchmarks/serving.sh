@@ -56,10 +56,14 @@ sweep() {  # name, then extra loadtest flags
 }
 
 # 1. mtpserve defaults (int4 on CPU, auto speculation, shipped heads + prompt lookup):
-#    speculation off for every request vs on for every request, each level once per arm.
+#    speculation off for every request vs on for every request, never mixed in a batch.
+#    Alternating schedule: each level in AB_BLOCKS chunks of requests that both arms run
+#    back to back (ABBA...), so the machine's drift falls on both arms; AB_ROUNDS x c
+#    requests per arm and level (a chunk is then AB_ROUNDS / AB_BLOCKS rounds of c).
 if want mtpserve; then
   start_server mtpserve mtpserve serve --port "$PORT" --max-num-seqs "$MAXSEQ"
-  sweep mtpserve --ab --ab-schedule separate \
+  sweep mtpserve --ab --ab-schedule alternating --ab-blocks "${AB_BLOCKS:-4}" \
+    --min-rounds "${AB_ROUNDS:-$ROUNDS}" \
     --extra-body-a '{"speculation": {"enabled": false}}' --extra-body-b '{"speculation": {"enabled": true}}'
 fi
 
