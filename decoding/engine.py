@@ -105,7 +105,8 @@ class LLMEngine:
         slot_len = self.max_model_len + self.policy.max_tree_nodes + 1
         # Sequential modules that attend over the context keep their own cache per slot.
         context_modules = (len(heads.mods) if isinstance(heads, SequentialMTPHeads)
-                           and heads.context and config.spec.mode != "off" else 0)
+                           and heads.context and config.spec.mode != "off"
+                           and config.spec.proposer != "ngram" else 0)
         per_token = KVCache.bytes_per_token(self.model_config, self.dtype, extra_layers)
         if context_modules:
             per_token += ModuleContext.bytes_per_token(self.model_config, context_modules,

@@ -116,18 +116,19 @@ def write_and_draft(heads, hidden: torch.Tensor, model: torch.nn.Module,
     if not drafting or depth < 1:
         return [[] for _ in drafting]
     last_row = torch.cumsum(lens, 0)[drafting] - 1
-    draft_logits = heads._draft_logits(model)
+    draft_logits = heads.draft_scorer(model)
     h = x[last_row]
     top = heads.top_tokens(heads.mods[0].logits(normed[last_row], model, draft_logits))
     tops = [top]
     # Deeper depths: one row per drafting sequence, at p + s for chain step s.
     d_slots = slots_b[drafting]
     p = (starts + lens - 1)[drafting]  # last committed position
+    p_max = max(entries[b].start + counts[b] - 1 for b in drafting)  # on the host: no sync
     last_mod = len(heads.mods) - 1
     B = len(drafting)
     for s in range(1, depth):
         m = min(s, last_mod)
-        kv_len_s = int(p.max()) + s + 1
+        kv_len_s = p_max + s + 1
         key = torch.arange(kv_len_s, device=dev)
         steps = [t for t in range(s + 1) if min(t, last_mod) == m]  # this module's chain steps
         mask = torch.zeros(B, kv_len_s, dtype=torch.bool, device=dev)

@@ -176,7 +176,8 @@ class SequentialMTPHeads(nn.Module):
         ids = check_draft_vocab(ids, self.vocab_size, where)
         self.draft_vocab = ids.to(next(self.parameters()).device)
 
-    def _draft_logits(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def draft_scorer(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """normed state -> logits over the draft vocabulary's rows (None: no draft vocab)."""
         if self.draft_vocab is None:
             return None
         if self._int4_rows is not None:
@@ -205,7 +206,7 @@ class SequentialMTPHeads(nn.Module):
                 self._int4_rows = lin
                 self._rows = UnembedRows()  # the dense slice (17 MB here) is not read again
             self._quantized = True
-        self._draft_logits(model)
+        self.draft_scorer(model)
 
     def candidates(self, hidden: torch.Tensor, model: nn.Module, last_tokens: list[int],
                    num_heads: int | None = None, positions: list[int] | None = None
@@ -223,7 +224,7 @@ class SequentialMTPHeads(nn.Module):
         rows = torch.arange(B, device=dev)
         pos0 = torch.tensor(positions if positions is not None else [0] * B, device=dev)
         tokens = torch.tensor(last_tokens, device=dev)
-        draft_logits = self._draft_logits(model)
+        draft_logits = self.draft_scorer(model)
         h, tops = hidden, []
         for j in range(depth):
             m = min(j, last_mod)
