@@ -497,13 +497,14 @@ class LLMEngine:
         # Heads run only for the sequences that draft this step (often one probe, or none).
         with_heads = [(s, d) for s, d in zip(spec_seqs, depths) if self.policy.use_heads(d)]
         head_cands: dict[int, list[list[int]]] = {}
+        # depths the heads must draft: as deep as the deepest tree of this step reads
+        needed = min(max((d for _, d in with_heads), default=0),
+                     max(len(c) for c in self.policy.choices))
         if self.module_ctx is not None:
-            head_cands = self._draft_in_context(hidden, with_heads, committed)
+            head_cands = self._draft_in_context(hidden, with_heads, committed, needed)
         elif self.heads is not None and with_heads:
             hs = [s for s, _ in with_heads]
             idx = torch.tensor([rows[seqs.index(s)] for s in hs], device=hidden.device)
-            top = max(d for _, d in with_heads)
-            needed = min(top, max(len(c) for c in self.policy.choices))  # heads the trees read
             cands = self.heads.candidates(
                 hidden[idx], self.model, [s.token_ids[-1] for s in hs], needed,
                 positions=[s.num_cached - 1 for s in hs])  # last accepted token's
@@ -512,7 +513,8 @@ class LLMEngine:
             seq.draft = self.policy.build_tree(seq.token_ids, head_cands.get(id(seq)), depth)
 
     def _draft_in_context(self, hidden: torch.Tensor, with_heads: list[tuple[Sequence, int]],
-                          committed: dict[int, NewEntries]) -> dict[int, list[list[int]]]:
+                          committed: dict[int, NewEntries], needed: int
+                          ) -> dict[int, list[list[int]]]:
         """Context-attending modules: write the module entries of every prefill chunk and of
         every drafting sequence's accepted path, and draft for the latter, in one call.
         Sequences that draft nothing this step skip their entries (see mtp_context.py)."""
@@ -521,8 +523,6 @@ class LLMEngine:
         entries = [e for e in committed.values() if e.drafts or e.prefill]
         if not entries:
             return {}
-        top = max((d for _, d in with_heads), default=0)
-        needed = min(top, max(len(c) for c in self.policy.choices))
         cands = write_and_draft(self.heads, hidden, self.model, entries, self.module_ctx, needed)
         by_entry = {id(e): c for e, c in zip([e for e in entries if e.drafts], cands)}
         return {id(s): by_entry[id(committed[id(s)])] for s, _ in with_heads}
