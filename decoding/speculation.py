@@ -10,8 +10,11 @@ includes drafting the next trees (the heads' forward and their unembedding), so 
 heads' own cost counts against them.
 d = 0 (no drafts) is always a candidate, so speculation never costs more than plain
 decoding once the estimates have settled. Every 32nd step ONE sequence (round robin)
-drafts fully, so the acceptance estimates stay fresh while drafting is off: probing the
-whole batch cost up to 7 plain steps' time at 32 sequences (measured 0.90x at c=32).
+probes, so the estimates stay fresh while drafting is off (probing the whole batch cost up
+to 7 plain steps' time at 32 sequences: 0.90x at c=32): fully while drafting is on, and
+while it is off at the depth auto would resume with (the best d >= 1), the pass that
+decides whether to resume and the cheapest one (a full hybrid probe adds 5 tokens to the
+pass; at batch 16 the probes cost about 1.5% of the step time).
 """
 
 from __future__ import annotations
@@ -98,9 +101,11 @@ class SpeculationPolicy:
         if self.spec.mode == "on":
             return [self.max_depth] * num_seqs
         self._steps += 1
-        depths = [self.best_depth(batch_size)] * num_seqs
+        best = self.best_depth(batch_size)
+        depths = [best] * num_seqs
         if num_seqs and self._steps % PROBE_EVERY == 0:
-            depths[(self._steps // PROBE_EVERY) % num_seqs] = self.max_depth
+            probe = self.max_depth if best else self.resume_depth(batch_size)
+            depths[(self._steps // PROBE_EVERY) % num_seqs] = probe
         return depths
 
     def best_depth(self, batch_size: int) -> int:
@@ -110,16 +115,28 @@ class SpeculationPolicy:
             return self.max_depth  # nothing measured yet: measure
         if _size_key(batch_size) not in self.step_cost:
             return 0  # a new batch size: its plain step is measured first, once
-        base = self.step_cost[_size_key(batch_size)]
-        best_d, best_rate = 0, 1.0 / base
+        rates = self._rates(batch_size)
+        best_d = self._best_drafting(rates)
+        return best_d if rates[best_d] > rates[0] else 0
+
+    def resume_depth(self, batch_size: int) -> int:
+        """The best d >= 1: what auto would draft if its estimates improved."""
+        if _size_key(batch_size) not in self.step_cost:
+            return self.max_depth
+        return self._best_drafting(self._rates(batch_size))
+
+    def _best_drafting(self, rates: list[float]) -> int:
+        return max(range(1, self.max_depth + 1), key=lambda d: rates[d])  # first on ties
+
+    def _rates(self, batch_size: int) -> list[float]:
+        """Expected tokens/s of the batch for each draft depth 0..max_depth."""
+        rates = [1.0 / self.step_cost[_size_key(batch_size)]]
         expected, reach = 1.0, 1.0
         for d in range(1, self.max_depth + 1):
             reach *= self.depth_accept[d - 1]
             expected += reach
-            cost = self._cost(batch_size * self.nodes(d))
-            if expected / cost > best_rate:
-                best_d, best_rate = d, expected / cost
-        return best_d
+            rates.append(expected / self._cost(batch_size * self.nodes(d)))
+        return rates
 
     def nodes(self, depth: int) -> int:
         """Tokens one sequence puts in the verify pass when drafting to `depth` (at most:

@@ -36,7 +36,17 @@ def test_auto_stops_drafting_when_verifying_costs_as_much_as_it_saves():
     _teach(p, lambda n: 0.01 * n, accept=0.5)  # cost linear in tokens: never pays
     depths = [p.draft_depths(1, 1) for _ in range(PROBE_EVERY - 1)]
     assert depths == [[0]] * (PROBE_EVERY - 1)
-    assert p.draft_depths(1, 1) == [p.max_depth]  # the periodic probe keeps measuring
+    # the periodic probe keeps measuring, at the depth auto would resume with: the
+    # cheapest here, where every drafted token costs as much as it may save
+    assert p.draft_depths(1, 1) == [1] == [p.resume_depth(1)]
+
+
+def test_while_drafting_the_probe_drafts_fully():
+    p = _policy()
+    _teach(p, lambda n: 0.02 * (1 if n <= 2 else n), accept=0.6)  # 2 tokens cost 1
+    assert p.best_depth(1) == 1
+    depths = [p.draft_depths(1, 1)[0] for _ in range(PROBE_EVERY)]
+    assert depths == [1] * (PROBE_EVERY - 1) + [p.max_depth]
 
 
 def test_auto_drafts_fully_when_verifying_is_nearly_free_and_drafts_are_good():
@@ -66,7 +76,7 @@ def test_auto_probes_one_sequence_at_a_time():
         if step % PROBE_EVERY:
             assert drafting == []
         else:
-            assert len(drafting) == 1 and depths[drafting[0]] == p.max_depth
+            assert len(drafting) == 1 and depths[drafting[0]] == p.resume_depth(8) < p.max_depth
             probes.append(drafting[0])
     assert len(set(probes)) == 4  # a different sequence each time
     assert p.draft_depths(8, 0) == []
