@@ -13,8 +13,8 @@ decoding once the estimates have settled. Every 32nd step ONE sequence (round ro
 probes, so the estimates stay fresh while drafting is off (probing the whole batch cost up
 to 7 plain steps' time at 32 sequences: 0.90x at c=32): fully while drafting is on, and
 while it is off at the depth auto would resume with (the best d >= 1), the pass that
-decides whether to resume and the cheapest one (a full hybrid probe adds 5 tokens to the
-pass; at batch 16 the probes cost about 1.5% of the step time).
+decides whether to resume and the cheapest one (a full hybrid probe adds up to 5 tokens
+to the pass).
 """
 
 from __future__ import annotations
