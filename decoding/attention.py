@@ -29,6 +29,23 @@ class AttentionMetadata:
     mask: torch.Tensor | None  # [B, 1, Lq, kv_len] bool, True = may attend; None = all
 
 
+def padded_layout(counts: list[int], device: torch.device | str = "cpu"
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(q_gather, q_scatter) for packed rows, `counts[b]` of them for sequence b in order,
+    padded to max(counts) per sequence (the pad rows gather row T, a zero row); (None, None)
+    for one sequence, which needs no padding."""
+    if len(counts) == 1:
+        return None, None
+    q_len, T = max(counts), sum(counts)
+    gather, scatter, base = [], [], 0
+    for b, n in enumerate(counts):
+        gather += list(range(base, base + n)) + [T] * (q_len - n)
+        scatter += range(b * q_len, b * q_len + n)
+        base += n
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return as_t(gather), as_t(scatter)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
            scale: float) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [B, Hkv, kv_len, D] -> [T, Hq, D]."""

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .acceptance import Accepted, accept_greedy, accept_rejection, accept_typical
-from .attention import AttentionMetadata
+from .attention import AttentionMetadata, padded_layout
 from .checkpoint import load_checkpoint
 from .config import EngineConfig, SamplingParams
 from .heads import DraftHeads, load_heads_for
@@ -342,8 +342,6 @@ class LLMEngine:
         kv_len = max(b.seq.num_cached + len(b.tokens) for b in batch)
         need_mask = B > 1 or q_len > 1
         mask = torch.zeros(B, 1, q_len, kv_len, dtype=torch.bool) if need_mask else None
-        q_gather: list[int] = []
-        q_scatter: list[int] = []
         for b, item in enumerate(batch):
             seq, n, start = item.seq, len(item.tokens), item.seq.num_cached
             base = len(ids)
@@ -363,16 +361,13 @@ class LLMEngine:
                 mask[b, 0, :n, :start] = True
                 mask[b, 0, :n, start:start + n] = anc
                 mask[b, 0, n:, 0] = True  # padding rows: attend somewhere, result dropped
-            q_gather.extend(range(base, base + n))
-            q_gather.extend([-1] * (q_len - n))
-            q_scatter.extend(range(b * q_len, b * q_len + n))
-        T = len(ids)
         dev = self.device
         slots = [item.seq.slot for item in batch]
         for slot in slots:
             self.kv.ensure_initialized(slot, kv_len)
         contiguous = slots == list(range(slots[0], slots[0] + B))
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        q_gather, q_scatter = padded_layout([len(b.tokens) for b in batch], dev)
         meta = AttentionMetadata(
             positions=as_t(positions),
             token_slots=as_t(tslots),
@@ -382,8 +377,8 @@ class LLMEngine:
             kv_len=kv_len,
             num_seqs=B,
             q_len=q_len,
-            q_gather=None if B == 1 else as_t([T if g < 0 else g for g in q_gather]),
-            q_scatter=None if B == 1 else as_t(q_scatter),
+            q_gather=q_gather,
+            q_scatter=q_scatter,
             mask=None if mask is None else mask.to(dev),
         )
         return as_t(ids), meta, as_t(logit_rows)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import AttentionMetadata
+from .attention import AttentionMetadata, padded_layout
 from .config import ModelConfig
 from .kv_cache import KVCache
 
@@ -65,20 +65,11 @@ class ModuleContext:
 def _metadata(positions: torch.Tensor, slots: torch.Tensor, seq_slots: torch.Tensor,
               counts: list[int], mask: torch.Tensor) -> AttentionMetadata:
     """Packed rows (`counts` per sequence, in order) written at their own positions."""
-    B, q_len = len(counts), max(counts)
-    dev = positions.device
-    gather, scatter, base = [], [], 0
-    for b, n in enumerate(counts):
-        gather += list(range(base, base + n)) + [-1] * (q_len - n)
-        scatter += range(b * q_len, b * q_len + n)
-        base += n
-    T = base
-    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+    q_gather, q_scatter = padded_layout(counts, positions.device)
     return AttentionMetadata(
         positions=positions, token_slots=slots, token_store=positions, seq_slots=seq_slots,
-        slot_start=None, kv_len=mask.shape[-1], num_seqs=B, q_len=q_len,
-        q_gather=None if B == 1 else as_t([T if g < 0 else g for g in gather]),
-        q_scatter=None if B == 1 else as_t(scatter), mask=mask[:, None])
+        slot_start=None, kv_len=mask.shape[-1], num_seqs=len(counts), q_len=max(counts),
+        q_gather=q_gather, q_scatter=q_scatter, mask=mask[:, None])
 
 
 def write_and_draft(heads, hidden: torch.Tensor, model: torch.nn.Module,

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionMetadata
+from .attention import AttentionMetadata, padded_layout
 from .mtp_sequential import SequentialMTPHeads
 from .train_heads import (HiddenCache, TrainConfig, build_draft_vocab, remap_targets, run_steps,
                           softmax_vocab, split_sequences, targets_for, top1_hits)
@@ -101,14 +101,7 @@ def context_logits(heads: SequentialMTPHeads, model: torch.nn.Module, cache: Hid
     B, T = len(spans), max(counts)
     rows = torch.cat([torch.arange(a, b) for a, b in spans])
     dev = cache.hidden.device
-    gather, scatter = [], []
-    for i, n in enumerate(counts):
-        base = sum(counts[:i])
-        gather += list(range(base, base + n)) + [-1] * (T - n)
-        scatter += range(i * T, i * T + n)
-    N = len(rows)
-    q_gather = torch.tensor([N if g < 0 else g for g in gather])
-    q_scatter = torch.tensor(scatter)
+    q_gather, q_scatter = padded_layout(counts)
     pos = row_positions(cache)[rows]
     causal = torch.ones(T, T, dtype=torch.bool).tril_()
     eye = torch.eye(T, dtype=torch.bool)
@@ -122,8 +115,7 @@ def context_logits(heads: SequentialMTPHeads, model: torch.nn.Module, cache: Hid
         meta = AttentionMetadata(
             positions=pos + j, token_slots=rows, token_store=rows, seq_slots=torch.arange(B),
             slot_start=0, kv_len=(j + 1) * T, num_seqs=B, q_len=T,
-            q_gather=None if B == 1 else q_gather, q_scatter=None if B == 1 else q_scatter,
-            mask=mask)
+            q_gather=q_gather, q_scatter=q_scatter, mask=mask)
         h, normed = heads.mods[min(j, last)].advance(inputs[:, j].to(dev), h, model, meta, kv)
         out.append(normed.float() @ unembed.T)
     return rows, torch.stack(out, 1)
@@ -295,18 +287,17 @@ def train_sequential(model, cache: HiddenCache, cfg: TrainConfig, out: Path,
                               unembed)  # [B, D, V']
         return losses_of(logits, sub_tgts[idx])
 
-    # Context mode trains on whole sequences: targets of every cached position (-1 where
-    # none), and about batch_tokens trained positions per step.
-    full = torch.full((len(cache.tokens), D), -1, dtype=torch.long)
-    full[rows] = sub_tgts
-    per_seq = len(rows) / max(1, len(train_seqs))
-
     def sequence_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         all_rows, logits = context_logits(heads, model, cache, [train_seqs[i] for i in idx.tolist()],
                                           D, cfg.targets, unembed)
         return losses_of(logits, full[all_rows])
 
     if heads.context:
+        # Whole sequences: targets of every cached position (-1 where none), and about
+        # batch_tokens trained positions per step.
+        full = torch.full((len(cache.tokens), D), -1, dtype=torch.long)
+        full[rows] = sub_tgts
+        per_seq = len(rows) / max(1, len(train_seqs))
         report = run_steps(heads, len(train_seqs), cfg, out, resume, sequence_loss, progress,
                            batch_size=max(1, round(cfg.batch_tokens / per_seq)))
     else:
