@@ -533,6 +533,24 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden-cache", default=None,
                    help="trunk hidden-state cache, reused while the data is the same "
                         "(default OUT/hidden_cache.pt)")
+    j = p.add_argument_group("joint fine-tuning (train_joint.py)")
+    j.add_argument("--joint", action="store_true",
+                   help="train the trunk together with Medusa heads (no hidden cache: trunk "
+                        "forward+backward every step; targets are the data's tokens); writes "
+                        "the fine-tuned model to OUT/model, which the heads then belong to")
+    j.add_argument("--curriculum", default="forward", choices=["forward", "none"],
+                   help="--joint: forward: next-token loss first, heads switched on one after "
+                        "another over the ramp; none: every head from step 0")
+    j.add_argument("--curriculum-ramp", type=float, default=0.5, metavar="FRAC",
+                   help="--joint: share of the steps over which the heads switch on")
+    j.add_argument("--trunk-lr", type=float, default=1e-5,
+                   help="--joint: trunk learning rate (the heads keep --lr)")
+    j.add_argument("--trunk-layers", type=int, default=None, metavar="N",
+                   help="--joint: train the last N decoder layers and the final norm "
+                        "(default: all); embedding and unembedding stay frozen")
+    j.add_argument("--max-steps", type=int, default=0, metavar="N",
+                   help="--joint: stop after N steps, the lr schedule and curriculum laid out "
+                        "for N (0: all epochs)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
@@ -613,6 +631,10 @@ def run_train_heads(a: argparse.Namespace) -> int:
                       batch_tokens=a.batch_tokens, seed=a.seed, checkpoint_every=a.checkpoint_every,
                       holdout_frac=a.holdout_frac, targets=a.targets, vocab=a.vocab,
                       attention=a.module_attention)
+    if a.joint or a.max_steps:
+        from .train_joint import check_joint_args
+
+        check_joint_args(a)  # before the model loads
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -636,6 +658,10 @@ def run_train_heads(a: argparse.Namespace) -> int:
                                 "greedy": True, "dtype": a.dtype, "max_num_seqs": a.gen_batch,
                                 "chat_template": True, **stats}
     examples = chunk_examples(examples, a.seq_len)
+    if a.joint:
+        from .train_joint import run_joint
+
+        return run_joint(a, cfg, engine, examples, recipe, out, say, t_all)
     hidden_path = Path(a.hidden_cache) if a.hidden_cache else out / "hidden_cache.pt"
     cache, trunk = _hidden_cache(model, examples, hidden_path, say)
     recipe.update(sequences=cache.num_seqs, positions=int(cache.seq_start[-1]), **_agreement(cache))
