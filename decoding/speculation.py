@@ -9,7 +9,10 @@ nodes(d) being the tokens one sequence's tree puts in the pass. A step's measure
 includes drafting the next trees (the heads' forward and their unembedding), so the
 heads' own cost counts against them.
 d = 0 (no drafts) is always a candidate, so speculation never costs more than plain
-decoding once the estimates have settled. Every 32nd step ONE sequence (round robin)
+decoding once the estimates have settled; a depth d > 0 must beat it by MIN_GAIN, and a
+pass is never priced below a smaller pass measured (stale entries of rarely seen sizes,
+e.g. a 72-token pass timed at a shorter context, made large drafts look cheap in a
+closed-loop chunk's shrinking tail: 0.975x at c=32). Every 32nd step ONE sequence (round robin)
 probes, so the estimates stay fresh while drafting is off (probing the whole batch cost up
 to 7 plain steps' time at 32 sequences: 0.90x at c=32): fully while drafting is on, and
 while it is off at the depth auto would resume with (the best d >= 1), the pass that
@@ -27,6 +30,11 @@ from .tree import DraftTree, load_choices, tree_from_choices
 MAX_TREE_NODES = 64
 PROBE_EVERY = 32  # auto: every 32nd decode step one sequence drafts fully, to keep measuring
 EMA = 0.1
+# auto drafts only where the estimate beats plain decoding by this much: the step costs it
+# compares are measured at different times and context lengths (a 32-sequence plain step
+# moved 217-388 ms between closed-loop chunks here), so marginal wins are noise, and a wrong
+# "draft" costs a whole step of extra tokens while a wrong "don't" forgoes little.
+MIN_GAIN = 1.10
 
 
 def _size_key(n: int) -> int:
@@ -77,10 +85,17 @@ class SpeculationPolicy:
     def _cost(self, tokens: int) -> float | None:
         """Seconds for a pass of `tokens`: measured, else interpolated between the nearest
         measured sizes, else (beyond the largest) extrapolated along the measured curve's
-        overall slope, so a pass never seen is priced from what was (None: nothing yet)."""
+        overall slope, so a pass never seen is priced from what was (None: nothing yet);
+        never below the dearest smaller size measured (more tokens never cost less)."""
         k = _size_key(tokens)
-        if k in self.step_cost or not self.step_cost:
-            return self.step_cost.get(k)
+        if not self.step_cost:
+            return None
+        floor = max((c for s, c in self.step_cost.items() if s < k), default=0.0)
+        return max(floor, self._curve(k))
+
+    def _curve(self, k: int) -> float:
+        if k in self.step_cost:
+            return self.step_cost[k]
         sizes = sorted(self.step_cost)
         lo = max((s for s in sizes if s < k), default=None)
         hi = min((s for s in sizes if s > k), default=None)
@@ -117,7 +132,7 @@ class SpeculationPolicy:
             return 0  # a new batch size: its plain step is measured first, once
         rates = self._rates(batch_size)
         best_d = self._best_drafting(rates)
-        return best_d if rates[best_d] > rates[0] else 0
+        return best_d if rates[best_d] > MIN_GAIN * rates[0] else 0
 
     def resume_depth(self, batch_size: int) -> int:
         """The best d >= 1: what auto would draft if its estimates improved."""

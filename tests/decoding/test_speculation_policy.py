@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mtpserve.decoding.config import SpecConfig
 from mtpserve.decoding.heads import MedusaHeads
-from mtpserve.decoding.speculation import PROBE_EVERY, SpeculationPolicy
+from mtpserve.decoding.speculation import MIN_GAIN, PROBE_EVERY, SpeculationPolicy
 from mtpserve.decoding.tree import load_choices
 
 
@@ -99,3 +99,35 @@ def test_auto_prices_pass_sizes_it_never_saw_from_the_measured_curve():
     assert p.best_depth(32) == 0
     assert p.best_depth(1) > 0  # at batch 1 a 2-4 token pass costs ~1.1x: drafting pays
     assert p.best_depth(3) == 0  # a batch size never measured: its plain step first
+
+
+
+def test_a_bigger_pass_is_never_priced_below_a_smaller_one_measured():
+    """A stale entry (a 72-token pass timed long ago, at a shorter context) cheaper than
+    the 32-sequence plain step must not make drafting at 24 sequences look cheap."""
+    p = _policy("hybrid", "chain2")  # depth 1: 3 tokens per sequence
+    for n, s in ((1, 0.03), (2, 0.031), (4, 0.033), (24, 0.25), (32, 0.3), (40, 0.5),
+                 (72, 0.2)):
+        for _ in range(20):
+            p.observe_step(n, s)
+    p.depth_accept = [0.5] * p.max_depth
+    assert p._curve(72) == 0.2  # what the table says ...
+    assert p._cost(72) == 0.5  # ... and what a 72-token pass is priced at
+    assert p._cost(3) == p._curve(3) == 0.032  # above the floor: interpolated as before
+    assert p.best_depth(24) == 0  # 1.5 tokens / 0.5 s < 1 token / 0.25 s
+    # the same table without the stale entry's floor would have drafted:
+    assert 1.5 / p._curve(72) > MIN_GAIN / p._cost(24)
+
+
+def test_auto_drafts_only_for_a_clear_predicted_gain():
+    """Predicted 5% faster: plain (the estimates' noise is larger); 30% faster: draft."""
+    p = _policy("ngram", "chain4")  # depth d: 1 + d tokens
+    p.depth_accept = [0.6, 0.0, 0.0, 0.0]  # a depth-1 draft holds 1.6 tokens per step
+    for n, s in ((1, 0.1), (2, 0.1 * 1.6 / 1.05), (3, 1.0), (4, 1.0), (5, 1.0)):
+        for _ in range(20):
+            p.observe_step(n, s)
+    rates = p._rates(1)
+    assert abs(rates[1] / rates[0] - 1.05) < 1e-9 and p.best_depth(1) == 0
+    for _ in range(100):
+        p.observe_step(2, 0.1 * 1.6 / 1.3)
+    assert p._rates(1)[1] / p._rates(1)[0] > MIN_GAIN and p.best_depth(1) == 1
