@@ -60,11 +60,14 @@ sweep() {  # name, then extra loadtest flags
 #    Alternating schedule: each level in AB_BLOCKS chunks of requests that both arms run
 #    back to back (ABBA...), so the machine's drift falls on both arms; AB_ROUNDS x c
 #    requests per arm and level (a chunk is then AB_ROUNDS / AB_BLOCKS rounds of c).
+#    AB_BODY_B='{"speculation": {"enabled": false}}' makes it an A/A run (both arms plain):
+#    what the schedule reports when nothing differs is its resolution.
 if want mtpserve; then
+  OFF='{"speculation": {"enabled": false}}' ON='{"speculation": {"enabled": true}}'
   start_server mtpserve mtpserve serve --port "$PORT" --max-num-seqs "$MAXSEQ"
   sweep mtpserve --ab --ab-schedule alternating --ab-blocks "${AB_BLOCKS:-4}" \
     --min-rounds "${AB_ROUNDS:-$ROUNDS}" \
-    --extra-body-a '{"speculation": {"enabled": false}}' --extra-body-b '{"speculation": {"enabled": true}}'
+    --extra-body-a "$OFF" --extra-body-b "${AB_BODY_B:-$ON}"
 fi
 
 # 2. llama.cpp's server on the same Q4_1 file: plain and its n-gram speculation.
