@@ -9,10 +9,11 @@ nodes(d) being the tokens one sequence's tree puts in the pass. A step's measure
 includes drafting the next trees (the heads' forward and their unembedding), so the
 heads' own cost counts against them.
 d = 0 (no drafts) is always a candidate, so speculation never costs more than plain
-decoding once the estimates have settled; a depth d > 0 must beat it by MIN_GAIN, and a
-pass is never priced below a smaller pass measured (stale entries of rarely seen sizes,
-e.g. a 72-token pass timed at a shorter context, made large drafts look cheap in a
-closed-loop chunk's shrinking tail: 0.975x at c=32). Every 32nd step ONE sequence (round robin)
+decoding once the estimates have settled. A depth d > 0 priced from a stale entry must
+beat it by MIN_GAIN, and a pass is never priced below a smaller pass measured (stale
+entries of rarely seen sizes, e.g. a 72-token pass timed at a shorter context, made large
+drafts look cheap in a closed-loop chunk's shrinking tail at c=32).
+Every 32nd step ONE sequence (round robin)
 probes, so the estimates stay fresh while drafting is off (probing the whole batch cost up
 to 7 plain steps' time at 32 sequences: 0.90x at c=32): fully while drafting is on, and
 while it is off at the depth auto would resume with (the best d >= 1), the pass that
@@ -30,11 +31,14 @@ from .tree import DraftTree, load_choices, tree_from_choices
 MAX_TREE_NODES = 64
 PROBE_EVERY = 32  # auto: every 32nd decode step one sequence drafts fully, to keep measuring
 EMA = 0.1
-# auto drafts only where the estimate beats plain decoding by this much: the step costs it
-# compares are measured at different times and context lengths (a 32-sequence plain step
-# moved 217-388 ms between closed-loop chunks here), so marginal wins are noise, and a wrong
-# "draft" costs a whole step of extra tokens while a wrong "don't" forgoes little.
+# auto drafts on a cost entry not refreshed in the last FRESH_STEPS decode steps only where
+# its estimate beats plain decoding by MIN_GAIN: such entries were measured at another
+# time and context length (a 32-sequence plain step moved 217-388 ms between closed-loop
+# chunks here), so marginal wins read off them are noise, and a wrong "draft" costs a whole
+# batch's extra tokens. Fresh entries (batch 1 drafting, or probed) need no margin: with
+# one, chat prompts at batch 1 lost their gain (0.995x against 1.10x).
 MIN_GAIN = 1.10
+FRESH_STEPS = 2 * PROBE_EVERY
 
 
 def _size_key(n: int) -> int:
@@ -60,6 +64,8 @@ class SpeculationPolicy:
         self.max_tree_nodes = MAX_TREE_NODES + spec.ngram_draft_len
         self.max_depth = max(spec.ngram_draft_len, max(len(c) for c in self.choices))
         self.step_cost: dict[int, float] = {}  # pass size key -> EMA seconds per step
+        self.cost_seen: dict[int, int] = {}  # pass size key -> observation count when last seen
+        self._observed = 0  # decode-only steps observed
         self.depth_accept = [0.5] * self.max_depth  # P(accept depth i | reached i-1)
         self._steps = 0
 
@@ -71,6 +77,8 @@ class SpeculationPolicy:
     # -- measurements (fed by the engine) ------------------------------------------------
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         b = _size_key(num_tokens)
+        self._observed += 1
+        self.cost_seen[b] = self._observed
         old = self.step_cost.get(b)
         self.step_cost[b] = seconds if old is None else (1 - EMA) * old + EMA * seconds
 
@@ -132,7 +140,12 @@ class SpeculationPolicy:
             return 0  # a new batch size: its plain step is measured first, once
         rates = self._rates(batch_size)
         best_d = self._best_drafting(rates)
-        return best_d if rates[best_d] > MIN_GAIN * rates[0] else 0
+        return best_d if rates[best_d] > self._margin(batch_size * self.nodes(best_d)) * rates[0] else 0
+
+    def _margin(self, tokens: int) -> float:
+        """How much a draft pass of `tokens` must beat plain decoding by (see MIN_GAIN)."""
+        seen = self.cost_seen.get(_size_key(tokens))
+        return 1.0 if seen is not None and self._observed - seen < FRESH_STEPS else MIN_GAIN
 
     def resume_depth(self, batch_size: int) -> int:
         """The best d >= 1: what auto would draft if its estimates improved."""

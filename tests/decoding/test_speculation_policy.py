@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mtpserve.decoding.config import SpecConfig
 from mtpserve.decoding.heads import MedusaHeads
-from mtpserve.decoding.speculation import MIN_GAIN, PROBE_EVERY, SpeculationPolicy
+from mtpserve.decoding.speculation import FRESH_STEPS, MIN_GAIN, PROBE_EVERY, SpeculationPolicy
 from mtpserve.decoding.tree import load_choices
 
 
@@ -119,15 +119,19 @@ def test_a_bigger_pass_is_never_priced_below_a_smaller_one_measured():
     assert 1.5 / p._curve(72) > MIN_GAIN / p._cost(24)
 
 
-def test_auto_drafts_only_for_a_clear_predicted_gain():
-    """Predicted 5% faster: plain (the estimates' noise is larger); 30% faster: draft."""
+def test_a_stale_cost_entry_needs_a_clear_predicted_gain():
+    """A 5% predicted gain drafts when the draft pass's cost was measured lately, not when
+    that entry is stale (the estimates' noise is larger); a 30% gain drafts either way."""
     p = _policy("ngram", "chain4")  # depth d: 1 + d tokens
     p.depth_accept = [0.6, 0.0, 0.0, 0.0]  # a depth-1 draft holds 1.6 tokens per step
-    for n, s in ((1, 0.1), (2, 0.1 * 1.6 / 1.05), (3, 1.0), (4, 1.0), (5, 1.0)):
+    for n, s in ((3, 1.0), (4, 1.0), (5, 1.0), (2, 0.1 * 1.6 / 1.05), (1, 0.1)):
         for _ in range(20):
             p.observe_step(n, s)
     rates = p._rates(1)
-    assert abs(rates[1] / rates[0] - 1.05) < 1e-9 and p.best_depth(1) == 0
-    for _ in range(100):
-        p.observe_step(2, 0.1 * 1.6 / 1.3)
+    assert abs(rates[1] / rates[0] - 1.05) < 1e-9
+    assert p.best_depth(1) == 1  # the 2-token pass was timed 20 steps ago: fresh
+    for _ in range(FRESH_STEPS):
+        p.observe_step(1, 0.1)
+    assert p.best_depth(1) == 0  # now stale: 5% is within its noise
+    p.step_cost[2] = 0.1 * 1.6 / 1.3
     assert p._rates(1)[1] / p._rates(1)[0] > MIN_GAIN and p.best_depth(1) == 1
