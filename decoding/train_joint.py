@@ -19,9 +19,6 @@ first, head k switching on before head k+1, all heads on at the end of a ramp
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -33,9 +30,9 @@ from .attention import AttentionMetadata, padded_layout
 from .heads import MedusaHeads, save_project_heads
 from .heads_data import Example
 from .model import CausalLM, RotaryEmbedding
-from .train_heads import (HiddenCache, TrainConfig, _bar, _command, _lr_at, _say_heldout,
-                          build_draft_vocab, cache_hidden, choose_tree, evaluate, remap_targets,
-                          split_sequences, targets_for)
+from .train_heads import (HiddenCache, TrainConfig, _bar, _command, _data_key, _lr_at,
+                          _say_heldout, build_draft_vocab, cache_hidden, choose_tree, evaluate,
+                          remap_targets, split_sequences, targets_for)
 
 
 @dataclass(slots=True)
@@ -247,13 +244,6 @@ def plan_batches(lengths: list[int], batch_tokens: int, epochs: int, seed: int
         if cur:
             plan.append((epoch, cur))
     return plan
-
-
-def _data_key(examples: list[Example]) -> str:
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(json.dumps([e.train_from, e.ids]).encode())
-    return h.hexdigest()[:16]
 
 
 def _token_cache(examples: list[Example]) -> HiddenCache:

@@ -231,3 +231,28 @@ def tiny_engine(tokenizer, heads=None, proposer: str = "ngram", dtype: torch.dty
                           max_num_seqs=max_num_seqs, max_model_len=max_model_len, seed=seed,
                           spec=SpecConfig(mode="on", proposer=proposer, tree=tree))
     return LLMEngine(config, model, tokenizer, "tiny", heads=heads)
+
+
+def interrupt_after(steps: int, run) -> None:
+    """Call `run` (a training run) and kill it with an exception right after step `steps`
+    was checkpointed, as an interrupted process would stop (for resume tests)."""
+    import pytest
+
+    from mtpserve.decoding import train_heads
+
+    class Stop(Exception):
+        pass
+
+    orig = train_heads._bar.update
+
+    def update(self, step, text):
+        if step > steps:
+            raise Stop
+        orig(self, step, text)
+
+    train_heads._bar.update = update
+    try:
+        with pytest.raises(Stop):
+            run()
+    finally:
+        train_heads._bar.update = orig

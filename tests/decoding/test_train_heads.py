@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from decoding_helpers import interrupt_after
 from mtpserve.decoding import train_heads
 from mtpserve.decoding.config import ModelConfig
 from mtpserve.decoding.heads import load_heads
@@ -74,7 +75,7 @@ def test_checkpoint_resume_continues_from_saved_step(tiny, tmp_path):
     total = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["step"]
     assert total > 3
     mid = tmp_path / "mid"
-    _interrupt_after(model, cache, cfg, mid, steps=3)
+    interrupt_after(3, lambda: train(model, cache, cfg, mid))
     assert torch.load(mid / "checkpoint.pt", weights_only=False)["step"] == 3
     resumed, _ = train(model, cache, cfg, mid, resume=True)
     assert torch.load(mid / "checkpoint.pt", weights_only=False)["step"] == total
@@ -83,25 +84,6 @@ def test_checkpoint_resume_continues_from_saved_step(tiny, tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         train(model, cache, _cfg(epochs=4, checkpoint_every=3, lr=1e-3), mid, resume=True)
 
-
-def _interrupt_after(model, cache, cfg, out, steps):
-    """Run `train` and kill it (an exception) right after step `steps` was checkpointed."""
-    class Stop(Exception):
-        pass
-
-    orig = train_heads._bar.update
-
-    def update(self, step, text):
-        if step > steps:
-            raise Stop
-        orig(self, step, text)
-
-    train_heads._bar.update = update
-    try:
-        with pytest.raises(Stop):
-            train(model, cache, cfg, out)
-    finally:
-        train_heads._bar.update = orig
 
 
 def test_output_loads_and_refuses_another_base(tiny, tmp_path):
@@ -215,14 +197,20 @@ def _word_prompts(root, stop: int):
     return prompts
 
 
-def test_cli_end_to_end_answers_prompts_caches_and_resumes(tmp_path, capsys):
-    from mtpserve.server.cli import main
-
+def _cli_inputs(tmp_path):
+    """train-heads' command-line inputs: a tiny HF model folder, 15 word prompts, a text
+    file, and the output folder to use."""
     model = _tiny_hf_folder(tmp_path)
     prompts = _word_prompts(tmp_path, 15)
     text = tmp_path / "notes.txt"
     text.write_text(" ".join(f"w{3 + i % 7}" for i in range(80)))
-    out = tmp_path / "out"
+    return model, prompts, text, tmp_path / "out"
+
+
+def test_cli_end_to_end_answers_prompts_caches_and_resumes(tmp_path, capsys):
+    from mtpserve.server.cli import main
+
+    model, prompts, text, out = _cli_inputs(tmp_path)
     argv = ["train-heads", "--model", model, "--data", str(prompts), str(text), "--out", str(out),
             "--num-heads", "2", "--epochs", "2", "--batch-tokens", "64", "--gen-batch", "4",
             "--generate-max-tokens", "6", "--threads", "1", "--holdout-frac", "0.2"]

@@ -9,8 +9,7 @@ import json
 import pytest
 import torch
 
-from decoding_helpers import greedy, prefill_logits, run_requests
-from mtpserve.decoding import train_heads
+from decoding_helpers import greedy, interrupt_after, prefill_logits, run_requests
 from mtpserve.decoding.config import EngineConfig, ModelConfig, SpecConfig
 from mtpserve.decoding.engine import LLMEngine
 from mtpserve.decoding.heads import MedusaHeads, save_project_heads
@@ -20,7 +19,7 @@ from mtpserve.decoding.train_heads import TrainConfig, choose_tree
 from mtpserve.decoding.train_joint import (JointConfig, curriculum_weights, export_trunk,
                                            hf_tensors, joint_loss, load_trainable, train_joint,
                                            trunk_hidden)
-from test_train_heads import _tiny_hf_folder, _word_prompts
+from test_train_heads import _cli_inputs, _tiny_hf_folder
 
 CFG = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, max_position_embeddings=256)
@@ -179,7 +178,7 @@ def test_checkpoint_resume_continues_from_the_saved_step_with_the_trunk(tmp_path
     total = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["step"]
     assert total > 3
     mid = tmp_path / "mid"
-    _interrupt_after(cfg, jcfg, mid, steps=3)
+    interrupt_after(3, lambda: train_joint(_tiny_model(), _examples(), cfg, jcfg, mid))
     saved = torch.load(mid / "checkpoint.pt", weights_only=False)
     assert saved["step"] == 3
     assert {"norm.weight", "layers.1.mlp.down_proj.weight"} <= set(saved["trunk"])
@@ -195,35 +194,12 @@ def test_checkpoint_resume_continues_from_the_saved_step_with_the_trunk(tmp_path
         train_joint(_tiny_model(), _examples(), cfg, _jcfg(trunk_lr=1e-3), mid, resume=True)
 
 
-def _interrupt_after(cfg, jcfg, out, steps):
-    """Run train_joint and kill it (an exception) right after step `steps` was checkpointed."""
-    class Stop(Exception):
-        pass
-
-    orig = train_heads._bar.update
-
-    def update(self, step, text):
-        if step > steps:
-            raise Stop
-        orig(self, step, text)
-
-    train_heads._bar.update = update
-    try:
-        with pytest.raises(Stop):
-            train_joint(_tiny_model(), _examples(), cfg, jcfg, out)
-    finally:
-        train_heads._bar.update = orig
-
 
 # -- the command line ----------------------------------------------------------------------------
 def test_cli_joint_end_to_end_writes_a_servable_model_and_its_heads(tmp_path, capsys):
     from mtpserve.server.cli import main
 
-    model = _tiny_hf_folder(tmp_path)
-    prompts = _word_prompts(tmp_path, 15)
-    text = tmp_path / "notes.txt"
-    text.write_text(" ".join(f"w{3 + i % 7}" for i in range(80)))
-    out = tmp_path / "out"
+    model, prompts, text, out = _cli_inputs(tmp_path)
     argv = ["train-heads", "--joint", "--model", model, "--data", str(prompts), str(text),
             "--out", str(out), "--num-heads", "2", "--epochs", "2", "--batch-tokens", "64",
             "--gen-batch", "4", "--generate-max-tokens", "6", "--threads", "1",
