@@ -72,6 +72,13 @@ class ServerThread:
         self.thread.join(timeout)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for servers started in a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_direct(runner, prompt_ids: list[int], params, timeout: float = 120.0):
     """Generate through the engine runner directly (no HTTP): (text, token ids, last output)."""
     import queue

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,14 +14,10 @@ import httpx
 import pytest
 import yaml
 
+from server_helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dashboard_queries() -> list[str]:
@@ -50,7 +45,7 @@ def test_prometheus_scrapes_server_and_dashboard_queries_return_data(server_url,
     job["scrape_interval"] = "1s"
     job["static_configs"] = [{"targets": [server_url.removeprefix("http://")]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
          f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],

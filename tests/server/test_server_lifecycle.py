@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from mtpserve.server.app import ServerSettings
-from server_helpers import scrape, sse_events, wait_idle
+from server_helpers import free_port, scrape, sse_events, wait_idle
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -213,19 +212,13 @@ def test_help_lists_subcommands():
         assert flag in out.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(importlib.util.find_spec("mtpserve.decoding.commands") is None,
                     reason="engine commands module not available")
 def test_serve_process_drains_on_sigterm_and_exits_0(tmp_path):
     """SIGTERM under load: every stream in flight finishes whole, new requests and
     /health get 503 (the port stays open while draining), then the process exits 0
     well within --drain-timeout."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "serve.log", "w+")
     env = {**os.environ, "MTPSERVE_API_KEY": "k"}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from mtpserve.server.app import ServerSettings, create_app
 from mtpserve.server.cli import build_parser, explicit_flags, main
 from mtpserve.server.vllm_backend import (INSTALL_HINT, BackendConfigError, VllmBackend,
                                           VllmOptions, check_vllm_request, options_from_args)
-from server_helpers import ServerThread
+from server_helpers import ServerThread, free_port
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -232,16 +231,10 @@ PROMPTS = ["The three primary colors are", "def fibonacci(n):",
 GREEDY_TOKENS = 32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
     pytest.importorskip("vllm")
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("vllm") / "serve.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE",
                                                                    "1"))

@@ -34,7 +34,6 @@ Run it with the vLLM venv's python (skipped where `import vllm` fails, as in CI)
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +58,7 @@ from mtpserve.decoding.config import ModelConfig  # noqa: E402
 from mtpserve.decoding.export import export_heads_vllm  # noqa: E402
 from mtpserve.decoding.heads import SHIPPED_HEADS_DIR, MedusaHeads, load_heads  # noqa: E402
 from mtpserve.decoding.model import CausalLM  # noqa: E402
+from server_helpers import free_port  # noqa: E402
 
 # The mirror test's helpers (tests/decoding has no __init__.py; pytest puts it on sys.path
 # only when it collects something there).
@@ -71,12 +71,6 @@ from test_export import HIDDEN, VOCAB, _ours_full_vocab  # noqa: E402
 RTOL, ATOL = 1e-5, 1e-4  # fp32 both sides; vLLM's CPU GEMM may sum in another order
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_world() -> Iterator[VllmConfig]:
     """vLLM's distributed state for this one process (world size 1, gloo): ParallelLMHead
@@ -85,7 +79,7 @@ def vllm_world() -> Iterator[VllmConfig]:
     config = VllmConfig()
     with set_current_vllm_config(config):
         init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                     distributed_init_method=f"tcp://127.0.0.1:{_free_port()}")
+                                     distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
         initialize_model_parallel(1, 1)
     yield config
     destroy_model_parallel()
