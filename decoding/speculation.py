@@ -13,12 +13,11 @@ decoding once the estimates have settled. A depth d > 0 priced from a stale entr
 beat it by MIN_GAIN, and a pass is never priced below a smaller pass measured (stale
 entries of rarely seen sizes, e.g. a 72-token pass timed at a shorter context, made large
 drafts look cheap in a closed-loop chunk's shrinking tail at c=32).
-Every 32nd step ONE sequence (round robin)
-probes, so the estimates stay fresh while drafting is off (probing the whole batch cost up
-to 7 plain steps' time at 32 sequences: 0.90x at c=32): fully while drafting is on, and
-while it is off at the depth auto would resume with (the best d >= 1), the pass that
-decides whether to resume and the cheapest one (a full hybrid probe adds up to 5 tokens
-to the pass).
+Every 32nd step ONE sequence (round robin) probes, so the estimates stay fresh while
+drafting is off (probing the whole batch cost up to 7 plain steps' time at 32 sequences:
+0.90x at c=32): fully while drafting is on, and while it is off at the depth auto would
+resume with (the best d >= 1), the pass that decides whether to resume and the cheapest
+one (a full hybrid probe adds up to 5 tokens to the pass).
 """
 
 from __future__ import annotations

@@ -361,7 +361,6 @@ def train_joint(model: CausalLM, examples: list[Example], cfg: TrainConfig, jcfg
         "train_sequences": len(train_ex), "heldout_sequences": len(hold_ex),
         "train_positions": sum(max(0, len(e.ids) - 1 - e.train_from) for e in train_ex),
     }
-    tokens = _token_cache(examples)
     if before is not None:
         after = cache_hidden(model, hold_ex)
         seqs = list(range(len(hold_ex)))
@@ -377,6 +376,7 @@ def train_joint(model: CausalLM, examples: list[Example], cfg: TrainConfig, jcfg
             o_tgts).items() if k in ("top1", "top5")}
         report["trunk_drift"] = trunk_drift(before, after)
     if draft_vocab:
+        tokens = _token_cache(examples)
         _, tr_tgts = targets_for(tokens, train_idx, K, "tokens")
         ids, info = build_draft_vocab(tokens, train_idx, tr_tgts, draft_vocab, V)
         if ids is not None:
