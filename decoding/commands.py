@@ -20,7 +20,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto",
                    choices=["auto", "float32", "bfloat16", "float16", "float64"],
-                   help="compute dtype (auto: bf16 on GPUs and CPUs with native bf16, else fp32)")
+                   help="compute dtype (auto: bf16 on GPUs; on CPUs fp32 around int4/int8 "
+                        "weights, bf16 for dense weights where the CPU has native bf16)")
     g.add_argument("--weights", default="auto", choices=["auto", "dense", "int8", "int4"],
                    help="weight format of the trunk on CPU: dense, or weight-only int8 / int4 "
                         "(group 32: GGUF Q4_0/Q4_1's own blocks); faster, not bit-identical "

@@ -51,13 +51,20 @@ class EngineBroken(RuntimeError):
     """Raised by `step()` after MAX_FAILED_STEPS_IN_A_ROW consecutive failed steps."""
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, weights: str = "dense") -> torch.dtype:
+    """The compute dtype of activations, attention and the KV cache."""
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if weights in ("int8", "int4"):
+        # The weight-only kernels take bf16 inputs either way; around them fp32 measured
+        # faster than bf16 even on CPUs with native bf16 (PyTorch's CPU flash attention
+        # repacks bf16 K/V on every call) and keeps one-row and k-row passes within fp32
+        # rounding of each other (docs/benchmarks.md, session 7).
+        return torch.float32
     # Without native bf16 instructions PyTorch's CPU bf16 matmuls take a slow path
-    # (measured 2-3x slower than fp32 here, docs/benchmarks.md), so fp32 unless the CPU
+    # (measured 2-3x slower than fp32, docs/benchmarks.md), so fp32 unless the CPU
     # has avx512_bf16 / AMX.
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
@@ -140,9 +147,12 @@ class LLMEngine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        ckpt = load_checkpoint(config.model, dtype=dtype)
+        # CPU: load in fp32 so quantizing recovers the file's own codes (bf16 would round
+        # the dequantized GGUF values first); the compute dtype follows the weight format.
+        load_dtype = torch.float32 if device.type == "cpu" else resolve_dtype(config.dtype, device)
+        ckpt = load_checkpoint(config.model, dtype=load_dtype)
         weights = resolve_weights(config.weights, device, ckpt.trunk_quant)
+        dtype = resolve_dtype(config.dtype, device, weights)
         max_pos = min(config.max_model_len, ckpt.config.max_position_embeddings) + 256
         # Build on the meta device and fill from the checkpoint: no random init, and
         # load_weights frees each source tensor as it goes, so peak memory stays ~2x weights.

@@ -108,6 +108,21 @@ def test_auto_serves_q4_gguf_as_int4_on_cpu_only():
     assert resolve_weights("int8", cpu, None) == "int8"
 
 
+def test_auto_dtype_on_cpu_is_fp32_around_quantized_weights(monkeypatch):
+    """int4/int8 kernels take bf16 inputs either way; around them the engine computes in
+    fp32 even where the CPU has native bf16. Dense weights use bf16 only there."""
+    from mtpserve.decoding import engine
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+        assert engine.resolve_dtype("auto", cpu, "int4") == torch.float32
+        assert engine.resolve_dtype("auto", cpu, "int8") == torch.float32
+        assert engine.resolve_dtype("auto", cpu, "dense") == (
+            torch.bfloat16 if native else torch.float32)
+        assert engine.resolve_dtype("bfloat16", cpu, "int4") == torch.bfloat16  # asked for
+
+
 @pytest.fixture(scope="module")
 def int4_engine():
     from mtpserve.decoding.config import SpecConfig
@@ -124,6 +139,7 @@ def test_default_model_int4_engine_agrees_with_dense_fp32(default_engine, int4_e
 
     eng = int4_engine
     assert eng.weight_format == "int4" and default_engine.weight_format == "dense"
+    assert eng.dtype == torch.float32  # auto: fp32 around the int4 kernels
     ids = chat(eng.tokenizer, "Write a Python function that returns the n-th Fibonacci number.")
     ids = ids + default_engine.generate([ids], _greedy(48))[0]["token_ids"]
     ref = prefill_logits(default_engine.model, ids)
