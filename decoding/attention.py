@@ -48,7 +48,10 @@ def padded_layout(counts: list[int], device: torch.device | str = "cpu"
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
            scale: float) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [B, Hkv, kv_len, D] -> [T, Hq, D]."""
+    """q: [T, Hq, D]; k, v: [B, Hkv, kv_len, D] -> [T, Hq, D] in q's dtype; computed in
+    the cache's dtype (fp32 on CPU, see engine.kv_cache_dtype)."""
+    out_dtype = q.dtype
+    q = q.to(k.dtype)
     T, Hq, D = q.shape
     B, Lq = meta.num_seqs, meta.q_len
     if meta.q_gather is None:
@@ -61,4 +64,4 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMet
     out = out.transpose(1, 2).reshape(B * Lq, Hq, D)
     if meta.q_scatter is not None:
         out = out[meta.q_scatter]
-    return out
+    return out.to(out_dtype)

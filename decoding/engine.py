@@ -69,6 +69,15 @@ def resolve_dtype(name: str, device: torch.device, weights: str = "dense") -> to
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype, which attention computes in. On CPU a bf16 cache costs more
+    than it saves: PyTorch's CPU flash attention repacks bf16 K/V on every call, measured
+    4-7x slower than fp32 for decode rows (docs/benchmarks.md, session 7)."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype
+
+
 def cpu_has_native_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -104,6 +113,7 @@ class LLMEngine:
             prepare(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.kv_dtype = kv_cache_dtype(self.dtype, self.device)
         self.policy = SpeculationPolicy(config.spec, heads)
         # Meta-style heads are extra blocks in the verify forward, with KV-cache layers.
         self.branch_heads = heads if isinstance(heads, ParallelMTPHeads) else None
@@ -114,10 +124,10 @@ class LLMEngine:
         context_modules = (len(heads.mods) if isinstance(heads, SequentialMTPHeads)
                            and heads.context and config.spec.mode != "off"
                            and config.spec.proposer != "ngram" else 0)
-        per_token = KVCache.bytes_per_token(self.model_config, self.dtype, extra_layers)
+        per_token = KVCache.bytes_per_token(self.model_config, self.kv_dtype, extra_layers)
         if context_modules:
             per_token += ModuleContext.bytes_per_token(self.model_config, context_modules,
-                                                       self.dtype)
+                                                       self.kv_dtype)
         per_slot = per_token * slot_len
         num_slots = config.max_num_seqs
         if config.kv_cache_memory_gb > 0:
@@ -126,10 +136,10 @@ class LLMEngine:
                 raise ValueError(
                     f"kv cache budget {config.kv_cache_memory_gb} GB holds no sequence of "
                     f"{self.max_model_len} tokens ({per_slot / 2**20:.1f} MiB each)")
-        self.kv = KVCache(self.model_config, num_slots, slot_len, self.dtype, self.device,
+        self.kv = KVCache(self.model_config, num_slots, slot_len, self.kv_dtype, self.device,
                           lazy=True, extra_layers=extra_layers)
         self.module_ctx = (ModuleContext(self.model_config, context_modules, num_slots, slot_len,
-                                         self.dtype, self.device) if context_modules else None)
+                                         self.kv_dtype, self.device) if context_modules else None)
         self.scheduler = Scheduler(num_slots, config.prefill_chunk_size, config.max_tokens_per_step)
         self.eos_ids = set(self.model_config.eos_token_ids) | set(tokenizer.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}

@@ -178,3 +178,40 @@ def test_int4_speculative_greedy_leaves_plain_only_at_near_ties(int4_engine):
 
 def _greedy(n: int, speculate: bool = False) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, speculate=speculate)
+
+
+def test_bf16_engine_on_cpu_attends_over_an_fp32_kv_cache(default_engine):
+    """CPU flash attention repacks bf16 K/V on every call, so a bf16 engine on CPU keeps
+    its cache in fp32: K/V are stored exactly (bf16 -> fp32 is lossless), attention runs in
+    fp32 and hands back bf16, and the engine still decodes."""
+    from decoding_helpers import tiny_engine
+    from mtpserve.decoding.attention import AttentionMetadata, attend
+    from mtpserve.decoding.engine import kv_cache_dtype
+
+    cpu = torch.device("cpu")
+    assert kv_cache_dtype(torch.bfloat16, cpu) == torch.float32
+    assert kv_cache_dtype(torch.float64, cpu) == torch.float64
+    assert kv_cache_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
+
+    eng = tiny_engine(default_engine.tokenizer, dtype=torch.bfloat16)
+    assert eng.dtype == torch.bfloat16 and eng.kv.buf.dtype == torch.float32
+    ids = default_engine.tokenizer.encode("The capital of France is")
+    out = eng.generate([ids], _greedy(6))[0]
+    assert len(out["token_ids"]) == 6
+    # the prompt's K/V went in exactly as the bf16 layer computed them
+    assert bool((eng.kv.buf[0, :, 0, :, :len(ids)] == eng.kv.buf[0, :, 0, :, :len(ids)]
+                 .bfloat16().float()).all())
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 4, 8, generator=g).bfloat16()
+    k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(2))
+    meta = AttentionMetadata(positions=torch.arange(5), token_slots=torch.zeros(5, dtype=torch.long),
+                             token_store=torch.arange(5), seq_slots=torch.zeros(1, dtype=torch.long),
+                             slot_start=0, kv_len=5, num_seqs=1, q_len=5, q_gather=None,
+                             q_scatter=None, mask=torch.ones(5, 5, dtype=torch.bool).tril()[None, None])
+    got = attend(q, k, v, meta, scale=8 ** -0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float().view(1, 5, 4, 8).transpose(1, 2), k, v, attn_mask=meta.mask, scale=8 ** -0.5,
+        enable_gqa=True).transpose(1, 2).reshape(5, 4, 8)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, ref.bfloat16())
