@@ -26,6 +26,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weight format of the trunk on CPU: dense, or weight-only int8 / int4 "
                         "(group 32: GGUF Q4_0/Q4_1's own blocks); faster, not bit-identical "
                         "to dense (auto: int4 for a Q4_0/Q4_1 GGUF on CPU, else dense)")
+    g.add_argument("--no-wide-weights", dest="wide_weights", action="store_false",
+                   help="int8/int4 on a CPU with native bf16: do not keep a bf16 copy of the "
+                        "quantized weights for passes of 32+ rows (saves 2 bytes per weight; "
+                        "prefill and large verify batches then run ~2x slower)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
     g.add_argument("--max-model-len", type=int, default=2048, help="context per sequence")
@@ -57,7 +61,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         typical_epsilon=a.typical_epsilon,
         typical_delta=a.typical_delta,
     )
-    return EngineConfig(model=a.model, dtype=a.dtype, weights=a.weights, device=a.device,
+    return EngineConfig(model=a.model, dtype=a.dtype, weights=a.weights,
+                        wide_weights=a.wide_weights, device=a.device,
                         max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                         kv_cache_memory_gb=a.kv_cache_gb, prefill_chunk_size=a.prefill_chunk,
                         max_tokens_per_step=max(1024, a.prefill_chunk), seed=a.seed, spec=spec)

@@ -99,6 +99,8 @@ class EngineConfig:
     model: str | None = None  # path to a GGUF file or HF folder; None: embedded default
     dtype: DTypeName = "auto"
     weights: Literal["auto", "dense", "int8", "int4"] = "auto"  # weight-only quantization (CPU)
+    # int8/int4 on CPUs with native bf16: also keep bf16 copies for passes of many rows
+    wide_weights: bool = True
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     max_num_seqs: int = 16
     max_model_len: int = 2048  # per-sequence context (prompt + output + tree)

@@ -6,6 +6,7 @@ Single-threaded by design; `runner.EngineRunner` puts it behind a thread-safe AP
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import random
 import time
@@ -76,6 +77,15 @@ def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return dtype
+
+
+def malloc_trim() -> None:
+    """Return freed heap pages to the OS: glibc keeps them, and after loading they are the
+    loader's fp32 temporaries (RSS 1122 -> 696 MB for the default model). No-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def cpu_has_native_bf16() -> bool:
@@ -176,13 +186,18 @@ class LLMEngine:
         except ValueError as exc:
             raise ValueError(f"{ckpt.path}: {exc}") from None
         ckpt.tensors = {}
+        ckpt_tokenizer, ckpt_name = ckpt.tokenizer, ckpt.name
         if weights in ("int8", "int4"):
-            model.quantize(weights)
+            # Where the CPU multiplies bf16 natively, a bf16 copy of the quantized values
+            # (+2 bytes per weight) serves passes of many rows ~2x faster than the kernels.
+            model.quantize(weights, wide_copy=config.wide_weights and cpu_has_native_bf16())
         if device.type == "cpu":
             model.use_transposed_weights()
         model.eval()
         heads = load_heads_for(config.spec, ckpt.config, ckpt.path, device, dtype)
-        return cls(config, model, ckpt.tokenizer, ckpt.name, heads)
+        del ckpt
+        malloc_trim()
+        return cls(config, model, ckpt_tokenizer, ckpt_name, heads)
 
     @property
     def weight_format(self) -> str:

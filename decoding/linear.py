@@ -18,6 +18,11 @@ from torch import nn
 
 INT4_GROUP = 32
 _KERNEL_DTYPE = torch.bfloat16  # what the CPU weight-only kernels want as activations
+# From this many rows on a quantized layer with a wide copy multiplies by its bf16 dense
+# copy instead: the weight-only kernels are compute-bound and grow linearly with rows, the
+# bf16 GEMM (native bf16 CPUs) does not. 30 layers of this model: int4 = bf16 at 16-24 rows,
+# 52 vs 37 ms at 32, 706 vs 308 ms at 512 (docs/benchmarks.md, session 7).
+WIDE_ROWS = 32
 
 
 def _int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,6 +54,7 @@ class Linear(nn.Module):
         self.register_buffer("int4_weight", None, persistent=False)
         self.register_buffer("int4_scales_zeros", None, persistent=False)
         self.weight_t: torch.Tensor | None = None  # [in, out] storage, see transpose_storage
+        self.wide_weight: torch.Tensor | None = None  # bf16 dense copy, see quantize_int4
 
     @property
     def weight_format(self) -> str:
@@ -66,23 +72,29 @@ class Linear(nn.Module):
         self.bias.copy_(b.to(self.bias.dtype))
 
     def _drop_dense(self) -> None:
-        self.weight_t = None
+        self.weight_t = None  # (wide_weight, if any, was just made from the quantized values)
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype,
                                                device=self.weight.device), requires_grad=False)
 
     @torch.no_grad()
-    def quantize_int8(self) -> None:
-        """Symmetric per-row int8; drops the dense weight to free its memory."""
+    def quantize_int8(self, wide_copy: bool = False) -> None:
+        """Symmetric per-row int8; drops the dense weight to free its memory.
+        wide_copy: also keep the quantized values as bf16 for passes of many rows."""
         _require_cpu(self.weight)
         w = self.weight.float()
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         self.int8_weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
         self.int8_scales = scales.to(_KERNEL_DTYPE)
+        if wide_copy:
+            self.wide_weight = (self.int8_weight.float() * self.int8_scales.float()[:, None]
+                                ).to(_KERNEL_DTYPE)
         self._drop_dense()
 
     @torch.no_grad()
-    def quantize_int4(self, group: int = INT4_GROUP) -> None:
-        """Asymmetric int4 in groups along the input dimension; drops the dense weight."""
+    def quantize_int4(self, group: int = INT4_GROUP, wide_copy: bool = False) -> None:
+        """Asymmetric int4 in groups along the input dimension; drops the dense weight.
+        wide_copy: also keep, as bf16, the very values the kernel multiplies by (codes,
+        scales and zeros as it stores them), for passes of WIDE_ROWS rows or more."""
         _require_cpu(self.weight)
         if self.in_features % group:
             raise ValueError(f"int4 needs in_features divisible by {group}, got {self.in_features}")
@@ -92,6 +104,10 @@ class Linear(nn.Module):
         sz = torch.stack([scale, lo + 8 * scale], dim=-1)  # [N, K/g, 2]
         self.int4_scales_zeros = sz.transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
         self.int4_group = group
+        if wide_copy:
+            s_k, z_k = self.int4_scales_zeros.float().transpose(0, 1).unbind(-1)  # [N, K/g]
+            w = (codes.float() - 8).view(codes.shape[0], -1, group) * s_k[..., None] + z_k[..., None]
+            self.wide_weight = w.reshape(codes.shape).to(_KERNEL_DTYPE)
         self._drop_dense()
 
     @torch.no_grad()
@@ -108,7 +124,9 @@ class Linear(nn.Module):
             y = torch.matmul(x, self.weight_t)
         elif self.int4_weight is not None or self.int8_weight is not None:
             x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(_KERNEL_DTYPE)
-            if self.int4_weight is not None:
+            if self.wide_weight is not None and x2.shape[0] >= WIDE_ROWS:
+                y = F.linear(x2, self.wide_weight)
+            elif self.int4_weight is not None:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                     x2, self.int4_weight, self.int4_group, self.int4_scales_zeros)
             else:

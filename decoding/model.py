@@ -180,13 +180,17 @@ class CausalLM(nn.Module):
         return (h, pre_last) if return_pre_last else h
 
     @torch.no_grad()
-    def quantize(self, trunk: str) -> None:
+    def quantize(self, trunk: str, wide_copy: bool = False) -> None:
         """Weight-only int8 or int4 for every projection of every layer. The unembedding
         stays dense: the kernels' bf16 outputs would round logits to ~0.1 at this scale,
-        which makes ties of what should be clear choices."""
+        which makes ties of what should be clear choices. wide_copy: keep bf16 copies of
+        the quantized values for passes of many rows (prefill, big verify batches)."""
         for m in self.layers.modules():
             if isinstance(m, Linear):
-                m.quantize_int4() if trunk == "int4" else m.quantize_int8()
+                if trunk == "int4":
+                    m.quantize_int4(wide_copy=wide_copy)
+                else:
+                    m.quantize_int8(wide_copy=wide_copy)
 
     @property
     def weight_format(self) -> str:

@@ -215,3 +215,32 @@ def test_bf16_engine_on_cpu_attends_over_an_fp32_kv_cache(default_engine):
         enable_gqa=True).transpose(1, 2).reshape(5, 4, 8)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, ref.bfloat16())
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_wide_copy_holds_the_kernels_own_values(fmt):
+    """Passes of WIDE_ROWS+ rows multiply by a bf16 copy of the quantized weight: it must
+    hold the values the kernel multiplies by (not the unquantized ones), so a row's
+    result is the same whether it rides in a wide pass or a narrow one."""
+    from mtpserve.decoding.linear import WIDE_ROWS
+
+    w, _ = _q4_1_like(64, 128, seed=3)
+    lin = Linear(128, 64, bias=False)
+    dense = w + 0.05 * torch.randn(64, 128, generator=torch.Generator().manual_seed(4))
+    lin.set_weight(dense)  # not exactly Q4_1: quantizing changes it
+    lin.quantize_int4(wide_copy=True) if fmt == "int4" else lin.quantize_int8(wide_copy=True)
+    assert lin.wide_weight is not None and lin.wide_weight.dtype == torch.bfloat16
+    eye = torch.eye(128, dtype=torch.bfloat16)
+    if fmt == "int4":  # the kernel applied to the identity: W^T as the kernel sees it
+        seen = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, lin.int4_weight, lin.int4_group,
+                                                          lin.int4_scales_zeros)
+    else:
+        seen = torch.ops.aten._weight_int8pack_mm(eye, lin.int8_weight, lin.int8_scales)
+    torch.testing.assert_close(lin.wide_weight.float(), seen.t().float(), rtol=2 ** -8, atol=0)
+    x = torch.randn(WIDE_ROWS + 3, 128)
+    wide = lin(x)  # one pass of many rows: the bf16 copy
+    narrow = torch.cat([lin(x[i:i + 4]) for i in range(0, len(x), 4)])  # the kernel
+    assert wide.dtype == torch.float32
+    rel = float((wide - narrow).norm() / narrow.norm())
+    assert rel < 1e-2, rel
+    assert float((wide - x @ dense.t()).norm() / (x @ dense.t()).norm()) > 2 * rel  # quantized
