@@ -9,9 +9,13 @@ and are gathered back into packed order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .kv_cache import KVCache
 
 
 @dataclass(slots=True)
@@ -27,6 +31,12 @@ class AttentionMetadata:
     q_gather: torch.Tensor | None  # [B*Lq] index into packed tokens (T = pad row); None if B == 1
     q_scatter: torch.Tensor | None  # [T] padded index of each packed token; None if B == 1
     mask: torch.Tensor | None  # [B, 1, Lq, kv_len] bool, True = may attend; None = all
+    # A step mixing a prefill chunk with decoding sequences attends in groups: padding
+    # every decoding sequence's queries to the chunk's length would cost B x chunk rows.
+    # Each group describes its own sequences (the fields above, minus positions/store,
+    # which stay the step's) and `rows`, its packed rows in the step.
+    groups: list[AttentionMetadata] | None = None
+    rows: torch.Tensor | None = None  # [T_g] (groups only)
 
 
 def padded_layout(counts: list[int], device: torch.device | str = "cpu"
@@ -65,3 +75,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMet
     if meta.q_scatter is not None:
         out = out[meta.q_scatter]
     return out.to(out_dtype)
+
+
+def attend_cached(q: torch.Tensor, kv: KVCache, layer: int, meta: AttentionMetadata,
+                  scale: float) -> torch.Tensor:
+    """q: [T, Hq, D] -> [T, Hq, D], attending over `layer` of the cache, group by group
+    where the step has groups."""
+    if meta.groups is None:
+        return attend(q, kv.keys(layer, meta), kv.values(layer, meta), meta, scale)
+    out = torch.empty_like(q)
+    for g in meta.groups:
+        out[g.rows] = attend(q[g.rows], kv.keys(layer, g), kv.values(layer, g), g, scale)
+    return out

@@ -109,6 +109,14 @@ def resolve_weights(name: str, device: torch.device, trunk_quant: str | None) ->
     return "dense"
 
 
+def _attention_groups(batch: list[ScheduledSeq]) -> list[list[int]]:
+    """Indices of `batch` attended together: every prefill chunk of 2+ tokens alone, the
+    rest (decodes, draft trees, one-token chunks) as one padded batch. One group = no split."""
+    chunks = [[i] for i, b in enumerate(batch) if b.tree is None and len(b.tokens) > 1]
+    rest = [i for i, b in enumerate(batch) if not (b.tree is None and len(b.tokens) > 1)]
+    return chunks + ([rest] if rest else [])
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: CausalLM, tokenizer: Tokenizer,
                  model_name: str, heads: DraftHeads | None = None) -> None:
@@ -372,12 +380,8 @@ class LLMEngine:
         tslots: list[int] = []
         tstore: list[int] = []
         logit_rows: list[int] = []
-        B = len(batch)
-        q_len = max(len(b.tokens) for b in batch)
-        kv_len = max(b.seq.num_cached + len(b.tokens) for b in batch)
-        need_mask = B > 1 or q_len > 1
-        mask = torch.zeros(B, 1, q_len, kv_len, dtype=torch.bool) if need_mask else None
-        for b, item in enumerate(batch):
+        masks: list[torch.Tensor] = []  # per item: [n, n] mask over its own new tokens
+        for item in batch:
             seq, n, start = item.seq, len(item.tokens), item.seq.num_cached
             base = len(ids)
             ids.extend(item.tokens)
@@ -385,29 +389,56 @@ class LLMEngine:
             tstore.extend(range(start, start + n))
             if item.tree is not None:
                 positions.extend(start + d for d in item.tree.depths)
-                anc = item.tree.ancestor_mask()
+                masks.append(item.tree.ancestor_mask())
                 logit_rows.extend(range(base, base + n))
             else:
                 positions.extend(range(start, start + n))
-                anc = torch.ones(n, n, dtype=torch.bool).tril_()
+                masks.append(torch.ones(n, n, dtype=torch.bool).tril_())
                 if item.needs_logits:
                     logit_rows.append(base + n - 1)
-            if mask is not None:
+        kv_len = max(b.seq.num_cached + len(b.tokens) for b in batch)
+        for item in batch:
+            self.kv.ensure_initialized(item.seq.slot, kv_len)
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        meta = self._attention_meta(batch, masks)
+        meta.positions, meta.token_slots, meta.token_store = (as_t(positions), as_t(tslots),
+                                                              as_t(tstore))
+        groups = _attention_groups(batch)
+        if len(groups) > 1:
+            bases = [0]
+            for item in batch:
+                bases.append(bases[-1] + len(item.tokens))
+            meta.groups = []
+            for members in groups:
+                g = self._attention_meta([batch[i] for i in members], [masks[i] for i in members])
+                g.rows = as_t([r for i in members for r in range(bases[i], bases[i + 1])])
+                meta.groups.append(g)
+        return as_t(ids), meta, as_t(logit_rows)
+
+    def _attention_meta(self, items: list[ScheduledSeq], masks: list[torch.Tensor]
+                        ) -> AttentionMetadata:
+        """What attention needs for these sequences (in slot order): their cache rows, the
+        padded query layout and the mask (committed prefix + each item's own mask)."""
+        B = len(items)
+        counts = [len(b.tokens) for b in items]
+        q_len = max(counts)
+        kv_len = max(b.seq.num_cached + len(b.tokens) for b in items)
+        mask = None
+        if B > 1 or q_len > 1:
+            mask = torch.zeros(B, 1, q_len, kv_len, dtype=torch.bool)
+            for b, (item, own) in enumerate(zip(items, masks)):
+                n, start = counts[b], item.seq.num_cached
                 mask[b, 0, :n, :start] = True
-                mask[b, 0, :n, start:start + n] = anc
+                mask[b, 0, :n, start:start + n] = own
                 mask[b, 0, n:, 0] = True  # padding rows: attend somewhere, result dropped
         dev = self.device
-        slots = [item.seq.slot for item in batch]
-        for slot in slots:
-            self.kv.ensure_initialized(slot, kv_len)
+        slots = [item.seq.slot for item in items]
         contiguous = slots == list(range(slots[0], slots[0] + B))
-        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
-        q_gather, q_scatter = padded_layout([len(b.tokens) for b in batch], dev)
-        meta = AttentionMetadata(
-            positions=as_t(positions),
-            token_slots=as_t(tslots),
-            token_store=as_t(tstore),
-            seq_slots=as_t(slots),
+        q_gather, q_scatter = padded_layout(counts, dev)
+        empty = torch.empty(0, dtype=torch.long, device=dev)
+        return AttentionMetadata(
+            positions=empty, token_slots=empty, token_store=empty,  # the step's: see _prepare
+            seq_slots=torch.tensor(slots, dtype=torch.long, device=dev),
             slot_start=slots[0] if contiguous else None,
             kv_len=kv_len,
             num_seqs=B,
@@ -416,7 +447,6 @@ class LLMEngine:
             q_scatter=q_scatter,
             mask=None if mask is None else mask.to(dev),
         )
-        return as_t(ids), meta, as_t(logit_rows)
 
     def _accept_and_emit(self, item: ScheduledSeq, logits: torch.Tensor
                          ) -> tuple[RequestOutput, list[int]]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMetadata, attend
+from .attention import AttentionMetadata, attend_cached
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear
@@ -117,8 +117,7 @@ class Attention(nn.Module):
                                                 self.head_dim)
             q, k = RotaryEmbedding.apply(qk, *rot).split([self.num_heads, self.num_kv_heads], 1)
         kv.write(self.layer_idx, meta, k, v)
-        out = attend(q, kv.keys(self.layer_idx, meta), kv.values(self.layer_idx, meta), meta,
-                     self.scale)
+        out = attend_cached(q, kv, self.layer_idx, meta, self.scale)
         return self.o_proj(out.reshape(T, -1))
 
 

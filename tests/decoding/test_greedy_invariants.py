@@ -190,3 +190,37 @@ def test_accepted_branch_commits_kv_like_a_fresh_prefill(default_engine, runs):
     finally:
         del eng.model.__dict__["compute_logits"]
         eng.abort_request(rid)
+
+
+def test_prompt_arriving_mid_decode_is_attended_apart_and_changes_nothing(default_engine, runs):
+    """A prompt admitted while another sequence decodes: that step attends in two groups
+    (the chunk alone, the decode unpadded) and both sequences' greedy tokens equal their
+    runs alone."""
+    eng = default_engine
+    prompts, spec = runs["prompts"], runs["spec"]
+    seen_groups: list[int] = []
+    prepare = eng._prepare
+
+    def spy(batch):
+        ids, meta, rows = prepare(batch)
+        seen_groups.append(0 if meta.groups is None else len(meta.groups))
+        return ids, meta, rows
+
+    eng._prepare = spy
+    try:
+        eng.add_request("first", prompts[0], greedy(20))
+        outs: dict[str, list[int]] = {"first": [], "late": []}
+        for step in range(200):
+            if step == 3:
+                eng.add_request("late", prompts[1], greedy(12, speculate=False))
+            for out in eng.step():
+                outs[out.request_id].extend(out.new_token_ids)
+            if step > 3 and not eng._seqs:
+                break
+    finally:
+        del eng._prepare
+        for rid in ("first", "late"):
+            eng.abort_request(rid)
+    assert 2 in seen_groups[3:5]  # the late prompt's chunk beside the decode
+    assert outs["first"] == spec[0].token_ids[:20]
+    assert outs["late"] == spec[1].token_ids[:12]
