@@ -36,6 +36,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-gb", type=float, default=0.0,
                    help="KV cache budget in GiB (0: max-num-seqs x max-model-len)")
     g.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per sequence per step")
+    g.add_argument("--prefill-while-decoding", type=int, default=512,
+                   help="prompt tokens a step may add while sequences decode: bounds how long "
+                        "a burst of prompts stalls running streams")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
     s = p.add_argument_group("speculation")
     s.add_argument("--speculate", default="auto", choices=["off", "on", "auto"],
@@ -65,7 +68,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
                         wide_weights=a.wide_weights, device=a.device,
                         max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                         kv_cache_memory_gb=a.kv_cache_gb, prefill_chunk_size=a.prefill_chunk,
-                        max_tokens_per_step=max(1024, a.prefill_chunk), seed=a.seed, spec=spec)
+                        max_tokens_per_step=max(1024, a.prefill_chunk),
+                        prefill_while_decoding=a.prefill_while_decoding, seed=a.seed, spec=spec)
 
 
 # -- generate ---------------------------------------------------------------------------

@@ -107,6 +107,9 @@ class EngineConfig:
     kv_cache_memory_gb: float = 0.0  # 0: enough for max_num_seqs * max_model_len
     prefill_chunk_size: int = 256  # prompt tokens per sequence per step
     max_tokens_per_step: int = 1024  # all sequences together
+    # ... of which prompt tokens while any sequence decodes: bounds a burst's stall of
+    # running streams (benchmarks/burst.py: 1130 -> 543 ms per step, same burst TTFT)
+    prefill_while_decoding: int = 512
     seed: int = 0
     spec: SpecConfig = field(default_factory=SpecConfig)
 
@@ -119,6 +122,8 @@ class EngineConfig:
             raise ValueError("max_model_len must be >= 16")
         if self.prefill_chunk_size < 1 or self.max_tokens_per_step < self.prefill_chunk_size:
             raise ValueError("need 1 <= prefill_chunk_size <= max_tokens_per_step")
+        if self.prefill_while_decoding < 1:
+            raise ValueError("prefill_while_decoding must be >= 1")
         if self.kv_cache_memory_gb < 0:
             raise ValueError("kv_cache_memory_gb must be >= 0")
 

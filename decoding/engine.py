@@ -158,7 +158,8 @@ class LLMEngine:
                           lazy=True, extra_layers=extra_layers)
         self.module_ctx = (ModuleContext(self.model_config, context_modules, num_slots, slot_len,
                                          self.kv_dtype, self.device) if context_modules else None)
-        self.scheduler = Scheduler(num_slots, config.prefill_chunk_size, config.max_tokens_per_step)
+        self.scheduler = Scheduler(num_slots, config.prefill_chunk_size, config.max_tokens_per_step,
+                                   config.prefill_while_decoding)
         self.eos_ids = set(self.model_config.eos_token_ids) | set(tokenizer.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._seed_rng = random.Random(config.seed)

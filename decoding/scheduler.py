@@ -60,10 +60,14 @@ class ScheduledSeq:
 class Scheduler:
     """FIFO admission into fixed cache slots; prefill chunked under a per-step token budget."""
 
-    def __init__(self, max_num_seqs: int, prefill_chunk: int, max_tokens_per_step: int) -> None:
+    def __init__(self, max_num_seqs: int, prefill_chunk: int, max_tokens_per_step: int,
+                 prefill_while_decoding: int | None = None) -> None:
         self.max_num_seqs = max_num_seqs
         self.prefill_chunk = prefill_chunk
         self.max_tokens_per_step = max_tokens_per_step
+        # prompt tokens a step may add while sequences decode (None: the whole budget): a
+        # burst of prompts then delays running streams by this many tokens' cost per step
+        self.prefill_while_decoding = prefill_while_decoding
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -98,6 +102,8 @@ class Scheduler:
                 tree = tree.truncated(max(1, budget))
             budget -= len(tree.tokens)
             out.append(ScheduledSeq(seq, tree.tokens, tree, True))
+        if out and self.prefill_while_decoding is not None:
+            budget = min(budget, self.prefill_while_decoding)
         for seq in self.running:
             if not seq.in_prefill or budget <= 0:
                 continue

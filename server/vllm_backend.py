@@ -80,6 +80,7 @@ NATIVE_ONLY_FLAGS: dict[str, tuple[tuple[Any, ...], str]] = {
     "typical_delta": ((), "typical acceptance is the native engine's"),
     "proposer": (("heads", "ngram"), "vLLM drafts from one source: heads (Medusa) or ngram"),
     "prefill_chunk": ((), "vLLM sizes chunked prefill with its own scheduler"),
+    "prefill_while_decoding": ((), "vLLM sizes chunked prefill with its own scheduler"),
     "device": (("auto",), "vLLM picks the device from its build; select GPUs with "
                           "CUDA_VISIBLE_DEVICES"),
     "dtype": (("auto", "float32", "bfloat16", "float16"), "vLLM does not compute in float64"),

@@ -1,7 +1,10 @@
 """The scheduler's step composition: decodes first, then prefill chunks in arrival order
-under the per-step token budget."""
+under the per-step token budget, of which prefill gets at most `prefill_while_decoding`
+tokens while anything decodes."""
 
 from __future__ import annotations
+
+import pytest
 
 from mtpserve.decoding.config import SamplingParams
 from mtpserve.decoding.scheduler import Scheduler, Sequence
@@ -39,3 +42,21 @@ def test_decodes_come_first_and_prefill_takes_the_rest_of_the_budget():
     assert sorted(s.seq.request_id for s in step if s.tree is not None) == ["d0", "d1", "d2"]
     assert _prefill_tokens(step) == {"p0": 256, "p1": 256, "p2": 85}  # 600 - 3 decode rows
     assert [s.seq.slot for s in step] == sorted(s.seq.slot for s in step)  # slot order
+
+
+def test_running_decodes_cap_the_prefill_tokens_of_a_step():
+    sched = Scheduler(8, prefill_chunk=256, max_tokens_per_step=1024, prefill_while_decoding=300)
+    _admitted(sched, _seq("d", 10, cached=10), *(_seq(f"p{i}", 600) for i in range(4)))
+    assert _prefill_tokens(sched.schedule()) == {"p0": 256, "p1": 44}
+    # nothing decoding: the whole budget, the cap does not apply
+    sched = Scheduler(8, prefill_chunk=256, max_tokens_per_step=1024, prefill_while_decoding=300)
+    _admitted(sched, *(_seq(f"p{i}", 600) for i in range(4)))
+    assert sum(_prefill_tokens(sched.schedule()).values()) == 1024
+
+
+def test_engine_config_carries_the_cap_to_the_scheduler(default_engine):
+    from mtpserve.decoding.config import EngineConfig
+
+    assert default_engine.scheduler.prefill_while_decoding == EngineConfig().prefill_while_decoding
+    with pytest.raises(ValueError, match="prefill_while_decoding"):
+        EngineConfig(prefill_while_decoding=0)

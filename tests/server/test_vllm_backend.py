@@ -58,6 +58,7 @@ def test_explicit_flags_are_told_apart_from_defaults():
     (["--typical-epsilon", "0.2"], "--typical-epsilon"),
     (["--proposer", "hybrid"], "--proposer hybrid"),
     (["--prefill-chunk", "64"], "--prefill-chunk"),
+    (["--prefill-while-decoding", "256"], "--prefill-while-decoding"),
     (["--device", "cpu"], "--device cpu"),
     (["--dtype", "float64"], "--dtype float64"),
 ])
