@@ -401,10 +401,11 @@ class LLMEngine:
         for item in batch:
             self.kv.ensure_initialized(item.seq.slot, kv_len)
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        meta = self._attention_meta(batch, masks)
+        groups = _attention_groups(batch)
+        # one group: the step's own layout; several: each group's, the step's left unpadded
+        meta = self._attention_meta(batch, masks, layout=len(groups) == 1)
         meta.positions, meta.token_slots, meta.token_store = (as_t(positions), as_t(tslots),
                                                               as_t(tstore))
-        groups = _attention_groups(batch)
         if len(groups) > 1:
             bases = [0]
             for item in batch:
@@ -416,16 +417,17 @@ class LLMEngine:
                 meta.groups.append(g)
         return as_t(ids), meta, as_t(logit_rows)
 
-    def _attention_meta(self, items: list[ScheduledSeq], masks: list[torch.Tensor]
-                        ) -> AttentionMetadata:
+    def _attention_meta(self, items: list[ScheduledSeq], masks: list[torch.Tensor],
+                        layout: bool = True) -> AttentionMetadata:
         """What attention needs for these sequences (in slot order): their cache rows, the
-        padded query layout and the mask (committed prefix + each item's own mask)."""
+        padded query layout and the mask (committed prefix + each item's own mask); without
+        `layout` only the cache rows (a step that attends in groups)."""
         B = len(items)
         counts = [len(b.tokens) for b in items]
         q_len = max(counts)
         kv_len = max(b.seq.num_cached + len(b.tokens) for b in items)
         mask = None
-        if B > 1 or q_len > 1:
+        if layout and (B > 1 or q_len > 1):
             mask = torch.zeros(B, 1, q_len, kv_len, dtype=torch.bool)
             for b, (item, own) in enumerate(zip(items, masks)):
                 n, start = counts[b], item.seq.num_cached
@@ -435,7 +437,7 @@ class LLMEngine:
         dev = self.device
         slots = [item.seq.slot for item in items]
         contiguous = slots == list(range(slots[0], slots[0] + B))
-        q_gather, q_scatter = padded_layout(counts, dev)
+        q_gather, q_scatter = padded_layout(counts, dev) if layout else (None, None)
         empty = torch.empty(0, dtype=torch.long, device=dev)
         return AttentionMetadata(
             positions=empty, token_slots=empty, token_store=empty,  # the step's: see _prepare
