@@ -147,6 +147,20 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _pack_for_onednn(w: torch.Tensor) -> torch.Tensor | None:
+    """w [N, K] reordered into oneDNN's blocked layout for its linear (what inductor's CPU
+    backend emits), or None where this PyTorch build lacks the ops. For the fp32
+    unembedding of 2+ rows: 16 rows of 49152 x 576 took 5.8 ms packed, 14.3 as W @ h^T
+    (docs/benchmarks.md, session 7)."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        torch.ops.mkldnn._linear_pointwise(w.new_zeros(2, w.shape[1]), packed, None, "none",
+                                           [], "")
+        return packed
+    except (AttributeError, RuntimeError):
+        return None
+
+
 class CausalLM(nn.Module):
     """The trunk plus final norm and unembedding (tied or not)."""
 
@@ -160,6 +174,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size,
                                                                    bias=False)
         self.unembed_t: torch.Tensor | None = None  # see use_transposed_weights
+        self.unembed_packed: torch.Tensor | None = None  # oneDNN layout, ditto
 
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
                 return_pre_last: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -202,19 +217,25 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def use_transposed_weights(self) -> None:
         """CPU decode: dense trunk projections stored [in, out], plus an [H, V] copy of
-        the unembedding for the one-row logits of plain decode; verify passes compute
-        W @ h^T from the [V, H] original, which BLAS streams faster for 2+ rows
-        (docs/benchmarks.md). Quantized projections keep their packed layout."""
+        the unembedding for the one-row logits of plain decode; passes of 2+ rows use an
+        fp32 unembedding prepacked for oneDNN (+1 copy), else W @ h^T from the [V, H]
+        original, which BLAS streams faster than h @ W^T there (docs/benchmarks.md).
+        Quantized projections keep their packed layout."""
         for m in self.layers.modules():
             if isinstance(m, Linear):
                 m.transpose_storage()
         self.unembed_t = self.unembed_weight().t().contiguous()
+        if self.unembed_t.dtype == torch.float32:
+            self.unembed_packed = _pack_for_onednn(self.unembed_weight())
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""
         if self.unembed_t is not None:  # CPU: pick the layout BLAS streams fastest for N
             if hidden.shape[0] == 1:
                 return torch.matmul(hidden, self.unembed_t).float()
+            if self.unembed_packed is not None and hidden.dtype == torch.float32:
+                return torch.ops.mkldnn._linear_pointwise(hidden, self.unembed_packed, None,
+                                                          "none", [], "")
             return torch.mm(self.unembed_weight(), hidden.t()).t().float()
         if self.lm_head is not None:
             return self.lm_head(hidden).float()

@@ -244,3 +244,20 @@ def test_wide_copy_holds_the_kernels_own_values(fmt):
     rel = float((wide - narrow).norm() / narrow.norm())
     assert rel < 1e-2, rel
     assert float((wide - x @ dense.t()).norm() / (x @ dense.t()).norm()) > 2 * rel  # quantized
+
+
+def test_logits_of_many_rows_from_the_packed_unembedding_match_one_row_logits():
+    """CPU fp32: passes of 2+ rows compute logits through oneDNN's prepacked copy of the
+    unembedding, one row through the [H, V] copy; both are the same product to fp32
+    rounding, so a row's logits do not depend on the pass it rides in."""
+    model = random_causal_lm(tiny_config(vocab=300, hidden=64), dtype=torch.float32, seed=2)
+    model.use_transposed_weights()
+    if model.unembed_packed is None:
+        pytest.skip("this PyTorch build has no oneDNN packed linear")
+    h = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    ref = (h.double() @ model.unembed_weight().double().t())
+    many = model.compute_logits(h)
+    one = torch.cat([model.compute_logits(h[i:i + 1]) for i in range(5)])
+    assert many.dtype == torch.float32 and many.shape == (5, 300)
+    torch.testing.assert_close(many.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
