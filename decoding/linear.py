@@ -25,6 +25,20 @@ _KERNEL_DTYPE = torch.bfloat16  # what the CPU weight-only kernels want as activ
 WIDE_ROWS = 32
 
 
+def pack_for_onednn(w: torch.Tensor, batch_hint: int = 1) -> torch.Tensor | None:
+    """w [N, K] (fp32 or bf16) reordered into oneDNN's blocked layout for its linear (what
+    inductor's CPU backend emits), or None where this PyTorch build lacks the ops. Measured
+    here: the fp32 unembedding's 16-row logits 5.8 vs 14.3 ms, the dense bf16 trunk's decode
+    step 34-36 vs 42-44 ms (docs/benchmarks.md, session 7)."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
+        torch.ops.mkldnn._linear_pointwise(w.new_zeros(2, w.shape[1]), packed, None, "none",
+                                           [], "")
+        return packed
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric min/max quantization per group: -> codes [N, K] int32 in 0..15,
     scales [N, K/group], mins [N, K/group] (w ~= codes * scale + min)."""
@@ -55,6 +69,7 @@ class Linear(nn.Module):
         self.register_buffer("int4_scales_zeros", None, persistent=False)
         self.weight_t: torch.Tensor | None = None  # [in, out] storage, see transpose_storage
         self.wide_weight: torch.Tensor | None = None  # bf16 dense copy, see quantize_int4
+        self.packed_weight: torch.Tensor | None = None  # oneDNN layout, see transpose_storage
 
     @property
     def weight_format(self) -> str:
@@ -72,7 +87,7 @@ class Linear(nn.Module):
         self.bias.copy_(b.to(self.bias.dtype))
 
     def _drop_dense(self) -> None:
-        self.weight_t = None  # (wide_weight, if any, was just made from the quantized values)
+        self.weight_t = None  # the quantized or packed form replaces both layouts
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype,
                                                device=self.weight.device), requires_grad=False)
 
@@ -112,14 +127,26 @@ class Linear(nn.Module):
 
     @torch.no_grad()
     def transpose_storage(self) -> None:
-        """Keep the weight as [in, out] and compute x @ W^T from it: for the skinny
-        decode matmuls (a few rows) BLAS streams this layout measurably faster on CPU
-        (docs/benchmarks.md) and no extra copy is kept."""
-        if self.weight_format == "dense" and self.weight_t is None:
-            self.weight_t = self.weight.t().contiguous()
-            self.weight = nn.Parameter(self.weight_t.t(), requires_grad=False)  # a view
+        """CPU storage for the skinny decode matmuls, no extra copy kept: fp32 as [in, out]
+        with x @ W^T computed from it (BLAS streams this layout measurably faster), bf16
+        in oneDNN's packed layout (docs/benchmarks.md)."""
+        if (self.weight_format != "dense" or self.weight_t is not None
+                or self.packed_weight is not None):
+            return
+        if self.weight.dtype == torch.bfloat16:
+            packed = pack_for_onednn(self.weight)
+            if packed is not None:
+                self.packed_weight = packed
+                self._drop_dense()
+                return
+        self.weight_t = self.weight.t().contiguous()
+        self.weight = nn.Parameter(self.weight_t.t(), requires_grad=False)  # a view
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed_weight, self.bias, "none", [], "")
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         if self.weight_t is not None:
             y = torch.matmul(x, self.weight_t)
         elif self.int4_weight is not None or self.int8_weight is not None:

@@ -19,7 +19,7 @@ from torch import nn
 from .attention import AttentionMetadata, attend_cached
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .linear import Linear
+from .linear import Linear, pack_for_onednn
 
 
 class RMSNorm(nn.Module):
@@ -147,20 +147,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _pack_for_onednn(w: torch.Tensor) -> torch.Tensor | None:
-    """w [N, K] reordered into oneDNN's blocked layout for its linear (what inductor's CPU
-    backend emits), or None where this PyTorch build lacks the ops. For the fp32
-    unembedding of 2+ rows: 16 rows of 49152 x 576 took 5.8 ms packed, 14.3 as W @ h^T
-    (docs/benchmarks.md, session 7)."""
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
-        torch.ops.mkldnn._linear_pointwise(w.new_zeros(2, w.shape[1]), packed, None, "none",
-                                           [], "")
-        return packed
-    except (AttributeError, RuntimeError):
-        return None
-
-
 class CausalLM(nn.Module):
     """The trunk plus final norm and unembedding (tied or not)."""
 
@@ -226,7 +212,7 @@ class CausalLM(nn.Module):
                 m.transpose_storage()
         self.unembed_t = self.unembed_weight().t().contiguous()
         if self.unembed_t.dtype == torch.float32:
-            self.unembed_packed = _pack_for_onednn(self.unembed_weight())
+            self.unembed_packed = pack_for_onednn(self.unembed_weight(), batch_hint=16)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""

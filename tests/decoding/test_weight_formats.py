@@ -261,3 +261,31 @@ def test_logits_of_many_rows_from_the_packed_unembedding_match_one_row_logits():
     assert many.dtype == torch.float32 and many.shape == (5, 300)
     torch.testing.assert_close(many.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_bf16_linear_in_onednn_layout_computes_the_same_product(bias):
+    """CPU bf16 projections are stored in oneDNN's packed layout (the dense copy dropped):
+    the product, bias included, is the one F.linear computes, for 2-D and 3-D inputs."""
+    lin = Linear(96, 40, bias=bias)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 96, generator=g)
+    lin.set_weight(w)
+    if bias:
+        lin.set_bias(torch.randn(40, generator=g))
+    lin.to(torch.bfloat16)
+    ref_w, ref_b = lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone()
+    lin.transpose_storage()
+    if lin.packed_weight is None:
+        pytest.skip("this PyTorch build has no oneDNN packed linear")
+    assert lin.weight.numel() == 0 and lin.weight_t is None  # no second copy kept
+    for shape in [(1, 96), (7, 96), (2, 3, 96)]:
+        x = torch.randn(*shape, generator=g).bfloat16()
+        got = lin(x)
+        want = torch.nn.functional.linear(x, ref_w, ref_b)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7)
+    fp32 = Linear(96, 40, bias=False)
+    fp32.set_weight(w)
+    fp32.transpose_storage()
+    assert fp32.packed_weight is None and fp32.weight_t is not None  # fp32 keeps [in, out]
