@@ -380,9 +380,9 @@ def measure_bandwidth(device: torch.device, gigabytes: float, runs: int = 5) -> 
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes one decode step streams: every weight once (rotary tables excluded; the
-    embedding table too when the logits read their own copy of it, as the token lookup
-    touches one row)."""
+    """Bytes one decode step streams: every weight once, packed projections included
+    (rotary tables excluded; the embedding table too when the logits read their own copy
+    of it, as the token lookup touches one row)."""
     seen, total = set(), 0
     own_copy = getattr(model, "unembed_t", None) is not None
     named = itertools.chain(model.named_parameters(), model.named_buffers(),
@@ -394,6 +394,10 @@ def model_bytes(model: torch.nn.Module) -> int:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
+    for m in model.modules():  # projections stored in oneDNN's layout are not parameters
+        packed = getattr(m, "packed_weight", None)
+        if packed is not None:
+            total += packed.numel() * packed.element_size()
     return total
 
 

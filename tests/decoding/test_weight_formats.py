@@ -289,3 +289,17 @@ def test_dense_bf16_linear_in_onednn_layout_computes_the_same_product(bias):
     fp32.set_weight(w)
     fp32.transpose_storage()
     assert fp32.packed_weight is None and fp32.weight_t is not None  # fp32 keeps [in, out]
+
+
+def test_streamed_bytes_count_projections_in_the_packed_layout():
+    """The bench's weight-streaming limit counts every projection once, whether it is a
+    parameter or (bf16 on CPU) a oneDNN-packed copy that replaced it."""
+    from mtpserve.decoding.bench import model_bytes
+
+    model = random_causal_lm(tiny_config(vocab=300, hidden=64), dtype=torch.bfloat16, seed=1)
+    before = model_bytes(model)
+    model.use_transposed_weights()
+    if model.layers[0].mlp.down_proj.packed_weight is None:
+        pytest.skip("this PyTorch build has no oneDNN packed linear")
+    # the [H, V] copy replaces the embedding table in the count; the projections stay
+    assert model_bytes(model) == before
