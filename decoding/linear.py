@@ -32,11 +32,16 @@ def pack_for_onednn(w: torch.Tensor, batch_hint: int = 1) -> torch.Tensor | None
     step 34-36 vs 42-44 ms (docs/benchmarks.md, session 7)."""
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
-        torch.ops.mkldnn._linear_pointwise(w.new_zeros(2, w.shape[1]), packed, None, "none",
-                                           [], "")
+        onednn_linear(w.new_zeros(2, w.shape[1]), packed)  # the op runs in this build
         return packed
     except (AttributeError, RuntimeError):
         return None
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias, added before rounding) for W packed by pack_for_onednn."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,24 +148,26 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(self.weight_t.t(), requires_grad=False)  # a view
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None:
-            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed_weight, self.bias, "none", [], "")
-            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         if self.weight_t is not None:
             y = torch.matmul(x, self.weight_t)
-        elif self.int4_weight is not None or self.int8_weight is not None:
-            x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(_KERNEL_DTYPE)
-            if self.wide_weight is not None and x2.shape[0] >= WIDE_ROWS:
-                y = F.linear(x2, self.wide_weight)
-            elif self.int4_weight is not None:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                    x2, self.int4_weight, self.int4_group, self.int4_scales_zeros)
+        elif (self.packed_weight is not None or self.int4_weight is not None
+              or self.int8_weight is not None):
+            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+            if self.packed_weight is not None:  # bias fused, as F.linear does
+                y = onednn_linear(x2, self.packed_weight, self.bias)
             else:
-                y = torch.ops.aten._weight_int8pack_mm(x2, self.int8_weight, self.int8_scales)
-            y = y.to(x.dtype)
+                x2 = x2.to(_KERNEL_DTYPE)
+                if self.wide_weight is not None and x2.shape[0] >= WIDE_ROWS:
+                    y = F.linear(x2, self.wide_weight)
+                elif self.int4_weight is not None:
+                    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                        x2, self.int4_weight, self.int4_group, self.int4_scales_zeros)
+                else:
+                    y = torch.ops.aten._weight_int8pack_mm(x2, self.int8_weight,
+                                                           self.int8_scales)
+                y = y.to(x.dtype)
             if x.dim() != 2:  # the trunk's packed [T, H] never pays for these
                 y = y.reshape(*x.shape[:-1], self.out_features)
         else:
             return F.linear(x, self.weight, self.bias)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None or self.packed_weight is not None else y + self.bias

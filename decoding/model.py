@@ -19,7 +19,7 @@ from torch import nn
 from .attention import AttentionMetadata, attend_cached
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .linear import Linear, pack_for_onednn
+from .linear import Linear, onednn_linear, pack_for_onednn
 
 
 class RMSNorm(nn.Module):
@@ -220,8 +220,7 @@ class CausalLM(nn.Module):
             if hidden.shape[0] == 1:
                 return torch.matmul(hidden, self.unembed_t).float()
             if self.unembed_packed is not None and hidden.dtype == torch.float32:
-                return torch.ops.mkldnn._linear_pointwise(hidden, self.unembed_packed, None,
-                                                          "none", [], "")
+                return onednn_linear(hidden, self.unembed_packed)
             return torch.mm(self.unembed_weight(), hidden.t()).t().float()
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
