@@ -25,6 +25,29 @@ _KERNEL_DTYPE = torch.bfloat16  # what the CPU weight-only kernels want as activ
 WIDE_ROWS = 32
 
 
+def bucket_rows(m: int) -> int:
+    """Rows a oneDNN pass of m rows runs at: m itself up to 16 (decode and verify), then the
+    next of four sizes per octave (20, 24, 28, 32, 40, ...; at most 25% padding). oneDNN
+    (and PyTorch's ideep layer over it) cache one primitive per input shape, and each
+    cached primitive holds ~0.6-1 MB here: 256 distinct row counts over four projection
+    shapes grew RSS by 600+ MB. Buckets bound that to ~40 shapes per weight up to 2048 rows."""
+    if m <= 16:
+        return m
+    step = 1 << (m.bit_length() - 3)
+    return -(-m // step) * step
+
+
+def _in_buckets(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    """fn(x, *args) for 2-D x, run on x padded with zero rows to bucket_rows(len(x))."""
+    m = x.shape[0]
+    b = bucket_rows(m)
+    if b == m:
+        return fn(x, *args)
+    padded = x.new_zeros(b, x.shape[1])
+    padded[:m] = x
+    return fn(padded, *args)[:m]
+
+
 def pack_for_onednn(w: torch.Tensor, batch_hint: int = 1) -> torch.Tensor | None:
     """w [N, K] (fp32 or bf16) reordered into oneDNN's blocked layout for its linear (what
     inductor's CPU backend emits), or None where this PyTorch build lacks the ops. Measured
@@ -41,7 +64,23 @@ def pack_for_onednn(w: torch.Tensor, batch_hint: int = 1) -> torch.Tensor | None
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
                   ) -> torch.Tensor:
     """x [M, K] @ W^T (+ bias, added before rounding) for W packed by pack_for_onednn."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return _in_buckets(torch.ops.mkldnn._linear_pointwise, x, packed, bias, "none", [], "")
+
+
+def unpack_onednn(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The [N, K] weight back from pack_for_onednn's layout, exactly: the identity times it
+    (one nonzero term per sum)."""
+    eye = torch.eye(in_features, dtype=packed.dtype, device=packed.device)
+    return onednn_linear(eye, packed).t().contiguous()
+
+
+def _wide(w: torch.Tensor) -> torch.Tensor:
+    """The bf16 copy for passes of WIDE_ROWS+ rows, in oneDNN's packed layout where the build
+    has it: bucketed, 6% faster than F.linear over the plain copy at random row counts
+    (benchmarks/onednn_shapes.py)."""
+    w = w.to(_KERNEL_DTYPE)
+    packed = pack_for_onednn(w)
+    return w if packed is None else packed
 
 
 def _int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,7 +112,7 @@ class Linear(nn.Module):
         self.register_buffer("int4_weight", None, persistent=False)
         self.register_buffer("int4_scales_zeros", None, persistent=False)
         self.weight_t: torch.Tensor | None = None  # [in, out] storage, see transpose_storage
-        self.wide_weight: torch.Tensor | None = None  # bf16 dense copy, see quantize_int4
+        self.wide_weight: torch.Tensor | None = None  # bf16 copy, see quantize_int4
         self.packed_weight: torch.Tensor | None = None  # oneDNN layout, see transpose_storage
 
     @property
@@ -106,8 +145,7 @@ class Linear(nn.Module):
         self.int8_weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
         self.int8_scales = scales.to(_KERNEL_DTYPE)
         if wide_copy:
-            self.wide_weight = (self.int8_weight.float() * self.int8_scales.float()[:, None]
-                                ).to(_KERNEL_DTYPE)
+            self.wide_weight = _wide(self.int8_weight.float() * self.int8_scales.float()[:, None])
         self._drop_dense()
 
     @torch.no_grad()
@@ -127,25 +165,33 @@ class Linear(nn.Module):
         if wide_copy:
             s_k, z_k = self.int4_scales_zeros.float().transpose(0, 1).unbind(-1)  # [N, K/g]
             w = (codes.float() - 8).view(codes.shape[0], -1, group) * s_k[..., None] + z_k[..., None]
-            self.wide_weight = w.reshape(codes.shape).to(_KERNEL_DTYPE)
+            self.wide_weight = _wide(w.reshape(codes.shape))
         self._drop_dense()
 
     @torch.no_grad()
     def transpose_storage(self) -> None:
-        """CPU storage for the skinny decode matmuls, no extra copy kept: fp32 as [in, out]
-        with x @ W^T computed from it (BLAS streams this layout measurably faster), bf16
-        in oneDNN's packed layout (docs/benchmarks.md)."""
+        """CPU storage for the skinny decode matmuls, no extra copy kept: oneDNN's packed
+        layout (faster than BLAS at every row count here, fp32 and bf16: docs/benchmarks.md),
+        else [in, out] with x @ W^T computed from it, which BLAS streams faster than [out, in]."""
         if (self.weight_format != "dense" or self.weight_t is not None
                 or self.packed_weight is not None):
             return
-        if self.weight.dtype == torch.bfloat16:
-            packed = pack_for_onednn(self.weight)
-            if packed is not None:
-                self.packed_weight = packed
-                self._drop_dense()
-                return
+        packed = pack_for_onednn(self.weight)
+        if packed is not None:
+            self.packed_weight = packed
+            self._drop_dense()
+            return
         self.weight_t = self.weight.t().contiguous()
         self.weight = nn.Parameter(self.weight_t.t(), requires_grad=False)  # a view
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The dense [out, in] weight, whatever the storage (dense formats only)."""
+        if self.packed_weight is not None:
+            return unpack_onednn(self.packed_weight, self.in_features)
+        if self.weight_format != "dense":
+            raise ValueError(f"{self.weight_format} weights have no dense copy")
+        return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_t is not None:
@@ -158,7 +204,8 @@ class Linear(nn.Module):
             else:
                 x2 = x2.to(_KERNEL_DTYPE)
                 if self.wide_weight is not None and x2.shape[0] >= WIDE_ROWS:
-                    y = F.linear(x2, self.wide_weight)
+                    y = (onednn_linear(x2, self.wide_weight) if self.wide_weight.is_mkldnn
+                         else _in_buckets(F.linear, x2, self.wide_weight))  # oneDNN too
                 elif self.int4_weight is not None:
                     y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                         x2, self.int4_weight, self.int4_group, self.int4_scales_zeros)

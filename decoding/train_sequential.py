@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionMetadata, padded_layout
+from .linear import Linear
 from .mtp_sequential import SequentialMTPHeads
 from .train_heads import (HiddenCache, TrainConfig, build_draft_vocab, remap_targets, run_steps,
                           softmax_vocab, split_sequences, targets_for, top1_hits)
@@ -126,10 +127,12 @@ def init_from_trunk(heads: SequentialMTPHeads, model: torch.nn.Module, seed: int
     """Every module starts as the identity on h_t (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
     last = dict(model.layers[-1].named_parameters())
+    last.update({f"{name}.weight": m.dense_weight() for name, m in model.layers[-1].named_modules()
+                 if isinstance(m, Linear)})  # CPU storage may hold them packed
     H = model.config.hidden_size
     for mod in heads.mods:
         for name, p in mod.block.named_parameters():
-            p.copy_(last[name].detach().reshape(p.shape))  # dense [out, in] views
+            p.copy_(last[name].detach().reshape(p.shape))
         mod.block.self_attn.o_proj.weight.zero_()
         mod.block.mlp.down_proj.weight.zero_()
         w = torch.zeros(H, 2 * H)

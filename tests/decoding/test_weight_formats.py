@@ -10,7 +10,7 @@ import torch
 
 from decoding_helpers import prefill_logits, random_causal_lm, tiny_config
 from mtpserve.decoding.config import EngineConfig, SamplingParams
-from mtpserve.decoding.linear import INT4_GROUP, Linear, _int4_codes
+from mtpserve.decoding.linear import INT4_GROUP, Linear, _int4_codes, unpack_onednn
 
 
 def _q4_1_like(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,13 +230,15 @@ def test_wide_copy_holds_the_kernels_own_values(fmt):
     lin.set_weight(dense)  # not exactly Q4_1: quantizing changes it
     lin.quantize_int4(wide_copy=True) if fmt == "int4" else lin.quantize_int8(wide_copy=True)
     assert lin.wide_weight is not None and lin.wide_weight.dtype == torch.bfloat16
+    values = (unpack_onednn(lin.wide_weight, lin.in_features) if lin.wide_weight.is_mkldnn
+              else lin.wide_weight)
     eye = torch.eye(128, dtype=torch.bfloat16)
     if fmt == "int4":  # the kernel applied to the identity: W^T as the kernel sees it
         seen = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, lin.int4_weight, lin.int4_group,
                                                           lin.int4_scales_zeros)
     else:
         seen = torch.ops.aten._weight_int8pack_mm(eye, lin.int8_weight, lin.int8_scales)
-    torch.testing.assert_close(lin.wide_weight.float(), seen.t().float(), rtol=2 ** -8, atol=0)
+    torch.testing.assert_close(values.float(), seen.t().float(), rtol=2 ** -8, atol=0)
     x = torch.randn(WIDE_ROWS + 3, 128)
     wide = lin(x)  # one pass of many rows: the bf16 copy
     narrow = torch.cat([lin(x[i:i + 4]) for i in range(0, len(x), 4)])  # the kernel
@@ -263,32 +265,31 @@ def test_logits_of_many_rows_from_the_packed_unembedding_match_one_row_logits():
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_dense_bf16_linear_in_onednn_layout_computes_the_same_product(bias):
-    """CPU bf16 projections are stored in oneDNN's packed layout (the dense copy dropped):
-    the product, bias included, is the one F.linear computes, for 2-D and 3-D inputs."""
+def test_dense_linear_in_onednn_layout_computes_the_same_product(bias, dtype):
+    """CPU fp32 and bf16 projections are stored in oneDNN's packed layout (the dense copy
+    dropped): the product, bias included, is the one F.linear computes, for 2-D and 3-D
+    inputs, and dense_weight() gives the weight back bit for bit (heads start from it)."""
     lin = Linear(96, 40, bias=bias)
     g = torch.Generator().manual_seed(5)
-    w = torch.randn(40, 96, generator=g)
-    lin.set_weight(w)
+    lin.set_weight(torch.randn(40, 96, generator=g))
     if bias:
         lin.set_bias(torch.randn(40, generator=g))
-    lin.to(torch.bfloat16)
+    lin.to(dtype)
     ref_w, ref_b = lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone()
     lin.transpose_storage()
     if lin.packed_weight is None:
         pytest.skip("this PyTorch build has no oneDNN packed linear")
     assert lin.weight.numel() == 0 and lin.weight_t is None  # no second copy kept
+    assert torch.equal(lin.dense_weight(), ref_w)
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
     for shape in [(1, 96), (7, 96), (2, 3, 96)]:
-        x = torch.randn(*shape, generator=g).bfloat16()
+        x = torch.randn(*shape, generator=g).to(dtype)
         got = lin(x)
         want = torch.nn.functional.linear(x, ref_w, ref_b)
-        assert got.shape == want.shape and got.dtype == torch.bfloat16
-        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7)
-    fp32 = Linear(96, 40, bias=False)
-    fp32.set_weight(w)
-    fp32.transpose_storage()
-    assert fp32.packed_weight is None and fp32.weight_t is not None  # fp32 keeps [in, out]
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
 def test_streamed_bytes_count_projections_in_the_packed_layout():
@@ -303,3 +304,37 @@ def test_streamed_bytes_count_projections_in_the_packed_layout():
         pytest.skip("this PyTorch build has no oneDNN packed linear")
     # the [H, V] copy replaces the embedding table in the count; the projections stay
     assert model_bytes(model) == before
+
+
+def test_onednn_passes_run_at_a_bounded_set_of_row_counts():
+    """oneDNN caches a primitive (~1 MB here) per input shape: row counts are bucketed so a
+    server seeing every prompt length keeps a bounded set, at most 25% padding, exact
+    counts for decode and verify passes (<= 16 rows)."""
+    from mtpserve.decoding.linear import bucket_rows
+
+    buckets = {bucket_rows(m) for m in range(1, 2049)}
+    assert len(buckets) <= 44
+    assert all(bucket_rows(m) == m for m in range(1, 17))
+    assert all(m <= bucket_rows(m) <= 1.25 * m for m in range(1, 2049))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_onednn_pass_gives_each_row_its_own_product(dtype):
+    """A pass padded to its bucket returns exactly its own rows: the zero rows added do not
+    leak into the result or its shape (17, 33 and 300 rows pad to 20, 40 and 320)."""
+    lin = Linear(64, 24, bias=True)
+    g = torch.Generator().manual_seed(3)
+    lin.set_weight(torch.randn(24, 64, generator=g))
+    lin.set_bias(torch.randn(24, generator=g))
+    lin.to(dtype)
+    ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    lin.transpose_storage()
+    if lin.packed_weight is None:
+        pytest.skip("this PyTorch build has no oneDNN packed linear")
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
+    for m in (17, 33, 300):
+        x = torch.randn(m, 64, generator=g).to(dtype)
+        got = lin(x)
+        assert got.shape == (m, 24)
+        torch.testing.assert_close(got.float(), torch.nn.functional.linear(x, ref_w, ref_b).float(),
+                                   rtol=tol, atol=tol)
