@@ -59,7 +59,7 @@ def padded_layout(counts: list[int], device: torch.device | str = "cpu"
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
            scale: float) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [B, Hkv, kv_len, D] -> [T, Hq, D] in q's dtype; computed in
-    the cache's dtype (fp32 on CPU, see engine.kv_cache_dtype)."""
+    the cache's dtype (fp32 on CPU, see device.kv_cache_dtype)."""
     out_dtype = q.dtype
     q = q.to(k.dtype)
     T, Hq, D = q.shape

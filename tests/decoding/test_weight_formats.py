@@ -97,7 +97,7 @@ def test_weights_flag_is_validated():
 
 
 def test_auto_serves_q4_gguf_as_int4_on_cpu_only():
-    from mtpserve.decoding.engine import resolve_weights
+    from mtpserve.decoding.device import resolve_weights
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_weights("auto", cpu, "Q4_1") == "int4"
@@ -111,16 +111,16 @@ def test_auto_serves_q4_gguf_as_int4_on_cpu_only():
 def test_auto_dtype_on_cpu_is_fp32_around_quantized_weights(monkeypatch):
     """int4/int8 kernels take bf16 inputs either way; around them the engine computes in
     fp32 even where the CPU has native bf16. Dense weights use bf16 only there."""
-    from mtpserve.decoding import engine
+    from mtpserve.decoding import device
 
     cpu = torch.device("cpu")
     for native in (True, False):
-        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
-        assert engine.resolve_dtype("auto", cpu, "int4") == torch.float32
-        assert engine.resolve_dtype("auto", cpu, "int8") == torch.float32
-        assert engine.resolve_dtype("auto", cpu, "dense") == (
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+        assert device.resolve_dtype("auto", cpu, "int4") == torch.float32
+        assert device.resolve_dtype("auto", cpu, "int8") == torch.float32
+        assert device.resolve_dtype("auto", cpu, "dense") == (
             torch.bfloat16 if native else torch.float32)
-        assert engine.resolve_dtype("bfloat16", cpu, "int4") == torch.bfloat16  # asked for
+        assert device.resolve_dtype("bfloat16", cpu, "int4") == torch.bfloat16  # asked for
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_bf16_engine_on_cpu_attends_over_an_fp32_kv_cache(default_engine):
     fp32 and hands back bf16, and the engine still decodes."""
     from decoding_helpers import tiny_engine
     from mtpserve.decoding.attention import AttentionMetadata, attend
-    from mtpserve.decoding.engine import kv_cache_dtype
+    from mtpserve.decoding.device import kv_cache_dtype
 
     cpu = torch.device("cpu")
     assert kv_cache_dtype(torch.bfloat16, cpu) == torch.float32
