@@ -1,7 +1,9 @@
 """Cost of the trunk's projections by rows per pass, per weight format (the shape of the
 verify curve): all 30 layers' q/k/v, o, gate/up and down projections of SmolLM2-135M with
-random weights, int4 (PyTorch's CPU kernel, bf16 inputs), bf16 and fp32 dense. Prints a
-table of median milliseconds.
+random weights, int4 (PyTorch's CPU kernel, bf16 inputs), bf16 and fp32 dense, each dense
+one as F.linear over [out, in] and in oneDNN's packed layout (what the engine stores on
+CPU), fp32 also as x @ W^T over [in, out] (the engine's layout before session 8). Prints
+a table of median milliseconds.
 
     python benchmarks/linear_rows.py [--threads 2] [--runs 15]
 """
@@ -15,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mtpserve.decoding.linear import Linear
+from mtpserve.decoding.linear import Linear, onednn_linear, pack_for_onednn
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (in, out): qkv, o, gate_up, down
 LAYERS = 30
@@ -30,6 +32,11 @@ def main() -> None:
     torch.manual_seed(0)
     dense = [[torch.randn(o, i) * 0.02 for i, o in SHAPES] for _ in range(LAYERS)]
     bf16 = [[w.to(torch.bfloat16) for w in row] for row in dense]
+    fp32_t = [[w.t().contiguous() for w in row] for row in dense]
+    packed = {"fp32 pk": [[pack_for_onednn(w) for w in row] for row in dense],
+              "bf16 pk": [[pack_for_onednn(w) for w in row] for row in bf16]}
+    if packed["fp32 pk"][0][0] is None:
+        raise SystemExit("this PyTorch build has no oneDNN packed linear")
     int4 = []
     for row in dense:
         lins = []
@@ -51,6 +58,12 @@ def main() -> None:
                         int4[layer][j](xs[i])
                     elif fmt == "bf16":
                         F.linear(xs[i].to(torch.bfloat16), bf16[layer][j]).float()
+                    elif fmt == "bf16 pk":
+                        onednn_linear(xs[i].to(torch.bfloat16), packed[fmt][layer][j]).float()
+                    elif fmt == "fp32 [in,out]":
+                        torch.matmul(xs[i], fp32_t[layer][j])
+                    elif fmt == "fp32 pk":
+                        onednn_linear(xs[i], packed[fmt][layer][j])
                     else:
                         F.linear(xs[i], dense[layer][j])
             if r >= 3:
@@ -58,11 +71,11 @@ def main() -> None:
         return 1000 * statistics.median(times)
 
     print(f"ms for all {LAYERS} layers' projections (median of {args.runs}), {args.threads} threads")
-    print(f"{'rows':>4} {'int4':>7} {'bf16':>7} {'fp32':>7}")
+    fmts = ("int4", "bf16", "bf16 pk", "fp32", "fp32 [in,out]", "fp32 pk")
+    print(f"{'rows':>4} " + " ".join(f"{f:>13}" for f in fmts))
     with torch.inference_mode():
-        for rows in (1, 2, 3, 4, 5, 8, 16, 32):
-            print(f"{rows:>4} " + " ".join(f"{run(rows, f):7.1f}" for f in ("int4", "bf16", "fp32")),
-                  flush=True)
+        for rows in (1, 2, 4, 8, 16, 32, 64):
+            print(f"{rows:>4} " + " ".join(f"{run(rows, f):13.1f}" for f in fmts), flush=True)
 
 
 if __name__ == "__main__":
