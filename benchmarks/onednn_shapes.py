@@ -8,16 +8,19 @@ measurement in a fresh process (the cache is per process):
 
 - RSS growth after one pass at every row count 1..--max-rows, raw and bucketed
   (`mtpserve.decoding.linear.bucket_rows`);
-- the time of passes at --samples random row counts in 17..--max-rows with every
-  primitive already cached, raw and bucketed (the padding's cost).
+- the time of passes at --samples random row counts in 17..--max-rows after one warm-up
+  round, raw and bucketed (the padding's cost), and raw with both caches capped at
+  --capacity entries (ONEDNN_PRIMITIVE_CACHE_CAPACITY, LRU_CACHE_CAPACITY: the other
+  way to bound memory, which re-creates primitives).
 
-    python benchmarks/onednn_shapes.py [--max-rows 512] [--samples 40] [--runs 5]
+    python benchmarks/onednn_shapes.py [--max-rows 512] [--samples 40] [--runs 5] [--capacity 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -78,26 +81,29 @@ def main() -> None:
     ap.add_argument("--max-rows", type=int, default=512)
     ap.add_argument("--samples", type=int, default=40)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--capacity", type=int, default=64)
     ap.add_argument("--one", nargs=2, metavar=("PATH", "BUCKETED"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print(json.dumps(measure(a.one[0], a.one[1] == "1", a.max_rows, a.samples, a.runs)))
         return
     print(f"row counts 1..{a.max_rows}, 4 projection shapes; time: {a.samples} passes at random "
-          f"row counts 17..{a.max_rows}, primitives cached, median of {a.runs}; 2 threads")
-    print(f"{'path':<15} {'RSS raw':>9} {'bucketed':>9} {'ms raw':>8} {'bucketed':>9} {'ratio':>6}")
+          f"row counts 17..{a.max_rows} after a warm-up round, median of {a.runs}; 2 threads")
+    print(f"{'path':<15} {'RSS raw':>9} {'capped':>8} {'bucketed':>9} {'ms raw':>8} "
+          f"{'capped':>8} {'bucketed':>9}")
+    capped = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(a.capacity), "LRU_CACHE_CAPACITY": str(a.capacity)}
     for path in PATHS:
         res = []
-        for bucketed in ("0", "1"):  # a fresh process each: the caches are per process
+        for bucketed, extra in (("0", {}), ("0", capped), ("1", {})):
+            # a fresh process each: the caches are per process, their capacity read once
             out = subprocess.run([sys.executable, __file__, "--max-rows", str(a.max_rows),
                                   "--samples", str(a.samples), "--runs", str(a.runs),
-                                  "--one", path, bucketed],
+                                  "--one", path, bucketed], env={**os.environ, **extra},
                                  check=True, capture_output=True, text=True).stdout
             res.append(json.loads(out.strip().splitlines()[-1]))
-        (r, b) = res
-        print(f"{path:<15} {r['rss_mib']:>8.0f}M {b['rss_mib']:>8.0f}M {r['ms']:>8.1f} "
-              f"{b['ms']:>9.1f} {b['ms'] / r['ms']:>6.2f}")
-
+        r, c, b = res
+        print(f"{path:<15} {r['rss_mib']:>8.0f}M {c['rss_mib']:>7.0f}M {b['rss_mib']:>8.0f}M "
+              f"{r['ms']:>8.1f} {c['ms']:>8.1f} {b['ms']:>9.1f}")
 
 if __name__ == "__main__":
     main()
