@@ -202,11 +202,11 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def use_transposed_weights(self) -> None:
-        """CPU decode: dense trunk projections stored [in, out], plus an [H, V] copy of
-        the unembedding for the one-row logits of plain decode; passes of 2+ rows use an
-        fp32 unembedding prepacked for oneDNN (+1 copy), else W @ h^T from the [V, H]
-        original, which BLAS streams faster than h @ W^T there (docs/benchmarks.md).
-        Quantized projections keep their packed layout."""
+        """CPU decode: dense trunk projections in oneDNN's packed layout (Linear.
+        transpose_storage), plus an [H, V] copy of the unembedding for the one-row logits
+        of plain decode; passes of 2+ rows use an fp32 unembedding prepacked for oneDNN
+        (+1 copy), else W @ h^T from the [V, H] original, which BLAS streams faster than
+        h @ W^T there (docs/benchmarks.md). Quantized projections keep their packed layout."""
         for m in self.layers.modules():
             if isinstance(m, Linear):
                 m.transpose_storage()
