@@ -28,9 +28,9 @@ WIDE_ROWS = 32
 def bucket_rows(m: int) -> int:
     """Rows a oneDNN pass of m rows runs at: m itself up to 16 (decode and verify), then the
     next of four sizes per octave (20, 24, 28, 32, 40, ...; at most 25% padding). oneDNN
-    (and PyTorch's ideep layer over it) cache one primitive per input shape, and each
-    cached primitive holds ~0.6-1 MB here: 256 distinct row counts over four projection
-    shapes grew RSS by 600+ MB. Buckets bound that to ~40 shapes per weight up to 2048 rows."""
+    (and PyTorch's ideep layer over it) cache one primitive per input shape, each holding
+    memory: one pass at every row count 1..512 over the four projection shapes grew RSS by
+    1.1-1.8 GB raw, ~100 MB bucketed (benchmarks/onednn_shapes.py). 44 sizes up to 2048."""
     if m <= 16:
         return m
     step = 1 << (m.bit_length() - 3)
@@ -76,8 +76,8 @@ def unpack_onednn(packed: torch.Tensor, in_features: int) -> torch.Tensor:
 
 def _wide(w: torch.Tensor) -> torch.Tensor:
     """The bf16 copy for passes of WIDE_ROWS+ rows, in oneDNN's packed layout where the build
-    has it: bucketed, 6% faster than F.linear over the plain copy at random row counts
-    (benchmarks/onednn_shapes.py)."""
+    has it: bucketed, as fast as F.linear over the plain copy unbucketed and ~20% faster
+    than F.linear bucketed at random row counts (benchmarks/onednn_shapes.py)."""
     w = w.to(_KERNEL_DTYPE)
     packed = pack_for_onednn(w)
     return w if packed is None else packed
