@@ -74,13 +74,12 @@ def unpack_onednn(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return onednn_linear(eye, packed).t().contiguous()
 
 
-def _wide(w: torch.Tensor) -> torch.Tensor:
-    """The bf16 copy for passes of WIDE_ROWS+ rows, in oneDNN's packed layout where the build
-    has it: bucketed, as fast as F.linear over the plain copy unbucketed and ~20% faster
-    than F.linear bucketed at random row counts (benchmarks/onednn_shapes.py)."""
-    w = w.to(_KERNEL_DTYPE)
-    packed = pack_for_onednn(w)
-    return w if packed is None else packed
+def _wide(w: torch.Tensor) -> torch.Tensor | None:
+    """The bf16 copy for passes of WIDE_ROWS+ rows, in oneDNN's packed layout: bucketed, as
+    fast as F.linear over a plain copy unbucketed and ~20% faster than F.linear bucketed at
+    random row counts (benchmarks/onednn_shapes.py). None (no copy) where the build cannot
+    pack: there bf16 GEMMs are no faster than the kernels."""
+    return pack_for_onednn(w.to(_KERNEL_DTYPE))
 
 
 def _int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,7 +111,7 @@ class Linear(nn.Module):
         self.register_buffer("int4_weight", None, persistent=False)
         self.register_buffer("int4_scales_zeros", None, persistent=False)
         self.weight_t: torch.Tensor | None = None  # [in, out] storage, see transpose_storage
-        self.wide_weight: torch.Tensor | None = None  # bf16 copy, see quantize_int4
+        self.wide_weight: torch.Tensor | None = None  # packed bf16 copy, see quantize_int4
         self.packed_weight: torch.Tensor | None = None  # oneDNN layout, see transpose_storage
 
     @property
@@ -204,8 +203,7 @@ class Linear(nn.Module):
             else:
                 x2 = x2.to(_KERNEL_DTYPE)
                 if self.wide_weight is not None and x2.shape[0] >= WIDE_ROWS:
-                    y = (onednn_linear(x2, self.wide_weight) if self.wide_weight.is_mkldnn
-                         else _in_buckets(F.linear, x2, self.wide_weight))  # oneDNN too
+                    y = onednn_linear(x2, self.wide_weight)
                 elif self.int4_weight is not None:
                     y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                         x2, self.int4_weight, self.int4_group, self.int4_scales_zeros)
