@@ -77,11 +77,6 @@ def _run(engine, prompt: list[int], params) -> tuple[list[int], list, int]:
     return ids, logprobs, steps
 
 
-def _margin(logits: torch.Tensor) -> float:
-    top = torch.topk(logits.float().log_softmax(-1), 2).values
-    return float(top[0] - top[1])
-
-
 @torch.inference_mode()
 def checks(folder: Path, device: str, max_tokens: int) -> list[tuple[str, bool, str]]:
     from transformers import AutoModelForCausalLM
@@ -132,10 +127,17 @@ def checks(folder: Path, device: str, max_tokens: int) -> list[tuple[str, bool, 
 
 
 def _same(name: str, a: list[int], b: list[int], ref: torch.Tensor) -> tuple[str, bool, str]:
-    if a == b:
+    """ref: transformers' logprobs at each generated position (the tokens agree up to a
+    difference, so its top-2 margin there is the one both runs saw)."""
+    from mtpserve.decoding.bench import first_difference
+
+    k = first_difference(a, b)
+    if k is None:
         return name, True, "identical"
-    k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    margin = _margin(ref[k]) if k < len(ref) else float("nan")
+    margin = float("nan")
+    if k < len(ref):
+        top = torch.topk(ref[k], 2).values
+        margin = float(top[0] - top[1])
     return name, False, f"first difference at token {k}; top-2 margin there {margin:.2e} nats"
 
 
