@@ -137,7 +137,8 @@ class LLMEngine:
         if weights in ("int8", "int4"):
             # Where the CPU multiplies bf16 natively, a bf16 copy of the quantized values
             # (+2 bytes per weight) serves passes of many rows ~2x faster than the kernels.
-            model.quantize(weights, wide_copy=config.wide_weights and cpu_has_native_bf16())
+            wide = config.wide_weights and device.type == "cpu" and cpu_has_native_bf16()
+            model.quantize(weights, wide_copy=wide)
         if device.type == "cpu":
             model.use_transposed_weights()
         model.eval()

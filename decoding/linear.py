@@ -8,6 +8,10 @@ block layout (Q4_1 stores d*q + m = (q - 8)*d + (m + 8d)), so re-quantizing a Q4
 checkpoint recovers its codes instead of quantizing twice. Both kernels are fast on this
 CPU only with bf16 inputs, so the input is cast to bf16 for the matmul and the output back
 to the compute dtype: norms, attention and the KV cache keep fp32 where that is the dtype.
+On CUDA the same formats go through PyTorch's CUDA kernels (`_weight_int4pack_mm`, tinygemm,
+which reads its own tile layout; `_weight_int8pack_mm`). Every quantized layer checks at
+load that its kernel reproduces the quantized values (`_check_kernel`), so a build or
+device whose kernel reads the packing differently is a clear error, not wrong tokens.
 """
 
 from __future__ import annotations
@@ -93,10 +97,66 @@ def _int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
     return codes.reshape(n, k), scale, lo
 
 
-def _require_cpu(w: torch.Tensor) -> None:
-    if w.device.type != "cpu":
-        raise ValueError("int8/int4 weights use PyTorch's CPU kernels; on CUDA serve dense bf16 "
-                         "(--weights dense)")
+def _require_kernel_device(w: torch.Tensor, fmt: str) -> None:
+    if w.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{fmt} weights use PyTorch's CPU or CUDA kernels, not {w.device.type}'s; "
+                         "serve --weights dense")
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] in 0..15 -> [N, K/2] uint8, element 2j in the high nibble of byte j:
+    the input `_convert_weight_to_int4pack` (CUDA) documents."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] << 4) | c[:, 1::2]
+
+
+def _int4_pack(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] int32 -> the packed weight the device's int4 kernel reads."""
+    if codes.device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    n, k = codes.shape
+    if n % 8:
+        raise ValueError(f"int4 on {codes.device.type} needs out_features divisible by 8, got {n}")
+    # tinygemm packs 16-wide k-tiles 2, 4 or 8 at a time; wider is a wider load
+    tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+    return torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(codes).contiguous(), tiles)
+
+
+def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_zeros: torch.Tensor
+             ) -> torch.Tensor:
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)
+    return torch.ops.aten._weight_int4pack_mm(x.contiguous(), packed, group, scales_zeros)
+
+
+def probe_columns(k: int, count: int = 24) -> torch.Tensor:
+    """Input columns a kernel check reads: spread over K (every k-tile region), plus the
+    first few so both nibbles of a byte and neighbouring bytes are covered."""
+    spread = torch.linspace(0, k - 1, count).round().long()
+    return torch.unique(torch.cat([torch.arange(min(k, 4)), spread]))
+
+
+def _check_kernel(fmt: str, mm, expected: torch.Tensor, step: torch.Tensor,
+                  cols: torch.Tensor, in_features: int) -> None:
+    """mm(x) = x @ W^T through a weight-only kernel. expected, step [N, len(cols)]: W's
+    quantized values at the probe columns and the quantization step there. The kernel
+    applied to those unit vectors must give each value back to within half a step (plus
+    bf16 rounding); a packing it reads differently moves almost every value by a step or
+    more. Raises ValueError naming the device."""
+    dev = expected.device
+    x = torch.zeros(len(cols), in_features, dtype=_KERNEL_DTYPE, device=dev)
+    x[torch.arange(len(cols), device=dev), cols.to(dev)] = 1
+    try:
+        seen = mm(x).float().t()
+    except (RuntimeError, NotImplementedError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{fmt} weights on {dev.type}: PyTorch's kernel failed ({first}); "
+                         "serve --weights dense") from None
+    bad = (seen - expected).abs() > 0.5 * step + expected.abs() / 128
+    if bool(bad.any()):
+        raise ValueError(f"{fmt} weights on {dev.type}: PyTorch's kernel returned values that "
+                         f"differ from the quantized weights ({int(bad.sum())} of {bad.numel()} "
+                         "probed); this build reads the packing differently. Serve --weights dense")
 
 
 class Linear(nn.Module):
@@ -138,11 +198,15 @@ class Linear(nn.Module):
     def quantize_int8(self, wide_copy: bool = False) -> None:
         """Symmetric per-row int8; drops the dense weight to free its memory.
         wide_copy: also keep the quantized values as bf16 for passes of many rows."""
-        _require_cpu(self.weight)
+        _require_kernel_device(self.weight, "int8")
         w = self.weight.float()
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         self.int8_weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
         self.int8_scales = scales.to(_KERNEL_DTYPE)
+        cols = probe_columns(self.in_features).to(w.device)
+        step = self.int8_scales.float()[:, None].expand(-1, len(cols))
+        _check_kernel("int8", self._int8_mm, self.int8_weight[:, cols].float() * step, step,
+                      cols, self.in_features)
         if wide_copy:
             self.wide_weight = _wide(self.int8_weight.float() * self.int8_scales.float()[:, None])
         self._drop_dense()
@@ -152,20 +216,33 @@ class Linear(nn.Module):
         """Asymmetric int4 in groups along the input dimension; drops the dense weight.
         wide_copy: also keep, as bf16, the very values the kernel multiplies by (codes,
         scales and zeros as it stores them), for passes of WIDE_ROWS rows or more."""
-        _require_cpu(self.weight)
+        _require_kernel_device(self.weight, "int4")
         if self.in_features % group:
             raise ValueError(f"int4 needs in_features divisible by {group}, got {self.in_features}")
         codes, scale, lo = _int4_codes(self.weight, group)
-        self.int4_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-        # The kernel computes (code - 8) * scale + zero, hence zero = min + 8 * scale.
+        self.int4_weight = _int4_pack(codes)
+        # The kernels compute (code - 8) * scale + zero, hence zero = min + 8 * scale.
         sz = torch.stack([scale, lo + 8 * scale], dim=-1)  # [N, K/g, 2]
         self.int4_scales_zeros = sz.transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
         self.int4_group = group
+        s_k, z_k = self.int4_scales_zeros.float().transpose(0, 1).unbind(-1)  # [N, K/g]
+        cols = probe_columns(self.in_features).to(codes.device)
+        values = (codes[:, cols].float() - 8) * s_k[:, cols // group] + z_k[:, cols // group]
+        _check_kernel("int4", self._int4_mm, values, s_k[:, cols // group], cols,
+                      self.in_features)
         if wide_copy:
-            s_k, z_k = self.int4_scales_zeros.float().transpose(0, 1).unbind(-1)  # [N, K/g]
             w = (codes.float() - 8).view(codes.shape[0], -1, group) * s_k[..., None] + z_k[..., None]
             self.wide_weight = _wide(w.reshape(codes.shape))
         self._drop_dense()
+
+    def _int4_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return _int4_mm(x, self.int4_weight, self.int4_group, self.int4_scales_zeros)
+
+    def _int8_mm(self, x: torch.Tensor) -> torch.Tensor:
+        # CUDA's int8 kernel reads x by raw pointer (and is one thread per output: correct,
+        # not fast; int4's tinygemm is the fast CUDA format)
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.int8_weight,
+                                                  self.int8_scales)
 
     @torch.no_grad()
     def transpose_storage(self) -> None:
@@ -205,11 +282,9 @@ class Linear(nn.Module):
                 if self.wide_weight is not None and x2.shape[0] >= WIDE_ROWS:
                     y = onednn_linear(x2, self.wide_weight)
                 elif self.int4_weight is not None:
-                    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                        x2, self.int4_weight, self.int4_group, self.int4_scales_zeros)
+                    y = self._int4_mm(x2)
                 else:
-                    y = torch.ops.aten._weight_int8pack_mm(x2, self.int8_weight,
-                                                           self.int8_scales)
+                    y = self._int8_mm(x2)
                 y = y.to(x.dtype)
             if x.dim() != 2:  # the trunk's packed [T, H] never pays for these
                 y = y.reshape(*x.shape[:-1], self.out_features)

@@ -339,3 +339,100 @@ def test_padded_onednn_pass_gives_each_row_its_own_product(dtype):
         assert got.shape == (m, 24)
         torch.testing.assert_close(got.float(), torch.nn.functional.linear(x, ref_w, ref_b).float(),
                                    rtol=tol, atol=tol)
+
+
+# -- the kernel self-check and the CUDA packing -----------------------------------------
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_a_kernel_that_reads_the_packing_differently_is_refused_at_load(fmt, monkeypatch):
+    """Each quantized layer multiplies unit vectors through its kernel at load and compares
+    with the quantized values: a packing the kernel reads in another order (here: input
+    columns swapped in pairs, what a wrong nibble order does) is a clear error."""
+    from mtpserve.decoding import linear
+
+    w, _ = _q4_1_like(64, 128, seed=5)
+    _linear(w).quantize_int4() if fmt == "int4" else _linear(w).quantize_int8()  # passes
+    swap = torch.arange(128).view(-1, 2).flip(-1).reshape(-1)
+    if fmt == "int4":
+        real = linear._int4_pack
+        monkeypatch.setattr(linear, "_int4_pack", lambda codes: real(codes[:, swap].contiguous()))
+    else:
+        real8 = Linear._int8_mm
+        monkeypatch.setattr(Linear, "_int8_mm", lambda self, x: real8(self, x[:, swap]))
+    lin = _linear(w)
+    with pytest.raises(ValueError, match=f"{fmt} weights on cpu: .*differ from the quantized"):
+        lin.quantize_int4() if fmt == "int4" else lin.quantize_int8()
+
+
+def test_a_kernel_that_fails_is_a_clear_error(monkeypatch):
+    def broken(self, x):
+        raise NotImplementedError("Could not run 'aten::_weight_int8pack_mm' with arguments "
+                                  "from the 'CUDA' backend.\nmore")
+
+    monkeypatch.setattr(Linear, "_int8_mm", broken)
+    with pytest.raises(ValueError, match=r"int8 weights on cpu: PyTorch's kernel failed "
+                                         r"\(Could not run .*backend\.\); serve --weights dense"):
+        _linear(torch.randn(16, 64)).quantize_int8()
+
+
+def test_nibbles_pack_element_2j_high_as_the_cuda_packer_reads_them():
+    from mtpserve.decoding.linear import pack_nibbles
+
+    codes = torch.tensor([[1, 2, 3, 4], [15, 0, 7, 8]], dtype=torch.int32)
+    packed = pack_nibbles(codes)
+    assert packed.dtype == torch.uint8
+    assert packed.tolist() == [[0x12, 0x34], [0xF0, 0x78]]
+    codes = torch.randint(0, 16, (24, 96), dtype=torch.int32)
+    p = pack_nibbles(codes).to(torch.int32)
+    assert torch.equal(torch.stack([p >> 4, p & 15], -1).reshape(24, 96), codes)
+
+
+def test_probe_columns_cover_both_nibbles_and_the_whole_row():
+    from mtpserve.decoding.linear import probe_columns
+
+    for k in (32, 576, 1536):
+        cols = probe_columns(k)
+        assert cols.tolist() == sorted(set(cols.tolist()))
+        assert {0, 1, 2, 3, k - 1} <= set(cols.tolist())
+        assert (cols % 2 == 1).any() and (cols >= k // 2).any()
+
+
+@pytest.mark.parametrize("k, tiles", [(576, 4), (1536, 8), (96, 2)])
+def test_int4_packing_for_cuda_has_the_shapes_the_cuda_kernel_checks(k, tiles, monkeypatch):
+    """No GPU here: PyTorch's fake tensors run the CUDA ops' shape rules. The packed
+    weight and [K/32, N, 2] scales_zeros give an [M, N] product; tinygemm reads k-tiles
+    in the widest of 8, 4, 2 that divides K. (Fake CUDA tensors cannot run elementwise
+    ops in a CPU build, so the nibbles, tested above, arrive as an empty [N, K/2] uint8.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mtpserve.decoding import linear
+    from mtpserve.decoding.linear import _int4_mm, _int4_pack
+
+    def nibbles(codes):
+        assert codes.shape == (1536, k)
+        return torch.empty(1536, k // 2, dtype=torch.uint8, device=codes.device)
+
+    monkeypatch.setattr(linear, "pack_nibbles", nibbles)
+    with FakeTensorMode():
+        codes = torch.empty(1536, k, dtype=torch.int32, device="cuda")
+        packed = _int4_pack(codes)
+        assert tuple(packed.shape) == (1536 // 8, k // (16 * tiles), 32, tiles // 2)
+        sz = torch.empty(k // INT4_GROUP, 1536, 2, dtype=torch.bfloat16, device="cuda")
+        x = torch.empty(3, k, dtype=torch.bfloat16, device="cuda")
+        y = _int4_mm(x, packed, INT4_GROUP, sz)
+        assert tuple(y.shape) == (3, 1536) and y.device.type == "cuda"
+
+
+def test_int4_for_cuda_needs_out_features_in_whole_tiles_of_8():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mtpserve.decoding.linear import _int4_pack
+
+    with FakeTensorMode(), pytest.raises(ValueError, match="divisible by 8, got 12"):
+        _int4_pack(torch.empty(12, 64, dtype=torch.int32, device="cuda"))
+
+
+def test_quantized_weights_on_other_devices_are_refused_clearly():
+    lin = Linear(64, 16, bias=False).to("meta")
+    with pytest.raises(ValueError, match="int4 weights use PyTorch's CPU or CUDA kernels, not meta"):
+        lin.quantize_int4()
