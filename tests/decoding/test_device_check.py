@@ -1,7 +1,7 @@
 """scripts/device_check.py is run rarely (only where a GPU machine is lent), so CI runs it
 on CPU: `prepare` writes the default model's config and tokenizer files without weights,
 `run` builds random weights of that shape and must pass its checks against transformers
-(top-20 logprobs, greedy generate, speculative == plain greedy, int4 on CPU)."""
+(top-20 logprobs, greedy generate, speculative == plain greedy, int4 and int8 against CPU)."""
 
 from __future__ import annotations
 
@@ -30,4 +30,4 @@ def test_device_check_passes_on_cpu(tmp_path):
                          capture_output=True, text=True, env=env)
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith(("PASS", "FAIL"))]
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    assert len(lines) == 4 and all(ln.startswith("PASS") for ln in lines), lines
+    assert len(lines) == 5 and all(ln.startswith("PASS") for ln in lines), lines
