@@ -384,9 +384,11 @@ def model_bytes(model: torch.nn.Module) -> int:
     (rotary tables excluded; the embedding table too when the logits read their own copy
     of it, as the token lookup touches one row)."""
     seen, total = set(), 0
-    own_copy = getattr(model, "unembed_t", None) is not None
+    unembed_t = getattr(model, "unembed_t", None)
+    unembed_packed = getattr(model, "unembed_packed", None)  # opaque: no data_ptr
+    own_copy = unembed_t is not None or unembed_packed is not None
     named = itertools.chain(model.named_parameters(), model.named_buffers(),
-                            [("unembed_t", getattr(model, "unembed_t", None))])
+                            [("unembed_t", unembed_t)])
     for name, t in named:
         if t is None or name.startswith("rope.") or t.data_ptr() in seen:
             continue
@@ -394,8 +396,9 @@ def model_bytes(model: torch.nn.Module) -> int:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
-    for m in model.modules():  # projections stored in oneDNN's layout are not parameters
-        packed = getattr(m, "packed_weight", None)
+    # projections (and the fp32 unembedding) stored in oneDNN's layout are not parameters
+    packed_all = [getattr(m, "packed_weight", None) for m in model.modules()] + [unembed_packed]
+    for packed in packed_all:
         if packed is not None:
             total += packed.numel() * packed.element_size()
     return total

@@ -161,6 +161,7 @@ class CausalLM(nn.Module):
                                                                    bias=False)
         self.unembed_t: torch.Tensor | None = None  # see use_transposed_weights
         self.unembed_packed: torch.Tensor | None = None  # oneDNN layout, ditto
+        self.on_cpu_layout = False  # use_transposed_weights ran
 
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
                 return_pre_last: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -203,24 +204,29 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def use_transposed_weights(self) -> None:
         """CPU decode: dense trunk projections in oneDNN's packed layout (Linear.
-        transpose_storage), plus an [H, V] copy of the unembedding for the one-row logits
-        of plain decode; passes of 2+ rows use an fp32 unembedding prepacked for oneDNN
-        (+1 copy), else W @ h^T from the [V, H] original, which BLAS streams faster than
-        h @ W^T there (docs/benchmarks.md). Quantized projections keep their packed layout."""
+        transpose_storage), and one extra copy of the unembedding for the logits: fp32
+        prepacked for oneDNN (every row count; one row 5.1 vs 6.0 ms for the [H, V] copy it
+        replaced), else (bf16, or a build without the ops) an [H, V] copy for the one-row
+        logits of plain decode, with W @ h^T from the [V, H] original for 2+ rows, which
+        BLAS streams faster than h @ W^T there (docs/benchmarks.md). Quantized projections
+        keep their packed layout."""
         for m in self.layers.modules():
             if isinstance(m, Linear):
                 m.transpose_storage()
-        self.unembed_t = self.unembed_weight().t().contiguous()
-        if self.unembed_t.dtype == torch.float32:
-            self.unembed_packed = pack_for_onednn(self.unembed_weight(), batch_hint=16)
+        self.on_cpu_layout = True
+        w = self.unembed_weight()
+        if w.dtype == torch.float32:
+            self.unembed_packed = pack_for_onednn(w, batch_hint=16)
+        if self.unembed_packed is None:
+            self.unembed_t = w.t().contiguous()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""
-        if self.unembed_t is not None:  # CPU: pick the layout BLAS streams fastest for N
-            if hidden.shape[0] == 1:
-                return torch.matmul(hidden, self.unembed_t).float()
+        if self.on_cpu_layout:  # CPU: the layout BLAS / oneDNN stream fastest for N
             if self.unembed_packed is not None and hidden.dtype == torch.float32:
                 return onednn_linear(hidden, self.unembed_packed)
+            if self.unembed_t is not None and hidden.shape[0] == 1:
+                return torch.matmul(hidden, self.unembed_t).float()
             return torch.mm(self.unembed_weight(), hidden.t()).t().float()
         if self.lm_head is not None:
             return self.lm_head(hidden).float()

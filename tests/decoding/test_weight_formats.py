@@ -250,9 +250,9 @@ def test_wide_copy_holds_the_kernels_own_values(fmt):
 
 
 def test_logits_of_many_rows_from_the_packed_unembedding_match_one_row_logits():
-    """CPU fp32: passes of 2+ rows compute logits through oneDNN's prepacked copy of the
-    unembedding, one row through the [H, V] copy; both are the same product to fp32
-    rounding, so a row's logits do not depend on the pass it rides in."""
+    """CPU fp32: logits of every row count come from oneDNN's prepacked copy of the
+    unembedding (the only copy besides the embedding table): the product to fp32 rounding,
+    and a row's logits do not depend on the pass it rides in."""
     model = random_causal_lm(tiny_config(vocab=300, hidden=64), dtype=torch.float32, seed=2)
     model.use_transposed_weights()
     if model.unembed_packed is None:
@@ -293,17 +293,21 @@ def test_dense_linear_in_onednn_layout_computes_the_same_product(bias, dtype):
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
-def test_streamed_bytes_count_projections_in_the_packed_layout():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_streamed_bytes_count_projections_in_the_packed_layout(dtype):
     """The bench's weight-streaming limit counts every projection once, whether it is a
-    parameter or (bf16 on CPU) a oneDNN-packed copy that replaced it."""
+    parameter or (on CPU) a oneDNN-packed copy that replaced it, and the unembedding once,
+    from the copy the logits read (bf16: [H, V]; fp32: oneDNN-packed)."""
     from mtpserve.decoding.bench import model_bytes
 
-    model = random_causal_lm(tiny_config(vocab=300, hidden=64), dtype=torch.bfloat16, seed=1)
+    model = random_causal_lm(tiny_config(vocab=300, hidden=64), dtype=dtype, seed=1)
     before = model_bytes(model)
     model.use_transposed_weights()
     if model.layers[0].mlp.down_proj.packed_weight is None:
         pytest.skip("this PyTorch build has no oneDNN packed linear")
-    # the [H, V] copy replaces the embedding table in the count; the projections stay
+    # the logits' copy replaces the embedding table in the count; the projections stay
+    assert (model.unembed_packed is None) == (dtype == torch.bfloat16)
+    assert (model.unembed_t is None) == (dtype == torch.float32)  # one extra copy, not two
     assert model_bytes(model) == before
 
 
