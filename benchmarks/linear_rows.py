@@ -5,7 +5,8 @@ one as F.linear over [out, in] and in oneDNN's packed layout (what the engine st
 CPU), fp32 also as x @ W^T over [in, out] (the engine's layout before session 8). Prints
 a table of median milliseconds.
 
-    python benchmarks/linear_rows.py [--threads 2] [--runs 15]
+    python benchmarks/linear_rows.py [--threads 2] [--runs 15] [--rows 1,2,4,8,16,32,64]
+        [--formats int4,bf16,bf16 pk,fp32,fp32 [in,out],fp32 pk]
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ from mtpserve.decoding.linear import Linear, onednn_linear, pack_for_onednn
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (in, out): qkv, o, gate_up, down
 LAYERS = 30
+FORMATS = ("int4", "bf16", "bf16 pk", "fp32", "fp32 [in,out]", "fp32 pk")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64", help="comma list of rows per pass")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="comma list, of: " + ", ".join(FORMATS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -71,10 +75,10 @@ def main() -> None:
         return 1000 * statistics.median(times)
 
     print(f"ms for all {LAYERS} layers' projections (median of {args.runs}), {args.threads} threads")
-    fmts = ("int4", "bf16", "bf16 pk", "fp32", "fp32 [in,out]", "fp32 pk")
+    fmts = [f for f in FORMATS if f in args.formats.split(",")]
     print(f"{'rows':>4} " + " ".join(f"{f:>13}" for f in fmts))
     with torch.inference_mode():
-        for rows in (1, 2, 4, 8, 16, 32, 64):
+        for rows in (int(r) for r in args.rows.split(",")):
             print(f"{rows:>4} " + " ".join(f"{run(rows, f):13.1f}" for f in fmts), flush=True)
 
 

@@ -28,7 +28,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "to dense (auto: int4 for a Q4_0/Q4_1 GGUF on CPU, else dense)")
     g.add_argument("--no-wide-weights", dest="wide_weights", action="store_false",
                    help="int8/int4 on a CPU with native bf16: do not keep a bf16 copy of the "
-                        "quantized weights for passes of 32+ rows (saves 2 bytes per weight; "
+                        "quantized weights for passes of 12+ rows (saves 2 bytes per weight; "
                         "prefill and large verify batches then run ~2x slower)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")

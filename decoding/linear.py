@@ -23,10 +23,12 @@ from torch import nn
 INT4_GROUP = 32
 _KERNEL_DTYPE = torch.bfloat16  # what the CPU weight-only kernels want as activations
 # From this many rows on a quantized layer with a wide copy multiplies by its bf16 dense
-# copy instead: the weight-only kernels are compute-bound and grow linearly with rows, the
-# bf16 GEMM (native bf16 CPUs) does not. 30 layers of this model: int4 = bf16 at 16-24 rows,
-# 52 vs 37 ms at 32, 706 vs 308 ms at 512 (docs/benchmarks.md, session 7).
-WIDE_ROWS = 32
+# copy instead: the weight-only kernels are compute-bound and grow linearly with rows (int4
+# in blocks of 4), the bf16 GEMM (native bf16 CPUs) does not. 30 layers of this model,
+# int4 vs the packed bf16 copy: 13.0 vs 12.6 ms at 8 rows, 18.4 vs 13.9 at 12, 23.1 vs 16.0
+# at 16; in the engine 12 beat 32 from 12 rows on (verify k=16 43 vs 47 ms, batch-16 decode
+# 57 vs 61) and 5 lost at 8 rows (docs/benchmarks.md, session 10).
+WIDE_ROWS = 12
 
 
 def bucket_rows(m: int) -> int:
