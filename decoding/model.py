@@ -161,7 +161,6 @@ class CausalLM(nn.Module):
                                                                    bias=False)
         self.unembed_t: torch.Tensor | None = None  # see use_transposed_weights
         self.unembed_packed: torch.Tensor | None = None  # oneDNN layout, ditto
-        self.on_cpu_layout = False  # use_transposed_weights ran
 
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
                 return_pre_last: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +212,6 @@ class CausalLM(nn.Module):
         for m in self.layers.modules():
             if isinstance(m, Linear):
                 m.transpose_storage()
-        self.on_cpu_layout = True
         w = self.unembed_weight()
         if w.dtype == torch.float32:
             self.unembed_packed = pack_for_onednn(w, batch_hint=16)
@@ -222,9 +220,9 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""
-        if self.on_cpu_layout:  # CPU: the layout BLAS / oneDNN stream fastest for N
-            if self.unembed_packed is not None and hidden.dtype == torch.float32:
-                return onednn_linear(hidden, self.unembed_packed)
+        if self.unembed_packed is not None and hidden.dtype == torch.float32:
+            return onednn_linear(hidden, self.unembed_packed)
+        if self.unembed_t is not None or self.unembed_packed is not None:  # CPU layouts
             if self.unembed_t is not None and hidden.shape[0] == 1:
                 return torch.matmul(hidden, self.unembed_t).float()
             return torch.mm(self.unembed_weight(), hidden.t()).t().float()
