@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from mtpserve.decoding.bench import encode_prompts, load_prompts
+from mtpserve.decoding.tools.bench import encode_prompts, load_prompts
 from mtpserve.decoding.config import EngineConfig, SamplingParams
-from mtpserve.decoding.engine import LLMEngine
+from mtpserve.decoding.engine.llm_engine import LLMEngine
 
 
 def run_burst(eng: LLMEngine, decoding: list[list[int]], burst: list[list[int]], tag: str

@@ -21,9 +21,9 @@ import sys
 
 import torch
 
-from mtpserve.decoding.bench import encode_prompts, load_prompts
+from mtpserve.decoding.tools.bench import encode_prompts, load_prompts
 from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
-from mtpserve.decoding.engine import LLMEngine
+from mtpserve.decoding.engine.llm_engine import LLMEngine
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:

@@ -16,8 +16,8 @@ import time
 import torch
 
 from mtpserve.decoding.config import EngineConfig, SpecConfig
-from mtpserve.decoding.engine import LLMEngine
-from mtpserve.decoding.mtp_context import draft_timer
+from mtpserve.decoding.engine.llm_engine import LLMEngine
+from mtpserve.decoding.spec.mtp_context import draft_timer
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ scored over the full vocabulary and, when it has one (or --draft-vocab-from name
 folder that has), restricted to its draft vocabulary.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/heads_accuracy.py \\
-        --prompts decoding/data/heldout_chat_prompts.jsonl \\
+        --prompts decoding/training/data/heldout_chat_prompts.jsonl \\
         --answers /tmp/heldout_answers.jsonl \\
         benchmarks/heads/smollm2-135m-medusa4 benchmarks/heads/smollm2-135m-medusa4-r2
 """
@@ -26,7 +26,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("heads", nargs="+", help="heads folders")
-    p.add_argument("--prompts", default="decoding/data/heldout_chat_prompts.jsonl")
+    p.add_argument("--prompts", default="decoding/training/data/heldout_chat_prompts.jsonl")
     p.add_argument("--answers", required=True, help="JSONL cache of the base model's answers")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded)")
@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
 
     from mtpserve.decoding.config import EngineConfig, SpecConfig
-    from mtpserve.decoding.engine import LLMEngine
-    from mtpserve.decoding.heads import load_heads
-    from mtpserve.decoding.heads_data import generate_answers, read_sources
-    from mtpserve.decoding.train_heads import cache_hidden, chunk_examples, evaluate, targets_for
+    from mtpserve.decoding.engine.llm_engine import LLMEngine
+    from mtpserve.decoding.spec.heads import load_heads
+    from mtpserve.decoding.training.heads_data import generate_answers, read_sources
+    from mtpserve.decoding.training.train_heads import cache_hidden, chunk_examples, evaluate, targets_for
 
     engine = LLMEngine.from_config(EngineConfig(
         model=a.model, dtype="float32", device="cpu", weights="dense", max_num_seqs=8,

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mtpserve.decoding.linear import Linear, onednn_linear, pack_for_onednn
+from mtpserve.decoding.model.linear import Linear, onednn_linear, pack_for_onednn
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (in, out): qkv, o, gate_up, down
 LAYERS = 30

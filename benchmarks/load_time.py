@@ -15,9 +15,9 @@ import argparse
 import statistics
 import time
 
-from mtpserve.decoding import linear
+from mtpserve.decoding.model import linear
 from mtpserve.decoding.config import EngineConfig
-from mtpserve.decoding.engine import LLMEngine
+from mtpserve.decoding.engine.llm_engine import LLMEngine
 
 
 def load_seconds(weights: str) -> float:

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from mtpserve.decoding import engine as engine_mod
-from mtpserve.decoding.bench import encode_prompts, load_prompts
+from mtpserve.decoding.engine import llm_engine as engine_mod
+from mtpserve.decoding.tools.bench import encode_prompts, load_prompts
 from mtpserve.decoding.config import EngineConfig, SamplingParams
 
 

@@ -7,7 +7,7 @@ would run at every row count. Per path, with this model's four projection shapes
 measurement in a fresh process (the cache is per process):
 
 - RSS growth after one pass at every row count 1..--max-rows, raw and bucketed
-  (`mtpserve.decoding.linear.bucket_rows`);
+  (`mtpserve.decoding.model.linear.bucket_rows`);
 - the time of passes at --samples random row counts in 17..--max-rows after one warm-up
   round, raw and bucketed (the padding's cost), and raw with both caches capped at
   --capacity entries (ONEDNN_PRIMITIVE_CACHE_CAPACITY, LRU_CACHE_CAPACITY: the other
@@ -30,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mtpserve.decoding.linear import _in_buckets, pack_for_onednn
+from mtpserve.decoding.model.linear import _in_buckets, pack_for_onednn
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (in, out): qkv, o, gate_up, down
 PATHS = {"fp32 packed": torch.float32, "bf16 packed": torch.bfloat16, "bf16 F.linear": torch.bfloat16}

@@ -35,7 +35,7 @@ CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
 
 
 def prepare(out: Path) -> None:
-    from mtpserve.decoding.export import export_model
+    from mtpserve.decoding.tools.export import export_model
 
     with tempfile.TemporaryDirectory() as tmp:
         export_model(None, Path(tmp) / "m", dtype="bfloat16")
@@ -59,7 +59,7 @@ def random_folder(src: Path, dst: Path, seed: int) -> None:
 
 def _engine(folder: Path, device: str, dtype: str, weights: str = "dense", spec: str = "off"):
     from mtpserve.decoding.config import EngineConfig, SpecConfig
-    from mtpserve.decoding.engine import LLMEngine
+    from mtpserve.decoding.engine.llm_engine import LLMEngine
 
     return LLMEngine.from_config(EngineConfig(
         model=str(folder), device=device, dtype=dtype, weights=weights, max_num_seqs=4,
@@ -137,7 +137,7 @@ def _quantized_vs_cpu(folder: Path, device: str, fmt: str, prompt: list[int], pa
     ids, lps, _ = _run(quant, prompt, params)
     del quant
     ref_ids, ref_lps, _ = _run(_engine(folder, "cpu", "float32", weights=fmt), prompt, params)
-    from mtpserve.decoding.bench import first_difference
+    from mtpserve.decoding.tools.bench import first_difference
 
     k = first_difference(ids, ref_ids)
     same = len(ids) if k is None else k
@@ -156,7 +156,7 @@ def _quantized_vs_cpu(folder: Path, device: str, fmt: str, prompt: list[int], pa
 def _same(name: str, a: list[int], b: list[int], ref: torch.Tensor) -> tuple[str, bool, str]:
     """ref: transformers' logprobs at each generated position (the tokens agree up to a
     difference, so its top-2 margin there is the one both runs saw)."""
-    from mtpserve.decoding.bench import first_difference
+    from mtpserve.decoding.tools.bench import first_difference
 
     k = first_difference(a, b)
     if k is None:
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, ok, detail in results:
             print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
         if not a.no_bench:
-            from mtpserve.decoding.commands import register_offline_commands
+            from mtpserve.decoding.tools.commands import register_offline_commands
 
             parser = argparse.ArgumentParser(prog="mtpserve")
             register_offline_commands(parser.add_subparsers(dest="command"))

@@ -22,8 +22,8 @@ from typing import Any, Callable, Literal
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
-from mtpserve.decoding.outputs import EngineStats
-from mtpserve.decoding.runner import EngineRunner
+from mtpserve.decoding.engine.outputs import EngineStats
+from mtpserve.decoding.engine.runner import EngineRunner
 
 from .engine_api import EngineBackend, NativeBackend
 from .engine_client import EngineClient

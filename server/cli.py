@@ -1,5 +1,5 @@
 """`mtpserve` command line: `serve` (this package) plus the engine's offline commands
-(`generate`, `bench`, `train-heads`, `inspect`) registered by `mtpserve.decoding.commands`.
+(`generate`, `bench`, `train-heads`, `inspect`) registered by `mtpserve.decoding.tools.commands`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ VLLM_ONLY_FLAGS = ("tensor_parallel_size", "pipeline_parallel_size", "num_specul
 
 def _commands() -> ModuleType | None:
     """The engine's command module, or None where this installation lacks it."""
-    if importlib.util.find_spec("mtpserve.decoding.commands") is None:
+    if importlib.util.find_spec("mtpserve.decoding.tools.commands") is None:
         return None
-    return importlib.import_module("mtpserve.decoding.commands")
+    return importlib.import_module("mtpserve.decoding.tools.commands")
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _engine_missing(args: argparse.Namespace) -> int:
-    print("mtpserve: the engine package (mtpserve.decoding.commands / engine) is not "
+    print("mtpserve: the engine package (mtpserve.decoding.tools.commands / engine) is not "
           "available in this installation", file=sys.stderr)
     return 2
 
@@ -184,7 +184,7 @@ def _backend_loader(args: argparse.Namespace, engine_config: Any) -> Callable[[]
         print(f"mtpserve serve: {', '.join(given)}: only with --backend vllm (the native "
               f"engine runs on one device)", file=sys.stderr)
         return 2
-    from mtpserve.decoding.engine import LLMEngine
+    from mtpserve.decoding.engine.llm_engine import LLMEngine
 
     return lambda: LLMEngine.from_config(engine_config)
 

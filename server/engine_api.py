@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 from mtpserve.decoding.config import SamplingParams
-from mtpserve.decoding.outputs import EngineStats, RequestOutput
+from mtpserve.decoding.engine.outputs import EngineStats, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class NativeBackend(EngineBackend):
     def __init__(self, source: Any) -> None:
         """`source`: an `LLMEngine` (this backend owns and stops its runner) or an
         `EngineRunner` (shared: started if needed, never stopped here)."""
-        from mtpserve.decoding.runner import EngineRunner
+        from mtpserve.decoding.engine.runner import EngineRunner
 
         if isinstance(source, EngineRunner):
             self.runner, self.owns_runner = source, False

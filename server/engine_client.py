@@ -19,10 +19,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 from mtpserve.decoding.config import SamplingParams
-from mtpserve.decoding.outputs import RequestOutput, SpecStats
+from mtpserve.decoding.engine.outputs import RequestOutput, SpecStats
 
 if TYPE_CHECKING:
-    from mtpserve.decoding.runner import EngineRunner
+    from mtpserve.decoding.engine.runner import EngineRunner
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics import _get_use_created
 from prometheus_client.registry import Collector
 
-from mtpserve.decoding.outputs import EngineStats, RequestOutput, SpecStats
+from mtpserve.decoding.engine.outputs import EngineStats, RequestOutput, SpecStats
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from mtpserve.decoding.config import SamplingParams
-from mtpserve.decoding.outputs import RequestOutput
+from mtpserve.decoding.engine.outputs import RequestOutput
 
 from . import protocol as p
 from .app import ServerState

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from mtpserve.decoding.config import SamplingParams
-from mtpserve.decoding.outputs import RequestOutput, SpecStats, TokenLogprob
+from mtpserve.decoding.engine.outputs import RequestOutput, SpecStats, TokenLogprob
 
 from . import protocol as p
 from .engine_client import EngineUnavailable, QueueFull, RequestStream

@@ -6,7 +6,7 @@ imports without it, so `server/` works and tests run where vLLM is not installed
 
 What maps onto what (`options_from_args`):
 - the model: vLLM loads Hugging Face folders, so a GGUF (the default embedded model) is
-  exported once (decoding/export.py, float32, GGUF blocks dequantized exactly) into
+  exported once (decoding/tools/export.py, float32, GGUF blocks dequantized exactly) into
   `<cache>/models/<name>-<key>`; a folder with config.json is served as it is.
 - speculation: `--speculate off` -> none; `--proposer ngram` -> vLLM's ngram (prompt lookup,
   3..1-grams, 4 tokens: the native defaults); otherwise Medusa with the draft heads
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from mtpserve.decoding.config import SamplingParams
-from mtpserve.decoding.outputs import EngineStats, RequestOutput, SpecStats, TokenLogprob
+from mtpserve.decoding.engine.outputs import EngineStats, RequestOutput, SpecStats, TokenLogprob
 
 from .engine_api import EngineBackend, OutputCallback, UnsupportedRequest
 
@@ -246,7 +246,7 @@ class PreparedModel:
         if self._ck is None:
             import torch
 
-            from mtpserve.decoding.checkpoint import load_checkpoint
+            from mtpserve.decoding.model.checkpoint import load_checkpoint
 
             self._ck = load_checkpoint(self.source, torch.float32)
         return self._ck
@@ -254,7 +254,7 @@ class PreparedModel:
 
 def prepare_model(model: str | None, cache_dir: Path) -> PreparedModel:
     """A Hugging Face folder vLLM can load for `model` (exported once per GGUF file)."""
-    from mtpserve.decoding.checkpoint import default_model_path
+    from mtpserve.decoding.model.checkpoint import default_model_path
 
     src = Path(model or default_model_path())
     if not src.exists():
@@ -272,8 +272,8 @@ def prepare_model(model: str | None, cache_dir: Path) -> PreparedModel:
         return PreparedModel(out, meta["name"], meta.get("fingerprint"), str(src))
     import torch
 
-    from mtpserve.decoding.checkpoint import load_checkpoint
-    from mtpserve.decoding.export import export_checkpoint
+    from mtpserve.decoding.model.checkpoint import load_checkpoint
+    from mtpserve.decoding.tools.export import export_checkpoint
 
     log.info("exporting %s to a Hugging Face folder for vLLM: %s", src, out)
     t0 = time.monotonic()
@@ -303,7 +303,7 @@ def prepare_heads(heads: str | None, model: PreparedModel, cache_dir: Path,
     """(vLLM Medusa folder, number of heads) for `heads` (None: the heads shipped for the
     model), exporting a project-format folder once; None when there are none (an error
     when `required`)."""
-    from mtpserve.decoding.heads import shipped_heads
+    from mtpserve.decoding.spec.heads import shipped_heads
 
     if heads is None:
         # vLLM's Medusa is the one head type it can take from us: the shipped default may
@@ -331,8 +331,8 @@ def prepare_heads(heads: str | None, model: PreparedModel, cache_dir: Path,
     else:
         out = cache_dir / "heads" / f"{src.name}-{_key(_stat_key(src), str(model.hf_dir), 'full-vocab')}"
         if not (out / EXPORT_META).exists():
-            from mtpserve.decoding.export import export_heads_vllm
-            from mtpserve.decoding.heads import load_heads
+            from mtpserve.decoding.tools.export import export_heads_vllm
+            from mtpserve.decoding.spec.heads import load_heads
 
             log.info("exporting draft heads %s for vLLM (vllm-medusa): %s", src, out)
             ck = model.checkpoint()
@@ -436,7 +436,7 @@ class VllmBackend(EngineBackend):
         cache = Path(o.cache_dir) if o.cache_dir else default_cache_dir()
         model = prepare_model(o.model, cache)
         self.model_name = model.name
-        from mtpserve.decoding.tokenizer import Tokenizer
+        from mtpserve.decoding.model.tokenizer import Tokenizer
 
         self.tokenizer = Tokenizer.from_hf_folder(model.hf_dir)
         spec: dict[str, Any] | None = None

@@ -14,7 +14,7 @@ def default_engine():
     through the runner of tests/server/conftest.py.
     """
     from mtpserve.decoding.config import EngineConfig, SpecConfig
-    from mtpserve.decoding.engine import LLMEngine
+    from mtpserve.decoding.engine.llm_engine import LLMEngine
 
     # Speculation "on" (not auto) so every request drafts and the invariants are exercised.
     return LLMEngine.from_config(EngineConfig(dtype="float32", weights="dense", max_num_seqs=8,

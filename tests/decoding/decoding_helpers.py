@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtpserve.decoding.attention import AttentionMetadata
+from mtpserve.decoding.model.attention import AttentionMetadata
 from mtpserve.decoding.config import ModelConfig, SamplingParams
-from mtpserve.decoding.kv_cache import KVCache
-from mtpserve.decoding.model import CausalLM
+from mtpserve.decoding.model.kv_cache import KVCache
+from mtpserve.decoding.model.trunk import CausalLM
 
 
 def _long(xs) -> torch.Tensor:
@@ -98,7 +98,7 @@ def hf_default_model():
     """transformers' model of the embedded default GGUF, fp32, loaded once per process."""
     from transformers import AutoModelForCausalLM
 
-    from mtpserve.decoding.checkpoint import default_model_path
+    from mtpserve.decoding.model.checkpoint import default_model_path
 
     path = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
@@ -220,7 +220,7 @@ def tiny_engine(tokenizer, heads=None, proposer: str = "ngram", dtype: torch.dty
                 tree: str = "auto"):
     """An LLMEngine over a random-weight model whose vocab is the tokenizer's (so text works)."""
     from mtpserve.decoding.config import EngineConfig, SpecConfig
-    from mtpserve.decoding.engine import LLMEngine
+    from mtpserve.decoding.engine.llm_engine import LLMEngine
 
     cfg = tiny_config(vocab=tokenizer.vocab_size, hidden=hidden, layers=2, heads=4, kv_heads=2,
                       tie_word_embeddings=False)
@@ -238,7 +238,7 @@ def interrupt_after(steps: int, run) -> None:
     was checkpointed, as an interrupted process would stop (for resume tests)."""
     import pytest
 
-    from mtpserve.decoding import train_heads
+    from mtpserve.decoding.training import train_heads
 
     class Stop(Exception):
         pass

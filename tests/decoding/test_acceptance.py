@@ -14,9 +14,9 @@ import random
 import pytest
 import torch
 
-from mtpserve.decoding.acceptance import (accept_greedy, accept_rejection, accept_typical,
+from mtpserve.decoding.spec.acceptance import (accept_greedy, accept_rejection, accept_typical,
                                           typical_threshold)
-from mtpserve.decoding.tree import PRESETS, DraftTree, load_choices, tree_from_choices
+from mtpserve.decoding.spec.tree import PRESETS, DraftTree, load_choices, tree_from_choices
 
 V = 6
 
@@ -310,7 +310,7 @@ def test_tiny_temperature_is_a_finite_one_hot(temperature):
     """A denormal temperature must not overflow the top logit to +inf (NaN after softmax):
     the distribution is all on the argmax, and top_p tiny keeps only that token too."""
     from mtpserve.decoding.config import SamplingParams
-    from mtpserve.decoding.sampling import processed_probs
+    from mtpserve.decoding.spec.sampling import processed_probs
     logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-6], [0.5, -1.0, 0.25, 0.0]])
     for top_p in (1.0, 1e-300):
         probs = processed_probs(logits, SamplingParams(temperature=temperature, top_p=top_p))

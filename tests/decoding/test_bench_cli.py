@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from mtpserve.decoding import bench
-from mtpserve.decoding.bench import (add_bench_args, batches, first_difference, format_table,
+from mtpserve.decoding.tools import bench
+from mtpserve.decoding.tools.bench import (add_bench_args, batches, first_difference, format_table,
                                      load_prompts, merge_spec_stats, parse_int_list, run_bench)
-from mtpserve.decoding.commands import add_engine_args
-from mtpserve.decoding.outputs import SpecStats
+from mtpserve.decoding.tools.commands import add_engine_args
+from mtpserve.decoding.engine.outputs import SpecStats
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,8 +28,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def test_registered_bench_help(capsys):
-    pytest.importorskip("mtpserve.decoding.train_heads")  # registered alongside bench
-    from mtpserve.decoding.commands import register_offline_commands
+    pytest.importorskip("mtpserve.decoding.training.train_heads")  # registered alongside bench
+    from mtpserve.decoding.tools.commands import register_offline_commands
 
     p = argparse.ArgumentParser(prog="mtpserve")
     register_offline_commands(p.add_subparsers(dest="command"))
@@ -123,9 +123,9 @@ def _tiny_engine():
     from tokenizers.models import BPE
 
     from mtpserve.decoding.config import EngineConfig, ModelConfig, SpecConfig
-    from mtpserve.decoding.engine import LLMEngine
-    from mtpserve.decoding.model import CausalLM
-    from mtpserve.decoding.tokenizer import Tokenizer, _bytes_to_unicode
+    from mtpserve.decoding.engine.llm_engine import LLMEngine
+    from mtpserve.decoding.model.trunk import CausalLM
+    from mtpserve.decoding.model.tokenizer import Tokenizer, _bytes_to_unicode
 
     vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
     backend = Backend(BPE(vocab=vocab, merges=[]))
@@ -214,7 +214,7 @@ def test_compare_refuses_speculation_off():
 
 
 def test_rank_trees_trades_expected_tokens_against_measured_cost():
-    from mtpserve.decoding.bench import rank_trees, tree_candidates
+    from mtpserve.decoding.tools.bench import rank_trees, tree_candidates
 
     rank_acc = [[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.1, 0.1], [0.3, 0.1, 0.1]]
     cands = tree_candidates(rank_acc, max_nodes=16)

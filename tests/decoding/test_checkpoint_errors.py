@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtpserve.decoding.checkpoint import default_model_path, load_checkpoint
+from mtpserve.decoding.model.checkpoint import default_model_path, load_checkpoint
 from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
-from mtpserve.decoding.engine import LLMEngine
+from mtpserve.decoding.engine.llm_engine import LLMEngine
 
 VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 64, 32, 48, 2, 4, 2
 HEAD_DIM = HIDDEN // HEADS

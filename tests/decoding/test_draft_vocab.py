@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from decoding_helpers import random_causal_lm, randomize_, tiny_config
-from mtpserve.decoding.heads import MedusaHeads, add_draft_vocab, load_heads, save_project_heads
-from mtpserve.decoding.heads_data import Example
-from mtpserve.decoding.train_heads import (TrainConfig, build_draft_vocab, cache_hidden, evaluate,
+from mtpserve.decoding.spec.heads import MedusaHeads, add_draft_vocab, load_heads, save_project_heads
+from mtpserve.decoding.training.heads_data import Example
+from mtpserve.decoding.training.train_heads import (TrainConfig, build_draft_vocab, cache_hidden, evaluate,
                                            targets_for, train)
 
 V, H, NH, K = 256, 32, 3, 4

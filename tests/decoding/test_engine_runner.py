@@ -11,7 +11,7 @@ import pytest
 
 from decoding_helpers import greedy, run_requests, tiny_engine
 from mtpserve.decoding.config import SamplingParams
-from mtpserve.decoding.runner import EngineRunner
+from mtpserve.decoding.engine.runner import EngineRunner
 
 TIMEOUT = 60.0
 

@@ -1,4 +1,4 @@
-"""Exports for other engines (decoding/export.py).
+"""Exports for other engines (decoding/tools/export.py).
 
 - export-model: the default GGUF exported to a Hugging Face folder (fp32) loads in
   transformers with logits equal to our dense fp32 engine's on a chat prompt (test_model_parity's
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoding_helpers import chat, prefill_logits, random_causal_lm, randomize_, tiny_config
-from mtpserve.decoding.export import export_heads_vllm
-from mtpserve.decoding.heads import MedusaHeads, save_project_heads
+from mtpserve.decoding.tools.export import export_heads_vllm
+from mtpserve.decoding.spec.heads import MedusaHeads, save_project_heads
 from mtpserve.server.cli import main
 
 CHAT = [{"role": "system", "content": "You answer briefly."},
@@ -91,7 +91,7 @@ def test_exported_tokenizer_matches_ours(default_engine, exported):
 
 
 def test_exported_folder_reads_back(default_engine, exported):
-    from mtpserve.decoding.checkpoint import load_checkpoint
+    from mtpserve.decoding.model.checkpoint import load_checkpoint
 
     ck = load_checkpoint(str(exported))
     cfg, base = ck.config, default_engine.model_config
@@ -137,7 +137,7 @@ class VllmMedusaMirror(nn.Module):
     """vLLM's Medusa draft model as its source reads (vllm-project/vllm,
     vllm/model_executor/models/medusa.py at 09cddad8f032, and the MedusaConfig of
     vllm/transformers_utils/configs/medusa.py), with plain nn.Linear for ParallelLMHead
-    (tensor parallel 1, no vocabulary padding). Independent of decoding/export.py.
+    (tensor parallel 1, no vocabulary padding). Independent of decoding/tools/export.py.
 
     num_speculative_tokens: vLLM's SpeculativeConfig sets hf_config.num_lookahead_tokens to
     it, whose setter sets num_heads: the drafter then builds that many heads.

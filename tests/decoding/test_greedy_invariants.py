@@ -17,7 +17,7 @@ import torch
 from decoding_helpers import (REP_MAX, REPETITIVE, cached_run, chat, greedy, hf_default_model,
                               prefill_hidden, prefill_logits, run_requests)
 from mtpserve.decoding.config import SamplingParams
-from mtpserve.decoding.tree import DraftTree
+from mtpserve.decoding.spec.tree import DraftTree
 
 CHAT_PROMPTS = ["Write a haiku about the sea.", "List three colors.", "Explain gravity to a child."]
 MAX = 64  # speculative greedy run, checked against transformers over all of it

@@ -20,9 +20,9 @@ from torch import nn
 from decoding_helpers import (greedy, prefill_hidden, random_causal_lm, randomize_, run_requests,
                               tiny_config, tiny_engine)
 from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
-from mtpserve.decoding.engine import LLMEngine
-from mtpserve.decoding.heads import MedusaHeads, load_heads, save_project_heads
-from mtpserve.decoding.tree import DraftTree
+from mtpserve.decoding.engine.llm_engine import LLMEngine
+from mtpserve.decoding.spec.heads import MedusaHeads, load_heads, save_project_heads
+from mtpserve.decoding.spec.tree import DraftTree
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def test_logprobs_under_speculation_match_plain_decoding(tok, plain_ref):
 def test_candidates_for_fewer_heads_are_the_first_heads_candidates():
     """Drafting only the depths a tree reads gives exactly those heads' candidates."""
     from decoding_helpers import random_causal_lm, tiny_config
-    from mtpserve.decoding.heads import MedusaHeads
+    from mtpserve.decoding.spec.heads import MedusaHeads
 
     model = random_causal_lm(tiny_config(vocab=64, hidden=32), dtype=torch.float32, seed=1)
     heads = MedusaHeads(32, 64, 4, 1).eval()

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from decoding_helpers import hf_default_model, logits64, prefill_hidden, prefill_logits
-from mtpserve.decoding.checkpoint import hf_config, read_safetensors_folder
-from mtpserve.decoding.model import CausalLM
+from mtpserve.decoding.model.checkpoint import hf_config, read_safetensors_folder
+from mtpserve.decoding.model.trunk import CausalLM
 
 transformers = pytest.importorskip("transformers")
 

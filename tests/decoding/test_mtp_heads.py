@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from decoding_helpers import greedy, random_causal_lm, run_requests, tiny_config
-from mtpserve.decoding.attention import AttentionMetadata
+from mtpserve.decoding.model.attention import AttentionMetadata
 from mtpserve.decoding.config import EngineConfig, SpecConfig
-from mtpserve.decoding.engine import LLMEngine
-from mtpserve.decoding.heads import load_heads
-from mtpserve.decoding.kv_cache import KVCache
-from mtpserve.decoding.mtp_parallel import ParallelMTPHeads
-from mtpserve.decoding.mtp_sequential import SequentialMTPHeads
-from mtpserve.decoding.tree import DraftTree
+from mtpserve.decoding.engine.llm_engine import LLMEngine
+from mtpserve.decoding.spec.heads import load_heads
+from mtpserve.decoding.model.kv_cache import KVCache
+from mtpserve.decoding.spec.mtp_parallel import ParallelMTPHeads
+from mtpserve.decoding.spec.mtp_sequential import SequentialMTPHeads
+from mtpserve.decoding.spec.tree import DraftTree
 
 V, H, LAYERS = 256, 32, 2
 PROMPTS = [[11, 12, 13, 14, 15, 16, 17], [30, 31], [5, 6, 7, 5, 6, 7, 5, 6, 7, 5], [42]]
@@ -487,7 +487,7 @@ def test_engine_drafts_over_the_context_as_the_reference(tmp_path, model, plain_
     sequence's candidates equal the reference computed from scratch over its tokens (its
     module entries were written from the right hidden rows, tokens and positions, and
     nothing of another sequence or a rejected draft is read)."""
-    from mtpserve.decoding import engine as engine_mod
+    from mtpserve.decoding.engine import llm_engine as engine_mod
 
     t = write_sequential(tmp_path / "s", _cfg(), style, n_mod, seed=9, shared_head=True)
     heads = load_heads(tmp_path / "s", _cfg()).to(torch.float64).eval()
@@ -520,7 +520,7 @@ def test_context_skips_gaps_and_forgets_a_freed_slot(tmp_path, model):
     """Positions whose entries were never written (steps that drafted nothing) are masked,
     not read stale, and a reset slot keeps nothing of its previous sequence, although the
     cache buffer still holds that sequence's values at those positions."""
-    from mtpserve.decoding.mtp_context import ModuleContext, NewEntries, write_and_draft
+    from mtpserve.decoding.spec.mtp_context import ModuleContext, NewEntries, write_and_draft
 
     t = write_sequential(tmp_path / "s", _cfg(), "deepseek", 1, seed=10, shared_head=True)
     heads = load_heads(tmp_path / "s", _cfg()).to(torch.float64).eval()
@@ -574,7 +574,7 @@ def test_heads_flag_loads_each_layout_for_a_checkpoint_folder(tmp_path, layout):
     the layout is detected, and greedy output equals plain decoding's."""
     from test_checkpoint_errors import make_folder
 
-    from mtpserve.decoding.checkpoint import load_checkpoint
+    from mtpserve.decoding.model.checkpoint import load_checkpoint
 
     base = make_folder(tmp_path)
     cfg = load_checkpoint(str(base)).config
@@ -600,7 +600,7 @@ def test_one_folder_serves_as_model_and_as_heads(tmp_path):
     from safetensors.torch import load_file, save_file
     from test_checkpoint_errors import _config, make_folder
 
-    from mtpserve.decoding.checkpoint import hf_config
+    from mtpserve.decoding.model.checkpoint import hf_config
 
     folder = make_folder(tmp_path, config=_config() | {"num_nextn_predict_layers": 1})
     cfg = hf_config(json.loads((folder / "config.json").read_text()), folder)
@@ -620,7 +620,7 @@ def test_one_folder_serves_as_model_and_as_heads(tmp_path):
 def test_draft_timer_writes_and_drafts_as_a_decode_step(tmp_path, model):
     """bench --calibrate-tree times context modules with this: a prefilled context, then
     each call writes the step's accepted rows and drafts the chain."""
-    from mtpserve.decoding.mtp_context import ModuleContext, draft_timer
+    from mtpserve.decoding.spec.mtp_context import ModuleContext, draft_timer
 
     write_sequential(tmp_path / "s", _cfg(), "deepseek", 1, seed=11, shared_head=True)
     heads = load_heads(tmp_path / "s", _cfg()).to(torch.float64).eval()

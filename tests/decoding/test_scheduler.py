@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from mtpserve.decoding.config import SamplingParams
-from mtpserve.decoding.scheduler import Scheduler, Sequence
+from mtpserve.decoding.engine.scheduler import Scheduler, Sequence
 
 
 def _seq(name: str, prompt_len: int, cached: int = 0) -> Sequence:

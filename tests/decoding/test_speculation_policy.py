@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from mtpserve.decoding.config import SpecConfig
-from mtpserve.decoding.heads import MedusaHeads
-from mtpserve.decoding.speculation import FRESH_STEPS, MIN_GAIN, PROBE_EVERY, SpeculationPolicy
-from mtpserve.decoding.tree import load_choices
+from mtpserve.decoding.spec.heads import MedusaHeads
+from mtpserve.decoding.spec.policy import FRESH_STEPS, MIN_GAIN, PROBE_EVERY, SpeculationPolicy
+from mtpserve.decoding.spec.tree import load_choices
 
 
 def _policy(proposer: str = "ngram", tree: str = "chain4") -> SpeculationPolicy:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from decoding_helpers import greedy, run_requests, tiny_engine
-from mtpserve.decoding.runner import EngineRunner
-from mtpserve.decoding.scheduler import Status
+from mtpserve.decoding.engine.runner import EngineRunner
+from mtpserve.decoding.engine.scheduler import Status
 
 INJECTED = "injected batch fault"
 PROMPTS = [[11, 12, 13, 14, 15], [5, 6, 7, 5, 6, 7], [300, 301, 302], [42] * 8]
@@ -154,7 +154,7 @@ def _always(seqs) -> None:
 def test_every_step_failing_stops_the_engine_after_a_limit(tiny, alone):
     """A broken engine (each step faults) must not look healthy forever: after
     MAX_FAILED_STEPS_IN_A_ROW failed steps in a row step() raises; one good step resets."""
-    from mtpserve.decoding.engine import MAX_FAILED_STEPS_IN_A_ROW, EngineBroken
+    from mtpserve.decoding.engine.llm_engine import MAX_FAILED_STEPS_IN_A_ROW, EngineBroken
 
     def fail_steps(n: int, tag: str) -> None:
         for i in range(n):
@@ -179,7 +179,7 @@ def test_runner_stops_and_reports_a_broken_engine(tiny):
     thread stops with fatal_error set (the server's /health turns to error on it)."""
     import queue
 
-    from mtpserve.decoding.engine import MAX_FAILED_STEPS_IN_A_ROW, EngineBroken
+    from mtpserve.decoding.engine.llm_engine import MAX_FAILED_STEPS_IN_A_ROW, EngineBroken
 
     tiny.batch_fault_hook = _always
     runner = EngineRunner(tiny)

@@ -13,8 +13,8 @@ import random
 
 import pytest
 
-from mtpserve.decoding.stop import StopStringMatcher
-from mtpserve.decoding.tokenizer import IncrementalDetokenizer, Tokenizer
+from mtpserve.decoding.engine.stop import StopStringMatcher
+from mtpserve.decoding.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from decoding_helpers import interrupt_after
-from mtpserve.decoding import train_heads
+from mtpserve.decoding.training import train_heads
 from mtpserve.decoding.config import ModelConfig
-from mtpserve.decoding.heads import load_heads
-from mtpserve.decoding.heads_data import Example
-from mtpserve.decoding.model import CausalLM
-from mtpserve.decoding.train_heads import (TrainConfig, add_train_args, cache_hidden,
+from mtpserve.decoding.spec.heads import load_heads
+from mtpserve.decoding.training.heads_data import Example
+from mtpserve.decoding.model.trunk import CausalLM
+from mtpserve.decoding.training.train_heads import (TrainConfig, add_train_args, cache_hidden,
                                            calibrated_tree, choose_tree, expected_accepted,
                                            save_project_heads, softmax_vocab, targets_for,
                                            train)

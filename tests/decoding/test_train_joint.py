@@ -11,12 +11,12 @@ import torch
 
 from decoding_helpers import greedy, interrupt_after, prefill_logits, run_requests
 from mtpserve.decoding.config import EngineConfig, ModelConfig, SpecConfig
-from mtpserve.decoding.engine import LLMEngine
-from mtpserve.decoding.heads import MedusaHeads, save_project_heads
-from mtpserve.decoding.heads_data import Example
-from mtpserve.decoding.model import CausalLM
-from mtpserve.decoding.train_heads import TrainConfig, choose_tree
-from mtpserve.decoding.train_joint import (JointConfig, curriculum_weights, export_trunk,
+from mtpserve.decoding.engine.llm_engine import LLMEngine
+from mtpserve.decoding.spec.heads import MedusaHeads, save_project_heads
+from mtpserve.decoding.training.heads_data import Example
+from mtpserve.decoding.model.trunk import CausalLM
+from mtpserve.decoding.training.train_heads import TrainConfig, choose_tree
+from mtpserve.decoding.training.train_joint import (JointConfig, curriculum_weights, export_trunk,
                                            hf_tensors, joint_loss, load_trainable, train_joint,
                                            trunk_hidden)
 from test_train_heads import _cli_inputs, _tiny_hf_folder

@@ -11,16 +11,16 @@ import torch
 
 from decoding_helpers import greedy, run_requests
 from mtpserve.decoding.config import EngineConfig, ModelConfig, SpecConfig
-from mtpserve.decoding.engine import LLMEngine
-from mtpserve.decoding.heads import load_heads, save_project_heads
-from mtpserve.decoding.heads_data import Example
-from mtpserve.decoding.model import CausalLM
-from mtpserve.decoding.mtp_sequential import SequentialMTPHeads
-from mtpserve.decoding import train_heads
-from mtpserve.decoding.train_heads import (TrainConfig, cache_hidden, calibrated_tree,
+from mtpserve.decoding.engine.llm_engine import LLMEngine
+from mtpserve.decoding.spec.heads import load_heads, save_project_heads
+from mtpserve.decoding.training.heads_data import Example
+from mtpserve.decoding.model.trunk import CausalLM
+from mtpserve.decoding.spec.mtp_sequential import SequentialMTPHeads
+from mtpserve.decoding.training import train_heads
+from mtpserve.decoding.training.train_heads import (TrainConfig, cache_hidden, calibrated_tree,
                                            choose_tree, on_chain, targets_for)
-from mtpserve.decoding.mtp_context import ModuleContext, NewEntries, write_and_draft
-from mtpserve.decoding.train_sequential import (chain_inputs, chain_logits, context_logits,
+from mtpserve.decoding.spec.mtp_context import ModuleContext, NewEntries, write_and_draft
+from mtpserve.decoding.training.train_sequential import (chain_inputs, chain_logits, context_logits,
                                                 row_positions, train_sequential)
 
 CFG = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -258,7 +258,7 @@ def test_cli_trains_sequential_heads_that_load_and_report(tmp_path, capsys):
     assert on_chain([tuple(c) for c in choices]) and max(r for c in choices for r in c) < 4
     err = capsys.readouterr().err
     assert "held-out top-1" in err and "draft vocab" in err
-    from mtpserve.decoding.checkpoint import load_checkpoint
+    from mtpserve.decoding.model.checkpoint import load_checkpoint
 
     assert isinstance(load_heads(out, load_checkpoint(model).config), SequentialMTPHeads)
     with pytest.raises(ValueError, match="sequential heads build their draft vocabulary"):
@@ -313,7 +313,7 @@ def test_over_an_int4_trunk_drafting_is_int4_and_stays_in_the_draft_vocab(tiny, 
 
 
 def test_shipped_heads_default_and_by_type(tmp_path, monkeypatch):
-    from mtpserve.decoding import heads as heads_mod
+    from mtpserve.decoding.spec import heads as heads_mod
 
     monkeypatch.setattr(heads_mod, "SHIPPED_HEADS_DIR", tmp_path)
     assert heads_mod.shipped_heads("abc") is None

@@ -10,7 +10,7 @@ import torch
 
 from decoding_helpers import prefill_logits, random_causal_lm, tiny_config
 from mtpserve.decoding.config import EngineConfig, SamplingParams
-from mtpserve.decoding.linear import INT4_GROUP, Linear, _int4_codes, unpack_onednn
+from mtpserve.decoding.model.linear import INT4_GROUP, Linear, _int4_codes, unpack_onednn
 
 
 def _q4_1_like(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +97,7 @@ def test_weights_flag_is_validated():
 
 
 def test_auto_serves_q4_gguf_as_int4_on_cpu_only():
-    from mtpserve.decoding.device import resolve_weights
+    from mtpserve.decoding.model.device import resolve_weights
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_weights("auto", cpu, "Q4_1") == "int4"
@@ -111,7 +111,7 @@ def test_auto_serves_q4_gguf_as_int4_on_cpu_only():
 def test_auto_dtype_on_cpu_is_fp32_around_quantized_weights(monkeypatch):
     """int4/int8 kernels take bf16 inputs either way; around them the engine computes in
     fp32 even where the CPU has native bf16. Dense weights use bf16 only there."""
-    from mtpserve.decoding import device
+    from mtpserve.decoding.model import device
 
     cpu = torch.device("cpu")
     for native in (True, False):
@@ -126,7 +126,7 @@ def test_auto_dtype_on_cpu_is_fp32_around_quantized_weights(monkeypatch):
 @pytest.fixture(scope="module")
 def int4_engine():
     from mtpserve.decoding.config import SpecConfig
-    from mtpserve.decoding.engine import LLMEngine
+    from mtpserve.decoding.engine.llm_engine import LLMEngine
 
     return LLMEngine.from_config(EngineConfig(max_num_seqs=2, max_model_len=512,
                                               spec=SpecConfig(mode="on", proposer="ngram")))
@@ -185,8 +185,8 @@ def test_bf16_engine_on_cpu_attends_over_an_fp32_kv_cache(default_engine):
     its cache in fp32: K/V are stored exactly (bf16 -> fp32 is lossless), attention runs in
     fp32 and hands back bf16, and the engine still decodes."""
     from decoding_helpers import tiny_engine
-    from mtpserve.decoding.attention import AttentionMetadata, attend
-    from mtpserve.decoding.device import kv_cache_dtype
+    from mtpserve.decoding.model.attention import AttentionMetadata, attend
+    from mtpserve.decoding.model.device import kv_cache_dtype
 
     cpu = torch.device("cpu")
     assert kv_cache_dtype(torch.bfloat16, cpu) == torch.float32
@@ -222,7 +222,7 @@ def test_wide_copy_holds_the_kernels_own_values(fmt):
     """Passes of WIDE_ROWS+ rows multiply by a bf16 copy of the quantized weight: it must
     hold the values the kernel multiplies by (not the unquantized ones), so a row's
     result is the same whether it rides in a wide pass or a narrow one."""
-    from mtpserve.decoding.linear import WIDE_ROWS
+    from mtpserve.decoding.model.linear import WIDE_ROWS
 
     w, _ = _q4_1_like(64, 128, seed=3)
     lin = Linear(128, 64, bias=False)
@@ -298,7 +298,7 @@ def test_streamed_bytes_count_projections_in_the_packed_layout(dtype):
     """The bench's weight-streaming limit counts every projection once, whether it is a
     parameter or (on CPU) a oneDNN-packed copy that replaced it, and the unembedding once,
     from the copy the logits read (bf16: [H, V]; fp32: oneDNN-packed)."""
-    from mtpserve.decoding.bench import model_bytes
+    from mtpserve.decoding.tools.bench import model_bytes
 
     model = random_causal_lm(tiny_config(vocab=300, hidden=64), dtype=dtype, seed=1)
     before = model_bytes(model)
@@ -315,7 +315,7 @@ def test_onednn_passes_run_at_a_bounded_set_of_row_counts():
     """oneDNN caches a primitive (~1 MB here) per input shape: row counts are bucketed so a
     server seeing every prompt length keeps a bounded set, at most 25% padding, exact
     counts for decode and verify passes (<= 16 rows)."""
-    from mtpserve.decoding.linear import bucket_rows
+    from mtpserve.decoding.model.linear import bucket_rows
 
     buckets = {bucket_rows(m) for m in range(1, 2049)}
     assert len(buckets) <= 44
@@ -352,7 +352,7 @@ def test_a_kernel_that_reads_the_packing_differently_is_refused_at_load(fmt, mon
     """Each quantized layer multiplies unit vectors through its kernel at load and compares
     with the quantized values: a packing the kernel reads in another order (here: input
     columns swapped in pairs, what a wrong nibble order does) is a clear error."""
-    from mtpserve.decoding import linear
+    from mtpserve.decoding.model import linear
 
     w, _ = _q4_1_like(64, 128, seed=5)
     _linear(w).quantize_int4() if fmt == "int4" else _linear(w).quantize_int8()  # passes
@@ -380,7 +380,7 @@ def test_a_kernel_that_fails_is_a_clear_error(monkeypatch):
 
 
 def test_nibbles_pack_element_2j_high_as_the_cuda_packer_reads_them():
-    from mtpserve.decoding.linear import pack_nibbles
+    from mtpserve.decoding.model.linear import pack_nibbles
 
     codes = torch.tensor([[1, 2, 3, 4], [15, 0, 7, 8]], dtype=torch.int32)
     packed = pack_nibbles(codes)
@@ -392,7 +392,7 @@ def test_nibbles_pack_element_2j_high_as_the_cuda_packer_reads_them():
 
 
 def test_probe_columns_cover_both_nibbles_and_the_whole_row():
-    from mtpserve.decoding.linear import probe_columns
+    from mtpserve.decoding.model.linear import probe_columns
 
     for k in (32, 576, 1536):
         cols = probe_columns(k)
@@ -409,8 +409,8 @@ def test_int4_packing_for_cuda_has_the_shapes_the_cuda_kernel_checks(k, tiles, m
     ops in a CPU build, so the nibbles, tested above, arrive as an empty [N, K/2] uint8.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from mtpserve.decoding import linear
-    from mtpserve.decoding.linear import _int4_mm, _int4_pack
+    from mtpserve.decoding.model import linear
+    from mtpserve.decoding.model.linear import _int4_mm, _int4_pack
 
     def nibbles(codes):
         assert codes.shape == (1536, k)
@@ -430,7 +430,7 @@ def test_int4_packing_for_cuda_has_the_shapes_the_cuda_kernel_checks(k, tiles, m
 def test_int4_for_cuda_needs_out_features_in_whole_tiles_of_8():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from mtpserve.decoding.linear import _int4_pack
+    from mtpserve.decoding.model.linear import _int4_pack
 
     with FakeTensorMode(), pytest.raises(ValueError, match="divisible by 8, got 12"):
         _int4_pack(torch.empty(12, 64, dtype=torch.int32, device="cuda"))

@@ -20,7 +20,7 @@ from server_helpers import ServerThread
 
 @pytest.fixture(scope="module")
 def shared_runner(default_engine):
-    from mtpserve.decoding.runner import EngineRunner
+    from mtpserve.decoding.engine.runner import EngineRunner
 
     runner = EngineRunner(default_engine)
     runner.start()

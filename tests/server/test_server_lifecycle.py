@@ -201,7 +201,7 @@ def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "mtpserve.server.cli", "--help"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "serve" in out.stdout
-    if importlib.util.find_spec("mtpserve.decoding.commands") is not None:
+    if importlib.util.find_spec("mtpserve.decoding.tools.commands") is not None:
         for cmd in ("generate", "bench", "train-heads", "inspect"):
             assert cmd in out.stdout
     out = subprocess.run([sys.executable, "-m", "mtpserve.server.cli", "serve", "--help"],
@@ -212,7 +212,7 @@ def test_help_lists_subcommands():
         assert flag in out.stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mtpserve.decoding.commands") is None,
+@pytest.mark.skipif(importlib.util.find_spec("mtpserve.decoding.tools.commands") is None,
                     reason="engine commands module not available")
 def test_serve_process_drains_on_sigterm_and_exits_0(tmp_path):
     """SIGTERM under load: every stream in flight finishes whole, new requests and

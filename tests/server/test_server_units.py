@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mtpserve.decoding.config import SamplingParams
-from mtpserve.decoding.outputs import EngineStats, RequestOutput, SpecStats
+from mtpserve.decoding.engine.outputs import EngineStats, RequestOutput, SpecStats
 from mtpserve.server.engine_client import EngineClient, QueueFull
 from mtpserve.server.metrics import ServerMetrics, exported_metric_names, overall_finish_reason
 from mtpserve.server.middleware import BodySizeLimitMiddleware

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from mtpserve.decoding.config import SamplingParams
-from mtpserve.decoding.outputs import RequestOutput
+from mtpserve.decoding.engine.outputs import RequestOutput
 from mtpserve.server.app import ServerSettings, create_app
 from mtpserve.server.cli import build_parser, explicit_flags, main
 from mtpserve.server.vllm_backend import (INSTALL_HINT, BackendConfigError, VllmBackend,
@@ -147,8 +147,8 @@ class _RefusalOnlyVllm(VllmBackend):
         self.submitted: list[SamplingParams] = []
 
     def start(self) -> None:
-        from mtpserve.decoding.checkpoint import default_model_path
-        from mtpserve.decoding.tokenizer import Tokenizer
+        from mtpserve.decoding.model.checkpoint import default_model_path
+        from mtpserve.decoding.model.tokenizer import Tokenizer
 
         self.tokenizer = Tokenizer.from_gguf(default_model_path())
         self.model_name = "double"

@@ -55,9 +55,9 @@ from vllm.model_executor.models.medusa import Medusa  # noqa: E402
 from vllm.transformers_utils.configs.medusa import MedusaConfig  # noqa: E402
 
 from mtpserve.decoding.config import ModelConfig  # noqa: E402
-from mtpserve.decoding.export import export_heads_vllm  # noqa: E402
-from mtpserve.decoding.heads import SHIPPED_HEADS_DIR, MedusaHeads, load_heads  # noqa: E402
-from mtpserve.decoding.model import CausalLM  # noqa: E402
+from mtpserve.decoding.tools.export import export_heads_vllm  # noqa: E402
+from mtpserve.decoding.spec.heads import SHIPPED_HEADS_DIR, MedusaHeads, load_heads  # noqa: E402
+from mtpserve.decoding.model.trunk import CausalLM  # noqa: E402
 from server_helpers import free_port  # noqa: E402
 
 # The mirror test's helpers (tests/decoding has no __init__.py; pytest puts it on sys.path

@@ -1,7 +1,7 @@
 """Writes train_prompts.jsonl: chat/programming task prompts for self-distilling draft heads.
 
 Combinatorial from hand-written lists (no evaluation set is used: not HumanEval, not
-MT-bench, not Spec-Bench). Deterministic: `python decoding/data/make_prompts.py`.
+MT-bench, not Spec-Bench). Deterministic: `python decoding/training/data/make_prompts.py`.
 """
 
 from __future__ import annotations

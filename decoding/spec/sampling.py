@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import SamplingParams
+from ..config import SamplingParams
 
 
 def apply_penalties(logits: torch.Tensor, output_ids: torch.Tensor,

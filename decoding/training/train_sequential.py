@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionMetadata, padded_layout
-from .linear import Linear
-from .mtp_sequential import SequentialMTPHeads
+from ..model.attention import AttentionMetadata, padded_layout
+from ..model.linear import Linear
+from ..spec.mtp_sequential import SequentialMTPHeads
 from .train_heads import (HiddenCache, TrainConfig, build_draft_vocab, remap_targets, run_steps,
                           softmax_vocab, split_sequences, targets_for, top1_hits)
 

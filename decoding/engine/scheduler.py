@@ -8,11 +8,11 @@ from enum import Enum
 
 import torch
 
-from .config import AcceptanceRule, SamplingParams
+from ..config import AcceptanceRule, SamplingParams
+from ..model.tokenizer import IncrementalDetokenizer
+from ..spec.tree import DraftTree
 from .outputs import SpecStats
 from .stop import StopStringMatcher
-from .tokenizer import IncrementalDetokenizer
-from .tree import DraftTree
 
 
 class Status(Enum):

@@ -7,7 +7,7 @@ then repeat the signature and docstring before the body. This file gives the hea
 kind of answer to learn from without touching an evaluation set (HumanEval, MT-bench,
 Spec-Bench are not read). The stubs are the standard library's own functions, so the
 set depends on the Python version: the committed file was written by Python 3.11.
-Deterministic for a given Python: `python decoding/data/make_code_prompts.py`.
+Deterministic for a given Python: `python decoding/training/data/make_code_prompts.py`.
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import AttentionMetadata, padded_layout
-from .config import ModelConfig
-from .kv_cache import KVCache
+from ..config import ModelConfig
+from ..model.attention import AttentionMetadata, padded_layout
+from ..model.kv_cache import KVCache
 
 
 @dataclass(slots=True)

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import SamplingParams
-from .outputs import SpecStats
+from ..config import SamplingParams
+from ..engine.outputs import SpecStats
 
 HUMANEVAL_TEMPLATE = "Complete this Python function:\n```python\n{prompt}\n```"
 COMPARE_SETTINGS = {  # name -> (temperature, acceptance rule)
@@ -421,8 +421,8 @@ def peak_rss_mb() -> float:
 # -- verify curve -----------------------------------------------------------------------
 def verify_curve(engine, filler: list[int], context: int, ks: list[int], runs: int) -> list[dict]:
     """Median time of one forward (+ logits of every row) over k new tokens at `context`."""
-    from .scheduler import ScheduledSeq
-    from .tree import DraftTree
+    from ..engine.scheduler import ScheduledSeq
+    from ..spec.tree import DraftTree
 
     need = context + max(ks) + 1
     if need > engine.kv.slot_len:
@@ -540,8 +540,8 @@ def profile_step(engine, prompt: list[int], speculate: bool, steps: int, rows: i
 
 # -- the command ------------------------------------------------------------------------
 def _build_engine(args):
+    from ..engine.llm_engine import LLMEngine
     from .commands import engine_config_from_args
-    from .engine import LLMEngine
 
     cfg = engine_config_from_args(args)
     need = max(parse_int_list(args.batch_sizes) + parse_int_list(args.compare_batch_sizes))
@@ -611,7 +611,7 @@ def run_bench(args: argparse.Namespace, engine=None) -> int:
 
 
 def _heads_meta(engine) -> dict:
-    from .heads import shipped_heads
+    from ..spec.heads import shipped_heads
 
     path = engine.config.spec.heads_path or str(shipped_heads(engine.model_config.fingerprint()))
     meta_path = os.path.join(path, "heads.json")
@@ -632,8 +632,8 @@ def tree_candidates(rank_acc: list[list[float]], max_nodes: int = 16, chain_only
                     ) -> dict[str, list[tuple[int, ...]]]:
     """The presets plus the Medusa-calibrated trees of every size up to max_nodes
     (chain_only: sequential heads, trees that branch off the top-1 chain)."""
-    from .train_heads import calibrated_tree, on_chain
-    from .tree import PRESETS
+    from ..spec.tree import PRESETS
+    from ..training.train_heads import calibrated_tree, on_chain
 
     out = {name: list(ch) for name, ch in PRESETS.items()
            if all(len(c) <= len(rank_acc) for c in ch) and (not chain_only or on_chain(ch))}
@@ -647,7 +647,7 @@ def rank_trees(candidates: dict[str, list[tuple[int, ...]]], rank_acc: list[list
     """Expected tokens per second of each tree relative to plain decoding (pure).
     draft_ms: the heads' drafting time, or per tree depth (sequential heads run once
     per depth)."""
-    from .train_heads import expected_accepted
+    from ..training.train_heads import expected_accepted
 
     plain = verify_ms[1]
     rows = []
@@ -673,7 +673,7 @@ def calibrate_tree(engine, args, filler: list[int]) -> dict:
     H = engine.model_config.hidden_size
     hidden = torch.randn(1, H, device=engine.device, dtype=engine.dtype)
     if engine.module_ctx is not None:  # modules over the context: a step's real drafting call
-        from .mtp_context import draft_timer
+        from ..spec.mtp_context import draft_timer
 
         draft = draft_timer(engine.heads, engine.model, engine.module_ctx, args.verify_context)
     else:
@@ -739,7 +739,7 @@ def _section_plain(engine, args, prompt_ids, batch_sizes, hf_sizes) -> dict:
     if args.no_transformers:
         out["transformers"] = "skipped (--no-transformers)"
     else:
-        from .checkpoint import default_model_path
+        from ..model.checkpoint import default_model_path
 
         model, why = load_transformers_model(args.model or default_model_path(), engine.dtype,
                                              engine.device, args.transformers_gguf)

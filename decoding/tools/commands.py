@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from .config import EngineConfig, SamplingParams, SpecConfig
+from ..config import EngineConfig, SamplingParams, SpecConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +74,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
 
 # -- generate ---------------------------------------------------------------------------
 def _run_generate(a: argparse.Namespace) -> int:
-    from .engine import LLMEngine
+    from ..engine.llm_engine import LLMEngine
 
     engine = LLMEngine.from_config(engine_config_from_args(a))
     tok = engine.tokenizer
@@ -107,8 +107,8 @@ def _run_generate(a: argparse.Namespace) -> int:
 
 # -- inspect ----------------------------------------------------------------------------
 def _run_inspect(a: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
-    from .heads import load_heads
+    from ..model.checkpoint import load_checkpoint
+    from ..spec.heads import load_heads
 
     ck = load_checkpoint(a.model)
     n_params = sum(t.numel() for t in ck.tensors.values())
@@ -133,7 +133,7 @@ def _run_bench(a: argparse.Namespace) -> int:
 
 
 def _run_train_heads(a: argparse.Namespace) -> int:
-    from .train_heads import run_train_heads
+    from ..training.train_heads import run_train_heads
 
     return run_train_heads(a)
 
@@ -160,7 +160,7 @@ def register_offline_commands(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=_run_bench)
 
     t = sub.add_parser("train-heads", help="train Medusa draft heads by self-distillation")
-    from .train_heads import add_train_args
+    from ..training.train_heads import add_train_args
 
     add_train_args(t)
     t.set_defaults(func=_run_train_heads)
@@ -170,7 +170,7 @@ def register_offline_commands(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--heads", default=None, help="heads folder to check against the model")
     i.set_defaults(func=_run_inspect)
 
-    # -- exports for other engines (decoding/export.py): export-model, export-heads --------
+    # -- exports for other engines (decoding/tools/export.py): export-model, export-heads --------
     from .export import add_export_commands
 
     add_export_commands(sub)

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 MAX_SHARD_BYTES = 4 << 30  # transformers' own default shard size is 5 GB
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Our architecture names (decoding/checkpoint.py) -> (HF architecture class, model_type).
+# Our architecture names (decoding/model/checkpoint.py) -> (HF architecture class, model_type).
 _HF_ARCH = {
     "llama": ("LlamaForCausalLM", "llama"),
     "mistral": ("MistralForCausalLM", "mistral"),
@@ -205,7 +205,7 @@ def export_checkpoint(ck, out: str | Path, dtype: str = "float32", force: bool =
 def export_model(model: str | None, out: str | Path, dtype: str = "float32",
                  force: bool = False) -> Path:
     """Load `model` (GGUF file, HF folder; None: the embedded default) and export it."""
-    from .checkpoint import load_checkpoint
+    from ..model.checkpoint import load_checkpoint
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -348,8 +348,8 @@ def _run_export_model(a: argparse.Namespace) -> int:
 
 
 def _run_export_heads(a: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
-    from .heads import MedusaHeads, load_heads
+    from ..model.checkpoint import load_checkpoint
+    from ..spec.heads import MedusaHeads, load_heads
 
     try:
         _check_out(Path(a.out), a.force)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ModelConfig
 from .attention import AttentionMetadata, attend_cached
-from .config import ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear, onednn_linear, pack_for_onednn
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionMetadata, padded_layout
-from .heads import MedusaHeads, save_project_heads
+from ..model.attention import AttentionMetadata, padded_layout
+from ..model.trunk import CausalLM, RotaryEmbedding
+from ..spec.heads import MedusaHeads, save_project_heads
 from .heads_data import Example
-from .model import CausalLM, RotaryEmbedding
 from .train_heads import (HiddenCache, TrainConfig, _bar, _command, _data_key, _lr_at,
                           _say_heldout, build_draft_vocab, cache_hidden, choose_tree, evaluate,
                           remap_targets, split_sequences, targets_for)
@@ -75,7 +75,7 @@ def load_trainable(path: str | None, device: torch.device):
     """A dense fp32 CausalLM from a checkpoint (plain [out, in] weights, no transposed or
     quantized storage: gradients need the Parameters themselves) -> (model, checkpoint
     without tensors: config, tokenizer and name, for the export)."""
-    from .checkpoint import load_checkpoint
+    from ..model.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path, dtype=torch.float32)
     with torch.device("meta"):
@@ -170,8 +170,8 @@ def hf_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
 
 def export_trunk(model: CausalLM, ck, out: Path) -> Path:
     """The fine-tuned trunk as a Hugging Face folder (fp32) with the original tokenizer."""
-    from .checkpoint import LoadedCheckpoint
-    from .export import export_checkpoint
+    from ..model.checkpoint import LoadedCheckpoint
+    from ..tools.export import export_checkpoint
 
     done = LoadedCheckpoint(model.config, hf_tensors(model), ck.tokenizer, ck.name, ck.path)
     return export_checkpoint(done, out, "float32", force=True)  # OUT/model is ours to replace

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, SpecConfig
+from ..config import ModelConfig, SpecConfig
 
 HEADS_FORMAT = "mtpserve-heads"
 DRAFT_VOCAB_KEY = "draft_vocab"  # optional int64 tensor in heads.safetensors
-SHIPPED_HEADS_DIR = Path(__file__).parent / "heads"
+SHIPPED_HEADS_DIR = Path(__file__).parents[1] / "heads"
 
 
 class DraftHeads(Protocol):

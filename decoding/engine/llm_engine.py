@@ -13,26 +13,26 @@ from typing import Callable
 
 import torch
 
-from .acceptance import Accepted, accept_greedy, accept_rejection, accept_typical
-from .attention import AttentionMetadata, padded_layout
-from .checkpoint import load_checkpoint
-from .config import EngineConfig, SamplingParams
-from .device import (cpu_has_native_bf16, kv_cache_dtype, malloc_trim, resolve_device,
-                     resolve_dtype, resolve_weights)
-from .heads import DraftHeads, load_heads_for
-from .kv_cache import KVCache
-from .model import CausalLM, RotaryEmbedding
-from .mtp_context import ModuleContext, NewEntries, write_and_draft
-from .mtp_parallel import ParallelMTPHeads
-from .mtp_sequential import SequentialMTPHeads
+from ..config import EngineConfig, SamplingParams
+from ..model.attention import AttentionMetadata, padded_layout
+from ..model.checkpoint import load_checkpoint
+from ..model.device import (cpu_has_native_bf16, kv_cache_dtype, malloc_trim, resolve_device,
+                            resolve_dtype, resolve_weights)
+from ..model.kv_cache import KVCache
+from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
+from ..model.trunk import CausalLM, RotaryEmbedding
+from ..spec.acceptance import Accepted, accept_greedy, accept_rejection, accept_typical
+from ..spec.heads import DraftHeads, load_heads_for
+from ..spec.mtp_context import ModuleContext, NewEntries, write_and_draft
+from ..spec.mtp_parallel import ParallelMTPHeads
+from ..spec.mtp_sequential import SequentialMTPHeads
+from ..spec.policy import SpeculationPolicy
+from ..spec.proposers import ngram_propose
+from ..spec.sampling import apply_penalties, processed_probs, sample
+from ..spec.tree import DraftTree
 from .outputs import EngineStats, RequestOutput, TokenLogprob
-from .proposers import ngram_propose
-from .sampling import apply_penalties, processed_probs, sample
 from .scheduler import ScheduledSeq, Scheduler, Sequence, Status
-from .speculation import SpeculationPolicy
 from .stop import StopStringMatcher
-from .tokenizer import IncrementalDetokenizer, Tokenizer
-from .tree import DraftTree
 
 log = logging.getLogger(__name__)
 

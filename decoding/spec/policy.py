@@ -22,7 +22,7 @@ one (a full hybrid probe adds up to 5 tokens to the pass).
 
 from __future__ import annotations
 
-from .config import SamplingParams, SpecConfig
+from ..config import SamplingParams, SpecConfig
 from .heads import DraftHeads
 from .proposers import ngram_propose
 from .tree import DraftTree, load_choices, tree_from_choices

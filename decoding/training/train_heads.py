@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .heads import MedusaHeads, add_draft_vocab, load_heads, save_project_heads
+from ..spec.heads import MedusaHeads, add_draft_vocab, load_heads, save_project_heads
+from ..spec.tree import PRESETS
 from .heads_data import Example, generate_answers, read_sources
-from .tree import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class HiddenCache:
 
 
 def _causal_meta(n: int, device: torch.device):
-    from .attention import AttentionMetadata
+    from ..model.attention import AttentionMetadata
 
     ar = torch.arange(n, device=device)
     return AttentionMetadata(
@@ -117,7 +117,7 @@ def chunk_examples(examples: list[Example], seq_len: int) -> list[Example]:
 
 @torch.no_grad()
 def cache_hidden(model, examples: list[Example], progress=None) -> HiddenCache:
-    from .kv_cache import KVCache
+    from ..model.kv_cache import KVCache
 
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -621,8 +621,8 @@ def _agreement(cache: HiddenCache) -> dict:
 
 
 def run_train_heads(a: argparse.Namespace) -> int:
-    from .config import EngineConfig, SpecConfig
-    from .engine import LLMEngine
+    from ..config import EngineConfig, SpecConfig
+    from ..engine.llm_engine import LLMEngine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -667,12 +667,12 @@ def run_train_heads(a: argparse.Namespace) -> int:
     recipe.update(sequences=cache.num_seqs, positions=int(cache.seq_start[-1]), **_agreement(cache))
     sequential = cfg.head_type == "sequential"
     if sequential:
-        from .mtp_sequential import SequentialMTPHeads
+        from ..spec.mtp_sequential import SequentialMTPHeads
         from .train_sequential import train_sequential
 
         init = None
         if a.init_heads:
-            from .heads import load_heads
+            from ..spec.heads import load_heads
 
             init = load_heads(Path(a.init_heads), model.config)
             if not isinstance(init, SequentialMTPHeads) or len(init.mods) != 1:

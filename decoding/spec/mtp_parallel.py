@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attention import AttentionMetadata
-from .config import ModelConfig
-from .kv_cache import KVCache
-from .model import DecoderLayer, load_decoder_layer
+from ..config import ModelConfig
+from ..model.attention import AttentionMetadata
+from ..model.kv_cache import KVCache
+from ..model.trunk import DecoderLayer, load_decoder_layer
 from .mtp_common import TensorTaker, check_field, read_matching
 
 # Meta llama tensor names of one block -> ours (HF names, as DecoderLayer loads them).

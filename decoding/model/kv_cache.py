@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..config import ModelConfig
 from .attention import AttentionMetadata
-from .config import ModelConfig
 
 
 class KVCache:

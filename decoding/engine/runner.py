@@ -13,11 +13,11 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from .config import SamplingParams
+from ..config import SamplingParams
 from .outputs import EngineStats, RequestOutput
 
 if TYPE_CHECKING:
-    from .engine import LLMEngine
+    from .llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
 

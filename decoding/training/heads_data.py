@@ -105,7 +105,7 @@ def generate_answers(engine, prompts: list[list[dict]], cache: Path, max_tokens:
     """Answer every conversation greedily with `engine` (speculation off), appending one
     JSON line per answer to `cache` as soon as its chunk finishes; answers already in the
     cache are reused (so an interrupted run resumes). Returns examples and timing."""
-    from .config import SamplingParams
+    from ..config import SamplingParams
 
     done: dict[str, dict] = {}
     if cache.exists():

@@ -1,0 +1,1 @@
+"""Tools on top of the engine: bench, export, the command-line entry points."""
