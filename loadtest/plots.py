@@ -1,4 +1,4 @@
-"""PNG plots of a run (needs matplotlib, the ``loadtest`` extra; imported lazily).
+"""PNG plots of a run (matplotlib, part of the default install; imported lazily).
 
 latency_cdf.png            CDFs of TTFT, TPOT, ITL, E2E per level and arm
 throughput.png             output tok/s and TTFT p50/p99 vs load (closed and open loop)
@@ -18,7 +18,7 @@ def matplotlib_missing() -> str | None:
     """None when matplotlib imports, else a message saying how to get plots."""
     if importlib.util.find_spec("matplotlib") is None:
         return ("matplotlib is not installed: skipping plots "
-                "(pip install 'mtpserve[loadtest]' or pip install matplotlib)")
+                "(pip install matplotlib)")
     return None
 
 
