@@ -30,9 +30,13 @@ from ..model.attention import AttentionMetadata, padded_layout
 from ..model.trunk import CausalLM, RotaryEmbedding
 from ..spec.heads import MedusaHeads, save_project_heads
 from .heads_data import Example
-from .train_heads import (HiddenCache, TrainConfig, _bar, _command, _data_key, _lr_at,
-                          _say_heldout, build_draft_vocab, cache_hidden, choose_tree, evaluate,
-                          remap_targets, split_sequences, targets_for)
+from .hidden_cache import HiddenCache, cache_hidden, data_key, split_sequences, targets_for
+from .progress import ProgressBar, say_heldout
+from .train_config import TrainConfig, command_line
+from .train_loop import lr_at
+from .train_medusa import evaluate
+from .tree_choice import choose_tree
+from .vocab import build_draft_vocab, remap_targets
 
 
 @dataclass(slots=True)
@@ -300,7 +304,7 @@ def train_joint(model: CausalLM, examples: list[Example], cfg: TrainConfig, jcfg
         {"params": trunk, "lr": jcfg.trunk_lr, "base_lr": jcfg.trunk_lr, "weight_decay": 0.0},
     ], weight_decay=cfg.weight_decay)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    key = {"config": asdict(cfg), "joint": asdict(jcfg), "data": _data_key(train_ex)}
+    key = {"config": asdict(cfg), "joint": asdict(jcfg), "data": data_key(train_ex)}
     ckpt, step = out / "checkpoint.pt", 0
     if resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -322,12 +326,12 @@ def train_joint(model: CausalLM, examples: list[Example], cfg: TrainConfig, jcfg
                     "trunk": {n: p.detach().cpu() for n, p in zip(names, trunk)}}, tmp)
         tmp.replace(ckpt)
 
-    bar, ema, t0, first = _bar(total, step), {}, time.perf_counter(), step
+    bar, ema, t0, first = ProgressBar(total, step), {}, time.perf_counter(), step
     model.train()
     heads.train()
     while step < total:
         epoch, idx = plan[step]
-        scale = _lr_at(step, total, cfg) / cfg.lr  # warmup + cosine, in proportion per group
+        scale = lr_at(step, total, cfg) / cfg.lr  # warmup + cosine, in proportion per group
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
         loss, parts = joint_loss(model, heads, [train_ex[i] for i in idx],
@@ -387,7 +391,7 @@ def train_joint(model: CausalLM, examples: list[Example], cfg: TrainConfig, jcfg
     return heads, report
 
 
-# -- command line (flags in train_heads.add_train_args) ------------------------------------
+# -- command line (flags in train_config.add_train_args) ----------------------------------
 def check_joint_args(a: argparse.Namespace) -> None:
     """Refuse what joint training does not do, before any model loads."""
     if not a.joint:
@@ -425,7 +429,7 @@ def run_joint(a: argparse.Namespace, cfg: TrainConfig, engine, examples: list[Ex
             f"{engine.model_name}: their base fingerprint is config-based and cannot tell the "
             f"two apart; serve them as `--model {model_dir} --heads {out}`")
     training = {
-        "command": _command(),
+        "command": command_line(),
         "method": "joint (medusa-2 style): heads and the trunk's last layers trained together "
                   "on the data's tokens, next-token loss plus curriculum-weighted head losses; "
                   "shared frozen unembedding",
@@ -440,7 +444,7 @@ def run_joint(a: argparse.Namespace, cfg: TrainConfig, engine, examples: list[Ex
     save_project_heads(heads, out, model.config, training=training)
     if "heldout" in report:
         say("held-out, against the fine-tuned trunk's own greedy choices:")
-        _say_heldout(say, report["heldout"], report.get("draft_vocab", {}).get("heldout"))
+        say_heldout(say, report["heldout"], report.get("draft_vocab", {}).get("heldout"))
         d = report["trunk_drift"]
         say(f"trunk moved: its greedy next token equals the original model's at "
             f"{d['next_token_agreement_with_original']:.3f} of {d['positions']} held-out "

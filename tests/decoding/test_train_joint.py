@@ -15,7 +15,8 @@ from mtpserve.decoding.engine.llm_engine import LLMEngine
 from mtpserve.decoding.spec.heads import MedusaHeads, save_project_heads
 from mtpserve.decoding.training.heads_data import Example
 from mtpserve.decoding.model.trunk import CausalLM
-from mtpserve.decoding.training.train_heads import TrainConfig, choose_tree
+from mtpserve.decoding.training.train_config import TrainConfig
+from mtpserve.decoding.training.tree_choice import choose_tree
 from mtpserve.decoding.training.train_joint import (JointConfig, curriculum_weights, export_trunk,
                                            hf_tensors, joint_loss, load_trainable, train_joint,
                                            trunk_hidden)
