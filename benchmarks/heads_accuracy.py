@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from mtpserve.decoding.engine.llm_engine import LLMEngine
     from mtpserve.decoding.spec.heads import load_heads
     from mtpserve.decoding.training.heads_data import generate_answers, read_sources
-    from mtpserve.decoding.training.train_heads import cache_hidden, chunk_examples, evaluate, targets_for
+    from mtpserve.decoding.training.hidden_cache import cache_hidden, chunk_examples, targets_for
+    from mtpserve.decoding.training.train_medusa import evaluate
 
     engine = LLMEngine.from_config(EngineConfig(
         model=a.model, dtype="float32", device="cpu", weights="dense", max_num_seqs=8,

@@ -633,7 +633,7 @@ def tree_candidates(rank_acc: list[list[float]], max_nodes: int = 16, chain_only
     """The presets plus the Medusa-calibrated trees of every size up to max_nodes
     (chain_only: sequential heads, trees that branch off the top-1 chain)."""
     from ..spec.tree import PRESETS
-    from ..training.train_heads import calibrated_tree, on_chain
+    from ..training.tree_choice import calibrated_tree, on_chain
 
     out = {name: list(ch) for name, ch in PRESETS.items()
            if all(len(c) <= len(rank_acc) for c in ch) and (not chain_only or on_chain(ch))}
@@ -647,7 +647,7 @@ def rank_trees(candidates: dict[str, list[tuple[int, ...]]], rank_acc: list[list
     """Expected tokens per second of each tree relative to plain decoding (pure).
     draft_ms: the heads' drafting time, or per tree depth (sequential heads run once
     per depth)."""
-    from ..training.train_heads import expected_accepted
+    from ..training.tree_choice import expected_accepted
 
     plain = verify_ms[1]
     rows = []

@@ -160,7 +160,7 @@ def register_offline_commands(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=_run_bench)
 
     t = sub.add_parser("train-heads", help="train Medusa draft heads by self-distillation")
-    from ..training.train_heads import add_train_args
+    from ..training.train_config import add_train_args
 
     add_train_args(t)
     t.set_defaults(func=_run_train_heads)

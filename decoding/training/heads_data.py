@@ -96,7 +96,8 @@ def read_sources(paths: list[str], tokenizer) -> Sources:
     return Sources(examples, prompts, recipe)
 
 
-def _key(msgs: list[dict]) -> str:
+def messages_key(msgs: list[dict]) -> str:
+    """The answers cache key of a chat prompt (its messages, key order ignored)."""
     return hashlib.sha256(json.dumps(msgs, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -113,7 +114,7 @@ def generate_answers(engine, prompts: list[list[dict]], cache: Path, max_tokens:
             if line.strip():
                 obj = json.loads(line)
                 done[obj["key"]] = obj
-    todo = [m for m in prompts if _key(m) not in done]
+    todo = [m for m in prompts if messages_key(m) not in done]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, speculate=False)
     tok = engine.tokenizer
     t0 = time.perf_counter()
@@ -125,7 +126,7 @@ def generate_answers(engine, prompts: list[list[dict]], cache: Path, max_tokens:
         results = engine.generate(ids, params)
         with cache.open("a", encoding="utf-8") as fh:
             for msgs, p_ids, r in zip(part, ids, results):
-                obj = {"key": _key(msgs), "messages": msgs, "prompt_ids": p_ids,
+                obj = {"key": messages_key(msgs), "messages": msgs, "prompt_ids": p_ids,
                        "completion_ids": r["token_ids"], "completion": r["text"],
                        "finish_reason": r["finish_reason"]}
                 done[obj["key"]] = obj
@@ -137,11 +138,11 @@ def generate_answers(engine, prompts: list[list[dict]], cache: Path, max_tokens:
         (progress or log.info)(msg)
     examples = []
     for m in prompts:
-        obj = done[_key(m)]
+        obj = done[messages_key(m)]
         examples.append(Example(obj["prompt_ids"] + obj["completion_ids"],
                                 max(0, len(obj["prompt_ids"]) - 1)))
     stats = {"answers": len(prompts), "answers_generated_now": len(todo),
              "generated_tokens_now": new_tokens,
              "generation_seconds": round(time.perf_counter() - t0, 1),
-             "answer_tokens": sum(len(done[_key(m)]["completion_ids"]) for m in prompts)}
+             "answer_tokens": sum(len(done[messages_key(m)]["completion_ids"]) for m in prompts)}
     return examples, stats

@@ -14,6 +14,7 @@ on the data's tokens (on the default recipe the base model's own greedy answers,
 are self-distillation targets). w_k is the forward curriculum: next-token prediction
 first, head k switching on before head k+1, all heads on at the end of a ramp
 (`curriculum_weights`). Heads share the trunk's frozen unembedding, as on the frozen path.
+Loading, unfreezing, running and exporting the trainable trunk: joint_trunk.py.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..model.attention import AttentionMetadata, padded_layout
-from ..model.trunk import CausalLM, RotaryEmbedding
+from ..model.trunk import CausalLM
 from ..spec.heads import MedusaHeads, save_project_heads
 from .heads_data import Example
-from .train_heads import (HiddenCache, TrainConfig, _bar, _command, _data_key, _lr_at,
-                          _say_heldout, build_draft_vocab, cache_hidden, choose_tree, evaluate,
-                          remap_targets, split_sequences, targets_for)
+from .hidden_cache import HiddenCache, cache_hidden, data_key, split_sequences, targets_for
+from .joint_trunk import export_trunk, load_trainable, set_trainable, trunk_hidden
+from .progress import ProgressBar, say_heldout
+from .train_config import TrainConfig, command_line
+from .train_loop import lr_at
+from .train_medusa import evaluate
+from .tree_choice import choose_tree
+from .vocab import build_draft_vocab, remap_targets
 
 
 @dataclass(slots=True)
@@ -68,113 +73,6 @@ def curriculum_weights(step: int, total_steps: int, num_heads: int, ramp_frac: f
     schedule (one more predicted token every n/(K+1) steps of n)."""
     ramp = ramp_frac * total_steps
     return [1.0 if step >= k * ramp / num_heads else 0.0 for k in range(1, num_heads + 1)]
-
-
-# -- the trunk, trainable ------------------------------------------------------------------
-def load_trainable(path: str | None, device: torch.device):
-    """A dense fp32 CausalLM from a checkpoint (plain [out, in] weights, no transposed or
-    quantized storage: gradients need the Parameters themselves) -> (model, checkpoint
-    without tensors: config, tokenizer and name, for the export)."""
-    from ..model.checkpoint import load_checkpoint
-
-    ck = load_checkpoint(path, dtype=torch.float32)
-    with torch.device("meta"):
-        model = CausalLM(ck.config)
-    model.to_empty(device=device)
-    model.rope = RotaryEmbedding(ck.config, ck.config.max_position_embeddings).to(device)
-    try:
-        model.load_weights(ck.tensors)
-    except ValueError as exc:
-        raise ValueError(f"{ck.path}: {exc}") from None
-    ck.tensors = {}
-    return model.float().eval(), ck
-
-
-def set_trainable(model: CausalLM, last_layers: int | None) -> list[torch.nn.Parameter]:
-    """Freeze the trunk, then unfreeze its last `last_layers` decoder layers (None: all)
-    and the final norm. The embedding and the unembedding stay frozen: the heads score
-    through the same unembedding (tied to the embedding in small models), so moving it
-    would shift every head's logits under them, and it is the largest matrix (its Adam
-    state alone would be twice its size)."""
-    n_all = model.config.num_layers
-    n = n_all if last_layers is None else last_layers
-    if not 1 <= n <= n_all:
-        raise ValueError(f"--trunk-layers {n}: the model has {n_all} decoder layers")
-    model.requires_grad_(False)
-    for m in [*model.layers[n_all - n:], model.norm]:
-        m.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-class StepKV:
-    """The KV-cache interface for one training forward over whole sequences: each layer's
-    keys/values are this step's only, padded to [B, Hkv, L, D]. Nothing is written in
-    place into a preallocated buffer, so autograd sees ordinary tensors."""
-
-    def __init__(self, B: int, L: int) -> None:
-        self.B, self.L = B, L
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-
-    def _padded(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if meta.q_scatter is not None:  # packed rows -> [B*L] with zero padding
-            x = x.new_zeros(self.B * self.L, *x.shape[1:]).index_copy(0, meta.q_scatter, x)
-        return x.view(self.B, self.L, *x.shape[1:]).transpose(1, 2)
-
-    def write(self, layer: int, meta: AttentionMetadata, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer], self.v[layer] = self._padded(k, meta), self._padded(v, meta)
-
-    def keys(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
-        return self.k[layer]
-
-    def values(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
-        return self.v[layer]
-
-
-def trunk_hidden(model: CausalLM, seqs: list[list[int]]) -> torch.Tensor:
-    """Whole sequences from position 0, one packed causal forward -> hidden [sum n, H]."""
-    dev = model.embed_tokens.weight.device
-    counts = [len(s) for s in seqs]
-    B, L = len(seqs), max(counts)
-    q_gather, q_scatter = padded_layout(counts, dev)
-    pos = torch.cat([torch.arange(n) for n in counts]).to(dev)
-    seq_of = torch.repeat_interleave(torch.arange(B), torch.tensor(counts)).to(dev)
-    meta = AttentionMetadata(
-        positions=pos, token_slots=seq_of, token_store=pos, seq_slots=torch.arange(B, device=dev),
-        slot_start=0, kv_len=L, num_seqs=B, q_len=L, q_gather=q_gather, q_scatter=q_scatter,
-        # Causal for every row; a pad row attends to earlier pad keys (zeros), never read back.
-        mask=torch.ones(L, L, dtype=torch.bool, device=dev).tril_()[None, None])
-    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=dev)
-    return model(ids, meta, StepKV(B, L))
-
-
-def hf_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
-    """The model's weights under the names `CausalLM.load_weights` reads (q/k/v and
-    gate/up split again), for export_checkpoint."""
-    cfg = model.config
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    out = {}
-    for name, p in model.named_parameters():
-        t = p.detach()
-        pre, _, leaf = name.rpartition(".")
-        if pre.endswith("qkv_proj"):
-            for part, x in zip("qkv", t.split([q, kv, kv], 0)):
-                out[f"{pre[:-8]}{part}_proj.{leaf}"] = x
-        elif pre.endswith("gate_up_proj"):
-            for part, x in zip(("gate", "up"), t.split(cfg.intermediate_size, 0)):
-                out[f"{pre[:-12]}{part}_proj.{leaf}"] = x
-        else:
-            out[name] = t
-    return out
-
-
-def export_trunk(model: CausalLM, ck, out: Path) -> Path:
-    """The fine-tuned trunk as a Hugging Face folder (fp32) with the original tokenizer."""
-    from ..model.checkpoint import LoadedCheckpoint
-    from ..tools.export import export_checkpoint
-
-    done = LoadedCheckpoint(model.config, hf_tensors(model), ck.tokenizer, ck.name, ck.path)
-    return export_checkpoint(done, out, "float32", force=True)  # OUT/model is ours to replace
 
 
 # -- one step's loss -----------------------------------------------------------------------
@@ -300,7 +198,7 @@ def train_joint(model: CausalLM, examples: list[Example], cfg: TrainConfig, jcfg
         {"params": trunk, "lr": jcfg.trunk_lr, "base_lr": jcfg.trunk_lr, "weight_decay": 0.0},
     ], weight_decay=cfg.weight_decay)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    key = {"config": asdict(cfg), "joint": asdict(jcfg), "data": _data_key(train_ex)}
+    key = {"config": asdict(cfg), "joint": asdict(jcfg), "data": data_key(train_ex)}
     ckpt, step = out / "checkpoint.pt", 0
     if resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -322,12 +220,12 @@ def train_joint(model: CausalLM, examples: list[Example], cfg: TrainConfig, jcfg
                     "trunk": {n: p.detach().cpu() for n, p in zip(names, trunk)}}, tmp)
         tmp.replace(ckpt)
 
-    bar, ema, t0, first = _bar(total, step), {}, time.perf_counter(), step
+    bar, ema, t0, first = ProgressBar(total, step), {}, time.perf_counter(), step
     model.train()
     heads.train()
     while step < total:
         epoch, idx = plan[step]
-        scale = _lr_at(step, total, cfg) / cfg.lr  # warmup + cosine, in proportion per group
+        scale = lr_at(step, total, cfg) / cfg.lr  # warmup + cosine, in proportion per group
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
         loss, parts = joint_loss(model, heads, [train_ex[i] for i in idx],
@@ -387,7 +285,7 @@ def train_joint(model: CausalLM, examples: list[Example], cfg: TrainConfig, jcfg
     return heads, report
 
 
-# -- command line (flags in train_heads.add_train_args) ------------------------------------
+# -- command line (flags in train_config.add_train_args) ----------------------------------
 def check_joint_args(a: argparse.Namespace) -> None:
     """Refuse what joint training does not do, before any model loads."""
     if not a.joint:
@@ -425,7 +323,7 @@ def run_joint(a: argparse.Namespace, cfg: TrainConfig, engine, examples: list[Ex
             f"{engine.model_name}: their base fingerprint is config-based and cannot tell the "
             f"two apart; serve them as `--model {model_dir} --heads {out}`")
     training = {
-        "command": _command(),
+        "command": command_line(),
         "method": "joint (medusa-2 style): heads and the trunk's last layers trained together "
                   "on the data's tokens, next-token loss plus curriculum-weighted head losses; "
                   "shared frozen unembedding",
@@ -440,7 +338,7 @@ def run_joint(a: argparse.Namespace, cfg: TrainConfig, engine, examples: list[Ex
     save_project_heads(heads, out, model.config, training=training)
     if "heldout" in report:
         say("held-out, against the fine-tuned trunk's own greedy choices:")
-        _say_heldout(say, report["heldout"], report.get("draft_vocab", {}).get("heldout"))
+        say_heldout(say, report["heldout"], report.get("draft_vocab", {}).get("heldout"))
         d = report["trunk_drift"]
         say(f"trunk moved: its greedy next token equals the original model's at "
             f"{d['next_token_agreement_with_original']:.3f} of {d['positions']} held-out "

@@ -41,8 +41,10 @@ import torch.nn.functional as F
 from ..model.attention import AttentionMetadata, padded_layout
 from ..model.linear import Linear
 from ..spec.mtp_sequential import SequentialMTPHeads
-from .train_heads import (HiddenCache, TrainConfig, build_draft_vocab, remap_targets, run_steps,
-                          softmax_vocab, split_sequences, targets_for, top1_hits)
+from .hidden_cache import HiddenCache, split_sequences, targets_for
+from .train_config import TrainConfig
+from .train_loop import run_steps, top1_hits
+from .vocab import build_draft_vocab, remap_targets, softmax_vocab
 
 
 class ListKV:

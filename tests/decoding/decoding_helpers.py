@@ -238,21 +238,21 @@ def interrupt_after(steps: int, run) -> None:
     was checkpointed, as an interrupted process would stop (for resume tests)."""
     import pytest
 
-    from mtpserve.decoding.training import train_heads
+    from mtpserve.decoding.training.progress import ProgressBar
 
     class Stop(Exception):
         pass
 
-    orig = train_heads._bar.update
+    orig = ProgressBar.update
 
     def update(self, step, text):
         if step > steps:
             raise Stop
         orig(self, step, text)
 
-    train_heads._bar.update = update
+    ProgressBar.update = update
     try:
         with pytest.raises(Stop):
             run()
     finally:
-        train_heads._bar.update = orig
+        ProgressBar.update = orig

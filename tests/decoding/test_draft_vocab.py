@@ -19,8 +19,10 @@ import torch
 from decoding_helpers import random_causal_lm, randomize_, tiny_config
 from mtpserve.decoding.spec.heads import MedusaHeads, add_draft_vocab, load_heads, save_project_heads
 from mtpserve.decoding.training.heads_data import Example
-from mtpserve.decoding.training.train_heads import (TrainConfig, build_draft_vocab, cache_hidden, evaluate,
-                                           targets_for, train)
+from mtpserve.decoding.training.hidden_cache import cache_hidden, targets_for
+from mtpserve.decoding.training.train_config import TrainConfig
+from mtpserve.decoding.training.train_medusa import evaluate, train
+from mtpserve.decoding.training.vocab import build_draft_vocab
 
 V, H, NH, K = 256, 32, 3, 4
 

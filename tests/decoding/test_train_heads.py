@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from decoding_helpers import interrupt_after
-from mtpserve.decoding.training import train_heads
+from mtpserve.decoding.training import hidden_cache
 from mtpserve.decoding.config import ModelConfig
-from mtpserve.decoding.spec.heads import load_heads
+from mtpserve.decoding.spec.heads import load_heads, save_project_heads
 from mtpserve.decoding.training.heads_data import Example
 from mtpserve.decoding.model.trunk import CausalLM
-from mtpserve.decoding.training.train_heads import (TrainConfig, add_train_args, cache_hidden,
-                                           calibrated_tree, choose_tree, expected_accepted,
-                                           save_project_heads, softmax_vocab, targets_for,
-                                           train)
+from mtpserve.decoding.training.hidden_cache import cache_hidden, targets_for
+from mtpserve.decoding.training.train_config import TrainConfig, add_train_args
+from mtpserve.decoding.training.train_medusa import train
+from mtpserve.decoding.training.tree_choice import calibrated_tree, choose_tree, expected_accepted
+from mtpserve.decoding.training.vocab import softmax_vocab
 
 CFG = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, max_position_embeddings=256)
@@ -239,21 +240,21 @@ def test_hidden_cache_reuses_the_sequences_it_has_and_runs_only_new_ones(tiny, t
     new = [Example([1, 2, 3, 4, 5, 6, 7, 8], train_from=0), Example(PERIOD * 2, train_from=3)]
     path = tmp_path / "hidden.pt"
     said: list[str] = []
-    train_heads._hidden_cache(model, old, path, said.append)
+    hidden_cache.load_or_cache_hidden(model, old, path, said.append)
     calls: list[int] = []
-    real = train_heads.cache_hidden
+    real = hidden_cache.cache_hidden
 
     def counting(model_, examples, progress=None):
         calls.append(len(examples))
         return real(model_, examples, progress)
 
-    train_heads.cache_hidden = counting
+    hidden_cache.cache_hidden = counting
     try:
-        got, info = train_heads._hidden_cache(model, old + new, path, said.append)
-        again, info2 = train_heads._hidden_cache(model, old + new, path, said.append)
-        changed, _ = train_heads._hidden_cache(model, new + old, path, said.append)
+        got, info = hidden_cache.load_or_cache_hidden(model, old + new, path, said.append)
+        again, info2 = hidden_cache.load_or_cache_hidden(model, old + new, path, said.append)
+        changed, _ = hidden_cache.load_or_cache_hidden(model, new + old, path, said.append)
     finally:
-        train_heads.cache_hidden = real
+        hidden_cache.cache_hidden = real
     assert calls == [2, 5]  # the new two; nothing on the rerun; all five once the order changed
     assert info["reused_sequences"] == 3 and info2["reused"] == str(path)
     fresh = cache_hidden(model, old + new)

@@ -15,10 +15,10 @@ from mtpserve.decoding.engine.llm_engine import LLMEngine
 from mtpserve.decoding.spec.heads import MedusaHeads, save_project_heads
 from mtpserve.decoding.training.heads_data import Example
 from mtpserve.decoding.model.trunk import CausalLM
-from mtpserve.decoding.training.train_heads import TrainConfig, choose_tree
-from mtpserve.decoding.training.train_joint import (JointConfig, curriculum_weights, export_trunk,
-                                           hf_tensors, joint_loss, load_trainable, train_joint,
-                                           trunk_hidden)
+from mtpserve.decoding.training.train_config import TrainConfig
+from mtpserve.decoding.training.tree_choice import choose_tree
+from mtpserve.decoding.training.joint_trunk import export_trunk, hf_tensors, load_trainable, trunk_hidden
+from mtpserve.decoding.training.train_joint import JointConfig, curriculum_weights, joint_loss, train_joint
 from test_train_heads import _cli_inputs, _tiny_hf_folder
 
 CFG = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2,

@@ -16,9 +16,10 @@ from mtpserve.decoding.spec.heads import load_heads, save_project_heads
 from mtpserve.decoding.training.heads_data import Example
 from mtpserve.decoding.model.trunk import CausalLM
 from mtpserve.decoding.spec.mtp_sequential import SequentialMTPHeads
-from mtpserve.decoding.training import train_heads
-from mtpserve.decoding.training.train_heads import (TrainConfig, cache_hidden, calibrated_tree,
-                                           choose_tree, on_chain, targets_for)
+from mtpserve.decoding.training.hidden_cache import cache_hidden, targets_for
+from mtpserve.decoding.training.progress import ProgressBar
+from mtpserve.decoding.training.train_config import TrainConfig
+from mtpserve.decoding.training.tree_choice import calibrated_tree, choose_tree, on_chain
 from mtpserve.decoding.spec.mtp_context import ModuleContext, NewEntries, write_and_draft
 from mtpserve.decoding.training.train_sequential import (chain_inputs, chain_logits, context_logits,
                                                 row_positions, train_sequential)
@@ -179,19 +180,19 @@ def test_resume_continues_to_the_same_weights(tiny, tmp_path):
     class Stop(Exception):
         pass
 
-    orig = train_heads._bar.update
+    orig = ProgressBar.update
 
     def update(self, step, text):
         if step > 2:
             raise Stop  # killed right after the step-2 checkpoint
         orig(self, step, text)
 
-    train_heads._bar.update = update
+    ProgressBar.update = update
     try:
         with pytest.raises(Stop):
             train_sequential(model, cache, cfg, tmp_path / "mid")
     finally:
-        train_heads._bar.update = orig
+        ProgressBar.update = orig
     resumed, _ = train_sequential(model, cache, cfg, tmp_path / "mid", resume=True)
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
