@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..config import EngineConfig, SamplingParams
-from ..model.attention import AttentionMetadata, padded_layout
+from ..model.attention_metadata import AttentionMetadata, padded_layout
 from ..model.checkpoint import load_checkpoint
 from ..model.device import (cpu_has_native_bf16, kv_cache_dtype, malloc_trim, resolve_device,
                             resolve_dtype, resolve_weights)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..model.attention import AttentionMetadata
+from ..model.attention_metadata import AttentionMetadata
 from ..model.kv_cache import KVCache
 from ..model.linear import Linear
 from ..model.trunk import DecoderLayer, RMSNorm, load_decoder_layer

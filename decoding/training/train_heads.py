@@ -92,7 +92,7 @@ class HiddenCache:
 
 
 def _causal_meta(n: int, device: torch.device):
-    from ..model.attention import AttentionMetadata
+    from ..model.attention_metadata import AttentionMetadata
 
     ar = torch.arange(n, device=device)
     return AttentionMetadata(

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..model.attention import AttentionMetadata, padded_layout
+from ..model.attention_metadata import AttentionMetadata, padded_layout
 from ..model.trunk import CausalLM, RotaryEmbedding
 from ..spec.heads import MedusaHeads, save_project_heads
 from .heads_data import Example

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from decoding_helpers import greedy, random_causal_lm, run_requests, tiny_config
-from mtpserve.decoding.model.attention import AttentionMetadata
+from mtpserve.decoding.model.attention_metadata import AttentionMetadata
 from mtpserve.decoding.config import EngineConfig, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
 from mtpserve.decoding.spec.heads import load_heads
