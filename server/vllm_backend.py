@@ -303,7 +303,7 @@ def prepare_heads(heads: str | None, model: PreparedModel, cache_dir: Path,
     """(vLLM Medusa folder, number of heads) for `heads` (None: the heads shipped for the
     model), exporting a project-format folder once; None when there are none (an error
     when `required`)."""
-    from mtpserve.decoding.spec.heads import shipped_heads
+    from mtpserve.decoding.spec.heads_io import shipped_heads
 
     if heads is None:
         # vLLM's Medusa is the one head type it can take from us: the shipped default may
@@ -332,7 +332,7 @@ def prepare_heads(heads: str | None, model: PreparedModel, cache_dir: Path,
         out = cache_dir / "heads" / f"{src.name}-{_key(_stat_key(src), str(model.hf_dir), 'full-vocab')}"
         if not (out / EXPORT_META).exists():
             from mtpserve.decoding.tools.export import export_heads_vllm
-            from mtpserve.decoding.spec.heads import load_heads
+            from mtpserve.decoding.spec.heads_io import load_heads
 
             log.info("exporting draft heads %s for vLLM (vllm-medusa): %s", src, out)
             ck = model.checkpoint()

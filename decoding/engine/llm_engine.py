@@ -22,7 +22,8 @@ from ..model.kv_cache import KVCache
 from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
 from ..model.trunk import CausalLM, RotaryEmbedding
 from ..spec.acceptance import Accepted, accept_greedy, accept_rejection, accept_typical
-from ..spec.heads import DraftHeads, load_heads_for
+from ..spec.heads import DraftHeads
+from ..spec.heads_io import load_heads_for
 from ..spec.mtp_context import ModuleContext, NewEntries, write_and_draft
 from ..spec.mtp_parallel import ParallelMTPHeads
 from ..spec.mtp_sequential import SequentialMTPHeads

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..spec.heads import MedusaHeads, add_draft_vocab, load_heads, save_project_heads
+from ..spec.heads import MedusaHeads
+from ..spec.heads_io import add_draft_vocab, load_heads, save_project_heads
 from ..spec.tree import PRESETS
 from .heads_data import Example, generate_answers, read_sources
 
@@ -672,7 +673,7 @@ def run_train_heads(a: argparse.Namespace) -> int:
 
         init = None
         if a.init_heads:
-            from ..spec.heads import load_heads
+            from ..spec.heads_io import load_heads
 
             init = load_heads(Path(a.init_heads), model.config)
             if not isinstance(init, SequentialMTPHeads) or len(init.mods) != 1:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from ..model.attention_metadata import AttentionMetadata, padded_layout
 from ..model.trunk import CausalLM, RotaryEmbedding
-from ..spec.heads import MedusaHeads, save_project_heads
+from ..spec.heads import MedusaHeads
+from ..spec.heads_io import save_project_heads
 from .heads_data import Example
 from .train_heads import (HiddenCache, TrainConfig, _bar, _command, _data_key, _lr_at,
                           _say_heldout, build_draft_vocab, cache_hidden, choose_tree, evaluate,

@@ -11,7 +11,7 @@ import torch
 from decoding_helpers import interrupt_after
 from mtpserve.decoding.training import train_heads
 from mtpserve.decoding.config import ModelConfig
-from mtpserve.decoding.spec.heads import load_heads
+from mtpserve.decoding.spec.heads_io import load_heads
 from mtpserve.decoding.training.heads_data import Example
 from mtpserve.decoding.model.trunk import CausalLM
 from mtpserve.decoding.training.train_heads import (TrainConfig, add_train_args, cache_hidden,
