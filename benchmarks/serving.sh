@@ -97,7 +97,7 @@ VLLM_PYTHON=${VLLM_PYTHON:-}
 if [[ -n "$VLLM_PYTHON" ]]; then
   HF="$OUT/hf-model"; HEADS="$OUT/vllm-medusa"
   [[ -d "$HF" ]] || mtpserve export-model --out "$HF"
-  SHIPPED=$(python -c "import json, mtpserve.decoding.spec.heads as h; print(next(p.parent for p in sorted(h.SHIPPED_HEADS_DIR.glob('*/heads.json')) if json.loads(p.read_text()).get('head_type') == 'medusa'))")
+  SHIPPED=$(python -c "import json, mtpserve.decoding.spec.heads_io as h; print(next(p.parent for p in sorted(h.SHIPPED_HEADS_DIR.glob('*/heads.json')) if json.loads(p.read_text()).get('head_type') == 'medusa'))")
   [[ -d "$HEADS" ]] || mtpserve export-heads --heads "$SHIPPED" --format vllm-medusa --full-vocabulary --out "$HEADS"
   export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
   # vLLM's CPU build reserves one core for its front end by default (1 of 2 here) and wants

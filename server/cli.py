@@ -168,8 +168,8 @@ def _backend_loader(args: argparse.Namespace, engine_config: Any) -> Callable[[]
     after printing why the configuration is refused."""
     explicit = set(getattr(args, "explicit", set()))
     if getattr(args, "backend", "native") == "vllm":
-        from .vllm_backend import BackendConfigError, VllmBackend, import_vllm, \
-            options_from_args
+        from .vllm_backend import VllmBackend
+        from .vllm_options import BackendConfigError, import_vllm, options_from_args
 
         try:
             options = options_from_args(args, explicit)

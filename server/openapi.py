@@ -17,7 +17,7 @@ from pydantic.json_schema import models_json_schema
 from . import protocol as p
 
 if TYPE_CHECKING:
-    from .app import ServerState
+    from .state import ServerState
 
 REF = "#/components/schemas/{model}"
 

@@ -29,7 +29,7 @@ from mtpserve.decoding.config import SamplingParams
 from mtpserve.decoding.engine.outputs import RequestOutput
 
 from . import protocol as p
-from .app import ServerState
+from .state import ServerState
 from .engine_api import UnsupportedRequest
 from .errors import AUTHENTICATION, APIError, bad_request, validation_error_to_api
 from .openapi import openapi_document

@@ -29,7 +29,7 @@ from .errors import (RATE_LIMIT, SERVER_ERROR, UNAVAILABLE, APIError, api_error_
 from .metrics import RequestTracker
 
 if TYPE_CHECKING:
-    from .app import ServerState
+    from .state import ServerState
 
 log = logging.getLogger(__name__)
 

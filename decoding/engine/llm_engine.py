@@ -14,15 +14,17 @@ from typing import Callable
 import torch
 
 from ..config import EngineConfig, SamplingParams
-from ..model.attention import AttentionMetadata, padded_layout
+from ..model.attention_metadata import AttentionMetadata, padded_layout
 from ..model.checkpoint import load_checkpoint
+from ..model.detokenizer import IncrementalDetokenizer
 from ..model.device import (cpu_has_native_bf16, kv_cache_dtype, malloc_trim, resolve_device,
                             resolve_dtype, resolve_weights)
 from ..model.kv_cache import KVCache
-from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
+from ..model.tokenizer import Tokenizer
 from ..model.trunk import CausalLM, RotaryEmbedding
 from ..spec.acceptance import Accepted, accept_greedy, accept_rejection, accept_typical
-from ..spec.heads import DraftHeads, load_heads_for
+from ..spec.heads import DraftHeads
+from ..spec.heads_io import load_heads_for
 from ..spec.mtp_context import ModuleContext, NewEntries, write_and_draft
 from ..spec.mtp_parallel import ParallelMTPHeads
 from ..spec.mtp_sequential import SequentialMTPHeads

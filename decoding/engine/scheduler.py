@@ -9,7 +9,7 @@ from enum import Enum
 import torch
 
 from ..config import AcceptanceRule, SamplingParams
-from ..model.tokenizer import IncrementalDetokenizer
+from ..model.detokenizer import IncrementalDetokenizer
 from ..spec.tree import DraftTree
 from .outputs import SpecStats
 from .stop import StopStringMatcher

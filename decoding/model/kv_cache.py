@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from .attention import AttentionMetadata
+from .attention_metadata import AttentionMetadata
 
 
 class KVCache:

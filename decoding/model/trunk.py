@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import AttentionMetadata, attend_cached
+from .attention import attend_cached
+from .attention_metadata import AttentionMetadata
 from .kv_cache import KVCache
 from .linear import Linear, onednn_linear, pack_for_onednn
 

@@ -1,6 +1,8 @@
-"""Shared by the MTP head layouts (mtp_parallel.py, mtp_sequential.py): read only the
-tensors a layout needs from a checkpoint folder, and hand them out by name and shape so
-that every missing, unexpected or mis-shaped tensor is reported at once, naming the file.
+"""Shared by the head layouts (mtp_parallel.py, mtp_sequential.py, the Medusa layouts in
+heads.py and heads_io.py): read only the tensors a layout needs from a checkpoint folder,
+and hand them out by name and shape so that every missing, unexpected or mis-shaped tensor
+is reported at once, naming the file; or read a whole heads weight file and assign it to a
+module, refusing tensors that do not fit.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -97,3 +100,26 @@ def check_field(path: Path, raw: dict, field: str, expected: object, what: str,
 def put(param: torch.Tensor, value: torch.Tensor | None) -> None:
     if value is not None:
         param.copy_(value.to(param.dtype))
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a heads weight file (.safetensors, else a torch pickle of tensors)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def assign_state(module: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Load `tensors` into `module`, or one ValueError naming `where` and what does not fit."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    bad = [f"{k} has shape {list(tensors[k].shape)}, expected {list(own[k].shape)}"
+           for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        parts = ([f"missing {missing[:4]}"] if missing else []) + \
+                ([f"unexpected {unexpected[:4]}"] if unexpected else []) + bad[:4]
+        raise ValueError(f"{where}: heads do not fit: {'; '.join(parts)}")
+    module.load_state_dict(tensors)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
-from ..model.attention import AttentionMetadata, padded_layout
+from ..model.attention_metadata import AttentionMetadata, padded_layout
 from ..model.kv_cache import KVCache
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..model.attention import AttentionMetadata
+from ..model.attention_metadata import AttentionMetadata
 from ..model.kv_cache import KVCache
 from ..model.trunk import DecoderLayer, load_decoder_layer
 from .mtp_common import TensorTaker, check_field, read_matching

@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..model.attention import AttentionMetadata
+from ..model.attention_metadata import AttentionMetadata
 from ..model.kv_cache import KVCache
 from ..model.linear import Linear
 from ..model.trunk import DecoderLayer, RMSNorm, load_decoder_layer
-from .heads import UnembedRows, check_draft_vocab
+from .draft_vocab import UnembedRows, check_draft_vocab
 from .mtp_common import TensorTaker, check_field, put, read_matching, safetensors_files
 
 
@@ -126,7 +126,7 @@ class SequentialMTPHeads(nn.Module):
         self._int4_rows: Linear | None = None  # see prepare()
         self._quantized = False
 
-    # -- the project's own format (train-heads writes it, heads.py reads it) ---------------
+    # -- the project's own format (train-heads writes it, heads_io.py reads it) ------------
     @classmethod
     def new(cls, cfg: ModelConfig, num_modules: int = 1, default_tree: str = "chain4",
             context: bool = True) -> "SequentialMTPHeads":
@@ -165,7 +165,7 @@ class SequentialMTPHeads(nn.Module):
                 "own_norm": self.mods[0].norm is not None,
                 "attention": "context" if self.context else "chain"}
 
-    # -- draft vocabulary (see heads.py) ------------------------------------------------------
+    # -- draft vocabulary (see draft_vocab.py, heads.py) ---------------------------------------
     def set_draft_vocab(self, ids: torch.Tensor | None, where: str = "draft_vocab") -> None:
         self._rows, self._int4_rows = UnembedRows(), None
         if ids is None:

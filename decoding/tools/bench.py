@@ -611,7 +611,7 @@ def run_bench(args: argparse.Namespace, engine=None) -> int:
 
 
 def _heads_meta(engine) -> dict:
-    from ..spec.heads import shipped_heads
+    from ..spec.heads_io import shipped_heads
 
     path = engine.config.spec.heads_path or str(shipped_heads(engine.model_config.fingerprint()))
     meta_path = os.path.join(path, "heads.json")

@@ -108,7 +108,7 @@ def _run_generate(a: argparse.Namespace) -> int:
 # -- inspect ----------------------------------------------------------------------------
 def _run_inspect(a: argparse.Namespace) -> int:
     from ..model.checkpoint import load_checkpoint
-    from ..spec.heads import load_heads
+    from ..spec.heads_io import load_heads
 
     ck = load_checkpoint(a.model)
     n_params = sum(t.numel() for t in ck.tensors.values())

@@ -349,7 +349,8 @@ def _run_export_model(a: argparse.Namespace) -> int:
 
 def _run_export_heads(a: argparse.Namespace) -> int:
     from ..model.checkpoint import load_checkpoint
-    from ..spec.heads import MedusaHeads, load_heads
+    from ..spec.heads import MedusaHeads
+    from ..spec.heads_io import load_heads
 
     try:
         _check_out(Path(a.out), a.force)

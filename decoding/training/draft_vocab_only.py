@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..spec.heads import add_draft_vocab, load_heads
+from ..spec.heads_io import add_draft_vocab, load_heads
 from .heads_data import Sources, generate_answers, messages_key
 from .hidden_cache import chunk_examples, load_or_cache_hidden, split_sequences, targets_for
 from .progress import say_heldout

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..model.attention import AttentionMetadata
+from ..model.attention_metadata import AttentionMetadata
 from ..model.kv_cache import KVCache
 from .heads_data import Example
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.attention import AttentionMetadata, padded_layout
+from ..model.attention_metadata import AttentionMetadata, padded_layout
 from ..model.trunk import CausalLM, RotaryEmbedding
 
 

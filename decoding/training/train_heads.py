@@ -33,7 +33,7 @@ import torch
 
 from ..config import EngineConfig, SpecConfig
 from ..engine.llm_engine import LLMEngine
-from ..spec.heads import load_heads, save_project_heads
+from ..spec.heads_io import load_heads, save_project_heads
 from ..spec.mtp_sequential import SequentialMTPHeads
 from .draft_vocab_only import run_draft_vocab_only
 from .heads_data import generate_answers, read_sources

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..model.trunk import CausalLM
-from ..spec.heads import MedusaHeads, save_project_heads
+from ..spec.heads import MedusaHeads
+from ..spec.heads_io import save_project_heads
 from .heads_data import Example
 from .hidden_cache import HiddenCache, cache_hidden, data_key, split_sequences, targets_for
 from .joint_trunk import export_trunk, load_trainable, set_trainable, trunk_hidden

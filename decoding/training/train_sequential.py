@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..model.attention import AttentionMetadata, padded_layout
+from ..model.attention_metadata import AttentionMetadata, padded_layout
 from ..model.linear import Linear
 from ..spec.mtp_sequential import SequentialMTPHeads
 from .hidden_cache import HiddenCache, split_sequences, targets_for

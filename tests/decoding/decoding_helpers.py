@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtpserve.decoding.model.attention import AttentionMetadata
+from mtpserve.decoding.model.attention_metadata import AttentionMetadata
 from mtpserve.decoding.config import ModelConfig, SamplingParams
 from mtpserve.decoding.model.kv_cache import KVCache
 from mtpserve.decoding.model.trunk import CausalLM

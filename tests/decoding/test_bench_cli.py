@@ -125,7 +125,8 @@ def _tiny_engine():
     from mtpserve.decoding.config import EngineConfig, ModelConfig, SpecConfig
     from mtpserve.decoding.engine.llm_engine import LLMEngine
     from mtpserve.decoding.model.trunk import CausalLM
-    from mtpserve.decoding.model.tokenizer import Tokenizer, _bytes_to_unicode
+    from mtpserve.decoding.model.tokenizer import Tokenizer
+    from mtpserve.decoding.model.tokenizer_vocab import bytes_to_unicode as _bytes_to_unicode
 
     vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
     backend = Backend(BPE(vocab=vocab, merges=[]))

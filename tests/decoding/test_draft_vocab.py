@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from decoding_helpers import random_causal_lm, randomize_, tiny_config
-from mtpserve.decoding.spec.heads import MedusaHeads, add_draft_vocab, load_heads, save_project_heads
+from mtpserve.decoding.spec.heads import MedusaHeads
+from mtpserve.decoding.spec.heads_io import add_draft_vocab, load_heads, save_project_heads
 from mtpserve.decoding.training.heads_data import Example
 from mtpserve.decoding.training.hidden_cache import cache_hidden, targets_for
 from mtpserve.decoding.training.train_config import TrainConfig

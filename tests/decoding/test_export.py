@@ -23,7 +23,8 @@ from torch import nn
 
 from decoding_helpers import chat, prefill_logits, random_causal_lm, randomize_, tiny_config
 from mtpserve.decoding.tools.export import export_heads_vllm
-from mtpserve.decoding.spec.heads import MedusaHeads, save_project_heads
+from mtpserve.decoding.spec.heads import MedusaHeads
+from mtpserve.decoding.spec.heads_io import save_project_heads
 from mtpserve.server.cli import main
 
 CHAT = [{"role": "system", "content": "You answer briefly."},

@@ -21,7 +21,8 @@ from decoding_helpers import (greedy, prefill_hidden, random_causal_lm, randomiz
                               tiny_config, tiny_engine)
 from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
-from mtpserve.decoding.spec.heads import MedusaHeads, load_heads, save_project_heads
+from mtpserve.decoding.spec.heads import MedusaHeads
+from mtpserve.decoding.spec.heads_io import load_heads, save_project_heads
 from mtpserve.decoding.spec.tree import DraftTree
 
 

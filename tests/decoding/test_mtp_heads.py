@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from decoding_helpers import greedy, random_causal_lm, run_requests, tiny_config
-from mtpserve.decoding.model.attention import AttentionMetadata
+from mtpserve.decoding.model.attention_metadata import AttentionMetadata
 from mtpserve.decoding.config import EngineConfig, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
-from mtpserve.decoding.spec.heads import load_heads
+from mtpserve.decoding.spec.heads_io import load_heads
 from mtpserve.decoding.model.kv_cache import KVCache
 from mtpserve.decoding.spec.mtp_parallel import ParallelMTPHeads
 from mtpserve.decoding.spec.mtp_sequential import SequentialMTPHeads

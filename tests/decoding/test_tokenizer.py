@@ -14,7 +14,8 @@ import random
 import pytest
 
 from mtpserve.decoding.engine.stop import StopStringMatcher
-from mtpserve.decoding.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from mtpserve.decoding.model.detokenizer import IncrementalDetokenizer
+from mtpserve.decoding.model.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")

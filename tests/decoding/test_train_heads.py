@@ -11,7 +11,7 @@ import torch
 from decoding_helpers import interrupt_after
 from mtpserve.decoding.training import hidden_cache
 from mtpserve.decoding.config import ModelConfig
-from mtpserve.decoding.spec.heads import load_heads, save_project_heads
+from mtpserve.decoding.spec.heads_io import load_heads, save_project_heads
 from mtpserve.decoding.training.heads_data import Example
 from mtpserve.decoding.model.trunk import CausalLM
 from mtpserve.decoding.training.hidden_cache import cache_hidden, targets_for

@@ -12,7 +12,8 @@ import torch
 from decoding_helpers import greedy, interrupt_after, prefill_logits, run_requests
 from mtpserve.decoding.config import EngineConfig, ModelConfig, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
-from mtpserve.decoding.spec.heads import MedusaHeads, save_project_heads
+from mtpserve.decoding.spec.heads import MedusaHeads
+from mtpserve.decoding.spec.heads_io import save_project_heads
 from mtpserve.decoding.training.heads_data import Example
 from mtpserve.decoding.model.trunk import CausalLM
 from mtpserve.decoding.training.train_config import TrainConfig

@@ -12,7 +12,7 @@ import torch
 from decoding_helpers import greedy, run_requests
 from mtpserve.decoding.config import EngineConfig, ModelConfig, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
-from mtpserve.decoding.spec.heads import load_heads, save_project_heads
+from mtpserve.decoding.spec.heads_io import load_heads, save_project_heads
 from mtpserve.decoding.training.heads_data import Example
 from mtpserve.decoding.model.trunk import CausalLM
 from mtpserve.decoding.spec.mtp_sequential import SequentialMTPHeads
@@ -314,7 +314,7 @@ def test_over_an_int4_trunk_drafting_is_int4_and_stays_in_the_draft_vocab(tiny, 
 
 
 def test_shipped_heads_default_and_by_type(tmp_path, monkeypatch):
-    from mtpserve.decoding.spec import heads as heads_mod
+    from mtpserve.decoding.spec import heads_io as heads_mod
 
     monkeypatch.setattr(heads_mod, "SHIPPED_HEADS_DIR", tmp_path)
     assert heads_mod.shipped_heads("abc") is None

@@ -29,8 +29,10 @@ from mtpserve.decoding.config import SamplingParams
 from mtpserve.decoding.engine.outputs import RequestOutput
 from mtpserve.server.app import ServerSettings, create_app
 from mtpserve.server.cli import build_parser, explicit_flags, main
-from mtpserve.server.vllm_backend import (INSTALL_HINT, BackendConfigError, VllmBackend,
-                                          VllmOptions, check_vllm_request, options_from_args)
+from mtpserve.server.vllm_backend import VllmBackend
+from mtpserve.server.vllm_options import (INSTALL_HINT, BackendConfigError, VllmOptions,
+                                          options_from_args)
+from mtpserve.server.vllm_requests import check_vllm_request
 from server_helpers import ServerThread, free_port
 
 COMPLETIONS = "/v1/completions"

@@ -56,7 +56,8 @@ from vllm.transformers_utils.configs.medusa import MedusaConfig  # noqa: E402
 
 from mtpserve.decoding.config import ModelConfig  # noqa: E402
 from mtpserve.decoding.tools.export import export_heads_vllm  # noqa: E402
-from mtpserve.decoding.spec.heads import SHIPPED_HEADS_DIR, MedusaHeads, load_heads  # noqa: E402
+from mtpserve.decoding.spec.heads import MedusaHeads  # noqa: E402
+from mtpserve.decoding.spec.heads_io import SHIPPED_HEADS_DIR, load_heads  # noqa: E402
 from mtpserve.decoding.model.trunk import CausalLM  # noqa: E402
 from server_helpers import free_port  # noqa: E402
 
