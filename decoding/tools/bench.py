@@ -541,7 +541,7 @@ def profile_step(engine, prompt: list[int], speculate: bool, steps: int, rows: i
 # -- the command ------------------------------------------------------------------------
 def _build_engine(args):
     from ..engine.llm_engine import LLMEngine
-    from .commands import engine_config_from_args
+    from .engine_args import engine_config_from_args
 
     cfg = engine_config_from_args(args)
     need = max(parse_int_list(args.batch_sizes) + parse_int_list(args.compare_batch_sizes))

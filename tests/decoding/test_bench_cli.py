@@ -13,7 +13,7 @@ import torch
 from mtpserve.decoding.tools import bench
 from mtpserve.decoding.tools.bench import (add_bench_args, batches, first_difference, format_table,
                                      load_prompts, merge_spec_stats, parse_int_list, run_bench)
-from mtpserve.decoding.tools.commands import add_engine_args
+from mtpserve.decoding.tools.engine_args import add_engine_args
 from mtpserve.decoding.engine.outputs import SpecStats
 
 
