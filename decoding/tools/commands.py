@@ -73,7 +73,7 @@ def _run_inspect(a: argparse.Namespace) -> int:
 
 
 def _run_bench(a: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench.cli import run_bench
 
     return run_bench(a)
 
@@ -99,7 +99,7 @@ def register_offline_commands(sub: argparse._SubParsersAction) -> None:
 
     b = sub.add_parser("bench", help="offline benchmark: tokens/s, ms/step, speculation on vs off, "
                                      "vs transformers; prints a table, writes JSON")
-    from .bench import add_bench_args
+    from .bench.cli import add_bench_args
 
     add_bench_args(b)
     add_engine_args(b)
