@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from mtpserve.decoding.tools.bench import encode_prompts, load_prompts
+from mtpserve.decoding.tools.bench.prompts import encode_prompts, load_prompts
 from mtpserve.decoding.config import EngineConfig, SamplingParams
 from mtpserve.decoding.engine.llm_engine import LLMEngine
 

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from mtpserve.decoding.tools.bench import encode_prompts, load_prompts
+from mtpserve.decoding.tools.bench.prompts import encode_prompts, load_prompts
 from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
 

@@ -16,7 +16,7 @@ import time
 import torch
 
 from mtpserve.decoding.engine import llm_engine as engine_mod
-from mtpserve.decoding.tools.bench import encode_prompts, load_prompts
+from mtpserve.decoding.tools.bench.prompts import encode_prompts, load_prompts
 from mtpserve.decoding.config import EngineConfig, SamplingParams
 
 

@@ -137,7 +137,7 @@ def _quantized_vs_cpu(folder: Path, device: str, fmt: str, prompt: list[int], pa
     ids, lps, _ = _run(quant, prompt, params)
     del quant
     ref_ids, ref_lps, _ = _run(_engine(folder, "cpu", "float32", weights=fmt), prompt, params)
-    from mtpserve.decoding.tools.bench import first_difference
+    from mtpserve.decoding.tools.bench.compare import first_difference
 
     k = first_difference(ids, ref_ids)
     same = len(ids) if k is None else k
@@ -156,7 +156,7 @@ def _quantized_vs_cpu(folder: Path, device: str, fmt: str, prompt: list[int], pa
 def _same(name: str, a: list[int], b: list[int], ref: torch.Tensor) -> tuple[str, bool, str]:
     """ref: transformers' logprobs at each generated position (the tokens agree up to a
     difference, so its top-2 margin there is the one both runs saw)."""
-    from mtpserve.decoding.tools.bench import first_difference
+    from mtpserve.decoding.tools.bench.compare import first_difference
 
     k = first_difference(a, b)
     if k is None:

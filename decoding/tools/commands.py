@@ -1,7 +1,10 @@
-"""Offline subcommands (generate, bench, train-heads, inspect, export-model, export-heads) and
-the shared engine flags.
+"""Offline subcommands (generate, bench, train-heads, inspect, export-model, export-heads),
+registered into the `mtpserve` command line by server/cli.py.
 
-The only place in decoding/ that reads flags or environment variables.
+The engine flags live in engine_args.py; this module re-exports add_engine_args and
+engine_config_from_args because server/cli.py reads them from here (`serve` takes the same
+flags). Together with engine_args.py and bench/cli.py, the only place in decoding/ that reads
+flags or environment variables.
 """
 
 from __future__ import annotations
@@ -11,65 +14,8 @@ import json
 import sys
 import time
 
-from ..config import EngineConfig, SamplingParams, SpecConfig
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto",
-                   choices=["auto", "float32", "bfloat16", "float16", "float64"],
-                   help="compute dtype (auto: bf16 on GPUs; on CPUs fp32 around int4/int8 "
-                        "weights, bf16 for dense weights where the CPU has native bf16)")
-    g.add_argument("--weights", default="auto", choices=["auto", "dense", "int8", "int4"],
-                   help="weight format of the trunk on CPU: dense, or weight-only int8 / int4 "
-                        "(group 32: GGUF Q4_0/Q4_1's own blocks); faster, not bit-identical "
-                        "to dense (auto: int4 for a Q4_0/Q4_1 GGUF on CPU, else dense)")
-    g.add_argument("--no-wide-weights", dest="wide_weights", action="store_false",
-                   help="int8/int4 on a CPU with native bf16: do not keep a bf16 copy of the "
-                        "quantized weights for passes of 12+ rows (saves 2 bytes per weight; "
-                        "prefill and large verify batches then run ~2x slower)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
-    g.add_argument("--max-model-len", type=int, default=2048, help="context per sequence")
-    g.add_argument("--kv-cache-gb", type=float, default=0.0,
-                   help="KV cache budget in GiB (0: max-num-seqs x max-model-len)")
-    g.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per sequence per step")
-    g.add_argument("--prefill-while-decoding", type=int, default=512,
-                   help="prompt tokens a step may add while sequences decode: bounds how long "
-                        "a burst of prompts stalls running streams")
-    g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
-    s = p.add_argument_group("speculation")
-    s.add_argument("--speculate", default="auto", choices=["off", "on", "auto"],
-                   help="auto sizes trees by batch size; on always drafts; off never")
-    s.add_argument("--no-speculate", action="store_true", help="same as --speculate off")
-    s.add_argument("--heads", default=None, help="draft heads folder (default: shipped heads)")
-    s.add_argument("--proposer", default="hybrid", choices=["heads", "ngram", "hybrid"],
-                   help="draft source: heads, prompt lookup (ngram) or both merged")
-    s.add_argument("--tree", default="auto", help="tree preset (chain2, chain4, tree8, tree16) or JSON file")
-    s.add_argument("--acceptance", default="typical", choices=["greedy", "typical", "rejection"],
-                   help="rule for sampled requests (temperature 0 is always greedy)")
-    s.add_argument("--typical-epsilon", type=float, default=0.09)
-    s.add_argument("--typical-delta", type=float, default=0.3)
-
-
-def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
-    spec = SpecConfig(
-        mode="off" if a.no_speculate else a.speculate,
-        heads_path=a.heads,
-        proposer=a.proposer,
-        tree=a.tree,
-        default_acceptance=a.acceptance,
-        typical_epsilon=a.typical_epsilon,
-        typical_delta=a.typical_delta,
-    )
-    return EngineConfig(model=a.model, dtype=a.dtype, weights=a.weights,
-                        wide_weights=a.wide_weights, device=a.device,
-                        max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-                        kv_cache_memory_gb=a.kv_cache_gb, prefill_chunk_size=a.prefill_chunk,
-                        max_tokens_per_step=max(1024, a.prefill_chunk),
-                        prefill_while_decoding=a.prefill_while_decoding, seed=a.seed, spec=spec)
+from ..config import SamplingParams
+from .engine_args import add_engine_args, engine_config_from_args
 
 
 # -- generate ---------------------------------------------------------------------------
@@ -127,7 +73,7 @@ def _run_inspect(a: argparse.Namespace) -> int:
 
 
 def _run_bench(a: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench.cli import run_bench
 
     return run_bench(a)
 
@@ -153,7 +99,7 @@ def register_offline_commands(sub: argparse._SubParsersAction) -> None:
 
     b = sub.add_parser("bench", help="offline benchmark: tokens/s, ms/step, speculation on vs off, "
                                      "vs transformers; prints a table, writes JSON")
-    from .bench import add_bench_args
+    from .bench.cli import add_bench_args
 
     add_bench_args(b)
     add_engine_args(b)

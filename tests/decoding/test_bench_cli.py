@@ -10,10 +10,13 @@ import json
 import pytest
 import torch
 
-from mtpserve.decoding.tools import bench
-from mtpserve.decoding.tools.bench import (add_bench_args, batches, first_difference, format_table,
-                                     load_prompts, merge_spec_stats, parse_int_list, run_bench)
-from mtpserve.decoding.tools.commands import add_engine_args
+from mtpserve.decoding.tools.bench import compare
+from mtpserve.decoding.tools.bench.cli import add_bench_args, parse_int_list, run_bench
+from mtpserve.decoding.tools.bench.compare import first_difference, merge_spec_stats
+from mtpserve.decoding.tools.bench.prompts import load_prompts
+from mtpserve.decoding.tools.bench.runs import batches
+from mtpserve.decoding.tools.bench.tables import format_table
+from mtpserve.decoding.tools.engine_args import add_engine_args
 from mtpserve.decoding.engine.outputs import SpecStats
 
 
@@ -211,11 +214,11 @@ def test_compare_refuses_speculation_off():
                 mode = "off"
 
     with pytest.raises(ValueError, match="speculat"):
-        bench.compare_spec(Off(), None, [[1]], ["greedy"], [1])
+        compare.compare_spec(Off(), None, [[1]], ["greedy"], [1])
 
 
 def test_rank_trees_trades_expected_tokens_against_measured_cost():
-    from mtpserve.decoding.tools.bench import rank_trees, tree_candidates
+    from mtpserve.decoding.tools.bench.tree_calibration import rank_trees, tree_candidates
 
     rank_acc = [[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.1, 0.1], [0.3, 0.1, 0.1]]
     cands = tree_candidates(rank_acc, max_nodes=16)

@@ -298,7 +298,7 @@ def test_streamed_bytes_count_projections_in_the_packed_layout(dtype):
     """The bench's weight-streaming limit counts every projection once, whether it is a
     parameter or (on CPU) a oneDNN-packed copy that replaced it, and the unembedding once,
     from the copy the logits read (bf16: [H, V]; fp32: oneDNN-packed)."""
-    from mtpserve.decoding.tools.bench import model_bytes
+    from mtpserve.decoding.tools.bench.memory import model_bytes
 
     model = random_causal_lm(tiny_config(vocab=300, hidden=64), dtype=dtype, seed=1)
     before = model_bytes(model)
