@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..config import EngineConfig, SamplingParams
-from ..model.attention import AttentionMetadata, padded_layout
+from ..model.attention import AttentionMetadata
 from ..model.checkpoint import load_checkpoint
 from ..model.device import (cpu_has_native_bf16, kv_cache_dtype, malloc_trim, resolve_device,
                             resolve_dtype, resolve_weights)
@@ -27,11 +27,11 @@ from ..spec.mtp_context import ModuleContext, NewEntries, write_and_draft
 from ..spec.mtp_parallel import ParallelMTPHeads
 from ..spec.mtp_sequential import SequentialMTPHeads
 from ..spec.policy import SpeculationPolicy
-from ..spec.proposers import ngram_propose
 from ..spec.sampling import apply_penalties, processed_probs, sample
 from ..spec.tree import DraftTree
 from .outputs import EngineStats, RequestOutput, TokenLogprob
 from .scheduler import ScheduledSeq, Scheduler, Sequence, Status
+from .step_inputs import StepInputs
 from .stop import StopStringMatcher
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,6 @@ MAX_FAILED_STEPS_IN_A_ROW = 8
 
 class EngineBroken(RuntimeError):
     """Raised by `step()` after MAX_FAILED_STEPS_IN_A_ROW consecutive failed steps."""
-
-
-def _attention_groups(batch: list[ScheduledSeq]) -> list[list[int]]:
-    """Indices of `batch` attended together: every prefill chunk of 2+ tokens alone, the
-    rest (decodes, draft trees, one-token chunks) as one padded batch. One group = no split."""
-    chunks = [[i] for i, b in enumerate(batch) if b.tree is None and len(b.tokens) > 1]
-    rest = [i for i, b in enumerate(batch) if not (b.tree is None and len(b.tokens) > 1)]
-    return chunks + ([rest] if rest else [])
 
 
 class LLMEngine:
@@ -104,6 +96,7 @@ class LLMEngine:
         self.num_steps = 0
         self.failed_steps_in_a_row = 0
         self.generated_tokens = 0
+        self.inputs = StepInputs(self.kv, self.device)  # prepare: the forward's host inputs
         # Tests only: raise inside a step. fault_hook(seq) runs in one sequence's own
         # processing (fails that sequence); batch_fault_hook(seqs) runs just before the
         # batched forward (fails every sequence of the step).
@@ -314,81 +307,8 @@ class LLMEngine:
 
     def _prepare(self, batch: list[ScheduledSeq]
                  ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Host-side metadata for one packed forward (one transfer per tensor)."""
-        ids: list[int] = []
-        positions: list[int] = []
-        tslots: list[int] = []
-        tstore: list[int] = []
-        logit_rows: list[int] = []
-        masks: list[torch.Tensor] = []  # per item: [n, n] mask over its own new tokens
-        for item in batch:
-            seq, n, start = item.seq, len(item.tokens), item.seq.num_cached
-            base = len(ids)
-            ids.extend(item.tokens)
-            tslots.extend([seq.slot] * n)
-            tstore.extend(range(start, start + n))
-            if item.tree is not None:
-                positions.extend(start + d for d in item.tree.depths)
-                masks.append(item.tree.ancestor_mask())
-                logit_rows.extend(range(base, base + n))
-            else:
-                positions.extend(range(start, start + n))
-                masks.append(torch.ones(n, n, dtype=torch.bool).tril_())
-                if item.needs_logits:
-                    logit_rows.append(base + n - 1)
-        kv_len = max(b.seq.num_cached + len(b.tokens) for b in batch)
-        for item in batch:
-            self.kv.ensure_initialized(item.seq.slot, kv_len)
-        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        groups = _attention_groups(batch)
-        # one group: the step's own layout; several: each group's, the step's left unpadded
-        meta = self._attention_meta(batch, masks, layout=len(groups) == 1)
-        meta.positions, meta.token_slots, meta.token_store = (as_t(positions), as_t(tslots),
-                                                              as_t(tstore))
-        if len(groups) > 1:
-            bases = [0]
-            for item in batch:
-                bases.append(bases[-1] + len(item.tokens))
-            meta.groups = []
-            for members in groups:
-                g = self._attention_meta([batch[i] for i in members], [masks[i] for i in members])
-                g.rows = as_t([r for i in members for r in range(bases[i], bases[i + 1])])
-                meta.groups.append(g)
-        return as_t(ids), meta, as_t(logit_rows)
-
-    def _attention_meta(self, items: list[ScheduledSeq], masks: list[torch.Tensor],
-                        layout: bool = True) -> AttentionMetadata:
-        """What attention needs for these sequences (in slot order): their cache rows, the
-        padded query layout and the mask (committed prefix + each item's own mask); without
-        `layout` only the cache rows (a step that attends in groups)."""
-        B = len(items)
-        counts = [len(b.tokens) for b in items]
-        q_len = max(counts)
-        kv_len = max(b.seq.num_cached + len(b.tokens) for b in items)
-        mask = None
-        if layout and (B > 1 or q_len > 1):
-            mask = torch.zeros(B, 1, q_len, kv_len, dtype=torch.bool)
-            for b, (item, own) in enumerate(zip(items, masks)):
-                n, start = counts[b], item.seq.num_cached
-                mask[b, 0, :n, :start] = True
-                mask[b, 0, :n, start:start + n] = own
-                mask[b, 0, n:, 0] = True  # padding rows: attend somewhere, result dropped
-        dev = self.device
-        slots = [item.seq.slot for item in items]
-        contiguous = slots == list(range(slots[0], slots[0] + B))
-        q_gather, q_scatter = padded_layout(counts, dev) if layout else (None, None)
-        empty = torch.empty(0, dtype=torch.long, device=dev)
-        return AttentionMetadata(
-            positions=empty, token_slots=empty, token_store=empty,  # the step's: see _prepare
-            seq_slots=torch.tensor(slots, dtype=torch.long, device=dev),
-            slot_start=slots[0] if contiguous else None,
-            kv_len=kv_len,
-            num_seqs=B,
-            q_len=q_len,
-            q_gather=q_gather,
-            q_scatter=q_scatter,
-            mask=None if mask is None else mask.to(dev),
-        )
+        """Host-side inputs of the packed forward: (token ids, metadata, logit rows)."""
+        return self.inputs.prepare(batch)
 
     def _accept_and_emit(self, item: ScheduledSeq, logits: torch.Tensor
                          ) -> tuple[RequestOutput, list[int]]:
