@@ -23,12 +23,13 @@ from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
 from ..model.trunk import CausalLM, RotaryEmbedding
 from ..spec.acceptance import Accepted, accept_greedy, accept_rejection, accept_typical
 from ..spec.heads import DraftHeads, load_heads_for
-from ..spec.mtp_context import ModuleContext, NewEntries, write_and_draft
+from ..spec.mtp_context import ModuleContext
 from ..spec.mtp_parallel import ParallelMTPHeads
 from ..spec.mtp_sequential import SequentialMTPHeads
 from ..spec.policy import SpeculationPolicy
 from ..spec.sampling import apply_penalties, processed_probs, sample
 from ..spec.tree import DraftTree
+from .drafter import Drafter
 from .outputs import EngineStats, RequestOutput, TokenLogprob
 from .scheduler import ScheduledSeq, Scheduler, Sequence, Status
 from .step_inputs import StepInputs
@@ -97,6 +98,7 @@ class LLMEngine:
         self.failed_steps_in_a_row = 0
         self.generated_tokens = 0
         self.inputs = StepInputs(self.kv, self.device)  # prepare: the forward's host inputs
+        self.drafter = Drafter(self.policy, heads, model, self.module_ctx, self.scheduler)
         # Tests only: raise inside a step. fault_hook(seq) runs in one sequence's own
         # processing (fails that sequence); batch_fault_hook(seqs) runs just before the
         # batched forward (fails every sequence of the step).
@@ -237,21 +239,14 @@ class LLMEngine:
             self.batch_fault_hook([item.seq for item in batch])
         hidden, draft_src = self._forward(ids, meta)
         logits = self.model.compute_logits(hidden[logit_rows]) if logit_rows.numel() else None
-        row = 0
-        last_rows: list[int] = []  # hidden row of each sequence's last accepted node
-        drafting: list[Sequence] = []
-        committed: dict[int, NewEntries] = {}  # module entries to write (context heads)
-        offset = 0
+        drafts = self.drafter.new_batch()
+        row = 0  # logits row of the item
+        offset = 0  # hidden row of the item's first token
         for item in batch:
-            seq = item.seq
-            n = len(item.tokens)
-            start = seq.num_cached
+            seq, n, start = item.seq, len(item.tokens), item.seq.num_cached
             if not item.needs_logits:  # a prefill chunk mid-prompt
                 seq.num_cached += n
-                if self.module_ctx is not None and seq.speculate:
-                    committed[id(seq)] = NewEntries(seq.slot, start, list(range(offset, offset + n)),
-                                                    seq.token_ids[start + 1:start + n + 1],
-                                                    prefill=True)
+                drafts.add_chunk(seq, start, offset, n)
                 offset += n
                 continue
             rows = 1 if item.tree is None else n
@@ -266,17 +261,10 @@ class LLMEngine:
                 out, path = self._output(seq, [], "", "error", error=str(exc)), []
             outputs.append(out)
             if path and seq.status is Status.RUNNING:
-                last_rows.append(offset + (n - 1 if item.tree is None else path[-1]))
-                drafting.append(seq)
-                if self.module_ctx is not None and seq.speculate:
-                    prefill = item.tree is None
-                    nodes = list(range(n)) if prefill else path  # now committed
-                    committed[id(seq)] = NewEntries(
-                        seq.slot, start, [offset + j for j in nodes],
-                        seq.token_ids[start + 1:start + len(nodes) + 1], prefill=prefill)
+                drafts.add(seq, start, offset, n, path, prefill=item.tree is None)
             row += rows
             offset += n
-        self._draft_next(drafting, draft_src, last_rows, committed)
+        self.drafter.draft_next(drafts, draft_src)
         if all(item.tree is not None for item in batch):  # decode-only steps teach auto
             # Timed after drafting, so the heads' own cost is part of a speculative step.
             self.policy.observe_step(int(ids.numel()), time.perf_counter() - t_start)
@@ -408,46 +396,6 @@ class LLMEngine:
         top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
         tv, ti = top_v.tolist(), top_i.tolist()
         return [TokenLogprob(t, c, list(zip(ti[i], tv[i]))) for i, (t, c) in enumerate(zip(kept, chosen))]
-
-    def _draft_next(self, seqs: list[Sequence], hidden: torch.Tensor, rows: list[int],
-                    committed: dict[int, NewEntries]) -> None:
-        """Build each speculating sequence's tree for the next step. hidden: the rows the
-        heads draft from (see _forward); rows: each sequence's last accepted row;
-        committed: each sequence's new module entries (context-attending heads only)."""
-        spec_seqs = [s for s in seqs if s.speculate]
-        depths = self.policy.draft_depths(len(self.scheduler.running), len(spec_seqs)) if seqs else []
-        # Heads run only for the sequences that draft this step (often one probe, or none).
-        with_heads = [(s, d) for s, d in zip(spec_seqs, depths) if self.policy.use_heads(d)]
-        head_cands: dict[int, list[list[int]]] = {}
-        # depths the heads must draft: as deep as the deepest tree of this step reads
-        needed = min(max((d for _, d in with_heads), default=0),
-                     max(len(c) for c in self.policy.choices))
-        if self.module_ctx is not None:
-            head_cands = self._draft_in_context(hidden, with_heads, committed, needed)
-        elif self.heads is not None and with_heads:
-            hs = [s for s, _ in with_heads]
-            idx = torch.tensor([rows[seqs.index(s)] for s in hs], device=hidden.device)
-            cands = self.heads.candidates(
-                hidden[idx], self.model, [s.token_ids[-1] for s in hs], needed,
-                positions=[s.num_cached - 1 for s in hs])  # last accepted token's
-            head_cands = {id(s): c for s, c in zip(hs, cands)}
-        for seq, depth in zip(spec_seqs, depths):
-            seq.draft = self.policy.build_tree(seq.token_ids, head_cands.get(id(seq)), depth)
-
-    def _draft_in_context(self, hidden: torch.Tensor, with_heads: list[tuple[Sequence, int]],
-                          committed: dict[int, NewEntries], needed: int
-                          ) -> dict[int, list[list[int]]]:
-        """Context-attending modules: write the module entries of every prefill chunk and of
-        every drafting sequence's accepted path, and draft for the latter, in one call.
-        Sequences that draft nothing this step skip their entries (see mtp_context.py)."""
-        for s, _ in with_heads:
-            committed[id(s)].drafts = True
-        entries = [e for e in committed.values() if e.drafts or e.prefill]
-        if not entries:
-            return {}
-        cands = write_and_draft(self.heads, hidden, self.model, entries, self.module_ctx, needed)
-        by_entry = {id(e): c for e, c in zip([e for e in entries if e.drafts], cands)}
-        return {id(s): by_entry[id(committed[id(s)])] for s, _ in with_heads}
 
     # -- bookkeeping -------------------------------------------------------------------
     def _finish(self, seq: Sequence) -> None:
