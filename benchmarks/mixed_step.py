@@ -16,6 +16,7 @@ import time
 import torch
 
 from mtpserve.decoding.engine import llm_engine as engine_mod
+from mtpserve.decoding.engine import step_inputs
 from mtpserve.decoding.tools.bench.prompts import encode_prompts, load_prompts
 from mtpserve.decoding.config import EngineConfig, SamplingParams
 
@@ -37,13 +38,13 @@ def main() -> None:
     eng = engine_mod.LLMEngine.from_config(cfg)
     _, prompts = load_prompts(None, args.decoding + args.arrivals)
     ids = encode_prompts(eng.tokenizer, prompts)
-    layouts = {"grouped": engine_mod._attention_groups, "one padded batch": _one_group}
+    layouts = {"grouped": step_inputs.attention_groups, "one padded batch": _one_group}
     admit: dict[str, list[float]] = {k: [] for k in layouts}
     plain: dict[str, list[float]] = {k: [] for k in layouts}
     try:
         for _ in range(args.repeats):
             for name, grouping in layouts.items():
-                engine_mod._attention_groups = grouping
+                step_inputs.attention_groups = grouping
                 for i in range(args.decoding):
                     eng.add_request(f"{name}-d{i}", ids[i], SamplingParams(
                         max_tokens=400, temperature=0.0, ignore_eos=True))
@@ -61,7 +62,7 @@ def main() -> None:
                 for rid in list(eng._seqs):
                     eng.abort_request(rid)
     finally:
-        engine_mod._attention_groups = layouts["grouped"]
+        step_inputs.attention_groups = layouts["grouped"]
     lens = [len(ids[args.decoding + j]) for j in range(args.arrivals)]
     print(f"{args.decoding} sequences decoding; admitted prompts of {min(lens)}-{max(lens)} tokens")
     print(f"{'attention layout':18s} {'admitting step ms':>18s} {'decode-only step ms':>20s}")

@@ -487,7 +487,7 @@ def test_engine_drafts_over_the_context_as_the_reference(tmp_path, model, plain_
     sequence's candidates equal the reference computed from scratch over its tokens (its
     module entries were written from the right hidden rows, tokens and positions, and
     nothing of another sequence or a rejected draft is read)."""
-    from mtpserve.decoding.engine import llm_engine as engine_mod
+    from mtpserve.decoding.engine import drafter as drafter_mod
 
     t = write_sequential(tmp_path / "s", _cfg(), style, n_mod, seed=9, shared_head=True)
     heads = load_heads(tmp_path / "s", _cfg()).to(torch.float64).eval()
@@ -497,7 +497,7 @@ def test_engine_drafts_over_the_context_as_the_reference(tmp_path, model, plain_
                        spec=SpecConfig(mode="on", proposer="heads", tree="chain4"))
     eng = LLMEngine(cfg, model, ByteTok(), "tiny", heads=heads)
     seen = []
-    real = engine_mod.write_and_draft
+    real = drafter_mod.write_and_draft
 
     def spy(heads_, hidden, model_, entries, ctx, depth):
         out = real(heads_, hidden, model_, entries, ctx, depth)
@@ -506,7 +506,7 @@ def test_engine_drafts_over_the_context_as_the_reference(tmp_path, model, plain_
             seen.append((list(by_slot[e.slot].token_ids), depth, cands))
         return out
 
-    monkeypatch.setattr(engine_mod, "write_and_draft", spy)
+    monkeypatch.setattr(drafter_mod, "write_and_draft", spy)
     runs = run_requests(eng, [(p, greedy(MAX, ignore_eos=True)) for p in PROMPTS])
     assert [r.token_ids for r in runs] == plain_ref
     assert len(seen) > 3 * len(PROMPTS)

@@ -102,7 +102,7 @@ def test_fault_after_outputs_keeps_the_ones_already_final(tiny, alone, monkeypat
     def draft_fails(*args, **kwargs) -> None:
         raise RuntimeError(INJECTED)
 
-    monkeypatch.setattr(tiny, "_draft_next", draft_fails)
+    monkeypatch.setattr(tiny.drafter, "draft_next", draft_fails)
     for out in tiny.step():
         outs[out.request_id].append(out)
     monkeypatch.undo()
