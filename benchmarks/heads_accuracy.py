@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from mtpserve.decoding.config import EngineConfig, SpecConfig
     from mtpserve.decoding.engine.llm_engine import LLMEngine
     from mtpserve.decoding.spec.heads_io import load_heads
-    from mtpserve.decoding.training.heads_data import generate_answers, read_sources
+    from mtpserve.decoding.training.answer_gen import generate_answers
+    from mtpserve.decoding.training.heads_data import read_sources
     from mtpserve.decoding.training.hidden_cache import cache_hidden, chunk_examples, targets_for
     from mtpserve.decoding.training.train_medusa import evaluate
 

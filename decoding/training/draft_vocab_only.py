@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..spec.heads_io import add_draft_vocab, load_heads
-from .heads_data import Sources, generate_answers, messages_key
+from .answer_gen import generate_answers
+from .heads_data import Sources
 from .hidden_cache import chunk_examples, load_or_cache_hidden, split_sequences, targets_for
 from .progress import say_heldout
-from .train_config import command_line
+from .train_config import command_line, generation_options
 from .train_medusa import evaluate
 from .vocab import build_draft_vocab
 
@@ -49,15 +50,8 @@ def run_draft_vocab_only(a: argparse.Namespace, engine: LLMEngine, src: Sources,
     examples = list(src.examples)
     if src.prompts:
         cache_path = Path(a.generated) if a.generated else out / "answers.jsonl"
-        have = set()
-        if cache_path.exists():
-            have = {json.loads(line)["key"] for line in cache_path.read_text(encoding="utf-8")
-                    .splitlines() if line.strip()}
-        missing = sum(messages_key(m) not in have for m in src.prompts)
-        if missing:
-            raise ValueError(f"{cache_path}: {missing} of {len(src.prompts)} prompts have no "
-                             "cached answer; --draft-vocab-only generates nothing")
-        answers, _ = generate_answers(engine, src.prompts, cache_path, a.generate_max_tokens)
+        answers, _ = generate_answers(engine, src.prompts, cache_path, a.generate_max_tokens,
+                                      only_cached=True, **generation_options(a))
         examples += answers
     examples = chunk_examples(examples, a.seq_len)
     hidden_path = Path(a.hidden_cache) if a.hidden_cache else out / "hidden_cache.pt"

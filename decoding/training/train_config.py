@@ -83,6 +83,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generated", default=None,
                    help="JSONL cache of the model's answers (default OUT/answers.jsonl)")
     p.add_argument("--gen-batch", type=int, default=16, help="max_num_seqs while answering")
+    g = p.add_argument_group("answer generation (answer_gen.py)")
+    g.add_argument("--gen-chunk", type=int, default=None, metavar="N",
+                   help="requests kept queued in the engine while answering (a finished one "
+                        "is replaced at once; default 4 x --gen-batch)")
+    g.add_argument("--gen-greedy", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate each prompt's greedy answer (default on)")
+    g.add_argument("--gen-samples", type=int, default=0, metavar="N",
+                   help="also N sampled answers per prompt at --gen-temperature, each seeded "
+                        "from (--gen-seed, prompt, sample index) so a resume asks for the "
+                        "same sample; cached beside the greedy ones (default 0)")
+    g.add_argument("--gen-temperature", type=float, default=0.7, help="sampled answers' temperature")
+    g.add_argument("--gen-seed", type=int, default=0, help="seed of the sampled answers")
+    g.add_argument("--generate-only", action="store_true",
+                   help="stop after the answers are generated and cached (no training)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"],
                    help="trunk dtype for answering and the hidden-state pass (heads train in fp32)")
     p.add_argument("--targets", default="argmax", choices=["argmax", "tokens"],
@@ -126,6 +140,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "for N (0: all epochs)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def generation_options(a: argparse.Namespace) -> dict:
+    """The answer_gen.generate_answers options the flags ask for (greedy / sampled)."""
+    return {"greedy": a.gen_greedy, "samples": a.gen_samples, "temperature": a.gen_temperature,
+            "seed": a.gen_seed}
 
 
 def command_line() -> str:

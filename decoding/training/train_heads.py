@@ -6,8 +6,8 @@ train_sequential.py), heads and trunk trained together (`--joint`, train_joint.p
 `--draft-vocab-only` (draft_vocab_only.py), which adds a draft vocabulary to heads
 already in OUT without training.
 
-Steps (frozen trunk): read sources -> let the model answer prompts (engine, greedy,
-speculation off; cached in a JSONL) -> run the frozen trunk once over every sequence and
+Steps (frozen trunk): read sources -> let the model answer prompts (engine, greedy and/or
+sampled, speculation off; cached in a JSONL, answer_gen.py; `--generate-only` stops here) -> run the frozen trunk once over every sequence and
 cache h_t and the base argmax (hidden_cache.py) -> train the heads over that cache for
 several epochs -> evaluate top-1/top-5 on a held-out split over the FULL vocabulary ->
 build a draft vocabulary (`--draft-vocab N`, FR-Spec style: the N most frequent answer
@@ -36,10 +36,11 @@ from ..engine.llm_engine import LLMEngine
 from ..spec.heads_io import load_heads, save_project_heads
 from ..spec.mtp_sequential import SequentialMTPHeads
 from .draft_vocab_only import run_draft_vocab_only
-from .heads_data import generate_answers, read_sources
+from .answer_gen import generate_answers
+from .heads_data import read_sources
 from .hidden_cache import argmax_agreement, chunk_examples, load_or_cache_hidden
 from .progress import say_heldout
-from .train_config import TrainConfig, command_line
+from .train_config import TrainConfig, command_line, generation_options
 from .train_joint import check_joint_args, run_joint
 from .train_medusa import train
 from .train_sequential import train_sequential
@@ -74,11 +75,16 @@ def run_train_heads(a: argparse.Namespace) -> int:
     if src.prompts:
         cache_path = Path(a.generated) if a.generated else out / "answers.jsonl"
         answers, stats = generate_answers(engine, src.prompts, cache_path, a.generate_max_tokens,
-                                          chunk=4 * a.gen_batch, progress=say)
+                                          chunk=a.gen_chunk or 4 * a.gen_batch, progress=say,
+                                          **generation_options(a))
         examples += answers
         recipe["generation"] = {"cache": str(cache_path), "max_tokens": a.generate_max_tokens,
-                                "greedy": True, "dtype": a.dtype, "max_num_seqs": a.gen_batch,
+                                "greedy": a.gen_greedy, "dtype": a.dtype, "max_num_seqs": a.gen_batch,
                                 "chat_template": True, **stats}
+    if a.generate_only:
+        say(f"--generate-only: {recipe.get('generation', {}).get('answer_tokens', 0)} answer "
+            "tokens cached; not training")
+        return 0
     examples = chunk_examples(examples, a.seq_len)
     if a.joint:
         return run_joint(a, cfg, engine, examples, recipe, out, say, t_all)
