@@ -34,6 +34,9 @@ class TrainConfig:
     plausible_topk: int = 8
     warmup_steps: int = 20
     attention: str = "chain"  # sequential: chain (draft chain only) | context (mtp_context.py)
+    distill: str = "top1"  # sequential: top1 (cross-entropy to the target) | kl (to the trunk's softmax)
+    chain_inputs: str = "targets"  # sequential: tokens fed at depths: as --targets | data (the data's)
+    chain_features: str = "own"  # sequential chain: own (depth j reads depth j-1's state) | trunk
 
     def __post_init__(self) -> None:
         if self.num_heads < 1 or self.num_layers < 1:
@@ -46,6 +49,16 @@ class TrainConfig:
             raise ValueError("head_type must be medusa or sequential")
         if self.attention not in ("context", "chain"):
             raise ValueError("attention must be context or chain")
+        if self.distill not in ("top1", "kl") or self.chain_inputs not in ("targets", "data") \
+                or self.chain_features not in ("own", "trunk"):
+            raise ValueError("distill must be top1|kl, chain_inputs targets|data, "
+                             "chain_features own|trunk")
+        if self.head_type != "sequential" and (self.distill, self.chain_inputs,
+                                               self.chain_features) != ("top1", "targets", "own"):
+            raise ValueError("--distill, --chain-inputs and --chain-features are for "
+                             "--head-type sequential")
+        if self.attention == "context" and self.chain_features != "own":
+            raise ValueError("--chain-features trunk needs --module-attention chain")
         if self.targets not in ("argmax", "tokens") or \
                 self.vocab not in ("plausible", "targets", "full"):
             raise ValueError("targets must be argmax|tokens, vocab plausible|targets|full")
@@ -68,6 +81,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "(chain), or also its own entries at every earlier position (context, "
                         "as EAGLE/DeepSeek; on the embedded model's ~170k training tokens it "
                         "generalised worse, docs/benchmarks.md)")
+    p.add_argument("--distill", default="top1", choices=["top1", "kl"],
+                   help="sequential: the loss of each depth: cross-entropy to the target token "
+                        "(top1), or KL to the frozen trunk's softmax at that position over the "
+                        "training softmax vocabulary (kl; soft targets, as HASS/EAGLE distil)")
+    p.add_argument("--chain-inputs", default="targets", choices=["targets", "data"],
+                   help="sequential: the tokens the chain reads at each depth: those --targets "
+                        "names (targets; with argmax, the base's greedy tokens), or the data's "
+                        "own tokens (data: right for sampled answers, where the base's greedy "
+                        "token is not the one its later choices followed)")
+    p.add_argument("--chain-features", default="own", choices=["own", "trunk"],
+                   help="sequential, chain attention: what depth j >= 2 reads as its hidden "
+                        "input: the module's own state from depth j-1, as drafting runs it "
+                        "(own: training-time test), or the trunk's h_{t+j-1} (trunk: EAGLE-1-"
+                        "style teacher-forced features, an ablation)")
     p.add_argument("--num-heads", type=int, default=4,
                    help="medusa: heads; sequential: chain depths trained")
     p.add_argument("--num-layers", type=int, default=1, help="residual blocks per head (medusa)")

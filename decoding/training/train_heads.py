@@ -55,7 +55,8 @@ def run_train_heads(a: argparse.Namespace) -> int:
     cfg = TrainConfig(head_type=a.head_type, num_heads=a.num_heads, num_layers=a.num_layers, epochs=a.epochs, lr=a.lr,
                       batch_tokens=a.batch_tokens, seed=a.seed, checkpoint_every=a.checkpoint_every,
                       holdout_frac=a.holdout_frac, targets=a.targets, vocab=a.vocab,
-                      attention=a.module_attention)
+                      attention=a.module_attention, distill=a.distill,
+                      chain_inputs=a.chain_inputs, chain_features=a.chain_features)
     if a.joint or a.max_steps:
         check_joint_args(a)  # before the model loads
     out = Path(a.out)
@@ -116,7 +117,9 @@ def run_train_heads(a: argparse.Namespace) -> int:
     training = {
         "command": command_line(),
         "method": method + "self-distillation: frozen trunk, shared frozen unembedding, "
-                  f"targets={cfg.targets}",
+                  f"targets={cfg.targets}"
+                  + (f", distill={cfg.distill}, chain_inputs={cfg.chain_inputs}, "
+                     f"chain_features={cfg.chain_features}" if sequential else ""),
         "base_model": engine.model_name, "config": asdict(cfg), "data": recipe,
         "trunk_pass": trunk, "total_seconds_this_run": round(time.perf_counter() - t_all, 1),
         "torch": torch.__version__, "tree": tree_info, **report,

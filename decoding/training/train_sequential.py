@@ -23,6 +23,20 @@ Attention, `TrainConfig.attention`:
   <= t and over its own chain's depths 2..j (a block diagonal per depth: the "training-time
   test" mask), so each depth sees exactly what it sees while drafting.
 
+Training-time test (EAGLE-3 / HASS): depth j >= 2 reads the module's OWN state from depth
+j-1, as drafting does, never the trunk's h_{t+j-1} (EAGLE-1 trains one step on the trunk's
+features and drafts on its own); in context mode also the own-chain attention above.
+`--chain-features trunk` feeds the trunk's features instead (chain mode), an ablation to
+measure what training-time test is worth.
+
+Targets, `--distill`: top1 (cross-entropy to the target token) or kl (KL to the frozen
+trunk's softmax at that position, restricted to the training softmax vocabulary: soft
+targets carry the trunk's second choices, which typical acceptance also accepts).
+Chain inputs, `--chain-inputs`: with `--targets argmax` the chain reads the base's greedy
+tokens; on sampled answers those are not the tokens the trunk's later choices followed,
+so `data` feeds the data's own tokens (the same on greedy answers) while the targets stay
+the base's choices; the held-out evaluation then feeds the same.
+
 Start: the block is the trunk's last layer with its two output projections zeroed and
 eh_proj passing the hidden state through (token part small and random), so the untrained
 module drafts what h_t itself predicts, Medusa's identity start. On the embedded model's
@@ -147,8 +161,8 @@ def init_from_trunk(heads: SequentialMTPHeads, model: torch.nn.Module, seed: int
 
 def chain_inputs(cache: HiddenCache, rows: torch.Tensor, depth: int, mode: str) -> torch.Tensor:
     """[M, depth] tokens fed at each depth: x_{t+1..t+depth} (the base model's greedy
-    tokens with mode argmax, the data's with tokens); 0 where the sequence has ended
-    (those depths have no target)."""
+    tokens with mode argmax, the data's with tokens or data); 0 where the sequence has
+    ended (those depths have no target)."""
     src = cache.argmax if mode == "argmax" else cache.tokens
     idx = (rows[:, None] + torch.arange(depth)[None]).clamp(max=len(src) - 1)
     return src[idx].clamp(min=0)
@@ -162,14 +176,19 @@ def row_positions(cache: HiddenCache) -> torch.Tensor:
 
 
 def chain_logits(heads: SequentialMTPHeads, model: torch.nn.Module, h0: torch.Tensor,
-                 tokens: torch.Tensor, pos0: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
+                 tokens: torch.Tensor, pos0: torch.Tensor, unembed: torch.Tensor,
+                 feats: torch.Tensor | None = None) -> torch.Tensor:
     """h0 [B, H], tokens [B, D], pos0 [B] -> float32 logits [B, D, V'] against unembed [V', H],
-    through MTPModule.advance as drafting runs it (module j, or the last one, at depth j)."""
+    through MTPModule.advance as drafting runs it (module j, or the last one, at depth j):
+    depth j >= 2 reads the state depth j-1 produced (training-time test). `feats` [B, D, H]:
+    depth j reads feats[:, j] instead (the trunk's features, `--chain-features trunk`)."""
     B, D = tokens.shape
     rows = torch.arange(B, device=h0.device)
     kv, h, out = ListKV(), h0, []
     last = len(heads.mods) - 1
     for j in range(D):
+        if feats is not None and j > 0:
+            h = feats[:, j]
         mod = heads.mods[min(j, last)]
         steps = j - min(j, last) + 1  # this module's steps in the chain so far
         meta = AttentionMetadata(
@@ -179,6 +198,22 @@ def chain_logits(heads: SequentialMTPHeads, model: torch.nn.Module, h0: torch.Te
         h, normed = mod.advance(tokens[:, j], h, model, meta, kv)
         out.append(normed.float() @ unembed.T)
     return torch.stack(out, 1)
+
+
+def trunk_features(cache: HiddenCache, rows: torch.Tensor, depth: int) -> torch.Tensor:
+    """[M, depth, H]: the trunk's h_{t+j} for j = 0..depth-1 (what EAGLE-1-style training
+    feeds depth j+1; clamped at the end of the cache, where no target counts)."""
+    idx = (rows[:, None] + torch.arange(depth)[None]).clamp(max=len(cache.hidden) - 1)
+    return cache.hidden[idx]
+
+
+def teacher_probs(cache: HiddenCache, rows: torch.Tensor, depth: int,
+                  unembed: torch.Tensor) -> torch.Tensor:
+    """[M, depth, V']: the frozen trunk's softmax at positions t+1..t+depth (depth j's
+    target distribution: what the verifier samples or takes the argmax of there), over the
+    rows of `unembed` (renormalised when that is a subset of the vocabulary)."""
+    idx = (rows[:, None] + 1 + torch.arange(depth)[None]).clamp(max=len(cache.hidden) - 1)
+    return torch.softmax(cache.hidden[idx].float() @ unembed.T, -1)
 
 
 def _logit_batches(heads: SequentialMTPHeads, model, cache: HiddenCache, rows: torch.Tensor,
@@ -275,27 +310,38 @@ def train_sequential(model, cache: HiddenCache, cfg: TrainConfig, out: Path,
     sub_tgts = tgts if vocab_ids is None else remap_targets(tgts, vocab_ids, V)
     if vocab_ids is not None:
         unembed = unembed[vocab_ids]
-    inputs = chain_inputs(cache, rows, D, cfg.targets)
+    in_mode = cfg.targets if cfg.chain_inputs == "targets" else "tokens"
+    inputs = chain_inputs(cache, rows, D, in_mode)
     pos = row_positions(cache)[rows]
     weights = torch.tensor([0.8 ** j for j in range(D)])  # deeper depths matter less
     resuming = resume and (out / "checkpoint.pt").exists()
-    baseline = (evaluate_chain(heads, model, cache, h_rows, h_tgts, cfg.targets)
+    baseline = (evaluate_chain(heads, model, cache, h_rows, h_tgts, in_mode)
                 if len(h_rows) and not resuming else None)
 
-    def losses_of(logits: torch.Tensor, tg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        losses = torch.stack([F.cross_entropy(logits[:, j], tg[:, j], ignore_index=-1)
-                              for j in range(D)])
+    def losses_of(logits: torch.Tensor, tg: torch.Tensor, at: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted loss over depths of `logits` [B, D, V'] at cache rows `at` [B]."""
+        if cfg.distill == "kl":
+            p = teacher_probs(cache, at, D, unembed)
+            kl = F.kl_div(F.log_softmax(logits, -1), p, reduction="none").sum(-1)  # [B, D]
+            ok = (tg >= 0).float()
+            losses = (kl * ok).sum(0) / ok.sum(0).clamp(min=1)
+        else:
+            losses = torch.stack([F.cross_entropy(logits[:, j], tg[:, j], ignore_index=-1)
+                                  for j in range(D)])
         return (weights * losses).sum(), top1_hits(logits.transpose(0, 1), tg.T)
 
     def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = chain_logits(heads, model, cache.hidden[rows[idx]], inputs[idx], pos[idx],
-                              unembed)  # [B, D, V']
-        return losses_of(logits, sub_tgts[idx])
+        r = rows[idx]
+        feats = trunk_features(cache, r, D) if cfg.chain_features == "trunk" else None
+        logits = chain_logits(heads, model, cache.hidden[r], inputs[idx], pos[idx],
+                              unembed, feats)  # [B, D, V']
+        return losses_of(logits, sub_tgts[idx], r)
 
     def sequence_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         all_rows, logits = context_logits(heads, model, cache, [train_seqs[i] for i in idx.tolist()],
-                                          D, cfg.targets, unembed)
-        return losses_of(logits, full[all_rows])
+                                          D, in_mode, unembed)
+        return losses_of(logits, full[all_rows], all_rows)
 
     if heads.context:
         # Whole sequences: targets of every cached position (-1 where none), and about
@@ -316,14 +362,14 @@ def train_sequential(model, cache: HiddenCache, cfg: TrainConfig, out: Path,
         "softmax_vocab": len(vocab_ids) if vocab_ids is not None else V,
     })
     if len(h_rows):
-        report["heldout"] = evaluate_chain(heads, model, cache, h_rows, h_tgts, cfg.targets)
+        report["heldout"] = evaluate_chain(heads, model, cache, h_rows, h_tgts, in_mode)
         if baseline is not None:
             start = "heldout_untrained_identity_heads" if init is None else "heldout_init_heads"
             report[start] = {k: baseline[k] for k in ("top1", "top5")}
     if ids is not None:
         heads.set_draft_vocab(ids)
         if len(h_rows):
-            dv_info["heldout"] = evaluate_chain(heads, model, cache, h_rows, h_tgts, cfg.targets,
+            dv_info["heldout"] = evaluate_chain(heads, model, cache, h_rows, h_tgts, in_mode,
                                                 vocab_ids=ids)
     if dv_info is not None:
         report["draft_vocab"] = dv_info

@@ -325,3 +325,92 @@ def test_shipped_heads_default_and_by_type(tmp_path, monkeypatch):
     assert heads_mod.shipped_heads("abc", "sequential") == tmp_path / "abc"
     assert heads_mod.shipped_heads("abc", "medusa") == tmp_path / "abc-medusa"
     assert heads_mod.shipped_heads("abd", "sequential") is None
+
+
+# -- training-time test, KL targets and chain inputs (#24) ------------------------------
+def _depth_inputs(model, cache, cfg, tmp_path, monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run one training step of `cfg` and record, per depth of its first batch, the hidden
+    input MTPModule.advance read and the state it returned."""
+    from mtpserve.decoding.spec.mtp_sequential import MTPModule
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = MTPModule.advance
+
+    def spy(self, tokens, h_prev, model_, meta, kv):
+        h, normed = real(self, tokens, h_prev, model_, meta, kv)
+        if len(seen) < cfg.num_heads:
+            seen.append((h_prev.detach().clone(), h.detach().clone()))
+        return h, normed
+
+    monkeypatch.setattr(MTPModule, "advance", spy)
+    monkeypatch.setattr("mtpserve.decoding.training.train_sequential.evaluate_chain",
+                        lambda *a, **k: {"top1": [0.0], "top5": [0.0]})
+    train_sequential(model, cache, cfg, tmp_path, draft_vocab=0)
+    return seen
+
+
+def _is_trunk_row(h: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Per row of h: does it equal some cached trunk hidden state?"""
+    d = torch.cdist(h.float(), hidden.float(), compute_mode="donot_use_mm_for_euclid_dist")
+    return d.min(1).values < 1e-5
+
+
+def test_depth_2_trains_on_the_modules_own_state_not_the_trunks(tiny, tmp_path, monkeypatch):
+    """Training-time test: depth 2 reads what depth 1 produced (as drafting does); the
+    --chain-features trunk ablation feeds the trunk's h_{t+1} instead."""
+    model, cache = tiny
+    cfg = _cfg(epochs=1, batch_tokens=64, holdout_frac=0.0)
+    own = _depth_inputs(model, cache, cfg, tmp_path / "own", monkeypatch)
+    assert _is_trunk_row(own[0][0], cache.hidden).all()  # depth 1: the trunk's h_t
+    for j in (1, 2):
+        torch.testing.assert_close(own[j][0], own[j - 1][1])  # depth j+1 reads depth j's state
+        assert not _is_trunk_row(own[j][0], cache.hidden).any()
+    cfg_t = _cfg(epochs=1, batch_tokens=64, holdout_frac=0.0, chain_features="trunk")
+    trunk = _depth_inputs(model, cache, cfg_t, tmp_path / "trunk", monkeypatch)
+    for j in (1, 2):
+        assert _is_trunk_row(trunk[j][0], cache.hidden).all()
+        assert not torch.allclose(trunk[j][0], trunk[j - 1][1])
+
+
+def test_teacher_is_the_trunks_softmax_at_the_target_position(tiny):
+    from mtpserve.decoding.training.train_sequential import teacher_probs
+
+    model, cache = tiny
+    rows, tgts = targets_for(cache, [0, 1], 3, "argmax")
+    p = teacher_probs(cache, rows, 3, model.unembed_weight().detach().float())
+    assert torch.allclose(p.sum(-1), torch.ones(p.shape[:2]))
+    ok = tgts >= 0
+    assert (p.argmax(-1)[ok] == tgts[ok]).all()  # the argmax targets are its modes
+
+
+def test_kl_distillation_lowers_its_loss_and_saves_the_same_format(tiny, tmp_path, monkeypatch):
+    model, cache = tiny
+    losses: list[float] = []
+    real = ProgressBar.update
+
+    def update(self, step, text):
+        losses.append(float(text.split("loss ")[1].split()[0]))
+        real(self, step, text)
+
+    monkeypatch.setattr(ProgressBar, "update", update)
+    cfg = _cfg(distill="kl", targets="argmax", chain_inputs="data", epochs=4, vocab="plausible")
+    heads, report = train_sequential(model, cache, cfg, tmp_path, draft_vocab=12)
+    assert len(losses) >= 8 and losses[-1] < 0.7 * losses[0], losses
+    assert report["heldout"]["top1"][0] > report["heldout_untrained_identity_heads"]["top1"][0]
+    save_project_heads(heads, tmp_path, CFG, training={"config": {"distill": "kl"}})
+    again = load_heads(tmp_path, CFG)
+    assert isinstance(again, SequentialMTPHeads) and not again.context
+    h = cache.hidden[:4]
+    with torch.no_grad():
+        assert again.candidates(h, model, [1, 2, 3, 4], 3) == heads.candidates(h, model, [1, 2, 3, 4], 3)
+
+
+def test_chain_inputs_data_feeds_the_datas_tokens(tiny):
+    _, cache = tiny
+    rows = torch.tensor([3, 10, 25])
+    assert torch.equal(chain_inputs(cache, rows, 3, "tokens"),
+                       cache.tokens[rows[:, None] + torch.arange(3)].clamp(min=0))
+    with pytest.raises(ValueError, match="sequential"):
+        TrainConfig(distill="kl")  # medusa
+    with pytest.raises(ValueError, match="chain"):
+        _cfg(attention="context", chain_features="trunk")
