@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .linear import WIDE_ROWS, Linear
 from .step_attention import step_context
 from .trunk import CausalLM
 
@@ -33,6 +34,25 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MODES = ("default", "max-autotune-no-cudagraphs")
 
 
+def compilable_buckets(model: CausalLM, buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """The buckets inductor can compile for this model's weights. Its lowering of oneDNN's
+    packed linear (mkldnn._linear_pointwise) needs the packed weight as a frozen constant,
+    and this path passes weights as graph inputs: so no bucket of WIDE_ROWS+ rows where a
+    quantized layer keeps a packed bf16 wide copy (those rows run eagerly), and no compiled
+    path at all for dense CPU layers in the packed layout (ValueError)."""
+    linears = [m for m in model.layers.modules() if isinstance(m, Linear)]
+    if any(m.packed_weight is not None for m in linears):
+        raise ValueError("--compile on: the trunk's dense weights are in oneDNN's packed layout, "
+                         "which this compiled path cannot take as graph inputs yet; use "
+                         "--weights int4/int8, or --compile off")
+    out = tuple(sorted(set(buckets)))
+    if any(m.wide_weight is not None for m in linears):
+        out = tuple(b for b in out if b < WIDE_ROWS)
+    if not out:
+        raise ValueError(f"--compile on: no compilable bucket in {buckets}")
+    return out
+
+
 class CompiledTrunk:
     """`model.run_layers` compiled per bucket; call it like `model(ids, meta, kv)`, with None
     back for a step larger than every bucket (the caller runs the model eagerly)."""
@@ -42,7 +62,7 @@ class CompiledTrunk:
         if mode not in MODES:
             raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
         self.model = model
-        self.buckets = tuple(sorted(buckets))
+        self.buckets = compilable_buckets(model, buckets)
         self.return_pre_last = return_pre_last
         self.options = dict(torch._inductor.list_mode_options(mode))
         self.options.pop("triton.cudagraphs", None)  # CUDA graphs: not this path's (yet)
