@@ -112,8 +112,20 @@ class EngineConfig:
     prefill_while_decoding: int = 512
     seed: int = 0
     spec: SpecConfig = field(default_factory=SpecConfig)
+    # torch.compile the trunk's forward (model/compiled.py): one graph per row-count bucket,
+    # all compiled at startup; steps with more rows than the last bucket run eagerly
+    compile: Literal["off", "on"] = "off"
+    compile_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
 
     def __post_init__(self) -> None:
+        if self.compile not in ("off", "on"):
+            raise ValueError(f"compile must be off|on, got {self.compile!r}")
+        if self.compile_mode not in ("default", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"unknown compile mode {self.compile_mode!r}")
+        self.compile_buckets = tuple(sorted(set(self.compile_buckets)))
+        if not self.compile_buckets or self.compile_buckets[0] < 1:
+            raise ValueError("compile_buckets must be positive row counts")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.weights not in ("auto", "dense", "int8", "int4"):

@@ -26,6 +26,7 @@ import torch
 from ..config import EngineConfig, SamplingParams
 from ..model.attention_metadata import AttentionMetadata
 from ..model.checkpoint import load_checkpoint
+from ..model.compiled import CompiledTrunk
 from ..model.detokenizer import IncrementalDetokenizer
 from ..model.device import (cpu_has_native_bf16, kv_cache_dtype, malloc_trim, resolve_device,
                             resolve_dtype, resolve_weights)
@@ -117,6 +118,18 @@ class LLMEngine:
         # batched forward (fails every sequence of the step).
         self.fault_hook: Callable[[Sequence], None] | None = None
         self.batch_fault_hook: Callable[[list[Sequence]], None] | None = None
+        # --compile on: the trunk's forward compiled per row bucket, all buckets now
+        self.compiled: CompiledTrunk | None = None
+        if config.compile == "on":
+            self.compiled = CompiledTrunk(model, config.compile_buckets, config.compile_mode,
+                                          return_pre_last=self.branch_heads is not None)
+            slot = self.kv.allocate()
+            try:
+                secs = self.compiled.warm_up(self.kv, slot)
+            finally:
+                self.kv.free(slot)
+            log.info("compiled the trunk for rows %s in %.1f s (%d graphs)",
+                     config.compile_buckets, secs, self.compiled.compiles)
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -280,10 +293,12 @@ class LLMEngine:
         """One pass over every row -> (final-normed hidden [T, H], the rows heads draft
         from: the same hidden, or for Meta-style heads their blocks' outputs [T, n, H],
         computed from the residual entering the last layer in this same pass)."""
+        out = self.compiled(ids, meta, self.kv) if self.compiled is not None else None
         if self.branch_heads is None:
-            hidden = self.model(ids, meta, self.kv)
+            hidden = out if out is not None else self.model(ids, meta, self.kv)
             return hidden, hidden
-        hidden, pre_last = self.model(ids, meta, self.kv, return_pre_last=True)
+        hidden, pre_last = (out if out is not None
+                            else self.model(ids, meta, self.kv, return_pre_last=True))
         return hidden, self.branch_heads.branch(pre_last, self.model, meta, self.kv)
 
     def _logits(self, hidden: torch.Tensor, logit_rows: torch.Tensor) -> torch.Tensor | None:

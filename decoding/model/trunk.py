@@ -21,6 +21,7 @@ from .attention import attend_cached
 from .attention_metadata import AttentionMetadata
 from .kv_cache import KVCache
 from .linear import Linear, onednn_linear, pack_for_onednn
+from .step_attention import cached_attention
 
 
 class RMSNorm(nn.Module):
@@ -103,7 +104,9 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+                meta: AttentionMetadata | None, kv: KVCache | None) -> torch.Tensor:
+        """meta/kv None: the compiled forward's path, where the write + attention is one
+        op reading the step's metadata (step_attention.py)."""
         T = x.shape[0]
         qkv = self.qkv_proj(x)
         q_size, kv_size, _ = self.split
@@ -117,8 +120,11 @@ class Attention(nn.Module):
             qk = qkv[:, :q_size + kv_size].view(T, self.num_heads + self.num_kv_heads,
                                                 self.head_dim)
             q, k = RotaryEmbedding.apply(qk, *rot).split([self.num_heads, self.num_kv_heads], 1)
-        kv.write(self.layer_idx, meta, k, v)
-        out = attend_cached(q, kv, self.layer_idx, meta, self.scale)
+        if kv is None:
+            out = cached_attention(q, k, v, self.layer_idx, self.scale)
+        else:
+            kv.write(self.layer_idx, meta, k, v)
+            out = attend_cached(q, kv, self.layer_idx, meta, self.scale)
         return self.o_proj(out.reshape(T, -1))
 
 
@@ -143,7 +149,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+                meta: AttentionMetadata | None, kv: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rot, meta, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -170,8 +176,16 @@ class CausalLM(nn.Module):
         With return_pre_last also the residual stream entering the last layer, which
         Meta-style parallel MTP heads read.
         """
+        return self.run_layers(ids, meta.positions, meta, kv, return_pre_last)
+
+    def run_layers(self, ids: torch.Tensor, positions: torch.Tensor,
+                   meta: AttentionMetadata | None, kv: KVCache | None,
+                   return_pre_last: bool = False
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """forward's body; meta and kv None inside the compiled forward (compiled.py), whose
+        graph sees only ids and positions."""
         x = self.embed_tokens(ids)
-        rot = self.rope.tables(meta.positions, x.dtype)
+        rot = self.rope.tables(positions, x.dtype)
         pre_last = x
         for i, layer in enumerate(self.layers):
             if i == len(self.layers) - 1:

@@ -39,6 +39,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens a step may add while sequences decode: bounds how long "
                         "a burst of prompts stalls running streams")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+    g.add_argument("--compile", default="off", choices=["off", "on"],
+                   help="torch.compile the trunk (inductor), one graph per row bucket, compiled "
+                        "at startup (~1 min per bucket cold on 2 cores, seconds from inductor's "
+                        "cache); steps above the largest bucket run eagerly")
+    g.add_argument("--compile-buckets", default="1,2,4,8,16,32,64",
+                   help="row counts the compiled forward pads a step to (comma list)")
+    g.add_argument("--compile-mode", default="default",
+                   choices=["default", "max-autotune-no-cudagraphs"], help="inductor mode")
     s = p.add_argument_group("speculation")
     s.add_argument("--speculate", default="auto", choices=["off", "on", "auto"],
                    help="auto sizes trees by batch size; on always drafts; off never")
@@ -68,4 +76,14 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
                         max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                         kv_cache_memory_gb=a.kv_cache_gb, prefill_chunk_size=a.prefill_chunk,
                         max_tokens_per_step=max(1024, a.prefill_chunk),
-                        prefill_while_decoding=a.prefill_while_decoding, seed=a.seed, spec=spec)
+                        prefill_while_decoding=a.prefill_while_decoding, seed=a.seed, spec=spec,
+                        compile=a.compile, compile_buckets=parse_buckets(a.compile_buckets),
+                        compile_mode=a.compile_mode)
+
+
+def parse_buckets(text: str) -> tuple[int, ...]:
+    """'1,2,4,8' -> (1, 2, 4, 8); EngineConfig checks that they are positive."""
+    try:
+        return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise ValueError(f"--compile-buckets must be a comma list of row counts, got {text!r}") from None

@@ -217,7 +217,7 @@ def random_causal_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float64, seed:
 
 def tiny_engine(tokenizer, heads=None, proposer: str = "ngram", dtype: torch.dtype = torch.float64,
                 seed: int = 0, max_num_seqs: int = 4, max_model_len: int = 256, hidden: int = 32,
-                tree: str = "auto"):
+                tree: str = "auto", **engine_kw):
     """An LLMEngine over a random-weight model whose vocab is the tokenizer's (so text works)."""
     from mtpserve.decoding.config import EngineConfig, SpecConfig
     from mtpserve.decoding.engine.llm_engine import LLMEngine
@@ -229,7 +229,7 @@ def tiny_engine(tokenizer, heads=None, proposer: str = "ngram", dtype: torch.dty
         heads = heads.to(dtype).eval()
     config = EngineConfig(dtype=str(dtype).removeprefix("torch."), device="cpu",
                           max_num_seqs=max_num_seqs, max_model_len=max_model_len, seed=seed,
-                          spec=SpecConfig(mode="on", proposer=proposer, tree=tree))
+                          spec=SpecConfig(mode="on", proposer=proposer, tree=tree), **engine_kw)
     return LLMEngine(config, model, tokenizer, "tiny", heads=heads)
 
 

@@ -47,7 +47,11 @@ def verify_curve(engine: LLMEngine, filler: list[int], context: int, ks: list[in
                 for i in range(runs + 3):
                     sync(engine.device)
                     t0 = time.perf_counter()
-                    hidden = engine.model(ids, meta, engine.kv)
+                    hidden = engine.compiled and engine.compiled(ids, meta, engine.kv)
+                    if hidden is None:  # eager, or rows above the compiled buckets
+                        hidden = engine.model(ids, meta, engine.kv)
+                    elif isinstance(hidden, tuple):  # (hidden, pre_last) for Meta-style heads
+                        hidden = hidden[0]
                     engine.model.compute_logits(hidden[logit_rows])
                     sync(engine.device)
                     if i >= 3:  # the first runs warm caches and allocator

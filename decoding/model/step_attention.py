@@ -1,0 +1,71 @@
+"""The K/V write + attention of one layer as ONE opaque op, for the compiled forward.
+
+A compiled trunk (compiled.py) is traced over token ids and positions only; everything
+that describes the step's sequences (cache rows, kv length, tree masks, the padded query
+layout, attention groups) changes from step to step in shape as well as value, so it
+stays out of the graph: the engine installs the step's `AttentionMetadata` and KV cache
+with `step_context`, and `torch.ops.mtpserve.cached_attention(q, k, v, layer, scale)`
+reads them when it runs (the same design as vLLM's forward context + attention op).
+Inductor sees an op from [T, H, D] to [T, H, D] and fuses everything around it.
+
+Rows past the step's real count (the compiled graph's bucket padding) neither write the
+cache nor attend: the op runs the eager kernels on the real rows and returns zeros for
+the padding rows, whose outputs the caller drops.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from .attention import attend_cached
+from .attention_metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from .kv_cache import KVCache
+
+
+class _Step:
+    kv: KVCache | None = None
+    meta: AttentionMetadata | None = None
+    rows: int = 0  # real rows; the op's inputs may have more (padding)
+
+
+_STEP = _Step()
+
+
+@contextmanager
+def step_context(kv: KVCache, meta: AttentionMetadata, rows: int) -> Iterator[None]:
+    """Within: cached_attention reads `meta` and writes `kv` for the first `rows` rows."""
+    _STEP.kv, _STEP.meta, _STEP.rows = kv, meta, rows
+    try:
+        yield
+    finally:
+        _STEP.kv, _STEP.meta, _STEP.rows = None, None, 0
+
+
+@torch.library.custom_op("mtpserve::cached_attention", mutates_args=())
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                     scale: float) -> torch.Tensor:
+    """q [Tp, Hq, D], k/v [Tp, Hkv, D] -> [Tp, Hq, D]: write the real rows' K/V into
+    `layer` of the step's cache and attend over it (attention.attend_cached)."""
+    kv, meta, n = _STEP.kv, _STEP.meta, _STEP.rows
+    if kv is None or meta is None:
+        raise RuntimeError("mtpserve::cached_attention ran outside step_context")
+    padded = q.shape[0]
+    if n != padded:
+        q, k, v = q[:n], k[:n], v[:n]
+    kv.write(layer, meta, k, v)
+    out = attend_cached(q, kv, layer, meta, scale)
+    if n == padded:
+        return out if out.data_ptr() != q.data_ptr() else out.clone()
+    full = out.new_zeros(padded, *out.shape[1:])
+    full[:n] = out
+    return full
+
+
+@cached_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(q)

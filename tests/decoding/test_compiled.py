@@ -1,0 +1,114 @@
+"""The compiled trunk (--compile on, model/compiled.py): the same hidden states and K/V as
+the eager forward, padding rows that write nothing, greedy tokens unchanged (plain ==
+speculative == eager), and no recompilation while serving. ONE tiny random-weight model
+(float64), buckets (1, 2, 4, 8): its compile is seconds, the real model's a minute per
+bucket (benchmarks/compiled_step.py measures that one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decoding_helpers import greedy, run_requests, tiny_engine
+from mtpserve.decoding.model.attention_metadata import AttentionMetadata, padded_layout
+
+BUCKETS = (1, 2, 4, 8)
+PROMPTS = [[11, 12, 13, 14, 15], [5, 6, 7, 5, 6, 7, 5, 6], [300, 301, 302],
+           list(range(40, 60))]  # the last: a 20-token prefill, above the buckets (eager)
+
+
+@pytest.fixture(scope="module")
+def engines(default_engine):
+    eager = tiny_engine(default_engine.tokenizer, max_num_seqs=4)
+    compiled = tiny_engine(default_engine.tokenizer, max_num_seqs=4, compile="on",
+                           compile_buckets=BUCKETS)
+    return eager, compiled
+
+
+def test_warm_up_compiles_each_bucket_once(engines):
+    _, eng = engines
+    assert eng.compiled is not None
+    assert eng.compiled.compiles == len(BUCKETS)
+    assert set(eng.compiled.steps_by_bucket) == set(BUCKETS)
+
+
+@torch.inference_mode()
+def test_step_matches_eager_and_padding_writes_no_kv(engines):
+    """Two sequences with 3- and 2-node trees (5 rows -> bucket 8, padded query layout):
+    hidden rows and written K/V equal the eager forward's; nothing else in the cache moves."""
+    _, eng = engines
+    model, kv, ct = eng.model, eng.kv, eng.compiled
+    slots = [kv.allocate(), kv.allocate()]
+    try:
+        prefix = [6, 4]
+        for slot, n in zip(slots, prefix):  # a committed prefix per slot, eagerly
+            kv.ensure_initialized(slot, 16)
+            ar = torch.arange(n)
+            meta = AttentionMetadata(
+                positions=ar, token_slots=torch.full((n,), slot), token_store=ar,
+                seq_slots=torch.tensor([slot]), slot_start=slot, kv_len=n, num_seqs=1,
+                q_len=n, q_gather=None, q_scatter=None,
+                mask=torch.ones(n, n, dtype=torch.bool).tril_()[None, None])
+            model(torch.arange(n) + 7 * slot + 3, meta, kv)
+        counts = [3, 2]
+        own = [torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool),  # a tree
+               torch.ones(2, 2, dtype=torch.bool).tril_()]
+        kv_len, q_len = max(p + c for p, c in zip(prefix, counts)), max(counts)
+        mask = torch.zeros(2, 1, q_len, kv_len, dtype=torch.bool)
+        positions, store, tslots = [], [], []
+        for b, (slot, p, c) in enumerate(zip(slots, prefix, counts)):
+            mask[b, 0, :c, :p] = True
+            mask[b, 0, :c, p:p + c] = own[b]
+            mask[b, 0, c:, 0] = True
+            depths = own[b].sum(1) - 1
+            positions += (p + depths).tolist()
+            store += range(p, p + c)
+            tslots += [slot] * c
+        gather, scatter = padded_layout(counts)
+        meta = AttentionMetadata(
+            positions=torch.tensor(positions), token_slots=torch.tensor(tslots),
+            token_store=torch.tensor(store), seq_slots=torch.tensor(slots), slot_start=None,
+            kv_len=kv_len, num_seqs=2, q_len=q_len, q_gather=gather, q_scatter=scatter,
+            mask=mask)
+        ids = torch.tensor([21, 22, 23, 31, 32])
+        before = kv.buf.clone()
+        want = model(ids, meta, kv)
+        kv_eager = kv.buf.clone()
+        kv.buf.copy_(before)
+        got = ct(ids, meta, kv)
+        assert ct.bucket(5) == 8 and got.shape == want.shape
+        # float64 model, but the norms compute in fp32 (RMSNorm), where inductor's fused
+        # reductions round differently: ~1e-7 per layer; a wrong row, position or mask is O(1)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        written = torch.zeros(kv.buf.shape[2], kv.buf.shape[4], dtype=torch.bool)
+        written[meta.token_slots, meta.token_store] = True
+        written = written[None, None, :, None, :, None].expand_as(kv.buf)
+        torch.testing.assert_close(kv.buf[written], kv_eager[written], rtol=1e-4, atol=1e-5)
+        assert not torch.equal(kv_eager[written], before[written])  # the real rows wrote
+        assert torch.equal(kv.buf[~written], before[~written])  # padding rows wrote nothing
+        assert ct(torch.arange(9), meta, kv) is None  # above the buckets: the caller's eager
+    finally:
+        for s in slots:
+            kv.free(s)
+
+
+def test_greedy_compiled_equals_eager_plain_and_speculative(engines):
+    """Greedy tokens: compiled plain == compiled speculative == eager, over a batch whose
+    steps vary in rows (decode, trees, a short prefill, one above the buckets); and no graph
+    is compiled while serving."""
+    eager, eng = engines
+    ct = eng.compiled
+    compiles, served = ct.compiles, dict(ct.steps_by_bucket)
+    reqs = lambda spec: [(p, greedy(12, ignore_eos=True, speculate=spec)) for p in PROMPTS]  # noqa: E731
+    want = [r.token_ids for r in run_requests(eager, reqs(False))]
+    plain = [r.token_ids for r in run_requests(eng, reqs(False))]
+    spec = [r.token_ids for r in run_requests(eng, reqs(True))]
+    assert plain == want
+    assert spec == want
+    one = lambda spec: [(PROMPTS[1], greedy(12, ignore_eos=True, speculate=spec))]  # noqa: E731
+    want_one = run_requests(eager, one(False))[0].token_ids
+    assert run_requests(eng, one(False))[0].token_ids == want_one  # batch-1 decode: bucket 1
+    assert run_requests(eng, one(True))[0].token_ids == want_one
+    assert ct.compiles == compiles, "a graph was compiled while serving"
+    used = {b for b in BUCKETS if ct.steps_by_bucket[b] > served[b]}
+    assert len(used) >= 3, f"serving used only buckets {used}"
