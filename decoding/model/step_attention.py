@@ -33,6 +33,10 @@ class _Step:
     rows: int = 0  # real rows; the op's inputs may have more (padding)
 
 
+# The one exception to "no per-step state in module globals": a compiled graph cannot take
+# the step's metadata as inputs (its shapes change every step), and a custom op cannot take
+# Python objects. The state lives only inside `step_context`, set and cleared around one
+# compiled call by the engine's thread; the eager path never reads it.
 _STEP = _Step()
 
 
