@@ -101,6 +101,10 @@ class EngineConfig:
     weights: Literal["auto", "dense", "int8", "int4"] = "auto"  # weight-only quantization (CPU)
     # int8/int4 on CPUs with native bf16: also keep bf16 copies for passes of many rows
     wide_weights: bool = True
+    # A row's result does not depend on the other rows of the pass (trees, other
+    # sequences): greedy output with speculation equals it without, and a request's greedy
+    # output does not depend on the batch. Costs: see README (Batch invariance).
+    batch_invariant: bool = False
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     max_num_seqs: int = 16
     max_model_len: int = 2048  # per-sequence context (prompt + output + tree)
