@@ -101,6 +101,10 @@ class EngineConfig:
     weights: Literal["auto", "dense", "int8", "int4"] = "auto"  # weight-only quantization (CPU)
     # int8/int4 on CPUs with native bf16: also keep bf16 copies for passes of many rows
     wide_weights: bool = True
+    # A row's result does not depend on the other rows of the pass (trees, other
+    # sequences): greedy output with speculation equals it without, and a request's greedy
+    # output does not depend on the batch. Costs: see README (Batch invariance).
+    batch_invariant: bool = False
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     max_num_seqs: int = 16
     max_model_len: int = 2048  # per-sequence context (prompt + output + tree)
@@ -126,6 +130,9 @@ class EngineConfig:
         self.compile_buckets = tuple(sorted(set(self.compile_buckets)))
         if not self.compile_buckets or self.compile_buckets[0] < 1:
             raise ValueError("compile_buckets must be positive row counts")
+        if self.compile == "on" and self.batch_invariant:
+            # the compiled graph's attention op does not take the invariant path yet
+            raise ValueError("--compile on and --batch-invariant on cannot be combined yet")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.weights not in ("auto", "dense", "int8", "int4"):

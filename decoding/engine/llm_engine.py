@@ -158,11 +158,18 @@ class LLMEngine:
         if weights in ("int8", "int4"):
             # Where the CPU multiplies bf16 natively, a bf16 copy of the quantized values
             # (+2 bytes per weight) serves passes of many rows ~2x faster than the kernels.
-            wide = config.wide_weights and device.type == "cpu" and cpu_has_native_bf16()
+            # (not in the batch-invariant mode: its GEMM is a different kernel per row count)
+            wide = (config.wide_weights and not config.batch_invariant and device.type == "cpu"
+                    and cpu_has_native_bf16())
             model.quantize(weights, wide_copy=wide)
         if device.type == "cpu":
             model.use_transposed_weights()
         model.eval()
+        failing = model.set_batch_invariant(config.batch_invariant)
+        if failing:
+            log.warning("--batch-invariant on: %d kernels of this weight format / device are "
+                        "not row-invariant here (%s, ...): outputs may still depend on the "
+                        "batch", len(failing), failing[0])
         heads = load_heads_for(config.spec, ckpt.config, ckpt.path, device, dtype)
         del ckpt
         malloc_trim()

@@ -25,6 +25,11 @@ def attention_groups(batch: list[ScheduledSeq]) -> list[list[int]]:
     return chunks + ([rest] if rest else [])
 
 
+def _is_chunk(item: ScheduledSeq) -> bool:
+    """A prefill chunk of 2+ tokens: attention_groups gives it a group of its own."""
+    return item.tree is None and len(item.tokens) > 1
+
+
 class StepInputs:
     """Builds (token ids, attention metadata, logit rows) for a scheduled batch."""
 
@@ -64,6 +69,7 @@ class StepInputs:
         groups = attention_groups(batch)
         # one group: the step's own layout; several: each group's, the step's left unpadded
         meta = self.attention_meta(batch, masks, layout=len(groups) == 1)
+        meta.chunk = len(groups) == 1 and _is_chunk(batch[groups[0][0]])
         meta.positions, meta.token_slots, meta.token_store = (as_t(positions), as_t(tslots),
                                                               as_t(tstore))
         if len(groups) > 1:
@@ -73,6 +79,7 @@ class StepInputs:
             meta.groups = []
             for members in groups:
                 g = self.attention_meta([batch[i] for i in members], [masks[i] for i in members])
+                g.chunk = _is_chunk(batch[members[0]])
                 g.rows = as_t([r for i in members for r in range(bases[i], bases[i + 1])])
                 meta.groups.append(g)
         return as_t(ids), meta, as_t(logit_rows)

@@ -4,6 +4,16 @@ A step packs the new tokens of all scheduled sequences into [T]. Attention needs
 per sequence, so queries are scattered into a padded [B, Lq] layout, attend to that
 sequence's cache row [0, kv_len) under a boolean mask (causal prefix + tree ancestry),
 and are gathered back into packed order. The metadata itself is in attention_metadata.py.
+
+`attend_invariant` is the batch-invariant path (EngineConfig.batch_invariant): each query
+row gathers its own keys in LOGICAL order (committed prefix, then its tree ancestors) into
+aligned blocks of INVARIANT_BLOCK keys, so a row's reduction is the same whether it is a
+decode row, a node of a draft tree (siblings between its ancestors in the cache) or a row
+beside longer sequences (padded keys). Every matmul has one fixed shape per entry
+([G, D] @ [D, C] for scores, [G, C] @ [C, D] for values, G query heads per KV head), which
+bmm computes the same whatever the batch count; block sums are combined in a fixed pairwise
+tree over a power-of-two number of blocks, where the zero blocks past a row's length (and
+the zero weights of its padded keys) leave every partial sum as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ from .attention_metadata import AttentionMetadata, padded_layout
 if TYPE_CHECKING:
     from .kv_cache import KVCache
 
-__all__ = ["AttentionMetadata", "padded_layout", "attend", "attend_cached"]
+__all__ = ["AttentionMetadata", "padded_layout", "attend", "attend_cached", "attend_invariant"]
+
+INVARIANT_BLOCK = 32  # keys per block in attend_invariant: fixed, whatever the pass
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
@@ -45,12 +57,72 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMet
 
 
 def attend_cached(q: torch.Tensor, kv: KVCache, layer: int, meta: AttentionMetadata,
-                  scale: float) -> torch.Tensor:
+                  scale: float, invariant: bool = False) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, D], attending over `layer` of the cache, group by group
-    where the step has groups."""
+    where the step has groups. invariant: every group but a prefill chunk's through
+    attend_invariant (a chunk's rows depend only on the chunk: SDPA, as without it)."""
     if meta.groups is None:
+        if invariant and not meta.chunk:
+            return attend_invariant(q, kv, layer, meta, scale)
         return attend(q, kv.keys(layer, meta), kv.values(layer, meta), meta, scale)
     out = torch.empty_like(q)
     for g in meta.groups:
-        out[g.rows] = attend(q[g.rows], kv.keys(layer, g), kv.values(layer, g), g, scale)
+        if invariant and not g.chunk:
+            out[g.rows] = attend_invariant(q[g.rows], kv, layer, g, scale)
+        else:
+            out[g.rows] = attend(q[g.rows], kv.keys(layer, g), kv.values(layer, g), g, scale)
     return out
+
+
+def invariant_keys(meta: AttentionMetadata, rows: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Per packed row: (cache slot [T], cache index of its logical key j [T, P], j is a real
+    key [T, P], blocks nb) with P = nb * INVARIANT_BLOCK. A row's keys are the True entries
+    of its mask row in cache order, which is logical order (committed prefix, then its
+    ancestors, parents before children); padded entries point at index 0 (finite)."""
+    C = INVARIANT_BLOCK
+    if meta.mask is None:  # one sequence, one row: keys [0, kv_len)
+        visible = torch.ones(rows, meta.kv_len, dtype=torch.bool, device=device)
+        seq = torch.zeros(rows, dtype=torch.long, device=device)
+    else:
+        lq = meta.q_len
+        padded = (meta.q_scatter if meta.q_scatter is not None
+                  else torch.arange(rows, device=device))
+        seq = padded // lq
+        visible = meta.mask.reshape(meta.num_seqs * lq, meta.kv_len)[padded]
+    count = visible.sum(-1)
+    nb = max(1, -(-int(count.max()) // C))
+    P = nb * C
+    target = torch.where(visible, visible.cumsum(-1) - 1, P)
+    idx = torch.zeros(rows, P + 1, dtype=torch.long, device=device)
+    idx.scatter_(1, target, torch.arange(meta.kv_len, device=device).expand(rows, -1))
+    valid = torch.arange(P, device=device) < count[:, None]
+    return meta.seq_slots[seq], idx[:, :P], valid, nb
+
+
+def attend_invariant(q: torch.Tensor, kv: KVCache, layer: int, meta: AttentionMetadata,
+                     scale: float) -> torch.Tensor:
+    """q: [T, Hq, D] -> [T, Hq, D]: each row's attention computed the same whatever else
+    is in the pass (module docstring). Costs a copy of each row's keys and values."""
+    out_dtype = q.dtype
+    T, Hq, D = q.shape
+    if meta.invariant_keys is None:
+        meta.invariant_keys = invariant_keys(meta, T, q.device)
+    slots, idx, valid, nb = meta.invariant_keys
+    C = INVARIANT_BLOCK
+    k, v = kv.gather_rows(layer, slots, idx)  # [T, Hkv, P, D] each
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    qs = (q.to(k.dtype) * scale).view(T, Hkv, 1, G, D).expand(T, Hkv, nb, G, D)
+    s = torch.matmul(qs, k.view(T, Hkv, nb, C, D).transpose(-1, -2))  # [T, Hkv, nb, G, C]
+    s = s.masked_fill(~valid.view(T, 1, nb, 1, C), float("-inf"))
+    p = torch.exp(s - s.amax(dim=(2, 4), keepdim=True))
+    o = torch.matmul(p, v.view(T, Hkv, nb, C, D))  # [T, Hkv, nb, G, D]
+    acc = torch.cat([o, p.sum(-1, keepdim=True)], -1)  # + the softmax denominator's part
+    width = 1 << (nb - 1).bit_length()
+    if width > nb:
+        acc = torch.cat([acc, acc.new_zeros(T, Hkv, width - nb, G, D + 1)], 2)
+    while acc.shape[2] > 1:  # fixed pairwise tree over the blocks
+        acc = acc[:, :, 0::2] + acc[:, :, 1::2]
+    out = acc[:, :, 0, :, :D] / acc[:, :, 0, :, D:]
+    return out.reshape(T, Hq, D).to(out_dtype)

@@ -35,6 +35,12 @@ class AttentionMetadata:
     # which stay the step's) and `rows`, its packed rows in the step.
     groups: list[AttentionMetadata] | None = None
     rows: torch.Tensor | None = None  # [T_g] (groups only)
+    # True for a prefill chunk attended alone (step_inputs): the batch-invariant mode keeps
+    # SDPA for it (a chunk's rows depend only on the chunk), every other row goes through
+    # attention.attend_invariant.
+    chunk: bool = False
+    # attend_invariant's per-row key layout, built at the first layer and reused by the rest
+    invariant_keys: tuple | None = None
 
 
 def padded_layout(counts: list[int], device: torch.device | str = "cpu"

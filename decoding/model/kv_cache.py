@@ -73,6 +73,14 @@ class KVCache:
     def values(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
         return self._read(layer, 1, meta)
 
+    def gather_rows(self, layer: int, slots: torch.Tensor, idx: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [T, Hkv, P, D] of `layer` at cache index idx[t, j] of slot
+        slots[t] (attention.attend_invariant: each row's keys in its own order)."""
+        heads = torch.arange(self.buf.shape[3], device=self.buf.device)
+        at = (slots[:, None, None], heads[None, :, None], idx[:, None, :])
+        return self.buf[layer, 0][at], self.buf[layer, 1][at]
+
     # -- after verification ----------------------------------------------------------------
     def keep_path(self, slot: int, src: list[int], dst_start: int) -> None:
         """Move entries at indices `src` to dst_start .. dst_start+len(src)-1 (all layers)."""

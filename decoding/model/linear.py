@@ -80,6 +80,24 @@ def unpack_onednn(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return onednn_linear(eye, packed).t().contiguous()
 
 
+INVARIANCE_ROWS = (2, 3, 5, 8, 12, 16, 17, 33, 64)  # pass sizes the row-invariance check runs
+
+
+@torch.no_grad()
+def row_invariant(mm, in_features: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                  rows: tuple[int, ...] = INVARIANCE_ROWS) -> bool:
+    """The row-invariance rule every kernel of the batch-invariant mode must meet: for
+    inputs x [M, K], mm(x)[i] is BITWISE mm(x[i:i+1]) for every M in `rows` (so a row's
+    result does not depend on how many rows share the pass, nor on what they hold).
+    Measured per kernel here (benchmarks/row_invariance.py): the int4 and int8 weight-only
+    kernels meet it, the bf16 wide copy does not from 32 rows (K=1536), oneDNN's fp32
+    packed and MKL's fp32 GEMMs do not from 2 rows (M=1 is a GEMV)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(max(rows), in_features, generator=g).to(device=device, dtype=dtype)
+    single = torch.cat([mm(x[i:i + 1]) for i in range(max(rows))])
+    return all(torch.equal(mm(x[:m]), single[:m]) for m in rows)
+
+
 def _wide(w: torch.Tensor) -> torch.Tensor | None:
     """The bf16 copy for passes of WIDE_ROWS+ rows, in oneDNN's packed layout: bucketed, as
     fast as F.linear over a plain copy unbucketed and ~20% faster than F.linear bucketed at
@@ -175,6 +193,7 @@ class Linear(nn.Module):
         self.weight_t: torch.Tensor | None = None  # [in, out] storage, see transpose_storage
         self.wide_weight: torch.Tensor | None = None  # packed bf16 copy, see quantize_int4
         self.packed_weight: torch.Tensor | None = None  # oneDNN layout, see transpose_storage
+        self.invariant = False  # batch-invariant mode: one kernel for every row count
 
     @property
     def weight_format(self) -> str:
@@ -246,6 +265,19 @@ class Linear(nn.Module):
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.int8_weight,
                                                   self.int8_scales)
 
+    def set_row_invariant(self) -> bool:
+        """Batch-invariant mode: the layer computes every pass with the one kernel that
+        serves a single row (never the wide copy, whose bf16 GEMM picks its algorithm by
+        row count), and checks that kernel against the rule (row_invariant). Returns
+        whether it holds."""
+        self.invariant = True
+        dtype = _KERNEL_DTYPE if self.weight_format != "dense" else (
+            self.packed_weight.dtype if self.packed_weight is not None else self.weight.dtype)
+        dev = (self.int4_weight if self.int4_weight is not None else
+               self.int8_weight if self.int8_weight is not None else
+               self.packed_weight if self.packed_weight is not None else self.weight).device
+        return row_invariant(self, self.in_features, dtype, dev)
+
     @torch.no_grad()
     def transpose_storage(self) -> None:
         """CPU storage for the skinny decode matmuls, no extra copy kept: oneDNN's packed
@@ -281,7 +313,8 @@ class Linear(nn.Module):
                 y = onednn_linear(x2, self.packed_weight, self.bias)
             else:
                 x2 = x2.to(_KERNEL_DTYPE)
-                if self.wide_weight is not None and x2.shape[0] >= WIDE_ROWS:
+                if (self.wide_weight is not None and x2.shape[0] >= WIDE_ROWS
+                        and not self.invariant):
                     y = onednn_linear(x2, self.wide_weight)
                 elif self.int4_weight is not None:
                     y = self._int4_mm(x2)

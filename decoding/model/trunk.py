@@ -20,7 +20,7 @@ from ..config import ModelConfig
 from .attention import attend_cached
 from .attention_metadata import AttentionMetadata
 from .kv_cache import KVCache
-from .linear import Linear, onednn_linear, pack_for_onednn
+from .linear import Linear, onednn_linear, pack_for_onednn, row_invariant
 from .step_attention import cached_attention
 
 
@@ -102,6 +102,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim ** -0.5
+        self.batch_invariant = False  # see CausalLM.set_batch_invariant
 
     def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata | None, kv: KVCache | None) -> torch.Tensor:
@@ -120,11 +121,11 @@ class Attention(nn.Module):
             qk = qkv[:, :q_size + kv_size].view(T, self.num_heads + self.num_kv_heads,
                                                 self.head_dim)
             q, k = RotaryEmbedding.apply(qk, *rot).split([self.num_heads, self.num_kv_heads], 1)
-        if kv is None:
+        if kv is None:  # compiled (EngineConfig refuses it together with batch_invariant)
             out = cached_attention(q, k, v, self.layer_idx, self.scale)
         else:
             kv.write(self.layer_idx, meta, k, v)
-            out = attend_cached(q, kv, self.layer_idx, meta, self.scale)
+            out = attend_cached(q, kv, self.layer_idx, meta, self.scale, self.batch_invariant)
         return self.o_proj(out.reshape(T, -1))
 
 
@@ -206,6 +207,27 @@ class CausalLM(nn.Module):
                     m.quantize_int4(wide_copy=wide_copy)
                 else:
                     m.quantize_int8(wide_copy=wide_copy)
+
+    @torch.no_grad()
+    def set_batch_invariant(self, on: bool) -> list[str]:
+        """Batch-invariant mode (EngineConfig.batch_invariant): a row's hidden state and
+        logits do not depend on the other rows of the pass. Attention takes
+        attend_invariant; every projection's kernel and the unembedding are checked
+        against the row-invariance rule (linear.row_invariant). Returns the names of the
+        kernels that fail it (empty: the guarantee holds on this machine)."""
+        failing = []
+        for layer in self.layers:
+            layer.self_attn.batch_invariant = on
+        if not on:
+            return failing
+        for name, m in self.layers.named_modules():
+            if isinstance(m, Linear) and not m.set_row_invariant():
+                failing.append(f"layers.{name} ({m.weight_format})")
+        h = self.unembed_weight().shape[1]
+        if not row_invariant(self.compute_logits, h, self.norm.weight.dtype,
+                             self.norm.weight.device):
+            failing.append("unembedding")
+        return failing
 
     @property
     def weight_format(self) -> str:

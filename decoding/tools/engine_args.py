@@ -29,6 +29,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="int8/int4 on a CPU with native bf16: do not keep a bf16 copy of the "
                         "quantized weights for passes of 12+ rows (saves 2 bytes per weight; "
                         "prefill and large verify batches then run ~2x slower)")
+    g.add_argument("--batch-invariant", default="off", choices=["on", "off"],
+                   help="on: every row of a pass computed as if alone (no wide copy, one "
+                        "kernel for every row count, attention per row in a fixed order), so "
+                        "greedy output with speculation equals it without and does not depend "
+                        "on the other requests in the batch (default int4 weights; cost in README)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
     g.add_argument("--max-model-len", type=int, default=2048, help="context per sequence")
@@ -73,6 +78,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
     )
     return EngineConfig(model=a.model, dtype=a.dtype, weights=a.weights,
                         wide_weights=a.wide_weights, device=a.device,
+                        batch_invariant=a.batch_invariant == "on",
                         max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                         kv_cache_memory_gb=a.kv_cache_gb, prefill_chunk_size=a.prefill_chunk,
                         max_tokens_per_step=max(1024, a.prefill_chunk),

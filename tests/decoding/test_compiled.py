@@ -112,3 +112,10 @@ def test_greedy_compiled_equals_eager_plain_and_speculative(engines):
     assert ct.compiles == compiles, "a graph was compiled while serving"
     used = {b for b in BUCKETS if ct.steps_by_bucket[b] > served[b]}
     assert len(used) >= 3, f"serving used only buckets {used}"
+
+
+def test_compile_and_batch_invariance_are_refused_together():
+    """The compiled graph's attention op has no invariant path yet: a clear error, not a
+    mode that silently drops the guarantee."""
+    with pytest.raises(ValueError, match="cannot be combined"):
+        EngineConfig(compile="on", batch_invariant=True)
