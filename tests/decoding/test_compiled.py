@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from decoding_helpers import greedy, run_requests, tiny_engine
+from mtpserve.decoding.config import EngineConfig
 from mtpserve.decoding.model.attention_metadata import AttentionMetadata, padded_layout
 
 BUCKETS = (1, 2, 4, 8)
