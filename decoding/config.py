@@ -101,6 +101,9 @@ class EngineConfig:
     weights: Literal["auto", "dense", "int8", "int4"] = "auto"  # weight-only quantization (CPU)
     # int8/int4 on CPUs with native bf16: also keep bf16 copies for passes of many rows
     wide_weights: bool = True
+    # logits on CPU: fp16 (FBGEMM, fp32 in/out, half the bytes) or fp32 (dense, as the
+    # file's values); auto: fp16 around an int8/int4 trunk, fp32 for dense weights
+    unembed: Literal["auto", "fp32", "fp16"] = "auto"
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     max_num_seqs: int = 16
     max_model_len: int = 2048  # per-sequence context (prompt + output + tree)
@@ -118,6 +121,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be >= 1")
         if self.weights not in ("auto", "dense", "int8", "int4"):
             raise ValueError(f"weights must be auto|dense|int8|int4, got {self.weights!r}")
+        if self.unembed not in ("auto", "fp32", "fp16"):
+            raise ValueError(f"unembed must be auto|fp32|fp16, got {self.unembed!r}")
         if self.max_model_len < 16:
             raise ValueError("max_model_len must be >= 16")
         if self.prefill_chunk_size < 1 or self.max_tokens_per_step < self.prefill_chunk_size:

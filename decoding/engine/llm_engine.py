@@ -139,6 +139,12 @@ class LLMEngine:
             # (+2 bytes per weight) serves passes of many rows ~2x faster than the kernels.
             wide = config.wide_weights and device.type == "cpu" and cpu_has_native_bf16()
             model.quantize(weights, wide_copy=wide)
+        if config.unembed == "fp16" or (config.unembed == "auto" and device.type == "cpu"
+                                        and weights in ("int8", "int4")):
+            # before use_transposed_weights, which then keeps no fp32 copy for the logits
+            if not model.use_fp16_unembedding() and config.unembed == "fp16":
+                raise ValueError("unembed fp16 needs PyTorch's FBGEMM fp16 GEMM on CPU with an "
+                                 f"fp32 unembedding (device {device.type}); use --unembed fp32")
         if device.type == "cpu":
             model.use_transposed_weights()
         model.eval()
