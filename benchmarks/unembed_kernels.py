@@ -160,7 +160,7 @@ def main() -> None:
         "int8/ch x int8/row _int_mm": (int_mm, V * K, True),
         "int8/ch _int_mm [V,K].t()": (lambda x: int_mm(x, Wq_t), V * K, True),
         "int8/ch x int8/row split x2": (int_mm_split, V * K, True),
-        "Q8_0 exact, 18 block _int_mm": (q8_0_blocks, V * K + V * K // 32 * 4, True),
+        "Q8_0 exact 18-block _int_mm": (q8_0_blocks, V * K + V * K // 32 * 4, True),
         "bf16 oneDNN packed": (lambda x: onednn_linear(x.to(torch.bfloat16), bf16_pk).float(),
                                V * K * 2, False),
         "int8pack_mm bf16 in": (lambda x: torch.ops.aten._weight_int8pack_mm(
@@ -168,7 +168,7 @@ def main() -> None:
         "int8pack_mm fp32 in": (lambda x: torch.ops.aten._weight_int8pack_mm(
             x, Wq, w_s_bf.float()), V * K, True),
     }
-    kernels["int8 2-level w, split x"] = (int_mm_2level, 2 * V * K, True)
+    kernels["int8 2-level w + split x"] = (int_mm_2level, 2 * V * K, True)
     if fp16_w is not None:
         kernels["fp16 fbgemm (fp32 in/out)"] = (
             lambda x: torch.ops.quantized.linear_dynamic_fp16(x, fp16_w), V * K * 2, True)
