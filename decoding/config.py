@@ -105,6 +105,9 @@ class EngineConfig:
     # sequences): greedy output with speculation equals it without, and a request's greedy
     # output does not depend on the batch. Costs: see README (Batch invariance).
     batch_invariant: bool = False
+    # logits on CPU: fp16 (FBGEMM, fp32 in/out, half the bytes) or fp32 (dense, as the
+    # file's values); auto: fp16 around an int8/int4 trunk, fp32 for dense weights
+    unembed: Literal["auto", "fp32", "fp16"] = "auto"
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     max_num_seqs: int = 16
     max_model_len: int = 2048  # per-sequence context (prompt + output + tree)
@@ -137,6 +140,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be >= 1")
         if self.weights not in ("auto", "dense", "int8", "int4"):
             raise ValueError(f"weights must be auto|dense|int8|int4, got {self.weights!r}")
+        if self.unembed not in ("auto", "fp32", "fp16"):
+            raise ValueError(f"unembed must be auto|fp32|fp16, got {self.unembed!r}")
         if self.max_model_len < 16:
             raise ValueError("max_model_len must be >= 16")
         if self.prefill_chunk_size < 1 or self.max_tokens_per_step < self.prefill_chunk_size:

@@ -162,6 +162,12 @@ class LLMEngine:
             wide = (config.wide_weights and not config.batch_invariant and device.type == "cpu"
                     and cpu_has_native_bf16())
             model.quantize(weights, wide_copy=wide)
+        if config.unembed == "fp16" or (config.unembed == "auto" and device.type == "cpu"
+                                        and weights in ("int8", "int4")):
+            # before use_transposed_weights, which then keeps no fp32 copy for the logits
+            if not model.use_fp16_unembedding() and config.unembed == "fp16":
+                raise ValueError("unembed fp16 needs PyTorch's FBGEMM fp16 GEMM on CPU with an "
+                                 f"fp32 unembedding (device {device.type}); use --unembed fp32")
         if device.type == "cpu":
             model.use_transposed_weights()
         model.eval()

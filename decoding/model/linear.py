@@ -73,6 +73,29 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return _in_buckets(torch.ops.mkldnn._linear_pointwise, x, packed, bias, "none", [], "")
 
 
+def pack_fp16(w: torch.Tensor) -> torch.Tensor | None:
+    """w [N, K] fp32 rounded to fp16 and packed for FBGEMM's fp16 GEMM (CPU), whose input,
+    accumulation and output stay fp32: half the bytes of fp32, logits not rounded to a
+    16-bit grid. None where this build or CPU lacks the op. Measured for the unembedding
+    (49152 x 576, benchmarks/unembed_kernels.py): max |logit error| 0.02 vs fp32 dense
+    where per-channel int8 weights give 0.9 and bf16 outputs 0.2. FBGEMM pads K to whole
+    512-row blocks in memory (not in what it streams): K=576 holds ~96 MB, not 57."""
+    if w.device.type != "cpu" or float(w.detach().abs().max()) > 6e4:  # fp16's range
+        return None
+    try:
+        packed = torch.ops.quantized.linear_prepack_fp16(w.detach().float().contiguous(), None)
+        torch.ops.quantized.linear_dynamic_fp16(w.new_zeros(2, w.shape[1]), packed)
+        return packed
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def fp16_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 @ W^T for W packed by pack_fp16 -> fp32 [M, N]. Each row's result is
+    the same whichever other rows share the pass (no activation quantization)."""
+    return torch.ops.quantized.linear_dynamic_fp16(x.float().contiguous(), packed)
+
+
 def unpack_onednn(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """The [N, K] weight back from pack_for_onednn's layout, exactly: the identity times it
     (one nonzero term per sum)."""

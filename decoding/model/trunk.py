@@ -20,7 +20,8 @@ from ..config import ModelConfig
 from .attention import attend_cached
 from .attention_metadata import AttentionMetadata
 from .kv_cache import KVCache
-from .linear import Linear, onednn_linear, pack_for_onednn, row_invariant
+from .linear import (Linear, fp16_linear, onednn_linear, pack_for_onednn, pack_fp16,
+                     row_invariant)
 from .step_attention import cached_attention
 
 
@@ -169,6 +170,7 @@ class CausalLM(nn.Module):
                                                                    bias=False)
         self.unembed_t: torch.Tensor | None = None  # see use_transposed_weights
         self.unembed_packed: torch.Tensor | None = None  # oneDNN layout, ditto
+        self.unembed_fp16: torch.Tensor | None = None  # see use_fp16_unembedding
 
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
                 return_pre_last: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -234,6 +236,38 @@ class CausalLM(nn.Module):
         """dense, int8 or int4: how the layers' projections are stored."""
         return self.layers[0].mlp.down_proj.weight_format
 
+    @property
+    def unembed_format(self) -> str:
+        """fp16 (use_fp16_unembedding) or dense: how compute_logits reads the unembedding."""
+        return "fp16" if self.unembed_fp16 is not None else "dense"
+
+    @torch.no_grad()
+    def use_fp16_unembedding(self) -> bool:
+        """CPU: compute the logits from an fp16 copy of the fp32 unembedding through FBGEMM's
+        fp16 GEMM (fp32 in, fp32 accumulation and out), and hold no fp32 copy for the logits
+        (the tied embedding keeps its fp32 rows for the lookup and draft vocabularies). Half
+        the bytes per step (held: ~96 MB for this model's 113 MB fp32 copy, FBGEMM's padding); logits within ~0.02 of fp32 dense here, where per-channel int8
+        weights (the only int8 layout with fp32-output kernels here) were 0.9 off and bf16
+        outputs 0.2 (benchmarks/unembed_kernels.py). A pass of one row and a pass of many
+        give each row the same bits. False (nothing changed) where the op is missing or
+        disagrees with the fp16 values on a probe."""
+        w = self.unembed_weight()
+        if w.dtype != torch.float32:
+            return False
+        packed = pack_fp16(w)
+        if packed is None:
+            return False
+        probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device)
+        got = fp16_linear(probe, packed)
+        for rows in torch.arange(w.shape[0], device=w.device).split(8192):  # small temporaries
+            want = F.linear(probe, w[rows].half().float())
+            err = float((got[:, rows] - want).abs().max())
+            if not err <= 1e-3 * (1 + float(want.abs().max())):  # NaN fails too
+                return False
+        self.unembed_fp16 = packed
+        self.unembed_packed = self.unembed_t = None
+        return True
+
     def unembed_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
@@ -250,6 +284,8 @@ class CausalLM(nn.Module):
             if isinstance(m, Linear):
                 m.transpose_storage()
         w = self.unembed_weight()
+        if self.unembed_fp16 is not None:
+            return
         if w.dtype == torch.float32:
             self.unembed_packed = pack_for_onednn(w, batch_hint=16)
         if self.unembed_packed is None:
@@ -257,6 +293,8 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""
+        if self.unembed_fp16 is not None:
+            return fp16_linear(hidden, self.unembed_fp16)
         if self.unembed_packed is not None and hidden.dtype == torch.float32:
             return onednn_linear(hidden, self.unembed_packed)
         if self.unembed_t is not None or self.unembed_packed is not None:  # CPU layouts

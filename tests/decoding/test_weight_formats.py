@@ -176,6 +176,73 @@ def test_int4_speculative_greedy_leaves_plain_only_at_near_ties(int4_engine):
         assert float(top2[0] - top2[1]) < 0.05, (d, top2)
 
 
+def test_int4_engine_logits_come_from_the_fp16_unembedding_within_0_05(int4_engine):
+    """Around the int4 trunk the logits read an fp16 copy of the Q8_0 unembedding through an
+    fp32-output kernel (no fp32 copy for the logits): on real hidden states every logit
+    within 0.05 of the fp32 product (measured 0.02; per-channel int8 weights were 0.9 off),
+    not the fp32 product itself, float32 for one row and for many, and a row's logits the
+    same bits whichever rows share the pass (verify == single-token steps)."""
+    from decoding_helpers import chat, prefill_hidden
+
+    model = int4_engine.model
+    assert model.unembed_format == "fp16" and model.unembed_packed is None
+    assert model.unembed_t is None
+    ids = chat(int4_engine.tokenizer, "Write a Python function that merges two sorted lists.")
+    (h,), _ = prefill_hidden(model, [ids])
+    ref = h.double() @ model.unembed_weight().detach().double().t()
+    many = model.compute_logits(h)
+    one = torch.cat([model.compute_logits(h[i:i + 1]) for i in range(len(h))])
+    assert many.dtype == one.dtype == torch.float32 and many.shape == ref.shape
+    err = float((many.double() - ref).abs().max())
+    assert 1e-4 < err < 0.05, err  # fp16 weights, not the fp32 ones; and no coarser
+    assert torch.equal(many, one)
+    assert torch.equal(many.argmax(-1), ref.argmax(-1))
+
+
+def test_fp16_unembedding_on_a_tiny_model_keeps_no_fp32_logits_copy():
+    model = random_causal_lm(tiny_config(vocab=300, hidden=64), dtype=torch.float32, seed=3)
+    if not model.use_fp16_unembedding():
+        pytest.skip("this PyTorch build has no FBGEMM fp16 GEMM")
+    model.use_transposed_weights()
+    assert model.unembed_packed is None and model.unembed_t is None
+    h = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
+    w16 = model.unembed_weight().half().double()
+    for n in (1, 7):
+        got = model.compute_logits(h[:n])
+        assert got.dtype == torch.float32 and got.shape == (n, 300)
+        torch.testing.assert_close(got.double(), h[:n].double() @ w16.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_unembed_flag_is_validated():
+    with pytest.raises(ValueError, match="unembed"):
+        EngineConfig(unembed="int8")
+
+
+def test_speculative_greedy_equals_plain_with_the_fp16_unembedding(default_engine):
+    """The shared dense fp32 engine switched to the fp16 unembedding (then back): its
+    verify passes and one-row steps still agree token for token, since the fp16 kernel
+    gives a row the same logits in a pass of one row or of many."""
+    from decoding_helpers import chat
+
+    eng, model = default_engine, default_engine.model
+    prompts = [chat(eng.tokenizer, t) for t in ("List three colors.",
+                                                 "Write a haiku about the sea.")]
+    prompts.append(eng.tokenizer.encode("one two three one two three one two three one two"))
+    assert model.unembed_format == "dense"
+    if not model.use_fp16_unembedding():
+        pytest.skip("this PyTorch build has no FBGEMM fp16 GEMM")
+    try:
+        assert model.unembed_format == "fp16"
+        plain = [r["token_ids"] for r in eng.generate(prompts, _greedy(24, speculate=False))]
+        spec = eng.generate(prompts, _greedy(24, speculate=True))
+    finally:
+        model.unembed_fp16 = None
+        model.use_transposed_weights()  # the fp32 packed copy back, as the engine built it
+    assert model.unembed_format == "dense" and model.unembed_packed is not None
+    assert sum(r["spec"].num_accepted_draft_tokens for r in spec) > 0
+    assert [r["token_ids"] for r in spec] == plain
+
+
 def _greedy(n: int, speculate: bool = False) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, speculate=speculate)
 

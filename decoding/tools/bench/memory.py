@@ -40,7 +40,8 @@ def model_bytes(model: torch.nn.Module) -> int:
     seen, total = set(), 0
     unembed_t = getattr(model, "unembed_t", None)
     unembed_packed = getattr(model, "unembed_packed", None)  # opaque: no data_ptr
-    own_copy = unembed_t is not None or unembed_packed is not None
+    unembed_fp16 = getattr(model, "unembed_fp16", None)  # FBGEMM's packed fp16: opaque too
+    own_copy = unembed_t is not None or unembed_packed is not None or unembed_fp16 is not None
     named = itertools.chain(model.named_parameters(), model.named_buffers(),
                             [("unembed_t", unembed_t)])
     for name, t in named:
@@ -55,6 +56,8 @@ def model_bytes(model: torch.nn.Module) -> int:
     for packed in packed_all:
         if packed is not None:
             total += packed.numel() * packed.element_size()
+    if unembed_fp16 is not None:
+        total += model.config.vocab_size * model.config.hidden_size * 2
     return total
 
 
