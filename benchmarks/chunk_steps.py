@@ -7,7 +7,7 @@ many of the chunk's requests were still unfinished at that time.
 
 Reads a results.json that `mtpserve-loadtest --ab --ab-schedule alternating` wrote; the
 requests of each arm are split into `--chunks` groups in start order (the schedule's
-blocks). Used for the session 6 diagnosis in docs/benchmarks.md.
+blocks). Used for the session 6 diagnosis in docs/experiments.md.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def resolve_dtype(name: str, device: torch.device, weights: str = "dense") -> to
         # The weight-only kernels take bf16 inputs either way; around them fp32 measured
         # faster than bf16 even on CPUs with native bf16 (PyTorch's CPU flash attention
         # repacks bf16 K/V on every call) and keeps one-row and k-row passes within fp32
-        # rounding of each other (docs/benchmarks.md, session 7).
+        # rounding of each other (docs/experiments.md).
         return torch.float32
     # Without native bf16 instructions PyTorch's CPU bf16 matmuls take a slow path
     # (measured 2-3x slower than fp32, docs/benchmarks.md), so fp32 unless the CPU
@@ -37,7 +37,7 @@ def resolve_dtype(name: str, device: torch.device, weights: str = "dense") -> to
 def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The KV cache's dtype, which attention computes in. On CPU a bf16 cache costs more
     than it saves: PyTorch's CPU flash attention repacks bf16 K/V on every call, measured
-    4-7x slower than fp32 for decode rows (docs/benchmarks.md, session 7)."""
+    4-7x slower than fp32 for decode rows (docs/experiments.md)."""
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return dtype

@@ -27,7 +27,7 @@ _KERNEL_DTYPE = torch.bfloat16  # what the CPU weight-only kernels want as activ
 # in blocks of 4), the bf16 GEMM (native bf16 CPUs) does not. 30 layers of this model,
 # int4 vs the packed bf16 copy: 13.0 vs 12.6 ms at 8 rows, 18.4 vs 13.9 at 12, 23.1 vs 16.0
 # at 16; in the engine 12 beat 32 from 12 rows on (verify k=16 43 vs 47 ms, batch-16 decode
-# 57 vs 61) and 5 lost at 8 rows (docs/benchmarks.md, session 10).
+# 57 vs 61) and 5 lost at 8 rows (docs/experiments.md).
 WIDE_ROWS = 12
 
 
@@ -58,7 +58,7 @@ def pack_for_onednn(w: torch.Tensor, batch_hint: int = 1) -> torch.Tensor | None
     """w [N, K] (fp32 or bf16) reordered into oneDNN's blocked layout for its linear (what
     inductor's CPU backend emits), or None where this PyTorch build lacks the ops. Measured
     here: the fp32 unembedding's 16-row logits 5.8 vs 14.3 ms, the dense bf16 trunk's decode
-    step 34-36 vs 42-44 ms (docs/benchmarks.md, session 7)."""
+    step 34-36 vs 42-44 ms (docs/experiments.md)."""
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
         onednn_linear(w.new_zeros(2, w.shape[1]), packed)  # the op runs in this build

@@ -16,7 +16,7 @@ Attention, `TrainConfig.attention`:
   `candidates()`). On the embedded model's data (~170k answer tokens) this generalised
   better than context: held-out top-1 .450/.386/.369 vs .394/.352/.336 from the identity
   start, and context fine-tuning from the chain weights lowered held-out accuracy while the
-  training loss fell (docs/benchmarks.md, session 5).
+  training loss fell (docs/experiments.md).
 - context (mtp_context.py, as EAGLE and DeepSeek train): depth 1 at position t
   attends over the module's depth-1 entries at every position <= t, i.e. one causal pass
   over whole sequences; depth j > 1 (chain step t + j - 1) attends over those same entries
