@@ -80,7 +80,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="sequential: what the module attends over: the draft chain only "
                         "(chain), or also its own entries at every earlier position (context, "
                         "as EAGLE/DeepSeek; on the embedded model's ~170k training tokens it "
-                        "generalised worse, docs/benchmarks.md)")
+                        "generalised worse, docs/experiments.md)")
     p.add_argument("--distill", default="top1", choices=["top1", "kl"],
                    help="sequential: the loss of each depth: cross-entropy to the target token "
                         "(top1), or KL to the frozen trunk's softmax at that position over the "
