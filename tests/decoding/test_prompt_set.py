@@ -1,10 +1,9 @@
-"""decoding/training/data/make_prompt_set.py: the #24 prompt set is deterministic for a seed,
+"""decoding/training/prompt_set/ (build.py): the #24 prompt set is deterministic for a seed,
 large, covers every category, reads as train-heads data, and never touches the held-out
 prompts."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,10 +15,9 @@ DATA = Path(__file__).resolve().parents[2] / "decoding" / "training" / "data"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("make_prompt_set", DATA / "make_prompt_set.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from mtpserve.decoding.training.prompt_set import build
+
+    return build
 
 
 @pytest.fixture(scope="module")
