@@ -246,9 +246,10 @@ class CausalLM(nn.Module):
         """CPU: compute the logits from an fp16 copy of the fp32 unembedding through FBGEMM's
         fp16 GEMM (fp32 in, fp32 accumulation and out), and hold no fp32 copy for the logits
         (the tied embedding keeps its fp32 rows for the lookup and draft vocabularies). Half
-        the bytes per step (held: ~96 MB for this model's 113 MB fp32 copy, FBGEMM's padding); logits within ~0.02 of fp32 dense here, where per-channel int8
-        weights (the only int8 layout with fp32-output kernels here) were 0.9 off and bf16
-        outputs 0.2 (benchmarks/unembed_kernels.py). A pass of one row and a pass of many
+        the bytes per step (held: ~96 MB for this model's 113 MB fp32 copy, FBGEMM's
+        padding); logits within ~0.02 of fp32 dense here, where per-channel int8 weights
+        (the only int8 layout with fp32-output kernels here) were 0.9 off and bf16 outputs
+        0.2 (benchmarks/unembed_kernels.py). A pass of one row and a pass of many
         give each row the same bits. False (nothing changed) where the op is missing or
         disagrees with the fp16 values on a probe."""
         w = self.unembed_weight()
