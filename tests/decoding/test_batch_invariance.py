@@ -109,6 +109,20 @@ def _cache(k, v):
     return kv
 
 
+def test_flat_gather_gives_the_keys_advanced_indexing_gives():
+    """kv.gather_flat (one index_select of D-rows, K and V together) copies exactly the
+    entries buf[layer, k/v][slot, head, idx] that attend_invariant reduces over."""
+    g = torch.Generator().manual_seed(3)
+    kv = KVCache.__new__(KVCache)
+    kv.buf = torch.randn(2, 2, 5, 3, 70, 8, generator=g)  # [layer, k/v, slot, head, idx, D]
+    slots = torch.tensor([4, 0, 2, 2])
+    idx = torch.randint(0, 70, (4, 64), generator=g)
+    got = kv.gather_flat(1, kv.flat_index(slots, idx))
+    heads = torch.arange(3)
+    at = (slots[:, None, None], heads[None, :, None], idx[:, None, :])
+    assert torch.equal(got[0], kv.buf[1, 0][at]) and torch.equal(got[1], kv.buf[1, 1][at])
+
+
 @pytest.mark.parametrize("start", [5, 31, 32, 141, 700])
 def test_attend_invariant_gives_a_tree_node_the_decode_rows_bits(start):
     """A decode row at position start+3 over keys [0, start+3] vs (a) the same query as the
