@@ -123,19 +123,22 @@ def attend_invariant(q: torch.Tensor, kv: KVCache, layer: int, meta: AttentionMe
     flat, invalid, nb = meta.invariant_keys
     C = INVARIANT_BLOCK
     kvr = kv.gather_flat(layer, flat)  # [2, T, Hkv, P, D]
-    k, v = kvr[0], kvr[1]
-    Hkv = k.shape[1]
+    Hkv = kvr.shape[2]
     G = Hq // Hkv
-    qs = (q.to(k.dtype) * scale).view(T, Hkv, 1, G, D).expand(T, Hkv, nb, G, D)
-    s = torch.matmul(qs, k.view(T, Hkv, nb, C, D).transpose(-1, -2))  # [T, Hkv, nb, G, C]
+    N = T * Hkv * nb  # bmm entries: one per (row, KV head, block)
+    kvr = kvr.view(2, N, C, D)
+    qs = (q.to(kvr.dtype) * scale).view(T * Hkv, 1, G, D).expand(T * Hkv, nb, G, D)
+    s = torch.bmm(qs.reshape(N, G, D), kvr[0].transpose(1, 2)).view(T, Hkv, nb, G, C)
     s.masked_fill_(invalid, float("-inf"))
     p = s.sub_(s.amax(dim=(2, 4), keepdim=True)).exp_()
-    o = torch.matmul(p, v.view(T, Hkv, nb, C, D))  # [T, Hkv, nb, G, D]
+    o = torch.bmm(p.view(N, G, C), kvr[1]).view(T, Hkv, nb, G, D)
     acc = torch.cat([o, p.sum(-1, keepdim=True)], -1)  # + the softmax denominator's part
     width = 1 << (nb - 1).bit_length()
     if width > nb:
         acc = torch.cat([acc, acc.new_zeros(T, Hkv, width - nb, G, D + 1)], 2)
-    while acc.shape[2] > 1:  # fixed pairwise tree over the blocks
-        acc = acc[:, :, 0::2] + acc[:, :, 1::2]
-    out = acc[:, :, 0, :, :D] / acc[:, :, 0, :, D:]
-    return out.reshape(T, Hq, D).to(out_dtype)
+    while width > 1:  # fixed pairwise tree over the blocks: block 2i + block 2i+1
+        width //= 2
+        a, b = acc.view(T, Hkv, width, 2, G, D + 1).unbind(3)
+        acc = a + b
+    acc = acc.view(T, Hq, D + 1)
+    return (acc[..., :D] / acc[..., D:]).to(out_dtype)
