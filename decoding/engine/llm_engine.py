@@ -158,9 +158,9 @@ class LLMEngine:
         if weights in ("int8", "int4"):
             # Where the CPU multiplies bf16 natively, a bf16 copy of the quantized values
             # (+2 bytes per weight) serves passes of many rows ~2x faster than the kernels.
-            # (not in the batch-invariant mode: its GEMM is a different kernel per row count)
-            wide = (config.wide_weights and not config.batch_invariant and device.type == "cpu"
-                    and cpu_has_native_bf16())
+            # (the batch-invariant mode uses it only for prefill chunks, each alone: its GEMM
+            # is a different kernel per row count, linear.ChunkRows)
+            wide = config.wide_weights and device.type == "cpu" and cpu_has_native_bf16()
             model.quantize(weights, wide_copy=wide)
         if config.unembed == "fp16" or (config.unembed == "auto" and device.type == "cpu"
                                         and weights in ("int8", "int4")):

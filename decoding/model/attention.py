@@ -100,29 +100,45 @@ def invariant_keys(meta: AttentionMetadata, rows: int, device: torch.device
     return meta.seq_slots[seq], idx[:, :P], valid, nb
 
 
+def invariant_layout(meta: AttentionMetadata, kv: KVCache, rows: int, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What attend_invariant needs for every layer of a step, built at its first layer:
+    (the rows of the cache holding each row's keys and values, kv.flat_index [2, T, Hkv, P];
+    the padded key positions [T, 1, nb, 1, C] as a mask of the scores; nb)."""
+    slots, idx, valid, nb = invariant_keys(meta, rows, device)
+    invalid = (~valid).view(rows, 1, nb, 1, INVARIANT_BLOCK)
+    return kv.flat_index(slots, idx), invalid, nb
+
+
 def attend_invariant(q: torch.Tensor, kv: KVCache, layer: int, meta: AttentionMetadata,
                      scale: float) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, D]: each row's attention computed the same whatever else
-    is in the pass (module docstring). Costs a copy of each row's keys and values."""
+    is in the pass (module docstring). Costs a copy of each row's keys and values (one
+    index_select for both); the step's layout and masks are built once, at the first
+    layer, and the elementwise steps run in place (docs/experiments.md)."""
     out_dtype = q.dtype
     T, Hq, D = q.shape
     if meta.invariant_keys is None:
-        meta.invariant_keys = invariant_keys(meta, T, q.device)
-    slots, idx, valid, nb = meta.invariant_keys
+        meta.invariant_keys = invariant_layout(meta, kv, T, q.device)
+    flat, invalid, nb = meta.invariant_keys
     C = INVARIANT_BLOCK
-    k, v = kv.gather_rows(layer, slots, idx)  # [T, Hkv, P, D] each
-    Hkv = k.shape[1]
+    kvr = kv.gather_flat(layer, flat)  # [2, T, Hkv, P, D]
+    Hkv = kvr.shape[2]
     G = Hq // Hkv
-    qs = (q.to(k.dtype) * scale).view(T, Hkv, 1, G, D).expand(T, Hkv, nb, G, D)
-    s = torch.matmul(qs, k.view(T, Hkv, nb, C, D).transpose(-1, -2))  # [T, Hkv, nb, G, C]
-    s = s.masked_fill(~valid.view(T, 1, nb, 1, C), float("-inf"))
-    p = torch.exp(s - s.amax(dim=(2, 4), keepdim=True))
-    o = torch.matmul(p, v.view(T, Hkv, nb, C, D))  # [T, Hkv, nb, G, D]
+    N = T * Hkv * nb  # bmm entries: one per (row, KV head, block)
+    kvr = kvr.view(2, N, C, D)
+    qs = (q.to(kvr.dtype) * scale).view(T * Hkv, 1, G, D).expand(T * Hkv, nb, G, D)
+    s = torch.bmm(qs.reshape(N, G, D), kvr[0].transpose(1, 2)).view(T, Hkv, nb, G, C)
+    s.masked_fill_(invalid, float("-inf"))
+    p = s.sub_(s.amax(dim=(2, 4), keepdim=True)).exp_()
+    o = torch.bmm(p.view(N, G, C), kvr[1]).view(T, Hkv, nb, G, D)
     acc = torch.cat([o, p.sum(-1, keepdim=True)], -1)  # + the softmax denominator's part
     width = 1 << (nb - 1).bit_length()
     if width > nb:
         acc = torch.cat([acc, acc.new_zeros(T, Hkv, width - nb, G, D + 1)], 2)
-    while acc.shape[2] > 1:  # fixed pairwise tree over the blocks
-        acc = acc[:, :, 0::2] + acc[:, :, 1::2]
-    out = acc[:, :, 0, :, :D] / acc[:, :, 0, :, D:]
-    return out.reshape(T, Hq, D).to(out_dtype)
+    while width > 1:  # fixed pairwise tree over the blocks: block 2i + block 2i+1
+        width //= 2
+        a, b = acc.view(T, Hkv, width, 2, G, D + 1).unbind(3)
+        acc = a + b
+    acc = acc.view(T, Hq, D + 1)
+    return (acc[..., :D] / acc[..., D:]).to(out_dtype)

@@ -77,9 +77,25 @@ class KVCache:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [T, Hkv, P, D] of `layer` at cache index idx[t, j] of slot
         slots[t] (attention.attend_invariant: each row's keys in its own order)."""
-        heads = torch.arange(self.buf.shape[3], device=self.buf.device)
-        at = (slots[:, None, None], heads[None, :, None], idx[:, None, :])
-        return self.buf[layer, 0][at], self.buf[layer, 1][at]
+        kv = self.gather_flat(layer, self.flat_index(slots, idx))
+        return kv[0], kv[1]
+
+    def flat_index(self, slots: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """[2, T, Hkv, P]: the rows of one layer's [2 * slots * Hkv * slot_len, D] view that
+        hold the keys (then the values) at cache index idx[t, j] [T, P] of slot slots[t],
+        for gather_flat. The same for every layer: built once per step."""
+        _, _, S, Hkv, Ls, _ = self.buf.shape
+        heads = torch.arange(Hkv, device=self.buf.device)
+        at = ((slots[:, None] * Hkv + heads[None, :]) * Ls)[:, :, None] + idx[:, None, :]
+        return torch.stack([at, at + S * Hkv * Ls])
+
+    def gather_flat(self, layer: int, flat: torch.Tensor) -> torch.Tensor:
+        """Keys and values [2, T, Hkv, P, D] of `layer` at flat_index(slots, idx): one
+        index_select of whole D-rows for both (the values advanced indexing by [slot, head,
+        index] gives, ~8x faster here: 11 vs 85 us at 200 keys, one thread)."""
+        D = self.buf.shape[-1]
+        rows = self.buf[layer].view(-1, D).index_select(0, flat.view(-1))
+        return rows.view(*flat.shape, D)
 
     # -- after verification ----------------------------------------------------------------
     def keep_path(self, slot: int, src: list[int], dst_start: int) -> None:

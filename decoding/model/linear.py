@@ -16,6 +16,11 @@ device whose kernel reads the packing differently is a clear error, not wrong to
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,6 +106,31 @@ def unpack_onednn(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     (one nonzero term per sum)."""
     eye = torch.eye(in_features, dtype=packed.dtype, device=packed.device)
     return onednn_linear(eye, packed).t().contiguous()
+
+
+@dataclass(frozen=True)
+class ChunkRows:
+    """The batch-invariant mode's row plan of one pass (set by the trunk, chunk_rows()):
+    each prefill chunk of WIDE_ROWS+ rows, whose rows depend only on the chunk (as its
+    SDPA attention does), is multiplied ALONE by the bf16 wide copy, the way that chunk
+    would be in any pass; every other row (decode rows, tree nodes, short chunks) by the
+    row-invariant one-row kernel. chunks: row slices or index tensors; rest: the other rows
+    (None: none)."""
+    chunks: tuple
+    rest: torch.Tensor | slice | None
+
+
+_CHUNK_ROWS: ContextVar[ChunkRows | None] = ContextVar("chunk_rows", default=None)
+
+
+@contextmanager
+def chunk_rows(plan: ChunkRows | None) -> Iterator[None]:
+    """Quantized layers in the batch-invariant mode follow `plan` inside the block."""
+    token = _CHUNK_ROWS.set(plan)
+    try:
+        yield
+    finally:
+        _CHUNK_ROWS.reset(token)
 
 
 INVARIANCE_ROWS = (2, 3, 5, 8, 12, 16, 17, 33, 64)  # pass sizes the row-invariance check runs
@@ -288,6 +318,22 @@ class Linear(nn.Module):
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.int8_weight,
                                                   self.int8_scales)
 
+    def _one_row_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight-only kernel (int4 or int8): the one that serves a single row."""
+        return self._int4_mm(x) if self.int4_weight is not None else self._int8_mm(x)
+
+    def _by_plan(self, x: torch.Tensor, plan: ChunkRows) -> torch.Tensor:
+        """Batch-invariant mode with prefill chunks in the pass (ChunkRows): each chunk
+        through the wide copy alone, the other rows through the one-row kernel."""
+        if plan.rest is None and len(plan.chunks) == 1:
+            return onednn_linear(x[plan.chunks[0]], self.wide_weight)
+        y = x.new_empty(x.shape[0], self.out_features)
+        for rows in plan.chunks:
+            y[rows] = onednn_linear(x[rows], self.wide_weight)
+        if plan.rest is not None:
+            y[plan.rest] = self._one_row_mm(x[plan.rest])
+        return y
+
     def set_row_invariant(self) -> bool:
         """Batch-invariant mode: the layer computes every pass with the one kernel that
         serves a single row (never the wide copy, whose bf16 GEMM picks its algorithm by
@@ -336,13 +382,14 @@ class Linear(nn.Module):
                 y = onednn_linear(x2, self.packed_weight, self.bias)
             else:
                 x2 = x2.to(_KERNEL_DTYPE)
-                if (self.wide_weight is not None and x2.shape[0] >= WIDE_ROWS
+                plan = _CHUNK_ROWS.get() if self.invariant else None
+                if plan is not None and self.wide_weight is not None:
+                    y = self._by_plan(x2, plan)
+                elif (self.wide_weight is not None and x2.shape[0] >= WIDE_ROWS
                         and not self.invariant):
                     y = onednn_linear(x2, self.wide_weight)
-                elif self.int4_weight is not None:
-                    y = self._int4_mm(x2)
                 else:
-                    y = self._int8_mm(x2)
+                    y = self._one_row_mm(x2)
                 y = y.to(x.dtype)
             if x.dim() != 2:  # the trunk's packed [T, H] never pays for these
                 y = y.reshape(*x.shape[:-1], self.out_features)

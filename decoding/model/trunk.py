@@ -20,8 +20,8 @@ from ..config import ModelConfig
 from .attention import attend_cached
 from .attention_metadata import AttentionMetadata
 from .kv_cache import KVCache
-from .linear import (Linear, fp16_linear, onednn_linear, pack_for_onednn, pack_fp16,
-                     row_invariant)
+from .linear import (WIDE_ROWS, ChunkRows, Linear, chunk_rows, fp16_linear, onednn_linear,
+                     pack_for_onednn, pack_fp16, row_invariant)
 from .step_attention import cached_attention
 
 
@@ -179,7 +179,23 @@ class CausalLM(nn.Module):
         With return_pre_last also the residual stream entering the last layer, which
         Meta-style parallel MTP heads read.
         """
-        return self.run_layers(ids, meta.positions, meta, kv, return_pre_last)
+        if not self.layers[0].self_attn.batch_invariant:
+            return self.run_layers(ids, meta.positions, meta, kv, return_pre_last)
+        with chunk_rows(self.chunk_plan(meta, ids.shape[0])):
+            return self.run_layers(ids, meta.positions, meta, kv, return_pre_last)
+
+    @staticmethod
+    def chunk_plan(meta: AttentionMetadata, rows: int) -> ChunkRows | None:
+        """Batch-invariant mode: the prefill chunks of WIDE_ROWS+ rows of this pass, which
+        quantized layers multiply alone by their bf16 wide copy (linear.ChunkRows: a chunk's
+        rows depend only on the chunk, whatever else the pass holds); None: none."""
+        if meta.groups is None:
+            return ChunkRows((slice(None),), None) if meta.chunk and rows >= WIDE_ROWS else None
+        chunks = [g for g in meta.groups if g.chunk and g.rows.numel() >= WIDE_ROWS]
+        if not chunks:
+            return None
+        others = [g.rows for g in meta.groups if not any(g is c for c in chunks)]
+        return ChunkRows(tuple(g.rows for g in chunks), torch.cat(others) if others else None)
 
     def run_layers(self, ids: torch.Tensor, positions: torch.Tensor,
                    meta: AttentionMetadata | None, kv: KVCache | None,

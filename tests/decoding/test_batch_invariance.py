@@ -23,7 +23,8 @@ from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
 from mtpserve.decoding.model import attention as attn
 from mtpserve.decoding.model.attention_metadata import AttentionMetadata, padded_layout
 from mtpserve.decoding.model.kv_cache import KVCache
-from mtpserve.decoding.model.linear import WIDE_ROWS, Linear, row_invariant
+from mtpserve.decoding.model.linear import (WIDE_ROWS, ChunkRows, Linear, chunk_rows,
+                                            row_invariant)
 from mtpserve.decoding.spec.tree import DraftTree, load_choices
 
 N = 128
@@ -67,6 +68,33 @@ def test_the_rule_catches_a_kernel_that_depends_on_the_row_count():
     assert not row_invariant(by_count, 300, torch.float32)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_a_prefill_chunk_gets_the_same_bits_alone_and_beside_other_rows(fmt):
+    """In the mode a chunk of WIDE_ROWS+ rows goes through the wide copy ALONE (ChunkRows):
+    its rows equal the chunk's pass by itself, whatever other chunks and decode rows share
+    the pass, and every other row keeps its one-row bits."""
+    lin = _linear(fmt)
+    if lin.wide_weight is None:
+        pytest.skip("no bf16 wide copy on this machine")
+    assert lin.set_row_invariant()
+    g = torch.Generator().manual_seed(5)
+    chunk, other, rows = torch.randn(40, 576, generator=g), torch.randn(17, 576, generator=g), 3
+    with chunk_rows(ChunkRows((slice(None),), None)):
+        alone = lin(chunk)
+        alone_other = lin(other)
+    singles = torch.cat([lin(x[None]) for x in (chunk[0], chunk[1], chunk[2])])
+    assert not torch.equal(alone[:rows], singles)  # the chunk's own kernel (else no test)
+    # pass: 3 decode rows, the chunk, the other chunk
+    x = torch.cat([chunk[:rows] + 1, chunk, other])
+    plan = ChunkRows((torch.arange(rows, rows + 40), torch.arange(rows + 40, rows + 57)),
+                     torch.arange(rows))
+    with chunk_rows(plan):
+        y = lin(x)
+    assert torch.equal(y[rows:rows + 40], alone) and torch.equal(y[rows + 40:], alone_other)
+    assert torch.equal(y[:rows], torch.cat([lin(r[None]) for r in x[:rows]]))
+    assert torch.equal(lin(x), torch.cat([lin(r[None]) for r in x]))  # no plan: one kernel
+
+
 def test_invariant_model_reports_no_failing_kernel_at_int4():
     model = random_causal_lm(tiny_config(vocab=300, hidden=64), dtype=torch.float32, seed=2)
     model.quantize("int4", wide_copy=True)
@@ -107,6 +135,20 @@ def _cache(k, v):
     kv = KVCache.__new__(KVCache)
     kv.buf = torch.stack([k, v])[None]  # one layer: [1, 2, B, Hkv, L, D]
     return kv
+
+
+def test_flat_gather_gives_the_keys_advanced_indexing_gives():
+    """kv.gather_flat (one index_select of D-rows, K and V together) copies exactly the
+    entries buf[layer, k/v][slot, head, idx] that attend_invariant reduces over."""
+    g = torch.Generator().manual_seed(3)
+    kv = KVCache.__new__(KVCache)
+    kv.buf = torch.randn(2, 2, 5, 3, 70, 8, generator=g)  # [layer, k/v, slot, head, idx, D]
+    slots = torch.tensor([4, 0, 2, 2])
+    idx = torch.randint(0, 70, (4, 64), generator=g)
+    got = kv.gather_flat(1, kv.flat_index(slots, idx))
+    heads = torch.arange(3)
+    at = (slots[:, None, None], heads[None, :, None], idx[:, None, :])
+    assert torch.equal(got[0], kv.buf[1, 0][at]) and torch.equal(got[1], kv.buf[1, 1][at])
 
 
 @pytest.mark.parametrize("start", [5, 31, 32, 141, 700])
