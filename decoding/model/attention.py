@@ -118,9 +118,9 @@ def attend_invariant(q: torch.Tensor, kv: KVCache, layer: int, meta: AttentionMe
     layer, and the elementwise steps run in place (docs/experiments.md)."""
     out_dtype = q.dtype
     T, Hq, D = q.shape
-    if meta.invariant_keys is None:
-        meta.invariant_keys = invariant_layout(meta, kv, T, q.device)
-    flat, invalid, nb = meta.invariant_keys
+    if meta.invariant_layout is None:
+        meta.invariant_layout = invariant_layout(meta, kv, T, q.device)
+    flat, invalid, nb = meta.invariant_layout
     C = INVARIANT_BLOCK
     kvr = kv.gather_flat(layer, flat)  # [2, T, Hkv, P, D]
     Hkv = kvr.shape[2]

@@ -40,7 +40,7 @@ class AttentionMetadata:
     # attention.attend_invariant.
     chunk: bool = False
     # attend_invariant's per-row key layout, built at the first layer and reused by the rest
-    invariant_keys: tuple | None = None
+    invariant_layout: tuple | None = None
 
 
 def padded_layout(counts: list[int], device: torch.device | str = "cpu"

@@ -73,13 +73,6 @@ class KVCache:
     def values(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
         return self._read(layer, 1, meta)
 
-    def gather_rows(self, layer: int, slots: torch.Tensor, idx: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [T, Hkv, P, D] of `layer` at cache index idx[t, j] of slot
-        slots[t] (attention.attend_invariant: each row's keys in its own order)."""
-        kv = self.gather_flat(layer, self.flat_index(slots, idx))
-        return kv[0], kv[1]
-
     def flat_index(self, slots: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """[2, T, Hkv, P]: the rows of one layer's [2 * slots * Hkv * slot_len, D] view that
         hold the keys (then the values) at cache index idx[t, j] [T, P] of slot slots[t],

@@ -171,6 +171,7 @@ class CausalLM(nn.Module):
         self.unembed_t: torch.Tensor | None = None  # see use_transposed_weights
         self.unembed_packed: torch.Tensor | None = None  # oneDNN layout, ditto
         self.unembed_fp16: torch.Tensor | None = None  # see use_fp16_unembedding
+        self.batch_invariant = False  # see set_batch_invariant
 
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
                 return_pre_last: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +180,7 @@ class CausalLM(nn.Module):
         With return_pre_last also the residual stream entering the last layer, which
         Meta-style parallel MTP heads read.
         """
-        if not self.layers[0].self_attn.batch_invariant:
+        if not self.batch_invariant:
             return self.run_layers(ids, meta.positions, meta, kv, return_pre_last)
         with chunk_rows(self.chunk_plan(meta, ids.shape[0])):
             return self.run_layers(ids, meta.positions, meta, kv, return_pre_last)
@@ -234,6 +235,7 @@ class CausalLM(nn.Module):
         against the row-invariance rule (linear.row_invariant). Returns the names of the
         kernels that fail it (empty: the guarantee holds on this machine)."""
         failing = []
+        self.batch_invariant = on
         for layer in self.layers:
             layer.self_attn.batch_invariant = on
         if not on:
@@ -300,9 +302,9 @@ class CausalLM(nn.Module):
         for m in self.layers.modules():
             if isinstance(m, Linear):
                 m.transpose_storage()
-        w = self.unembed_weight()
-        if self.unembed_fp16 is not None:
+        if self.unembed_fp16 is not None:  # the logits have their own copy
             return
+        w = self.unembed_weight()
         if w.dtype == torch.float32:
             self.unembed_packed = pack_for_onednn(w, batch_hint=16)
         if self.unembed_packed is None:
