@@ -120,14 +120,17 @@ class EngineConfig:
     seed: int = 0
     spec: SpecConfig = field(default_factory=SpecConfig)
     # torch.compile the trunk's forward (model/compiled.py): one graph per row-count bucket,
-    # all compiled at startup; steps with more rows than the last bucket run eagerly
-    compile: Literal["off", "on"] = "off"
-    compile_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    # all compiled at startup; steps with more rows than the last bucket run eagerly. auto:
+    # on where docs/benchmarks.md shows it faster (CPU, int4/int8 weights), else off.
+    compile: Literal["off", "on", "auto"] = "off"
+    # Up to 8 rows: above, the eager step's bf16 wide copy beats the compiled int4 GEMM
+    compile_buckets: tuple[int, ...] = (1, 2, 4, 8)
+    # max-autotune: inductor times its own C++ int4 micro-GEMM against aten's per shape
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "max-autotune-no-cudagraphs"
 
     def __post_init__(self) -> None:
-        if self.compile not in ("off", "on"):
-            raise ValueError(f"compile must be off|on, got {self.compile!r}")
+        if self.compile not in ("off", "on", "auto"):
+            raise ValueError(f"compile must be off|on|auto, got {self.compile!r}")
         if self.compile_mode not in ("default", "max-autotune-no-cudagraphs"):
             raise ValueError(f"unknown compile mode {self.compile_mode!r}")
         self.compile_buckets = tuple(sorted(set(self.compile_buckets)))

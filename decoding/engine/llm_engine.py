@@ -26,7 +26,7 @@ import torch
 from ..config import EngineConfig, SamplingParams
 from ..model.attention_metadata import AttentionMetadata
 from ..model.checkpoint import load_checkpoint
-from ..model.compiled import CompiledTrunk
+from ..model.compiled import CompiledTrunk, compile_wanted
 from ..model.detokenizer import IncrementalDetokenizer
 from ..model.device import (cpu_has_native_bf16, kv_cache_dtype, malloc_trim, resolve_device,
                             resolve_dtype, resolve_weights)
@@ -120,16 +120,32 @@ class LLMEngine:
         self.batch_fault_hook: Callable[[list[Sequence]], None] | None = None
         # --compile on: the trunk's forward compiled per row bucket, all buckets now
         self.compiled: CompiledTrunk | None = None
-        if config.compile == "on":
-            self.compiled = CompiledTrunk(model, config.compile_buckets, config.compile_mode,
-                                          return_pre_last=self.branch_heads is not None)
+        if self._wants_compile():
+            self.compiled = self._compile_trunk()
+
+    def _wants_compile(self) -> bool:
+        return compile_wanted(self.config.compile, self.device.type, self.model.weight_format,
+                              self.config.batch_invariant)
+
+    def _compile_trunk(self) -> CompiledTrunk | None:
+        """Compile every bucket now, on a free cache slot. A failure logs a warning and
+        the engine serves eagerly (the same outputs, slower): never a crash at startup."""
+        try:
+            compiled = CompiledTrunk(self.model, self.config.compile_buckets,
+                                     self.config.compile_mode,
+                                     return_pre_last=self.branch_heads is not None)
             slot = self.kv.allocate()
             try:
-                secs = self.compiled.warm_up(self.kv, slot)
+                secs = compiled.warm_up(self.kv, slot, log.info)
             finally:
                 self.kv.free(slot)
-            log.info("compiled the trunk for rows %s in %.1f s (%d graphs)",
-                     config.compile_buckets, secs, self.compiled.compiles)
+        except Exception as e:  # noqa: BLE001 - inductor fails in many ways; eager is correct
+            log.warning("compiling the trunk failed (%s: %s); serving without compilation",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return None
+        log.info("compiled the trunk for rows %s in %.1f s (%d graphs)", compiled.buckets,
+                 secs, compiled.compiles)
+        return compiled
 
     # -- construction ------------------------------------------------------------------
     @classmethod

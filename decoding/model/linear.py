@@ -386,7 +386,10 @@ class Linear(nn.Module):
                 if plan is not None and self.wide_weight is not None:
                     y = self._by_plan(x2, plan)
                 elif (self.wide_weight is not None and x2.shape[0] >= WIDE_ROWS
-                        and not self.invariant):
+                        and not self.invariant and not torch.compiler.is_compiling()):
+                    # Compiled (model/compiled.py): the weight-only kernel at every row
+                    # count; inductor may replace it with its own GEMM for the frozen
+                    # weight, and cannot lower the pre-packed oneDNN copy.
                     y = onednn_linear(x2, self.wide_weight)
                 else:
                     y = self._one_row_mm(x2)

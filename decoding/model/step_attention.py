@@ -50,7 +50,12 @@ def step_context(kv: KVCache, meta: AttentionMetadata, rows: int) -> Iterator[No
         _STEP.kv, _STEP.meta, _STEP.rows = None, None, 0
 
 
-@torch.library.custom_op("mtpserve::cached_attention", mutates_args=())
+# Defined with torch.library.Library, not the custom_op decorator: a call through the
+# decorator's wrapper costs ~11 us against ~4 us here, and the op runs 30 times a step.
+_LIB = torch.library.Library("mtpserve", "DEF")
+_LIB.define("cached_attention(Tensor q, Tensor k, Tensor v, int layer, float scale) -> Tensor")
+
+
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                      scale: float) -> torch.Tensor:
     """q [Tp, Hq, D], k/v [Tp, Hkv, D] -> [Tp, Hq, D]: write the real rows' K/V into
@@ -70,6 +75,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: i
     return full
 
 
-@cached_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float
+          ) -> torch.Tensor:
     return torch.empty_like(q)
+
+
+_LIB.impl("cached_attention", cached_attention, "CompositeExplicitAutograd")
+torch.library.register_fake("mtpserve::cached_attention", _fake, lib=_LIB)

@@ -22,7 +22,7 @@ from .attention_metadata import AttentionMetadata
 from .kv_cache import KVCache
 from .linear import (WIDE_ROWS, ChunkRows, Linear, chunk_rows, fp16_linear, onednn_linear,
                      pack_for_onednn, pack_fp16, row_invariant)
-from .step_attention import cached_attention
+from . import step_attention  # noqa: F401 - defines torch.ops.mtpserve.cached_attention
 
 
 class RMSNorm(nn.Module):
@@ -123,7 +123,7 @@ class Attention(nn.Module):
                                                 self.head_dim)
             q, k = RotaryEmbedding.apply(qk, *rot).split([self.num_heads, self.num_kv_heads], 1)
         if kv is None:  # compiled (EngineConfig refuses it together with batch_invariant)
-            out = cached_attention(q, k, v, self.layer_idx, self.scale)
+            out = torch.ops.mtpserve.cached_attention(q, k, v, self.layer_idx, self.scale)
         else:
             kv.write(self.layer_idx, meta, k, v)
             out = attend_cached(q, kv, self.layer_idx, meta, self.scale, self.batch_invariant)

@@ -47,14 +47,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens a step may add while sequences decode: bounds how long "
                         "a burst of prompts stalls running streams")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
-    g.add_argument("--compile", default="off", choices=["off", "on"],
-                   help="torch.compile the trunk (inductor), one graph per row bucket, compiled "
-                        "at startup (~1 min per bucket cold on 2 cores, seconds from inductor's "
-                        "cache); steps above the largest bucket run eagerly")
-    g.add_argument("--compile-buckets", default="1,2,4,8,16,32,64",
+    g.add_argument("--compile", default="off", choices=["off", "on", "auto"],
+                   help="torch.compile the trunk (inductor, weights frozen into the graph), one "
+                        "graph per row bucket, compiled at startup (~1 min per bucket cold on 2 "
+                        "cores, seconds from the cache under ~/.cache/mtpserve/inductor); steps "
+                        "above the largest bucket run eagerly; a failed compile serves eagerly. "
+                        "auto: on for int4/int8 weights on CPU")
+    g.add_argument("--compile-buckets", default="1,2,4,8",
                    help="row counts the compiled forward pads a step to (comma list)")
-    g.add_argument("--compile-mode", default="default",
-                   choices=["default", "max-autotune-no-cudagraphs"], help="inductor mode")
+    g.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                   choices=["default", "max-autotune-no-cudagraphs"],
+                   help="inductor mode (max-autotune: times inductor's own int4 GEMM against "
+                        "aten's per shape at the first compile)")
     s = p.add_argument_group("speculation")
     s.add_argument("--speculate", default="auto", choices=["off", "on", "auto"],
                    help="auto sizes trees by batch size; on always drafts; off never")

@@ -12,6 +12,7 @@ import torch
 from decoding_helpers import greedy, run_requests, tiny_engine
 from mtpserve.decoding.config import EngineConfig
 from mtpserve.decoding.model.attention_metadata import AttentionMetadata, padded_layout
+from mtpserve.decoding.model.compiled import CompiledTrunk, compile_wanted
 
 BUCKETS = (1, 2, 4, 8)
 PROMPTS = [[11, 12, 13, 14, 15], [5, 6, 7, 5, 6, 7, 5, 6], [300, 301, 302],
@@ -120,3 +121,35 @@ def test_compile_and_batch_invariance_are_refused_together():
     mode that silently drops the guarantee."""
     with pytest.raises(ValueError, match="cannot be combined"):
         EngineConfig(compile="on", batch_invariant=True)
+
+
+@pytest.mark.parametrize("mode,device,weights,invariant,want", [
+    ("auto", "cpu", "int4", False, True), ("auto", "cpu", "int8", False, True),
+    ("auto", "cpu", "dense", False, False), ("auto", "cuda", "int4", False, False),
+    ("auto", "cpu", "int4", True, False), ("on", "cuda", "dense", False, True),
+    ("off", "cpu", "int4", False, False)])
+def test_compile_auto_is_on_only_where_it_measured_faster(mode, device, weights, invariant, want):
+    assert compile_wanted(mode, device, weights, invariant) is want
+
+
+def test_auto_on_a_dense_model_serves_eagerly(default_engine):
+    eng = tiny_engine(default_engine.tokenizer, max_num_seqs=2, compile="auto")
+    assert eng.compiled is None
+
+
+def test_a_failed_compile_serves_eagerly_with_a_warning(default_engine, monkeypatch, caplog):
+    """Inductor can fail at startup (no compiler, an unsupported op): the engine logs a
+    warning and serves the same tokens eagerly, never a crash."""
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("C++ compile failed: no compiler\ndetails")
+
+    monkeypatch.setattr(CompiledTrunk, "warm_up", broken)
+    with caplog.at_level("WARNING"):
+        eng = tiny_engine(default_engine.tokenizer, max_num_seqs=2, compile="on")
+    assert eng.compiled is None
+    assert any("compiling the trunk failed (RuntimeError: C++ compile failed: no compiler)"
+               in r.getMessage() for r in caplog.records)
+    eager = tiny_engine(default_engine.tokenizer, max_num_seqs=2)
+    req = [(PROMPTS[0], greedy(8, ignore_eos=True, speculate=False))]
+    assert run_requests(eng, req)[0].token_ids == run_requests(eager, req)[0].token_ids
+    assert eng.kv.allocate() is not None  # the warm-up slot went back to the pool
