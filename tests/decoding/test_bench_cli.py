@@ -241,3 +241,58 @@ def test_rank_trees_trades_expected_tokens_against_measured_cost():
     chained = tree_candidates(rank_acc, max_nodes=6, chain_only=True)
     assert "tree8" not in chained and all(all(r == 0 for r in c[:-1])
                                           for ch in chained.values() for c in ch)
+
+
+LLAMA_BENCH_JSON = """build: 1 (abc)
+[
+  {"build_commit": "abc", "cpu_info": "Some CPU", "n_threads": 1, "n_prompt": 0,
+   "n_gen": 8, "avg_ts": 125.0, "stddev_ts": 2.5}
+]
+"""
+
+
+def test_parse_llama_bench_json_takes_the_generation_test():
+    from mtpserve.decoding.tools.bench.llama_cpp import parse_llama_bench_json
+
+    got = parse_llama_bench_json(LLAMA_BENCH_JSON)
+    assert got == {"decode_tokens_per_s": 125.0, "stddev": 2.5, "ms_per_token": 8.0,
+                   "threads": 1, "build": "abc", "cpu": "Some CPU"}
+    prompt_only = '[{"n_prompt": 512, "n_gen": 0, "avg_ts": 900.0}]'
+    assert parse_llama_bench_json(prompt_only) == "llama-bench JSON has no generation test"
+    assert parse_llama_bench_json("Illegal instruction") == "llama-bench printed no JSON list"
+
+
+@pytest.mark.parametrize("works", [True, False])
+def test_plain_section_times_llama_cpp_in_the_same_run(tmp_path, capsys, one_thread, works):
+    """--llama-bench: llama.cpp's row and the ratio join the plain table; a binary that
+    fails (llama.cpp's prompt path crashed on an AMX CPU) costs the row, not the run. The
+    binary here is a script printing llama-bench's JSON: the real one is not in CI."""
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\necho \"$@\" > " + str(tmp_path / "argv") + "\n"
+                    + (f"cat <<'J'\n{LLAMA_BENCH_JSON}J\n" if works
+                       else "echo 'Illegal instruction' >&2\nexit 132\n"))
+    fake.chmod(0o755)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "abc abc abc"}\n')
+    out = tmp_path / "r.json"
+    args = _parser().parse_args([
+        "bench", "--prompts", str(prompts), "--num-prompts", "1", "--max-tokens", "8",
+        "--batch-sizes", "1", "--warmup", "0", "--no-transformers", "--bandwidth-gb", "0",
+        "--llama-bench", str(fake), "--out", str(out)])
+    assert run_bench(args, engine=_tiny_engine()) == 0
+    plain = json.loads(out.read_text())["plain"]
+    text = capsys.readouterr().out
+    if works:
+        argv = (tmp_path / "argv").read_text().split()
+        assert argv[argv.index("-p") + 1] == "0" and argv[argv.index("-n") + 1] == "8"
+        assert argv[argv.index("-m") + 1].endswith(".gguf")
+        llama = [r for r in plain["rows"] if r["impl"] == "llama.cpp"]
+        assert llama and llama[0]["decode_tokens_per_s"] == 125.0
+        ours = next(r for r in plain["rows"] if r["impl"] == "mtpserve")
+        assert plain["batch1_decode_vs_llama_cpp"] == pytest.approx(
+            ours["decode_tokens_per_s"] / 125.0)
+        assert "vs llama.cpp" in text
+    else:
+        assert [r["impl"] for r in plain["rows"]] == ["mtpserve"]
+        assert plain["llama_cpp"].endswith("exited 132: Illegal instruction")
+        assert "llama.cpp: " in text

@@ -53,6 +53,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "cost of verifying that many tokens plus drafting")
     o = p.add_argument_group("section options")
     o.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    o.add_argument("--llama-bench", default=None, metavar="PATH",
+                   help="llama.cpp's llama-bench binary: time its plain decode on the same GGUF "
+                        "file in this run (scripts/install_llama_cpp.sh builds one)")
     o.add_argument("--transformers-batch-sizes", default=None,
                    help="batch sizes for transformers (default: same as --batch-sizes)")
     o.add_argument("--transformers-gguf", default="dense", choices=["dense", "packed"],

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...config import SamplingParams
+from .llama_cpp import run_llama_bench
 from .memory import current_rss_mb, measure_bandwidth, model_bytes, peak_rss_mb
 from .runs import batches, print_progress, run_engine_batch, throughput_row
 from .tables import format_table
@@ -68,6 +69,8 @@ def section_plain(engine: LLMEngine, args: argparse.Namespace, prompt_ids: list[
             out["transformers_version"] = sys.modules["transformers"].__version__
             out["peak_rss_mb_with_transformers"] = peak_rss_mb()
             del model
+    if getattr(args, "llama_bench", None):
+        out.update(llama_cpp_row(engine, args, rows))
     mb = model_bytes(engine.model)
     out["model_bytes"] = mb
     if args.bandwidth_gb > 0:  # last: the big tensor would otherwise set the peak RSS
@@ -80,12 +83,41 @@ def section_plain(engine: LLMEngine, args: argparse.Namespace, prompt_ids: list[
     return out
 
 
+def llama_cpp_row(engine: LLMEngine, args: argparse.Namespace, rows: list[dict]) -> dict:
+    """llama.cpp's plain decode on the same file, same threads, now; its row joins `rows`
+    (decode tok/s and ms/step only: llama-bench -p 0 times generation alone)."""
+    from ...model.checkpoint import default_model_path
+
+    gguf = args.model or default_model_path()
+    if not str(gguf).endswith(".gguf"):
+        return {"llama_cpp": f"not a GGUF file: {gguf}"}
+    print("llama.cpp: llama-bench on the same file", file=sys.stderr, flush=True)
+    got = run_llama_bench(args.llama_bench, str(gguf), args.max_tokens, torch.get_num_threads())
+    if isinstance(got, str):
+        print(f"llama.cpp skipped: {got}", file=sys.stderr)
+        return {"llama_cpp": got}
+    rows.append({"impl": "llama.cpp", "batch": 1, "tokens": args.max_tokens,
+                 "tokens_per_s": None, "decode_tokens_per_s": got["decode_tokens_per_s"],
+                 "ms_per_step": got["ms_per_token"], "prefill_s_mean": None})
+    ours = next(r for r in rows if r["impl"] == "mtpserve" and r["batch"] == 1)
+    return {"llama_cpp": got,
+            "batch1_decode_vs_llama_cpp": (ours["decode_tokens_per_s"] or 0)
+            / got["decode_tokens_per_s"]}
+
+
 def plain_tables(out: dict) -> str:
     rows = [[r["impl"], r["batch"], r["tokens"], r["tokens_per_s"], r["decode_tokens_per_s"],
-             r["ms_per_step"], 1000 * r["prefill_s_mean"]] for r in out["rows"]]
+             r["ms_per_step"],
+             None if r["prefill_s_mean"] is None else 1000 * r["prefill_s_mean"]]
+            for r in out["rows"]]
     text = [format_table(["impl", "batch", "tokens", "tok/s", "decode tok/s", "ms/step",
                           "prefill ms"], rows,
                          "\nplain decoding, greedy (tok/s includes prefill; ms/step: decode phase)")]
+    if "batch1_decode_vs_llama_cpp" in out:
+        text.append(f"batch-1 decode vs llama.cpp (llama-bench -p 0, same file and threads): "
+                    f"{out['batch1_decode_vs_llama_cpp']:.2f}x")
+    elif isinstance(out.get("llama_cpp"), str):
+        text.append(f"llama.cpp: {out['llama_cpp']}")
     if out.get("transformers") != "measured":
         text.append(f"transformers: {out.get('transformers')}")
     now = out.get("rss_mb_engine_now")
