@@ -101,6 +101,10 @@ class EngineConfig:
     weights: Literal["auto", "dense", "int8", "int4"] = "auto"  # weight-only quantization (CPU)
     # int8/int4 on CPUs with native bf16: also keep bf16 copies for passes of many rows
     wide_weights: bool = True
+    # int4's CPU kernel: aten (PyTorch's, bf16 activations) or vnni (int8 activations x
+    # int4 weights with AVX512-VNNI, model/int4_vnni.py); auto: vnni where it builds and
+    # runs, else aten. CUDA keeps PyTorch's kernels.
+    int4_kernel: Literal["auto", "aten", "vnni"] = "auto"
     # A row's result does not depend on the other rows of the pass (trees, other
     # sequences): greedy output with speculation equals it without, and a request's greedy
     # output does not depend on the batch. Costs: see README (Batch invariance).
@@ -143,6 +147,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be >= 1")
         if self.weights not in ("auto", "dense", "int8", "int4"):
             raise ValueError(f"weights must be auto|dense|int8|int4, got {self.weights!r}")
+        if self.int4_kernel not in ("auto", "aten", "vnni"):
+            raise ValueError(f"int4_kernel must be auto|aten|vnni, got {self.int4_kernel!r}")
         if self.unembed not in ("auto", "fp32", "fp16"):
             raise ValueError(f"unembed must be auto|fp32|fp16, got {self.unembed!r}")
         if self.max_model_len < 16:

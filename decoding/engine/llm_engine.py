@@ -177,7 +177,7 @@ class LLMEngine:
             # (the batch-invariant mode uses it only for prefill chunks, each alone: its GEMM
             # is a different kernel per row count, linear.ChunkRows)
             wide = config.wide_weights and device.type == "cpu" and cpu_has_native_bf16()
-            model.quantize(weights, wide_copy=wide)
+            model.quantize(weights, wide_copy=wide, int4_kernel=config.int4_kernel)
         if config.unembed == "fp16" or (config.unembed == "auto" and device.type == "cpu"
                                         and weights in ("int8", "int4")):
             # before use_transposed_weights, which then keeps no fp32 copy for the logits

@@ -8,6 +8,9 @@ block layout (Q4_1 stores d*q + m = (q - 8)*d + (m + 8d)), so re-quantizing a Q4
 checkpoint recovers its codes instead of quantizing twice. Both kernels are fast on this
 CPU only with bf16 inputs, so the input is cast to bf16 for the matmul and the output back
 to the compute dtype: norms, attention and the KV cache keep fp32 where that is the dtype.
+On CPUs with AVX512-VNNI, int4 can instead go through our own kernel (int4_vnni.py:
+activations quantized to int8 per block of 32, exact integer dot products, ~2x faster at
+1-64 rows), which takes the compute dtype as it is (`--int4-kernel`, INT4_KERNELS).
 On CUDA the same formats go through PyTorch's CUDA kernels (`_weight_int4pack_mm`, tinygemm,
 which reads its own tile layout; `_weight_int8pack_mm`). Every quantized layer checks at
 load that its kernel reproduces the quantized values (`_check_kernel`), so a build or
@@ -25,7 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import int4_vnni
+
 INT4_GROUP = 32
+# int4's CPU kernel: PyTorch's (aten, bf16 activations) or int4_vnni.py's (int8
+# activations, AVX512-VNNI); auto: vnni where it builds and this CPU has VNNI, else aten
+INT4_KERNELS = ("auto", "aten", "vnni")
 _KERNEL_DTYPE = torch.bfloat16  # what the CPU weight-only kernels want as activations
 # From this many rows on a quantized layer with a wide copy multiplies by its bf16 dense
 # copy instead: the weight-only kernels are compute-bound and grow linearly with rows (int4
@@ -170,6 +178,23 @@ def _int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
     return codes.reshape(n, k), scale, lo
 
 
+def resolve_int4_kernel(name: str, device: torch.device | str) -> str:
+    """EngineConfig.int4_kernel -> the kernel int4 layers on `device` use: 'aten' or
+    'vnni'. CUDA (and any non-CPU device) keeps PyTorch's kernels; 'vnni' where the
+    kernel cannot run here is an error, 'auto' then quietly (one warning) means 'aten'."""
+    if name not in INT4_KERNELS:
+        raise ValueError(f"int4 kernel must be one of {'|'.join(INT4_KERNELS)}, got {name!r}")
+    if name == "aten" or torch.device(device).type != "cpu":
+        return "aten"
+    if int4_vnni.available():
+        return "vnni"
+    if name == "vnni":
+        raise ValueError("--int4-kernel vnni: the int4 VNNI kernel cannot run here (see the "
+                         "warning above: it needs an x86-64 CPU with AVX512-VNNI and a C++ "
+                         "compiler); use --int4-kernel auto or aten")
+    return "aten"
+
+
 def _require_kernel_device(w: torch.Tensor, fmt: str) -> None:
     if w.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{fmt} weights use PyTorch's CPU or CUDA kernels, not {w.device.type}'s; "
@@ -210,12 +235,14 @@ def probe_columns(k: int, count: int = 24) -> torch.Tensor:
 
 
 def _check_kernel(fmt: str, mm, expected: torch.Tensor, step: torch.Tensor,
-                  cols: torch.Tensor, in_features: int) -> None:
+                  cols: torch.Tensor, in_features: int, kernel: str = "PyTorch's kernel") -> None:
     """mm(x) = x @ W^T through a weight-only kernel. expected, step [N, len(cols)]: W's
     quantized values at the probe columns and the quantization step there. The kernel
     applied to those unit vectors must give each value back to within half a step (plus
     bf16 rounding); a packing it reads differently moves almost every value by a step or
-    more. Raises ValueError naming the device."""
+    more. (The VNNI kernel's int8 activations cost nothing here: a unit vector's block
+    quantizes exactly, 1 -> 127 with d = 1/127, the other blocks to zero.) Raises
+    ValueError naming the device."""
     dev = expected.device
     x = torch.zeros(len(cols), in_features, dtype=_KERNEL_DTYPE, device=dev)
     x[torch.arange(len(cols), device=dev), cols.to(dev)] = 1
@@ -223,11 +250,11 @@ def _check_kernel(fmt: str, mm, expected: torch.Tensor, step: torch.Tensor,
         seen = mm(x).float().t()
     except (RuntimeError, NotImplementedError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{fmt} weights on {dev.type}: PyTorch's kernel failed ({first}); "
+        raise ValueError(f"{fmt} weights on {dev.type}: {kernel} failed ({first}); "
                          "serve --weights dense") from None
     bad = (seen - expected).abs() > 0.5 * step + expected.abs() / 128
     if bool(bad.any()):
-        raise ValueError(f"{fmt} weights on {dev.type}: PyTorch's kernel returned values that "
+        raise ValueError(f"{fmt} weights on {dev.type}: {kernel} returned values that "
                          f"differ from the quantized weights ({int(bad.sum())} of {bad.numel()} "
                          "probed); this build reads the packing differently. Serve --weights dense")
 
@@ -243,6 +270,7 @@ class Linear(nn.Module):
         self.register_buffer("int8_scales", None, persistent=False)
         self.register_buffer("int4_weight", None, persistent=False)
         self.register_buffer("int4_scales_zeros", None, persistent=False)
+        self.register_buffer("int4_vnni", None, persistent=False)  # int4_vnni.pack's layout
         self.weight_t: torch.Tensor | None = None  # [in, out] storage, see transpose_storage
         self.wide_weight: torch.Tensor | None = None  # packed bf16 copy, see quantize_int4
         self.packed_weight: torch.Tensor | None = None  # oneDNN layout, see transpose_storage
@@ -250,7 +278,7 @@ class Linear(nn.Module):
 
     @property
     def weight_format(self) -> str:
-        if self.int4_weight is not None:
+        if self.int4_weight is not None or self.int4_vnni is not None:
             return "int4"
         return "int8" if self.int8_weight is not None else "dense"
 
@@ -286,14 +314,32 @@ class Linear(nn.Module):
         self._drop_dense()
 
     @torch.no_grad()
-    def quantize_int4(self, group: int = INT4_GROUP, wide_copy: bool = False) -> None:
+    def quantize_int4(self, group: int = INT4_GROUP, wide_copy: bool = False,
+                      kernel: str = "aten") -> None:
         """Asymmetric int4 in groups along the input dimension; drops the dense weight.
         wide_copy: also keep, as bf16, the very values the kernel multiplies by (codes,
-        scales and zeros as it stores them), for passes of WIDE_ROWS rows or more."""
+        scales and zeros as it stores them), for passes of WIDE_ROWS rows or more.
+        kernel: INT4_KERNELS; a layer the VNNI kernel cannot take (N not in 16s, fp16
+        overflow) keeps PyTorch's."""
         _require_kernel_device(self.weight, "int4")
         if self.in_features % group:
             raise ValueError(f"int4 needs in_features divisible by {group}, got {self.in_features}")
         codes, scale, lo = _int4_codes(self.weight, group)
+        if (resolve_int4_kernel(kernel, self.weight.device) == "vnni" and group == int4_vnni.GROUP
+                and int4_vnni.supports(self.out_features, self.in_features)):
+            self.int4_vnni = int4_vnni.pack(codes, scale, lo)
+        if self.int4_vnni is not None:
+            self.int4_group = group
+            s_k, m_k = int4_vnni.kernel_values(scale, lo)  # [N, K/g] fp32, as it multiplies
+            cols = probe_columns(self.in_features).to(codes.device)
+            values = codes[:, cols].float() * s_k[:, cols // group] + m_k[:, cols // group]
+            _check_kernel("int4", self._int4_mm, values, s_k[:, cols // group], cols,
+                          self.in_features, kernel="the int4 VNNI kernel")
+            if wide_copy:
+                w = codes.float().view(codes.shape[0], -1, group) * s_k[..., None] + m_k[..., None]
+                self.wide_weight = _wide(w.reshape(codes.shape))
+            self._drop_dense()
+            return
         self.int4_weight = _int4_pack(codes)
         # The kernels compute (code - 8) * scale + zero, hence zero = min + 8 * scale.
         sz = torch.stack([scale, lo + 8 * scale], dim=-1)  # [N, K/g, 2]
@@ -310,28 +356,33 @@ class Linear(nn.Module):
         self._drop_dense()
 
     def _int4_mm(self, x: torch.Tensor) -> torch.Tensor:
-        return _int4_mm(x, self.int4_weight, self.int4_group, self.int4_scales_zeros)
+        if self.int4_vnni is not None:  # fp32 or bf16 as given (int8 inside), same dtype out
+            x = x if x.dtype in (torch.float32, _KERNEL_DTYPE) else x.float()
+            return int4_vnni.mm(x, self.int4_vnni, self.out_features)
+        return _int4_mm(x.to(_KERNEL_DTYPE), self.int4_weight, self.int4_group,
+                        self.int4_scales_zeros)
 
     def _int8_mm(self, x: torch.Tensor) -> torch.Tensor:
         # CUDA's int8 kernel reads x by raw pointer (and is one thread per output: correct,
         # not fast; int4's tinygemm is the fast CUDA format)
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.int8_weight,
-                                                  self.int8_scales)
+        return torch.ops.aten._weight_int8pack_mm(x.to(_KERNEL_DTYPE).contiguous(),
+                                                  self.int8_weight, self.int8_scales)
 
     def _one_row_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight-only kernel (int4 or int8): the one that serves a single row."""
-        return self._int4_mm(x) if self.int4_weight is not None else self._int8_mm(x)
+        """The weight-only kernel (int4 or int8): the one that serves a single row. x in
+        the compute dtype: PyTorch's kernels take it as bf16, the VNNI kernel as it is."""
+        return self._int4_mm(x) if self.weight_format == "int4" else self._int8_mm(x)
 
     def _by_plan(self, x: torch.Tensor, plan: ChunkRows) -> torch.Tensor:
         """Batch-invariant mode with prefill chunks in the pass (ChunkRows): each chunk
         through the wide copy alone, the other rows through the one-row kernel."""
         if plan.rest is None and len(plan.chunks) == 1:
-            return onednn_linear(x[plan.chunks[0]], self.wide_weight)
+            return onednn_linear(x[plan.chunks[0]].to(_KERNEL_DTYPE), self.wide_weight)
         y = x.new_empty(x.shape[0], self.out_features)
         for rows in plan.chunks:
-            y[rows] = onednn_linear(x[rows], self.wide_weight)
+            y[rows] = onednn_linear(x[rows].to(_KERNEL_DTYPE), self.wide_weight).to(x.dtype)
         if plan.rest is not None:
-            y[plan.rest] = self._one_row_mm(x[plan.rest])
+            y[plan.rest] = self._one_row_mm(x[plan.rest]).to(x.dtype)
         return y
 
     def set_row_invariant(self) -> bool:
@@ -343,6 +394,7 @@ class Linear(nn.Module):
         dtype = _KERNEL_DTYPE if self.weight_format != "dense" else (
             self.packed_weight.dtype if self.packed_weight is not None else self.weight.dtype)
         dev = (self.int4_weight if self.int4_weight is not None else
+               self.int4_vnni if self.int4_vnni is not None else
                self.int8_weight if self.int8_weight is not None else
                self.packed_weight if self.packed_weight is not None else self.weight).device
         return row_invariant(self, self.in_features, dtype, dev)
@@ -375,13 +427,11 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_t is not None:
             y = torch.matmul(x, self.weight_t)
-        elif (self.packed_weight is not None or self.int4_weight is not None
-              or self.int8_weight is not None):
+        elif self.packed_weight is not None or self.weight_format != "dense":
             x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
             if self.packed_weight is not None:  # bias fused, as F.linear does
                 y = onednn_linear(x2, self.packed_weight, self.bias)
-            else:
-                x2 = x2.to(_KERNEL_DTYPE)
+            else:  # the kernels cast x themselves (the VNNI kernel takes fp32 as it is)
                 plan = _CHUNK_ROWS.get() if self.invariant else None
                 if plan is not None and self.wide_weight is not None:
                     y = self._by_plan(x2, plan)
@@ -390,7 +440,7 @@ class Linear(nn.Module):
                     # Compiled (model/compiled.py): the weight-only kernel at every row
                     # count; inductor may replace it with its own GEMM for the frozen
                     # weight, and cannot lower the pre-packed oneDNN copy.
-                    y = onednn_linear(x2, self.wide_weight)
+                    y = onednn_linear(x2.to(_KERNEL_DTYPE), self.wide_weight)
                 else:
                     y = self._one_row_mm(x2)
                 y = y.to(x.dtype)

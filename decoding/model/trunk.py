@@ -21,7 +21,7 @@ from .attention import attend_cached
 from .attention_metadata import AttentionMetadata
 from .kv_cache import KVCache
 from .linear import (WIDE_ROWS, ChunkRows, Linear, chunk_rows, fp16_linear, onednn_linear,
-                     pack_for_onednn, pack_fp16, row_invariant)
+                     pack_for_onednn, pack_fp16, resolve_int4_kernel, row_invariant)
 from . import step_attention  # noqa: F401 - defines torch.ops.mtpserve.cached_attention
 
 
@@ -172,6 +172,7 @@ class CausalLM(nn.Module):
         self.unembed_packed: torch.Tensor | None = None  # oneDNN layout, ditto
         self.unembed_fp16: torch.Tensor | None = None  # see use_fp16_unembedding
         self.batch_invariant = False  # see set_batch_invariant
+        self.int4_kernel = "aten"  # the int4 layers' CPU kernel, see quantize
 
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
                 return_pre_last: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -215,15 +216,19 @@ class CausalLM(nn.Module):
         return (h, pre_last) if return_pre_last else h
 
     @torch.no_grad()
-    def quantize(self, trunk: str, wide_copy: bool = False) -> None:
+    def quantize(self, trunk: str, wide_copy: bool = False, int4_kernel: str = "aten") -> None:
         """Weight-only int8 or int4 for every projection of every layer. The unembedding
         stays dense: the kernels' bf16 outputs would round logits to ~0.1 at this scale,
         which makes ties of what should be clear choices. wide_copy: keep bf16 copies of
-        the quantized values for passes of many rows (prefill, big verify batches)."""
+        the quantized values for passes of many rows (prefill, big verify batches).
+        int4_kernel: linear.INT4_KERNELS (draft modules quantized later follow it)."""
+        if trunk == "int4":
+            int4_kernel = resolve_int4_kernel(int4_kernel, self.norm.weight.device)
+            self.int4_kernel = int4_kernel
         for m in self.layers.modules():
             if isinstance(m, Linear):
                 if trunk == "int4":
-                    m.quantize_int4(wide_copy=wide_copy)
+                    m.quantize_int4(wide_copy=wide_copy, kernel=int4_kernel)
                 else:
                     m.quantize_int8(wide_copy=wide_copy)
 

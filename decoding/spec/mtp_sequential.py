@@ -195,14 +195,16 @@ class SequentialMTPHeads(nn.Module):
         if model is None:
             return
         if getattr(model, "weight_format", "dense") == "int4" and not self._quantized:
+            kernel = getattr(model, "int4_kernel", "aten")  # the trunk's (CausalLM.quantize)
             for m in self.mods:
-                m.block.apply(lambda mod: mod.quantize_int4() if isinstance(mod, Linear) else None)
+                m.block.apply(lambda mod: mod.quantize_int4(kernel=kernel)
+                              if isinstance(mod, Linear) else None)
             if self.draft_vocab is not None:
                 rows = self._rows.get(model.unembed_weight(), self.draft_vocab)
                 n_pad = -rows.shape[0] % 16  # the int4 packing wants rows in 16s
                 lin = Linear(rows.shape[1], rows.shape[0] + n_pad, bias=False).to(rows.device)
                 lin.set_weight(F.pad(rows.float(), (0, 0, 0, n_pad)))
-                lin.quantize_int4()
+                lin.quantize_int4(kernel=kernel)
                 self._int4_rows = lin
                 self._rows = UnembedRows()  # the dense slice (17 MB here) is not read again
             self._quantized = True

@@ -29,6 +29,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="int8/int4 on a CPU with native bf16: do not keep a bf16 copy of the "
                         "quantized weights for passes of 12+ rows (saves 2 bytes per weight; "
                         "prefill and large verify batches then run ~2x slower)")
+    g.add_argument("--int4-kernel", default="auto", choices=["auto", "aten", "vnni"],
+                   help="int4 on CPU: vnni (int8 activations x int4 weights, AVX512-VNNI, "
+                        "built at first use into ~/.cache/mtpserve/kernels) or aten "
+                        "(PyTorch's, bf16 activations); auto: vnni where it builds and the "
+                        "CPU has VNNI, else aten")
     g.add_argument("--unembed", default="auto", choices=["auto", "fp32", "fp16"],
                    help="the logits' weights on CPU: fp16 (fp32 in/out, half the bytes, logits "
                         "within ~0.02) or fp32 (auto: fp16 around int8/int4 weights)")
@@ -84,7 +89,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         typical_delta=a.typical_delta,
     )
     return EngineConfig(model=a.model, dtype=a.dtype, weights=a.weights,
-                        wide_weights=a.wide_weights, unembed=a.unembed, device=a.device,
+                        wide_weights=a.wide_weights, int4_kernel=a.int4_kernel,
+                        unembed=a.unembed, device=a.device,
                         batch_invariant=a.batch_invariant == "on",
                         max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                         kv_cache_memory_gb=a.kv_cache_gb, prefill_chunk_size=a.prefill_chunk,

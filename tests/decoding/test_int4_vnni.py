@@ -1,0 +1,286 @@
+"""The int4 x int8 AVX512-VNNI kernel (model/int4_vnni.py, `--int4-kernel`): what it
+computes (against an fp64 reference of the same integer math, and against the dense
+dequantized matmul within what int8 activations allow), that a row's bits never depend on
+the other rows of the call, its place in Linear (load-time check, wide copy, row rule), the
+fallback to PyTorch's kernel, and greedy equivalence through an engine.
+
+Skipped, with the reason, where the kernel cannot load (non-x86, no VNNI, no compiler)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from decoding_helpers import random_causal_lm, run_requests, tiny_config
+from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
+from mtpserve.decoding.model import int4_vnni
+from mtpserve.decoding.model.linear import (INT4_GROUP, Linear, _int4_codes, _int4_mm,
+                                            _int4_pack, resolve_int4_kernel, row_invariant,
+                                            unpack_onednn)
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # the model's N x K
+
+needs_kernel = pytest.mark.skipif(not int4_vnni.available(),
+                                  reason="the int4 VNNI kernel does not load here (non-x86, "
+                                         "no AVX512-VNNI or no C++ compiler; see the warning)")
+
+
+def _weights(n: int, k: int, seed: int = 0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+    codes, scale, lo = _int4_codes(w, INT4_GROUP)
+    return codes, scale, lo, int4_vnni.pack(codes, scale, lo)
+
+
+def _x(m: int, k: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, 5] *= 20  # an outlier column, as real activations have
+    return x
+
+
+def _quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's activation quantization, in the same fp32 steps: per block of 32,
+    d = max|x| / 127, q = round-half-even(x * (1/d)). -> q [M, K/32, 32], d [M, K/32]."""
+    m, k = x.shape
+    b = x.float().reshape(m, k // 32, 32)
+    d = b.abs().amax(-1) / 127
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    return torch.round(b * inv[..., None]), d
+
+
+def _reference(x, codes, scale, lo) -> torch.Tensor:
+    """fp64: sum over blocks of d_w d_x dot(q_w, q_x) + m_w d_x sum(q_x)."""
+    d_w, m_w = (v.double() for v in int4_vnni.kernel_values(scale, lo))
+    q, d_x = _quantize_x(x)
+    n, k = codes.shape
+    dot = torch.einsum("mgk,ngk->mng", q.double(), codes.double().reshape(n, k // 32, 32))
+    return (dot * d_w * d_x.double()[:, None] + m_w * (d_x.double() * q.double().sum(-1))[:, None]
+            ).sum(-1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, k", SHAPES + [(16, 32)])
+def test_kernel_matches_the_fp64_reference_of_the_same_integer_math(n, k):
+    codes, scale, lo, packed = _weights(n, k)
+    for m in (1, 3, 4, 7, 16):
+        x = _x(m, k)
+        y = int4_vnni.mm(x, packed, n)
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        ref = _reference(x, codes, scale, lo)
+        # exact integer dots; only the fp32 products and sum over K/32 groups round
+        rel = float((y.double() - ref).abs().max() / ref.abs().max())
+        assert rel < 1e-5, (m, rel)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_kernel_is_within_int8_activation_rounding_of_the_dense_product(n, k):
+    """Against x @ W_q^T in fp64 (W_q: the dequantized weight as the kernel stores it),
+    the only error is rounding x to int8: |x - d_x q| <= d_x / 2 per element, so
+    |y - ref| <= sum over blocks of d_x/2 * sum_k |W_q| (plus fp32 rounding)."""
+    codes, scale, lo, packed = _weights(n, k)
+    d_w, m_w = int4_vnni.kernel_values(scale, lo)
+    wq = (codes.double().reshape(n, k // 32, 32) * d_w.double()[..., None]
+          + m_w.double()[..., None])  # [N, G, 32]
+    x = _x(16, k)
+    y = int4_vnni.mm(x, packed, n).double()
+    ref = x.double() @ wq.reshape(n, k).t()
+    _, d_x = _quantize_x(x)
+    bound = 0.5 * d_x.double() @ wq.abs().sum(-1).t()  # [M, N]
+    assert bool(((y - ref).abs() <= bound * (1 + 1e-5) + 1e-5 * ref.abs().max()).all())
+    rel = float((y - ref).norm() / ref.norm())
+    assert 1e-5 < rel < 2e-2, rel  # it does quantize x (not exact), and not by much
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gets_the_same_bits_whatever_the_rows_beside_it(n, k, dtype):
+    """Batch invariance (#25): for every M in 1..64 (every tiling of 4-row tiles and
+    remainders), row i of an M-row call is bitwise that row computed alone."""
+    *_, packed = _weights(n, k)
+    x = _x(64, k, seed=2).to(dtype)
+    single = torch.cat([int4_vnni.mm(x[i:i + 1], packed, n) for i in range(64)])
+    assert single.dtype == dtype
+    for m in range(1, 65):
+        assert torch.equal(int4_vnni.mm(x[:m], packed, n), single[:m]), m
+        assert torch.equal(int4_vnni.mm(x[64 - m:], packed, n), single[64 - m:]), m  # other tiles
+
+
+@needs_kernel
+def test_bf16_output_is_the_fp32_result_rounded():
+    *_, packed = _weights(960, 576)
+    x = _x(5, 576).bfloat16()
+    assert torch.equal(int4_vnni.mm(x, packed, 960), int4_vnni.mm(x.float(), packed, 960).bfloat16())
+
+
+@needs_kernel
+def test_the_packing_puts_each_code_where_the_kernel_reads_it():
+    """A weight that is one code at one place: the kernel applied to the identity shows it
+    at that (row, column) only, for positions in every nibble and vector of a block."""
+    n, k = 32, 64
+    for row, col in [(0, 0), (1, 3), (15, 4), (16, 17), (31, 63), (7, 44)]:
+        codes = torch.zeros(n, k, dtype=torch.int32)
+        codes[row, col] = 9
+        packed = int4_vnni.pack(codes, torch.ones(n, k // 32), torch.zeros(n, k // 32))
+        seen = int4_vnni.mm(torch.eye(k), packed, n).t()  # [N, K]
+        expect = torch.zeros(n, k)
+        expect[row, col] = 9
+        assert torch.equal(seen, expect), (row, col)
+
+
+# -- in Linear ------------------------------------------------------------------------------
+
+def _linear(w: torch.Tensor, kernel: str, wide: bool = False) -> Linear:
+    lin = Linear(w.shape[1], w.shape[0], bias=False)
+    lin.set_weight(w)
+    lin.quantize_int4(wide_copy=wide, kernel=kernel)
+    return lin
+
+
+@needs_kernel
+def test_linear_with_the_vnni_kernel_keeps_only_its_layout_and_meets_the_row_rule():
+    w = torch.randn(192, 576, generator=torch.Generator().manual_seed(3)) * 0.05
+    lin = _linear(w, "vnni")
+    assert lin.weight_format == "int4" and lin.int4_vnni is not None
+    assert lin.int4_weight is None and lin.int4_scales_zeros is None  # no second copy
+    x = _x(6, 576)
+    y = lin(x)
+    assert y.dtype == torch.float32  # fp32 in, fp32 out: no bf16 round trip
+    assert torch.equal(y, int4_vnni.mm(x, lin.int4_vnni, 192))
+    assert float((y - x @ w.t()).norm() / (x @ w.t()).norm()) < 0.15  # int4 weights
+    assert lin.set_row_invariant()  # the batch-invariant mode accepts it
+    assert row_invariant(lin, 576, torch.float32)
+
+
+@needs_kernel
+def test_wide_copy_holds_the_vnni_kernels_own_values():
+    lin = _linear(torch.randn(64, 128, generator=torch.Generator().manual_seed(4)), "vnni",
+                  wide=True)
+    if lin.wide_weight is None:
+        pytest.skip("this PyTorch build has no oneDNN packed linear")
+    values = unpack_onednn(lin.wide_weight, 128).float()
+    seen = int4_vnni.mm(torch.eye(128), lin.int4_vnni, 64).t()  # exact for unit vectors
+    torch.testing.assert_close(values, seen, rtol=2 ** -8, atol=0)
+
+
+@needs_kernel
+def test_a_vnni_packing_read_differently_is_refused_at_load(monkeypatch):
+    swap = torch.arange(128).view(-1, 2).flip(-1).reshape(-1)
+    real = int4_vnni.pack
+    monkeypatch.setattr(int4_vnni, "pack", lambda c, s, lo: real(c[:, swap].contiguous(), s, lo))
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match="int4 weights on cpu: the int4 VNNI kernel returned "
+                                         "values that differ"):
+        _linear(w, "vnni")
+
+
+@needs_kernel
+def test_a_layer_whose_scales_overflow_fp16_keeps_pytorchs_kernel():
+    assert not int4_vnni.supports(40, 64) and not int4_vnni.supports(32, 48)
+    big = torch.randn(32, 64)
+    big[0, :32] = torch.linspace(-1e6, 1e6, 32)  # min and scale beyond fp16
+    assert _linear(big, "vnni").int4_weight is not None
+
+
+def test_aten_kernel_is_todays_path_bit_for_bit():
+    """int4_kernel=aten (and every CUDA tensor) keeps PyTorch's kernel with bf16 inputs."""
+    w = torch.randn(192, 576, generator=torch.Generator().manual_seed(6)) * 0.05
+    lin = _linear(w, "aten")
+    assert lin.int4_vnni is None
+    codes, scale, lo = _int4_codes(w, INT4_GROUP)
+    sz = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().bfloat16()
+    x = _x(7, 576)
+    today = _int4_mm(x.bfloat16(), _int4_pack(codes), INT4_GROUP, sz).float()
+    assert torch.equal(lin(x), today)
+    assert resolve_int4_kernel("aten", "cpu") == "aten"
+    assert resolve_int4_kernel("vnni", "meta") == "aten"  # not a CPU: PyTorch's kernels
+    with pytest.raises(ValueError, match="int4 kernel must be one of"):
+        resolve_int4_kernel("fast", "cpu")
+
+
+def test_int4_kernel_is_validated_and_parsed():
+    import argparse
+
+    from mtpserve.decoding.tools.engine_args import add_engine_args, engine_config_from_args
+
+    with pytest.raises(ValueError, match="int4_kernel must be auto\\|aten\\|vnni"):
+        EngineConfig(int4_kernel="fast")
+    assert EngineConfig().int4_kernel == "auto"
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert engine_config_from_args(p.parse_args(["--int4-kernel", "aten"])).int4_kernel == "aten"
+
+
+def test_a_kernel_that_cannot_build_means_aten_with_one_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(int4_vnni, "_loaded", None)
+    monkeypatch.setattr(int4_vnni, "_cpu_flags", lambda: {"avx512_vnni"})
+    monkeypatch.setattr(int4_vnni.platform, "machine", lambda: "x86_64")
+
+    def no_compiler(*a, **kw):
+        raise RuntimeError("Error building extension 'mtpserve_int4_vnni': c++: not found\nmore")
+
+    monkeypatch.setattr(ext, "load", no_compiler)
+    with caplog.at_level(logging.WARNING, logger=int4_vnni.__name__):
+        assert not int4_vnni.available()
+        assert not int4_vnni.available()  # tried once per process
+    assert len(caplog.records) == 1 and "c++: not found" in caplog.text
+    assert resolve_int4_kernel("auto", "cpu") == "aten"
+    with pytest.raises(ValueError, match="--int4-kernel vnni: the int4 VNNI kernel cannot run"):
+        resolve_int4_kernel("vnni", "cpu")
+    assert _linear(torch.randn(32, 64), "auto").int4_weight is not None  # and it still works
+
+
+@pytest.mark.parametrize("machine, flags", [("aarch64", {"avx512_vnni"}), ("x86_64", {"avx2"})])
+def test_no_compile_is_tried_where_the_cpu_cannot_run_it(monkeypatch, machine, flags):
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(int4_vnni, "_loaded", None)
+    monkeypatch.setattr(int4_vnni, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(int4_vnni.platform, "machine", lambda: machine)
+    monkeypatch.setattr(ext, "load", lambda *a, **kw: pytest.fail("compiled anyway"))
+    assert not int4_vnni.available()
+
+
+def test_kernels_are_built_into_the_users_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert int4_vnni.cache_dir() == tmp_path / "mtpserve" / "kernels"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert int4_vnni.cache_dir() == tmp_path / "home" / ".cache" / "mtpserve" / "kernels"
+
+
+# -- through an engine ------------------------------------------------------------------------
+
+@needs_kernel
+def test_speculative_greedy_equals_plain_greedy_with_the_vnni_kernel(default_engine):
+    """A random model with int4 projections on the VNNI kernel (hidden 64: whole blocks),
+    batch-invariant: 64 greedy tokens with speculation (verify passes of several rows)
+    are exactly the tokens of one-row steps."""
+    from mtpserve.decoding.engine.llm_engine import LLMEngine
+
+    tok = default_engine.tokenizer
+    cfg = tiny_config(vocab=tok.vocab_size, hidden=64, layers=2, heads=4, kv_heads=2,
+                      tie_word_embeddings=False)
+    model = random_causal_lm(cfg, torch.float32, seed=3)
+    model.quantize("int4", int4_kernel="vnni")
+    assert all(m.int4_vnni is not None for m in model.layers.modules() if isinstance(m, Linear))
+    model.use_transposed_weights()
+    assert model.set_batch_invariant(True) == []
+    config = EngineConfig(dtype="float32", device="cpu", max_num_seqs=2, max_model_len=256,
+                          batch_invariant=True, spec=SpecConfig(mode="on", proposer="ngram"))
+    eng = LLMEngine(config, model, tok, "tiny-int4")
+    prompt = tok.encode("one two three one two three one two three one two three") * 2
+
+    def greedy(speculate: bool) -> SamplingParams:
+        return SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True,
+                              speculate=speculate)
+
+    plain = run_requests(eng, [(prompt, greedy(False))])[0].token_ids
+    spec = run_requests(eng, [(prompt, greedy(True))])
+    assert spec[0].last.spec.num_accepted_draft_tokens > 0  # verify passes did happen
+    assert spec[0].token_ids == plain
