@@ -318,7 +318,8 @@ class Linear(nn.Module):
                       kernel: str = "aten") -> None:
         """Asymmetric int4 in groups along the input dimension; drops the dense weight.
         wide_copy: also keep, as bf16, the very values the kernel multiplies by (codes,
-        scales and zeros as it stores them), for passes of WIDE_ROWS rows or more.
+        scales and zeros as it stores them), for passes of WIDE_ROWS rows or more (PyTorch's
+        kernel only: the VNNI kernel is faster than the copy at every row count).
         kernel: INT4_KERNELS; a layer the VNNI kernel cannot take (N not in 16s, fp16
         overflow) keeps PyTorch's."""
         _require_kernel_device(self.weight, "int4")
@@ -335,9 +336,9 @@ class Linear(nn.Module):
             values = codes[:, cols].float() * s_k[:, cols // group] + m_k[:, cols // group]
             _check_kernel("int4", self._int4_mm, values, s_k[:, cols // group], cols,
                           self.in_features, kernel="the int4 VNNI kernel")
-            if wide_copy:
-                w = codes.float().view(codes.shape[0], -1, group) * s_k[..., None] + m_k[..., None]
-                self.wide_weight = _wide(w.reshape(codes.shape))
+            # No bf16 wide copy beside it, whatever wide_copy says: the VNNI kernel beats
+            # oneDNN's bf16 GEMM at every row count measured, 1..512 (1.1-7x,
+            # docs/benchmarks.md section 6), and the copy would cost 2 bytes per weight.
             self._drop_dense()
             return
         self.int4_weight = _int4_pack(codes)
