@@ -120,17 +120,26 @@ class CompiledTrunk:
             ids = torch.cat([ids, ids.new_zeros(b - rows)])
             positions = torch.cat([positions, positions.new_zeros(b - rows)])
         with step_context(kv, meta, rows):
-            if self.warm:
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    out = self._fn(ids, positions)
-            else:
-                out = self._fn(ids, positions)
+            out = self._run_warm(ids, positions) if self.warm else self._fn(ids, positions)
         self.steps_by_bucket[b] = self.steps_by_bucket.get(b, 0) + 1
         if b == rows:
             return out
         if isinstance(out, tuple):
             return tuple(t[:rows] for t in out)
         return out[:rows]
+
+    def _run_warm(self, ids: torch.Tensor, positions: torch.Tensor):
+        """The graph with only the guards that tell buckets apart. An input the warm-up did
+        not cover (say, a tensor made outside inference mode) makes dynamo refuse before
+        anything runs: full guards from then on, and it compiles what it needs."""
+        try:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self._fn(ids, positions)
+        except RuntimeError as e:
+            if "skip_guard_eval_unsafe" not in str(e):
+                raise
+            self.warm = False
+            return self._fn(ids, positions)
 
     @torch.inference_mode()
     def warm_up(self, kv: KVCache, slot: int = 0,

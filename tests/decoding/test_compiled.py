@@ -153,3 +153,27 @@ def test_a_failed_compile_serves_eagerly_with_a_warning(default_engine, monkeypa
     req = [(PROMPTS[0], greedy(8, ignore_eos=True, speculate=False))]
     assert run_requests(eng, req)[0].token_ids == run_requests(eager, req)[0].token_ids
     assert eng.kv.allocate() is not None  # the warm-up slot went back to the pool
+
+
+def test_an_input_the_warm_up_did_not_cover_recompiles_instead_of_failing(default_engine):
+    """After warm-up only the guards between buckets run; a tensor made outside inference
+    mode (another dispatch key set) makes dynamo refuse that shortcut: the call goes on
+    with full guards and gives the eager result, it does not fail the step."""
+    eng = tiny_engine(default_engine.tokenizer, max_num_seqs=2, compile="on", compile_buckets=(1,))
+    ct, kv = eng.compiled, eng.kv
+    assert ct.warm and ct.compiles == 1
+    slot = kv.allocate()
+    try:
+        kv.ensure_initialized(slot, 4)
+        pos = torch.tensor([3])
+        meta = AttentionMetadata(positions=pos, token_slots=torch.tensor([slot]), token_store=pos,
+                                 seq_slots=torch.tensor([slot]), slot_start=slot, kv_len=4,
+                                 num_seqs=1, q_len=1, q_gather=None, q_scatter=None, mask=None)
+        ids = torch.tensor([42])  # not an inference tensor, unlike the warm-up's
+        with torch.no_grad():
+            got = ct(ids, meta, kv)
+            want = eng.model(ids, meta, kv)
+    finally:
+        kv.free(slot)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not ct.warm and ct.compiles == 2
