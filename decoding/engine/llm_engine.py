@@ -99,6 +99,9 @@ class LLMEngine:
                     f"{self.max_model_len} tokens ({per_slot / 2**20:.1f} MiB each)")
         self.kv = KVCache(self.model_config, num_slots, slot_len, self.kv_dtype, self.device,
                           lazy=True, extra_layers=extra_layers)
+        # decode/tree rows' attention: the row kernel where it runs (batch-invariant by
+        # construction: --batch-invariant on then costs attention nothing), else SDPA
+        model.set_attention_kernel(config.attention_kernel, self.kv_dtype)
         self.module_ctx = (ModuleContext(self.model_config, context_modules, num_slots, slot_len,
                                          self.kv_dtype, self.device) if context_modules else None)
         self.scheduler = Scheduler(num_slots, config.prefill_chunk_size, config.max_tokens_per_step,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 # AttentionMetadata and padded_layout live in attention_metadata.py (kv_cache.py reads by
 # them too); re-exported here for callers that import them with the kernels.
 from .attention_metadata import AttentionMetadata, padded_layout
+from .row_attention import attend_rows
 
 if TYPE_CHECKING:
     from .kv_cache import KVCache
@@ -57,20 +58,26 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMet
 
 
 def attend_cached(q: torch.Tensor, kv: KVCache, layer: int, meta: AttentionMetadata,
-                  scale: float, invariant: bool = False) -> torch.Tensor:
+                  scale: float, invariant: bool = False, rows: bool = False) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, D], attending over `layer` of the cache, group by group
-    where the step has groups. invariant: every group but a prefill chunk's through
-    attend_invariant (a chunk's rows depend only on the chunk: SDPA, as without it)."""
+    where the step has groups. rows (the row kernel loaded, row_attention.resolve): every
+    group but a prefill chunk's through row_attention.attend_rows, which is batch-invariant
+    by construction, whatever `invariant` says. Else invariant: those groups through
+    attend_invariant. A prefill chunk's rows depend only on the chunk: SDPA always."""
     if meta.groups is None:
-        if invariant and not meta.chunk:
-            return attend_invariant(q, kv, layer, meta, scale)
-        return attend(q, kv.keys(layer, meta), kv.values(layer, meta), meta, scale)
+        if meta.chunk or not (rows or invariant):
+            return attend(q, kv.keys(layer, meta), kv.values(layer, meta), meta, scale)
+        if rows:
+            return attend_rows(q, kv, layer, meta, scale)
+        return attend_invariant(q, kv, layer, meta, scale)
     out = torch.empty_like(q)
     for g in meta.groups:
-        if invariant and not g.chunk:
-            out[g.rows] = attend_invariant(q[g.rows], kv, layer, g, scale)
-        else:
+        if g.chunk or not (rows or invariant):
             out[g.rows] = attend(q[g.rows], kv.keys(layer, g), kv.values(layer, g), g, scale)
+        elif rows:
+            out[g.rows] = attend_rows(q[g.rows], kv, layer, g, scale)
+        else:
+            out[g.rows] = attend_invariant(q[g.rows], kv, layer, g, scale)
     return out
 
 

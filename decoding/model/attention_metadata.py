@@ -41,6 +41,8 @@ class AttentionMetadata:
     chunk: bool = False
     # attend_invariant's per-row key layout, built at the first layer and reused by the rest
     invariant_layout: tuple | None = None
+    # row_attention.attend_rows' per-row keys (row_layout), built at the first layer likewise
+    row_layout: tuple | None = None
 
 
 def padded_layout(counts: list[int], device: torch.device | str = "cpu"

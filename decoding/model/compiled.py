@@ -119,7 +119,7 @@ class CompiledTrunk:
         if b != rows:
             ids = torch.cat([ids, ids.new_zeros(b - rows)])
             positions = torch.cat([positions, positions.new_zeros(b - rows)])
-        with step_context(kv, meta, rows):
+        with step_context(kv, meta, rows, self.model.attention_kernel == "rows"):
             out = self._run_warm(ids, positions) if self.warm else self._fn(ids, positions)
         self.steps_by_bucket[b] = self.steps_by_bucket.get(b, 0) + 1
         if b == rows:

@@ -38,6 +38,23 @@ def cache_dir() -> Path:
     return Path(base) / "mtpserve" / "kernels"
 
 
+def load_kernel(source: Path) -> None:
+    """JIT-build (first process) or load (later) the C++ extension `source` (one of
+    kernels/*.cpp, registering its own torch ops) into cache_dir(), one folder per source
+    and torch version. Raises on any failure: the caller decides what falls back."""
+    from torch.utils.cpp_extension import load
+    tag = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    build = cache_dir() / f"{source.stem}-{tag}"
+    build.mkdir(parents=True, exist_ok=True)
+    # no -march: the AVX-512 code carries its own target attributes, the rest stays
+    # generic x86-64; never -ffast-math (the float order is what makes rows invariant).
+    # -fopenmp: at::parallel_for is inline OpenMP, serial without it (torch's libgomp
+    # is the one loaded, same soname)
+    load(name=f"mtpserve_{source.stem}_{tag}", sources=[str(source)], build_directory=str(build),
+         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+         is_python_module=False, verbose=False)
+
+
 def _cpu_flags() -> set[str] | None:
     """The CPU's flags from /proc/cpuinfo (Linux), None where unreadable: lets an AVX2-only
     machine skip the compile; the extension's own check (has_vnni) still decides."""
@@ -61,17 +78,7 @@ def _build() -> bool:
         log.warning("int4 VNNI kernel: this CPU lacks AVX512-VNNI; using PyTorch's int4 kernel")
         return False
     try:
-        from torch.utils.cpp_extension import load
-        tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-        build = cache_dir() / f"int4_vnni-{tag}"
-        build.mkdir(parents=True, exist_ok=True)
-        # no -march: the AVX-512 code carries its own target attributes, the rest stays
-        # generic x86-64; never -ffast-math (the float order is what makes rows invariant).
-        # -fopenmp: at::parallel_for is inline OpenMP, serial without it (torch's libgomp
-        # is the one loaded, same soname)
-        load(name=f"mtpserve_int4_vnni_{tag}", sources=[str(SOURCE)], build_directory=str(build),
-             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-             is_python_module=False, verbose=False)
+        load_kernel(SOURCE)
         if not torch.ops.mtpserve_int4.has_vnni():
             log.warning("int4 VNNI kernel: this CPU lacks AVX512-VNNI; using PyTorch's int4 kernel")
             return False

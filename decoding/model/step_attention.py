@@ -31,6 +31,7 @@ class _Step:
     kv: KVCache | None = None
     meta: AttentionMetadata | None = None
     rows: int = 0  # real rows; the op's inputs may have more (padding)
+    row_kernel: bool = False  # decode/tree rows through row_attention (attend_cached's rows)
 
 
 # The one exception to "no per-step state in module globals": a compiled graph cannot take
@@ -41,13 +42,15 @@ _STEP = _Step()
 
 
 @contextmanager
-def step_context(kv: KVCache, meta: AttentionMetadata, rows: int) -> Iterator[None]:
-    """Within: cached_attention reads `meta` and writes `kv` for the first `rows` rows."""
-    _STEP.kv, _STEP.meta, _STEP.rows = kv, meta, rows
+def step_context(kv: KVCache, meta: AttentionMetadata, rows: int, row_kernel: bool = False
+                 ) -> Iterator[None]:
+    """Within: cached_attention reads `meta` and writes `kv` for the first `rows` rows;
+    row_kernel: it attends as the eager trunk with CausalLM.attention_kernel 'rows'."""
+    _STEP.kv, _STEP.meta, _STEP.rows, _STEP.row_kernel = kv, meta, rows, row_kernel
     try:
         yield
     finally:
-        _STEP.kv, _STEP.meta, _STEP.rows = None, None, 0
+        _STEP.kv, _STEP.meta, _STEP.rows, _STEP.row_kernel = None, None, 0, False
 
 
 # Defined with torch.library.Library, not the custom_op decorator: a call through the
@@ -67,7 +70,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: i
     if n != padded:
         q, k, v = q[:n], k[:n], v[:n]
     kv.write(layer, meta, k, v)
-    out = attend_cached(q, kv, layer, meta, scale)
+    out = attend_cached(q, kv, layer, meta, scale, rows=_STEP.row_kernel)
     if n == padded:
         return out if out.data_ptr() != q.data_ptr() else out.clone()
     full = out.new_zeros(padded, *out.shape[1:])

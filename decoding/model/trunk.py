@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import attend_cached
+from .row_attention import resolve as resolve_attention_kernel
 from .attention_metadata import AttentionMetadata
 from .kv_cache import KVCache
 from .linear import (WIDE_ROWS, ChunkRows, Linear, chunk_rows, fp16_linear, onednn_linear,
@@ -104,6 +105,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim ** -0.5
         self.batch_invariant = False  # see CausalLM.set_batch_invariant
+        self.row_kernel = False  # see CausalLM.set_attention_kernel
 
     def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata | None, kv: KVCache | None) -> torch.Tensor:
@@ -126,7 +128,8 @@ class Attention(nn.Module):
             out = torch.ops.mtpserve.cached_attention(q, k, v, self.layer_idx, self.scale)
         else:
             kv.write(self.layer_idx, meta, k, v)
-            out = attend_cached(q, kv, self.layer_idx, meta, self.scale, self.batch_invariant)
+            out = attend_cached(q, kv, self.layer_idx, meta, self.scale, self.batch_invariant,
+                                self.row_kernel)
         return self.o_proj(out.reshape(T, -1))
 
 
@@ -173,6 +176,7 @@ class CausalLM(nn.Module):
         self.unembed_fp16: torch.Tensor | None = None  # see use_fp16_unembedding
         self.batch_invariant = False  # see set_batch_invariant
         self.int4_kernel = "aten"  # the int4 layers' CPU kernel, see quantize
+        self.attention_kernel = "sdpa"  # decode/tree rows' attention, see set_attention_kernel
 
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
                 return_pre_last: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -231,6 +235,14 @@ class CausalLM(nn.Module):
                     m.quantize_int4(wide_copy=wide_copy, kernel=int4_kernel)
                 else:
                     m.quantize_int8(wide_copy=wide_copy)
+
+    def set_attention_kernel(self, name: str, kv_dtype: torch.dtype) -> str:
+        """EngineConfig.attention_kernel for a KV cache in `kv_dtype` on this model's device
+        -> 'rows' (row_attention.attend_rows for decode and tree rows) or 'sdpa'."""
+        self.attention_kernel = resolve_attention_kernel(name, self.norm.weight.device, kv_dtype)
+        for layer in self.layers:
+            layer.self_attn.row_kernel = self.attention_kernel == "rows"
+        return self.attention_kernel
 
     @torch.no_grad()
     def set_batch_invariant(self, on: bool) -> list[str]:

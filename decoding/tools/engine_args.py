@@ -34,6 +34,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "built at first use into ~/.cache/mtpserve/kernels) or aten "
                         "(PyTorch's, bf16 activations); auto: vnni where it builds and the "
                         "CPU has VNNI, else aten")
+    g.add_argument("--attention-kernel", default="auto", choices=["auto", "sdpa", "rows"],
+                   help="decode/tree rows' attention: rows (C++ kernel, each row over its own "
+                        "keys, batch-invariant by construction; built at first use into "
+                        "~/.cache/mtpserve/kernels) or sdpa (PyTorch); auto: rows where it "
+                        "builds and the KV cache is fp32 on CPU")
     g.add_argument("--unembed", default="auto", choices=["auto", "fp32", "fp16"],
                    help="the logits' weights on CPU: fp16 (fp32 in/out, half the bytes, logits "
                         "within ~0.02) or fp32 (auto: fp16 around int8/int4 weights)")
@@ -90,6 +95,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
     )
     return EngineConfig(model=a.model, dtype=a.dtype, weights=a.weights,
                         wide_weights=a.wide_weights, int4_kernel=a.int4_kernel,
+                        attention_kernel=a.attention_kernel,
                         unembed=a.unembed, device=a.device,
                         batch_invariant=a.batch_invariant == "on",
                         max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,

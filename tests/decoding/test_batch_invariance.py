@@ -8,7 +8,9 @@ greedy equals plain greedy token for token over 128 tokens with trees of several
 and in a batch of other sequences arriving and finishing at other steps.
 
 MTPSERVE_TEST_BATCH_INVARIANT=off runs the end-to-end tests with the mode off, to see
-them fail (the near-ties of these prompts flip without it).
+them fail (the near-ties of these prompts flip without it). The engine attends with the row
+kernel where it loads (--attention-kernel auto, model/row_attention.py);
+MTPSERVE_TEST_ATTENTION_KERNEL=sdpa runs them through attend_invariant instead.
 """
 
 from __future__ import annotations
@@ -203,8 +205,10 @@ def inv_engine():
     from mtpserve.decoding.engine.llm_engine import LLMEngine
 
     on = os.environ.get("MTPSERVE_TEST_BATCH_INVARIANT", "on") != "off"
+    kernel = os.environ.get("MTPSERVE_TEST_ATTENTION_KERNEL", "auto")  # sdpa: attend_invariant
     eng = LLMEngine.from_config(EngineConfig(max_num_seqs=6, max_model_len=512,
-                                             batch_invariant=on, spec=SpecConfig(mode="on")))
+                                             batch_invariant=on, attention_kernel=kernel,
+                                             spec=SpecConfig(mode="on")))
     assert eng.weight_format == "int4" or not torch.cuda.is_available()
     return eng
 
@@ -294,3 +298,14 @@ def test_greedy_output_is_the_same_alone_and_in_a_batch_at_int4(inv_engine, plai
     assert len(set(finished_at.values())) >= 3  # they finished at different steps
     assert outs["ref"] == plain[0], f"first difference at {_first_diff(outs['ref'], plain[0])}"
     assert outs["late"] == plain[1][:30]  # arrived mid-run, speculating: still its plain tokens
+
+
+def test_the_invariant_engine_attends_with_the_row_kernel(inv_engine):
+    from mtpserve.decoding.model import row_attention
+
+    want = os.environ.get("MTPSERVE_TEST_ATTENTION_KERNEL", "auto")
+    if want == "sdpa" or not row_attention.available():
+        pytest.skip("the row kernel is off or does not load here")
+    layers = inv_engine.model.layers
+    assert inv_engine.model.attention_kernel == "rows"
+    assert all(layer.self_attn.row_kernel for layer in layers)

@@ -1,0 +1,272 @@
+// Attention of decode rows and draft-tree rows over the KV cache, one (row, KV head) at a
+// time, batch-invariant by construction (decoding/model/row_attention.py).
+//
+// Each query row t attends over ITS keys, in cache order: the committed prefix [0, prefix[t])
+// of its cache slot, then the cache indices extra[offsets[t] .. offsets[t+1]) (its tree
+// ancestors and itself). The softmax is online (running max and sum in fp32) over those keys
+// in blocks of kBlock, starting at the row's first key: the sequence of float operations of
+// a row depends only on that row's query and keys, never on T, the other rows, or the
+// thread count (threads split (row, KV head) pairs, never a row's keys).
+//
+// Two paths, chosen ONCE per process (use_avx512(), from the CPU and the head dim): AVX-512
+// (function target attributes + a runtime check, no -march) and generic C++. They do not
+// give the same bits (the vector path's dot products are 16-lane partial sums and its exp a
+// polynomial), so a process never mixes them. GQA: query head h reads KV head h / (Hq/Hkv).
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 16;  // keys per online-softmax step (one zmm of scores)
+constexpr int64_t kMaxG = 16;   // query heads per KV head
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Args {
+  const float* q;      // [T, Hq, D]
+  const float* k;      // the layer's keys [S, Hkv, L, D]
+  const float* v;      // values, same layout
+  const int64_t* slot;     // [T]
+  const int64_t* prefix;   // [T]
+  const int64_t* offsets;  // [T + 1]
+  const int64_t* extra;    // [E]
+  float* out;          // [T, Hq, D]
+  int64_t Hq, Hkv, L, D;
+  float scale;
+};
+
+inline int64_t key_at(int64_t j, int64_t p, const int64_t* ex) { return j < p ? j : ex[j - p]; }
+
+// ---- generic C++ -------------------------------------------------------------------------
+void generic_pair(const Args& a, int64_t t, int64_t h) {
+  const int64_t G = a.Hq / a.Hkv, D = a.D, p = a.prefix[t];
+  const int64_t* ex = a.extra + a.offsets[t];
+  const int64_t n = p + (a.offsets[t + 1] - a.offsets[t]);
+  const int64_t base = (a.slot[t] * a.Hkv + h) * a.L;
+  const float* q = a.q + (t * a.Hq + h * G) * D;
+  float* o = a.out + (t * a.Hq + h * G) * D;
+  float m[kMaxG], l[kMaxG], s[kMaxG][kBlock];
+  for (int64_t g = 0; g < G; ++g) {
+    m[g] = kNegInf;
+    l[g] = 0.0f;
+    std::fill(o + g * D, o + (g + 1) * D, 0.0f);  // the accumulator lives in the output
+  }
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t nb = std::min(kBlock, n - b);
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* kp = a.k + (base + key_at(b + j, p, ex)) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; ++d) dot += q[g * D + d] * kp[d];
+        s[g][j] = dot * a.scale;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float mn = m[g];
+      for (int64_t j = 0; j < nb; ++j) mn = std::max(mn, s[g][j]);
+      const float corr = m[g] == kNegInf ? 0.0f : std::exp(m[g] - mn);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < nb; ++j) {
+        s[g][j] = std::exp(s[g][j] - mn);
+        sum += s[g][j];
+      }
+      l[g] = l[g] * corr + sum;
+      m[g] = mn;
+      float* acc = o + g * D;
+      for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* vp = a.v + (base + key_at(b + j, p, ex)) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        float* acc = o + g * D;
+        const float pj = s[g][j];
+        for (int64_t d = 0; d < D; ++d) acc[d] += pj * vp[d];
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = 1.0f / l[g];
+    for (int64_t d = 0; d < D; ++d) o[g * D + d] *= inv;
+  }
+}
+
+// ---- AVX-512 -----------------------------------------------------------------------------
+#if defined(__x86_64__) || defined(_M_X64)
+#define AVX512 __attribute__((target("avx512f,avx512dq,fma")))
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+}
+
+// exp for x <= 0 (Cephes' expf: 2^n * P(r), r = x - n ln2 in two parts), ~1 ulp; x below
+// -87.3 gives ~1e-38 (the caller zeroes the lanes past a block's keys itself)
+AVX512 inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+template <int NV>  // D = 16 * NV
+AVX512 void avx512_pair(const Args& a, int64_t t, int64_t h) {
+  constexpr int64_t D = 16 * NV;
+  const int64_t G = a.Hq / a.Hkv, p = a.prefix[t];
+  const int64_t* ex = a.extra + a.offsets[t];
+  const int64_t n = p + (a.offsets[t + 1] - a.offsets[t]);
+  const int64_t base = (a.slot[t] * a.Hkv + h) * a.L;
+  const float* q = a.q + (t * a.Hq + h * G) * D;
+  float* o = a.out + (t * a.Hq + h * G) * D;
+  __m512 qv[kMaxG][NV], acc[kMaxG][NV];
+  float m[kMaxG], l[kMaxG];
+  alignas(64) float s[kMaxG][kBlock];
+  for (int64_t g = 0; g < G; ++g) {
+    m[g] = kNegInf;
+    l[g] = 0.0f;
+    for (int i = 0; i < NV; ++i) {
+      qv[g][i] = _mm512_loadu_ps(q + g * D + 16 * i);
+      acc[g][i] = _mm512_setzero_ps();
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t nb = std::min(kBlock, n - b);
+    const __mmask16 valid = static_cast<__mmask16>((1u << nb) - 1u);
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* kp = a.k + (base + key_at(b + j, p, ex)) * D;
+      __m512 kr[NV];
+      for (int i = 0; i < NV; ++i) kr[i] = _mm512_loadu_ps(kp + 16 * i);
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 x = _mm512_mul_ps(qv[g][0], kr[0]);
+        for (int i = 1; i < NV; ++i) x = _mm512_fmadd_ps(qv[g][i], kr[i], x);
+        s[g][j] = _mm512_reduce_add_ps(x);
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 sv = _mm512_mul_ps(_mm512_mask_load_ps(_mm512_set1_ps(kNegInf), valid, s[g]), scale);
+      const float mn = std::max(m[g], _mm512_reduce_max_ps(sv));
+      const float corr = m[g] == kNegInf ? 0.0f : std::exp(m[g] - mn);
+      __m512 pv = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(sv, _mm512_set1_ps(mn))));
+      l[g] = l[g] * corr + _mm512_reduce_add_ps(pv);
+      m[g] = mn;
+      _mm512_store_ps(s[g], pv);
+      const __m512 c = _mm512_set1_ps(corr);
+      for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_mul_ps(acc[g][i], c);
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* vp = a.v + (base + key_at(b + j, p, ex)) * D;
+      __m512 vr[NV];
+      for (int i = 0; i < NV; ++i) vr[i] = _mm512_loadu_ps(vp + 16 * i);
+      for (int64_t g = 0; g < G; ++g) {
+        const __m512 pj = _mm512_set1_ps(s[g][j]);
+        for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_fmadd_ps(pj, vr[i], acc[g][i]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 inv = _mm512_set1_ps(1.0f / l[g]);
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o + g * D + 16 * i, _mm512_mul_ps(acc[g][i], inv));
+  }
+}
+#else
+bool cpu_has_avx512() { return false; }
+#endif
+
+// The path of this process: decided once (the CPU), then per head dim (the model's).
+// MTPSERVE_ROWS_GENERIC (any value) forces the generic path (to test it on AVX-512 CPUs).
+bool avx512_here() {
+  static const bool on = cpu_has_avx512() && std::getenv("MTPSERVE_ROWS_GENERIC") == nullptr;
+  return on;
+}
+
+bool vector_path(int64_t D) { return avx512_here() && (D == 32 || D == 64 || D == 128); }
+
+void run_pair(const Args& a, int64_t t, int64_t h) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (vector_path(a.D)) {
+    if (a.D == 64) return avx512_pair<4>(a, t, h);
+    if (a.D == 128) return avx512_pair<8>(a, t, h);
+    return avx512_pair<2>(a, t, h);
+  }
+#endif
+  generic_pair(a, t, h);
+}
+
+at::Tensor row_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slot,
+                         const at::Tensor& prefix, const at::Tensor& offsets,
+                         const at::Tensor& extra, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3,
+              "row_attention: q must be a [T, Hq, D] float32 CPU tensor");
+  TORCH_CHECK(kv.scalar_type() == at::kFloat && kv.dim() == 5 && kv.size(0) == 2 &&
+                  kv.is_contiguous(),
+              "row_attention: kv must be one layer's contiguous [2, S, Hkv, L, D] float32");
+  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t S = kv.size(1), Hkv = kv.size(2), L = kv.size(3);
+  TORCH_CHECK(kv.size(4) == D && Hq % Hkv == 0 && Hq / Hkv <= kMaxG,
+              "row_attention: head dims do not match");
+  for (const at::Tensor* x : {&slot, &prefix, &offsets, &extra})
+    TORCH_CHECK(x->scalar_type() == at::kLong && x->is_contiguous() && x->dim() == 1,
+                "row_attention: the layout tensors must be contiguous int64 vectors");
+  TORCH_CHECK(slot.numel() == T && prefix.numel() == T && offsets.numel() == T + 1,
+              "row_attention: the layout does not match T");
+  at::Tensor qc = q.contiguous();
+  at::Tensor out = at::empty({T, Hq, D}, q.options());
+  const int64_t* pre = prefix.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* sl = slot.data_ptr<int64_t>();
+  const int64_t* ex = extra.data_ptr<int64_t>();
+  int64_t keys = 0;
+  for (int64_t t = 0; t < T; ++t) {  // bounds: a bad layout must not read out of the cache
+    const int64_t n = pre[t] + off[t + 1] - off[t];
+    TORCH_CHECK(n > 0 && pre[t] >= 0 && pre[t] <= L && sl[t] >= 0 && sl[t] < S &&
+                    off[t] <= off[t + 1] && off[t + 1] <= extra.numel(),
+                "row_attention: row ", t, " has no keys or indexes outside the cache");
+    for (int64_t i = off[t]; i < off[t + 1]; ++i)
+      TORCH_CHECK(ex[i] >= 0 && ex[i] < L, "row_attention: key index outside the cache");
+    keys += n;
+  }
+  const float* kp = kv.data_ptr<float>();
+  Args a{qc.data_ptr<float>(), kp, kp + S * Hkv * L * D, sl, pre, off, ex,
+         out.data_ptr<float>(), Hq, Hkv, L, D, static_cast<float>(scale)};
+  // threads split (row, KV head) pairs; small passes stay on the calling thread (a fork
+  // costs more than the work). Either way each pair is computed the same.
+  const int64_t pairs = T * Hkv;
+  const int64_t work = keys * Hq * D;
+  const int64_t grain = work < (1 << 19) ? pairs : 1;
+  at::parallel_for(0, pairs, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) run_pair(a, i / Hkv, i % Hkv);
+  });
+  return out;
+}
+
+bool has_avx512() { return avx512_here(); }
+
+}  // namespace
+
+TORCH_LIBRARY(mtpserve_rows, lib) {
+  lib.def("row_attention(Tensor q, Tensor kv, Tensor slot, Tensor prefix, Tensor offsets, "
+          "Tensor extra, float scale) -> Tensor");
+  lib.def("has_avx512() -> bool", &has_avx512);
+}
+
+TORCH_LIBRARY_IMPL(mtpserve_rows, CPU, lib) { lib.impl("row_attention", &row_attention); }

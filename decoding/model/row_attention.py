@@ -1,0 +1,116 @@
+"""Row attention (kernels/row_attention.cpp, the torch op `mtpserve_rows::row_attention`):
+decode rows and draft-tree rows attend over the KV cache one (row, KV head) at a time, each
+over its own keys in cache order with an online softmax, so a row's result is the same
+whatever else is in the pass (batch-invariant by construction) and costs no gather.
+
+A row's keys are described by `row_layout`, built once per step from the step's
+`AttentionMetadata` (and kept on it for the other layers): its cache slot, the length of
+the committed prefix it sees ([0, prefix)) and the few cache indices after that (its tree
+ancestors and itself). The extension is built with int4_vnni's loader; where it does not
+build or load, `available()` is False with one warning and attention keeps SDPA /
+attend_invariant (attention.attend_cached).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .attention_metadata import AttentionMetadata
+from .int4_vnni import load_kernel
+
+if TYPE_CHECKING:
+    from .kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "row_attention.cpp"
+KERNELS = ("auto", "sdpa", "rows")  # EngineConfig.attention_kernel
+
+_lock = threading.Lock()
+_loaded: bool | None = None
+
+
+def _build() -> bool:
+    try:
+        load_kernel(SOURCE)
+    except Exception as exc:  # noqa: BLE001 - any build or load failure means: no kernel
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("row attention kernel did not build or load (%s); attention keeps SDPA",
+                    first)
+        return False
+    torch.library.register_fake("mtpserve_rows::row_attention")(_fake)
+    return True
+
+
+def _fake(q, kv, slot, prefix, offsets, extra, scale):
+    return torch.empty_like(q)
+
+
+def available() -> bool:
+    """Whether the kernel runs here; builds (first process) or loads (later) it once."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _build()
+        return _loaded
+
+
+def vector_path() -> bool:
+    """Whether this process computes with the AVX-512 path (else the generic C++ one)."""
+    return available() and bool(torch.ops.mtpserve_rows.has_avx512())
+
+
+def resolve(name: str, device: torch.device | str, kv_dtype: torch.dtype) -> str:
+    """EngineConfig.attention_kernel -> 'rows' or 'sdpa' for a cache on `device` in
+    `kv_dtype` (the kernel reads an fp32 CPU cache)."""
+    if name not in KERNELS:
+        raise ValueError(f"attention_kernel must be auto|sdpa|rows, got {name!r}")
+    if name == "sdpa":
+        return "sdpa"
+    fits = torch.device(device).type == "cpu" and kv_dtype == torch.float32
+    if fits and available():
+        return "rows"
+    if name == "rows":
+        raise ValueError("--attention-kernel rows: the row attention kernel cannot run here "
+                         "(an fp32 KV cache on CPU and a C++ compiler are needed; see the "
+                         "warning above); use --attention-kernel auto or sdpa")
+    return "sdpa"
+
+
+def row_layout(meta: AttentionMetadata, rows: int, device: torch.device | str = "cpu"
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per packed row of `meta`: (cache slot [T], prefix [T], offsets [T + 1], extra [E]):
+    row t sees cache indices [0, prefix[t]) then extra[offsets[t]:offsets[t + 1]], all in
+    cache order (the True entries of its mask row: committed prefix, then its ancestors)."""
+    if meta.mask is None:  # one sequence, one row: keys [0, kv_len)
+        slots = meta.seq_slots[:1].expand(rows).contiguous()
+        prefix = torch.full((rows,), meta.kv_len, dtype=torch.long, device=device)
+        return slots, prefix, torch.zeros(rows + 1, dtype=torch.long, device=device), \
+            torch.zeros(0, dtype=torch.long, device=device)
+    lq, L = meta.q_len, meta.kv_len
+    padded = (meta.q_scatter if meta.q_scatter is not None
+              else torch.arange(rows, device=device))
+    visible = meta.mask.reshape(meta.num_seqs * lq, L)[padded]
+    hidden = ~visible
+    prefix = torch.where(hidden.any(-1), hidden.to(torch.uint8).argmax(-1), L)
+    tail = visible & (torch.arange(L, device=device) >= prefix[:, None])
+    offsets = torch.zeros(rows + 1, dtype=torch.long, device=device)
+    torch.cumsum(tail.sum(-1), 0, out=offsets[1:])
+    extra = tail.nonzero()[:, 1].contiguous()  # row-major: by row, then cache order
+    return meta.seq_slots[padded // lq].contiguous(), prefix.contiguous(), offsets, extra
+
+
+def attend_rows(q: torch.Tensor, kv: KVCache, layer: int, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+    """q: [T, Hq, D] -> [T, Hq, D] in q's dtype: each row over its keys (row_layout, built
+    at the step's first layer and kept on `meta`), computed in fp32 by the C++ kernel."""
+    if meta.row_layout is None:
+        meta.row_layout = row_layout(meta, q.shape[0], q.device)
+    out = torch.ops.mtpserve_rows.row_attention(q.float(), kv.buf[layer], *meta.row_layout,
+                                                scale)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
