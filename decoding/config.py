@@ -105,7 +105,7 @@ class EngineConfig:
     # int4 weights with AVX512-VNNI, model/int4_vnni.py); auto: vnni where it builds and
     # runs, else aten. CUDA keeps PyTorch's kernels. Default aten: int8 activations move greedy
     # output from the dense reference more than bf16 ones (docs/benchmarks.md section 6).
-    int4_kernel: Literal["auto", "aten", "vnni"] = "aten"
+    int4_kernel: Literal["auto", "aten", "vnni", "vnni16"] = "aten"
     # A row's result does not depend on the other rows of the pass (trees, other
     # sequences): greedy output with speculation equals it without, and a request's greedy
     # output does not depend on the batch. Costs: see README (Batch invariance).
@@ -148,8 +148,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be >= 1")
         if self.weights not in ("auto", "dense", "int8", "int4"):
             raise ValueError(f"weights must be auto|dense|int8|int4, got {self.weights!r}")
-        if self.int4_kernel not in ("auto", "aten", "vnni"):
-            raise ValueError(f"int4_kernel must be auto|aten|vnni, got {self.int4_kernel!r}")
+        if self.int4_kernel not in ("auto", "aten", "vnni", "vnni16"):
+            raise ValueError(f"int4_kernel must be auto|aten|vnni|vnni16, got {self.int4_kernel!r}")
         if self.unembed not in ("auto", "fp32", "fp16"):
             raise ValueError(f"unembed must be auto|fp32|fp16, got {self.unembed!r}")
         if self.max_model_len < 16:
