@@ -8,9 +8,10 @@ block layout (Q4_1 stores d*q + m = (q - 8)*d + (m + 8d)), so re-quantizing a Q4
 checkpoint recovers its codes instead of quantizing twice. Both kernels are fast on this
 CPU only with bf16 inputs, so the input is cast to bf16 for the matmul and the output back
 to the compute dtype: norms, attention and the KV cache keep fp32 where that is the dtype.
-On CPUs with AVX512-VNNI, int4 can instead go through our own kernel (int4_vnni.py:
-activations quantized to int8 per block of 32, exact integer dot products, ~2x faster at
-1-64 rows), which takes the compute dtype as it is (`--int4-kernel`, INT4_KERNELS).
+On CPUs with AVX512-VNNI, int4 goes through our own kernel instead (int4_vnni.py:
+activations quantized to int16 (vnni16, the default) or int8 (vnni) per block of 32, exact
+integer dot products, 1.2-2.2x (int16) / 2-3x (int8) faster than PyTorch's at 1-64 rows),
+which takes the compute dtype as it is (`--int4-kernel`, INT4_KERNELS).
 On CUDA the same formats go through PyTorch's CUDA kernels (`_weight_int4pack_mm`, tinygemm,
 which reads its own tile layout; `_weight_int8pack_mm`). Every quantized layer checks at
 load that its kernel reproduces the quantized values (`_check_kernel`), so a build or

@@ -279,7 +279,9 @@ def test_int4_kernel_is_validated_and_parsed():
         EngineConfig(int4_kernel="fast")
     p = argparse.ArgumentParser()
     add_engine_args(p)
-    assert EngineConfig().int4_kernel == p.parse_args([]).int4_kernel == "aten"  # the default
+    assert EngineConfig().int4_kernel == p.parse_args([]).int4_kernel == "auto"  # the default
+    if int4_vnni.available():
+        assert resolve_int4_kernel("auto", "cpu") == "vnni16"
     assert engine_config_from_args(p.parse_args(["--int4-kernel", "aten"])).int4_kernel == "aten"
     assert engine_config_from_args(p.parse_args(["--int4-kernel", "vnni16"])).int4_kernel == \
         "vnni16"
