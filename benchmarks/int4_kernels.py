@@ -1,10 +1,10 @@
-"""int4 kernels on CPU (--int4-kernel): PyTorch's (aten, bf16 activations) vs ours (vnni:
-int8 activations x int4 weights with AVX512-VNNI, decoding/model/int4_vnni.py) vs oneDNN's
-bf16 GEMM over the wide copy (what passes of WIDE_ROWS+ rows use), per projection shape
-and row count; then the whole model with int4_kernel aten vs vnni in one process,
-interleaved: decode ms/step at batch 1 (and batch --batch), the verify curve (one forward
-+ logits over k rows), and greedy agreement over HumanEval prompts (at each first
-difference the top-2 logprob margin: near-ties, or a bug).
+"""int4 kernels on CPU (--int4-kernel): PyTorch's (aten, bf16 activations) vs ours with
+AVX512-VNNI (decoding/model/int4_vnni.py; vnni: int8 activations, vnni16: int16) vs
+oneDNN's bf16 GEMM over the wide copy (what aten passes of WIDE_ROWS+ rows use), per
+projection shape and row count; then the whole model with int4_kernel aten vs vnni16 vs
+vnni in one process, interleaved: decode ms/step at batch 1 (and batch --batch), the verify
+curve (one forward + logits over k rows), and greedy agreement of vnni16 with aten over
+HumanEval prompts (at each first difference the top-2 logprob margin: near-ties, or a bug).
 
 Kernel times: ms per call, min over repeats of a pass over --layers copies of the weight
 (so weights stream from memory as in the model, not from cache), each kernel fed what the
@@ -46,15 +46,15 @@ def _time(fn, xs, repeats: int) -> float:
 
 def kernel_table(rows: list[int], layers: int, repeats: int) -> None:
     print(f"\n## Kernels: ms per call (min of {repeats} passes over {layers} layers' weights)\n")
-    print("| N x K | M | aten int4 | vnni int4 | oneDNN bf16 (wide) | aten / vnni | "
-          "bf16 / vnni |")
-    print("|---|---|---|---|---|---|---|")
+    print("| N x K | M | aten int4 | vnni (int8 act) | vnni16 (int16 act) | oneDNN bf16 (wide) "
+          "| aten / vnni16 | vnni16 / vnni | bf16 / vnni16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for n, k in SHAPES:
-        aten, vnni = [], []
+        aten, vnni, vnni16 = [], [], []
         for _ in range(layers):
             w = torch.randn(n, k, generator=g) * 0.02
-            for kernel, out in (("aten", aten), ("vnni", vnni)):
+            for kernel, out in (("aten", aten), ("vnni", vnni), ("vnni16", vnni16)):
                 lin = Linear(k, n, bias=False)
                 lin.set_weight(w)
                 lin.quantize_int4(wide_copy=kernel == "aten", kernel=kernel)
@@ -64,10 +64,12 @@ def kernel_table(rows: list[int], layers: int, repeats: int) -> None:
             xb = x.bfloat16()
             t_aten = _time([lin._int4_mm for lin in aten], [xb] * layers, repeats)
             t_vnni = _time([lin._int4_mm for lin in vnni], [x] * layers, repeats)
+            t_16 = _time([lin._int4_mm for lin in vnni16], [x] * layers, repeats)
             t_bf16 = _time([(lambda v, w=lin.wide_weight: onednn_linear(v, w)) for lin in aten],
                            [xb] * layers, repeats)
-            print(f"| {n}x{k} | {m} | {t_aten:.4f} | {t_vnni:.4f} | {t_bf16:.4f} | "
-                  f"{t_aten / t_vnni:.2f}x | {t_bf16 / t_vnni:.2f}x |", flush=True)
+            print(f"| {n}x{k} | {m} | {t_aten:.4f} | {t_vnni:.4f} | {t_16:.4f} | {t_bf16:.4f} | "
+                  f"{t_aten / t_16:.2f}x | {t_16 / t_vnni:.2f}x | {t_bf16 / t_16:.2f}x |",
+                  flush=True)
 
 
 def decode_ms_per_step(eng: LLMEngine, prompts: list[list[int]], tokens: int) -> float:
@@ -103,11 +105,10 @@ def greedy_with_margins(eng: LLMEngine, prompt: list[int], n: int) -> tuple[list
 
 def model_tables(args: argparse.Namespace) -> None:
     base = dict(spec=SpecConfig(mode="off"), max_num_seqs=max(args.batch, 1), max_model_len=512)
-    engines = {"aten": LLMEngine.from_config(EngineConfig(**base, int4_kernel="aten")),
-               "vnni": LLMEngine.from_config(EngineConfig(**base, int4_kernel="vnni")),
-               # the kernel at every row count (no wide copy): vnni vs oneDNN bf16 from 12 rows
-               "vnni, no wide": LLMEngine.from_config(EngineConfig(**base, int4_kernel="vnni",
-                                                                   wide_weights=False))}
+    # vnni and vnni16 run the kernel at every row count (no wide copy); aten switches to
+    # the bf16 wide copy from WIDE_ROWS rows
+    engines = {name: LLMEngine.from_config(EngineConfig(**base, int4_kernel=name))
+               for name in ("aten", "vnni16", "vnni")}
     tok = engines["aten"].tokenizer
     _, raw = load_prompts(None, max(args.prompts, args.batch))
     prompts = encode_prompts(tok, raw)
@@ -124,9 +125,9 @@ def model_tables(args: argparse.Namespace) -> None:
                 res[name][key] = min(res[name].get(key, float("inf")), row["ms_min"])
     names = list(engines)
     print(f"\n## Whole model (int4 trunk, min of {args.repeats_model} interleaved repeats); "
-          f"WIDE_ROWS = {WIDE_ROWS}: from {WIDE_ROWS} rows on the first two use the bf16 wide "
-          "copy, the third the vnni kernel\n")
-    print("| measure | " + " | ".join(names) + " | aten / vnni | aten / vnni-no-wide |")
+          f"WIDE_ROWS = {WIDE_ROWS}: from {WIDE_ROWS} rows on aten uses the bf16 wide "
+          "copy, vnni16 and vnni their kernel\n")
+    print("| measure | " + " | ".join(names) + " | aten / vnni16 | aten / vnni |")
     print("|---|" + "---|" * (len(names) + 2))
     rows = [("b1", "decode batch 1, ms/step"), (f"b{args.batch}", f"decode batch {args.batch}, "
                                                                  "ms/step")]
@@ -136,14 +137,15 @@ def model_tables(args: argparse.Namespace) -> None:
         print(f"| {label} | " + " | ".join(f"{t:.1f}" for t in v)
               + f" | {v[0] / v[1]:.2f}x | {v[0] / v[2]:.2f}x |")
 
-    print(f"\n## Greedy agreement, aten vs vnni: {args.prompts} HumanEval prompts x "
+    print(f"\n## Greedy agreement, aten vs vnni16: {args.prompts} HumanEval prompts x "
           f"{args.tokens} tokens, batch 1, no speculation\n")
     same = 0
-    print("| prompt | identical | first difference at | top-2 logprob margin there (aten / vnni) |")
+    print("| prompt | identical | first difference at | top-2 logprob margin there "
+          "(aten / vnni16) |")
     print("|---|---|---|---|")
     for i, p in enumerate(prompts[:args.prompts]):
         a, ma = greedy_with_margins(engines["aten"], p, args.tokens)
-        b, mb = greedy_with_margins(engines["vnni"], p, args.tokens)
+        b, mb = greedy_with_margins(engines["vnni16"], p, args.tokens)
         d = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
         same += d is None
         where = "" if d is None else f"{d}"

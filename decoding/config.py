@@ -101,11 +101,12 @@ class EngineConfig:
     weights: Literal["auto", "dense", "int8", "int4"] = "auto"  # weight-only quantization (CPU)
     # int8/int4 on CPUs with native bf16: also keep bf16 copies for passes of many rows
     wide_weights: bool = True
-    # int4's CPU kernel: aten (PyTorch's, bf16 activations) or vnni (int8 activations x
-    # int4 weights with AVX512-VNNI, model/int4_vnni.py); auto: vnni where it builds and
-    # runs, else aten. CUDA keeps PyTorch's kernels. Default aten: int8 activations move greedy
-    # output from the dense reference more than bf16 ones (docs/benchmarks.md section 6).
-    int4_kernel: Literal["auto", "aten", "vnni"] = "aten"
+    # int4's CPU kernel: aten (PyTorch's, bf16 activations), vnni16 or vnni (int16 / int8
+    # activations x int4 weights with AVX512-VNNI, model/int4_vnni.py); auto: vnni16 where it
+    # builds and runs, else aten. CUDA keeps PyTorch's kernels. vnni16 matched the dense fp32
+    # reference on 16/16 greedy HumanEval outputs (aten 8/16, vnni 3/16) and is faster than
+    # aten (batch-1 decode 15.0 vs 22.2 ms/step; docs/benchmarks.md section 6).
+    int4_kernel: Literal["auto", "aten", "vnni", "vnni16"] = "auto"
     # A row's result does not depend on the other rows of the pass (trees, other
     # sequences): greedy output with speculation equals it without, and a request's greedy
     # output does not depend on the batch. Costs: see README (Batch invariance).
@@ -153,8 +154,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be >= 1")
         if self.weights not in ("auto", "dense", "int8", "int4"):
             raise ValueError(f"weights must be auto|dense|int8|int4, got {self.weights!r}")
-        if self.int4_kernel not in ("auto", "aten", "vnni"):
-            raise ValueError(f"int4_kernel must be auto|aten|vnni, got {self.int4_kernel!r}")
+        if self.int4_kernel not in ("auto", "aten", "vnni", "vnni16"):
+            raise ValueError(f"int4_kernel must be auto|aten|vnni|vnni16, got {self.int4_kernel!r}")
         if self.attention_kernel not in ("auto", "sdpa", "rows"):
             raise ValueError(f"attention_kernel must be auto|sdpa|rows, got {self.attention_kernel!r}")
         if self.unembed not in ("auto", "fp32", "fp16"):

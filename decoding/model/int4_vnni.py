@@ -88,6 +88,7 @@ def _build() -> bool:
                     first)
         return False
     torch.library.register_fake("mtpserve_int4::mm")(_mm_fake)  # for torch.compile graphs
+    torch.library.register_fake("mtpserve_int4::mm16")(_mm_fake)
     return True
 
 
@@ -132,6 +133,9 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Te
     return out.contiguous()
 
 
-def mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
-    """x [M, K] (fp32 or bf16, CPU) @ W^T -> [M, N] in x's dtype, fp32 accumulation."""
+def mm(x: torch.Tensor, packed: torch.Tensor, n: int, act_bits: int = 8) -> torch.Tensor:
+    """x [M, K] (fp32 or bf16, CPU) @ W^T -> [M, N] in x's dtype, fp32 accumulation; x
+    quantized per block of 32 to int8 (act_bits 8, vpdpbusd) or int16 (16, vpdpwssd)."""
+    if act_bits == 16:
+        return torch.ops.mtpserve_int4.mm16(x, packed, n)
     return torch.ops.mtpserve_int4.mm(x, packed, n)

@@ -8,9 +8,10 @@ block layout (Q4_1 stores d*q + m = (q - 8)*d + (m + 8d)), so re-quantizing a Q4
 checkpoint recovers its codes instead of quantizing twice. Both kernels are fast on this
 CPU only with bf16 inputs, so the input is cast to bf16 for the matmul and the output back
 to the compute dtype: norms, attention and the KV cache keep fp32 where that is the dtype.
-On CPUs with AVX512-VNNI, int4 can instead go through our own kernel (int4_vnni.py:
-activations quantized to int8 per block of 32, exact integer dot products, ~2x faster at
-1-64 rows), which takes the compute dtype as it is (`--int4-kernel`, INT4_KERNELS).
+On CPUs with AVX512-VNNI, int4 goes through our own kernel instead (int4_vnni.py:
+activations quantized to int16 (vnni16, the default) or int8 (vnni) per block of 32, exact
+integer dot products, 1.2-2.2x (int16) / 2-3x (int8) faster than PyTorch's at 1-64 rows),
+which takes the compute dtype as it is (`--int4-kernel`, INT4_KERNELS).
 On CUDA the same formats go through PyTorch's CUDA kernels (`_weight_int4pack_mm`, tinygemm,
 which reads its own tile layout; `_weight_int8pack_mm`). Every quantized layer checks at
 load that its kernel reproduces the quantized values (`_check_kernel`), so a build or
@@ -31,9 +32,11 @@ from torch import nn
 from . import int4_vnni
 
 INT4_GROUP = 32
-# int4's CPU kernel: PyTorch's (aten, bf16 activations) or int4_vnni.py's (int8
-# activations, AVX512-VNNI); auto: vnni where it builds and this CPU has VNNI, else aten
-INT4_KERNELS = ("auto", "aten", "vnni")
+# int4's CPU kernel: PyTorch's (aten, bf16 activations) or int4_vnni.py's with AVX512-VNNI,
+# activations quantized per block of 32 to int16 (vnni16) or int8 (vnni); auto: vnni16
+# where it builds and this CPU has VNNI, else aten
+INT4_KERNELS = ("auto", "aten", "vnni", "vnni16")
+_VNNI_ACT_BITS = {"vnni": 8, "vnni16": 16}  # the VNNI kernels' activation bits
 _KERNEL_DTYPE = torch.bfloat16  # what the CPU weight-only kernels want as activations
 # From this many rows on a quantized layer with a wide copy multiplies by its bf16 dense
 # copy instead: the weight-only kernels are compute-bound and grow linearly with rows (int4
@@ -179,17 +182,18 @@ def _int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def resolve_int4_kernel(name: str, device: torch.device | str) -> str:
-    """EngineConfig.int4_kernel -> the kernel int4 layers on `device` use: 'aten' or
-    'vnni'. CUDA (and any non-CPU device) keeps PyTorch's kernels; 'vnni' where the
-    kernel cannot run here is an error, 'auto' then quietly (one warning) means 'aten'."""
+    """EngineConfig.int4_kernel -> the kernel int4 layers on `device` use: 'aten', 'vnni'
+    or 'vnni16'. CUDA (and any non-CPU device) keeps PyTorch's kernels; 'vnni' or 'vnni16'
+    where the kernel cannot run here is an error, 'auto' then quietly (one warning) means
+    'aten'."""
     if name not in INT4_KERNELS:
         raise ValueError(f"int4 kernel must be one of {'|'.join(INT4_KERNELS)}, got {name!r}")
     if name == "aten" or torch.device(device).type != "cpu":
         return "aten"
     if int4_vnni.available():
-        return "vnni"
-    if name == "vnni":
-        raise ValueError("--int4-kernel vnni: the int4 VNNI kernel cannot run here (see the "
+        return "vnni16" if name == "auto" else name
+    if name != "auto":
+        raise ValueError(f"--int4-kernel {name}: the int4 VNNI kernel cannot run here (see the "
                          "warning above: it needs an x86-64 CPU with AVX512-VNNI and a C++ "
                          "compiler); use --int4-kernel auto or aten")
     return "aten"
@@ -271,6 +275,7 @@ class Linear(nn.Module):
         self.register_buffer("int4_weight", None, persistent=False)
         self.register_buffer("int4_scales_zeros", None, persistent=False)
         self.register_buffer("int4_vnni", None, persistent=False)  # int4_vnni.pack's layout
+        self.int4_act_bits = 16  # the VNNI kernel's activations: int16 (vnni16) or int8 (vnni)
         self.weight_t: torch.Tensor | None = None  # [in, out] storage, see transpose_storage
         self.wide_weight: torch.Tensor | None = None  # packed bf16 copy, see quantize_int4
         self.packed_weight: torch.Tensor | None = None  # oneDNN layout, see transpose_storage
@@ -326,9 +331,11 @@ class Linear(nn.Module):
         if self.in_features % group:
             raise ValueError(f"int4 needs in_features divisible by {group}, got {self.in_features}")
         codes, scale, lo = _int4_codes(self.weight, group)
-        if (resolve_int4_kernel(kernel, self.weight.device) == "vnni" and group == int4_vnni.GROUP
+        resolved = resolve_int4_kernel(kernel, self.weight.device)
+        if (resolved in _VNNI_ACT_BITS and group == int4_vnni.GROUP
                 and int4_vnni.supports(self.out_features, self.in_features)):
             self.int4_vnni = int4_vnni.pack(codes, scale, lo)
+            self.int4_act_bits = _VNNI_ACT_BITS[resolved]
         if self.int4_vnni is not None:
             self.int4_group = group
             s_k, m_k = int4_vnni.kernel_values(scale, lo)  # [N, K/g] fp32, as it multiplies
@@ -357,9 +364,9 @@ class Linear(nn.Module):
         self._drop_dense()
 
     def _int4_mm(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4_vnni is not None:  # fp32 or bf16 as given (int8 inside), same dtype out
+        if self.int4_vnni is not None:  # fp32 or bf16 as given (int16/int8 inside), same out
             x = x if x.dtype in (torch.float32, _KERNEL_DTYPE) else x.float()
-            return int4_vnni.mm(x, self.int4_vnni, self.out_features)
+            return int4_vnni.mm(x, self.int4_vnni, self.out_features, self.int4_act_bits)
         return _int4_mm(x.to(_KERNEL_DTYPE), self.int4_weight, self.int4_group,
                         self.int4_scales_zeros)
 

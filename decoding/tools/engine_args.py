@@ -29,10 +29,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="int8/int4 on a CPU with native bf16: do not keep a bf16 copy of the "
                         "quantized weights for passes of 12+ rows (saves 2 bytes per weight; "
                         "prefill and large verify batches then run ~2x slower)")
-    g.add_argument("--int4-kernel", default="aten", choices=["auto", "aten", "vnni"],
-                   help="int4 on CPU: vnni (int8 activations x int4 weights, AVX512-VNNI, "
-                        "built at first use into ~/.cache/mtpserve/kernels) or aten "
-                        "(PyTorch's, bf16 activations); auto: vnni where it builds and the "
+    g.add_argument("--int4-kernel", default="auto", choices=["auto", "aten", "vnni", "vnni16"],
+                   help="int4 on CPU: vnni16 (int16 activations x int4 weights, AVX512-VNNI, "
+                        "built at first use into ~/.cache/mtpserve/kernels; closest to dense), "
+                        "vnni (int8 activations: faster, moves greedy output more) or aten "
+                        "(PyTorch's, bf16 activations); auto: vnni16 where it builds and the "
                         "CPU has VNNI, else aten")
     g.add_argument("--attention-kernel", default="auto", choices=["auto", "sdpa", "rows"],
                    help="decode/tree rows' attention: rows (C++ kernel, each row over its own "
