@@ -51,6 +51,30 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
+def build_extension(source: Path, what: str, fallback: str) -> bool:
+    """JIT-build (first process) or load (later) the C++ torch extension `source` into
+    cache_dir(), one folder per source text and torch version. False, with one warning
+    naming `what` and `fallback`, where it does not build or load. Shared by this kernel
+    and q8_unembed.py."""
+    try:
+        from torch.utils.cpp_extension import load
+        tag = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+        build = cache_dir() / f"{source.stem}-{tag}"
+        build.mkdir(parents=True, exist_ok=True)
+        # no -march: the AVX-512 code carries its own target attributes, the rest stays
+        # generic x86-64; never -ffast-math (the float order is what makes rows invariant).
+        # -fopenmp: at::parallel_for is inline OpenMP, serial without it (torch's libgomp
+        # is the one loaded, same soname)
+        load(name=f"mtpserve_{source.stem}_{tag}", sources=[str(source)],
+             build_directory=str(build), extra_cflags=["-O3", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - any build or load failure means: no kernel
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("%s did not build or load (%s); using %s", what, first, fallback)
+        return False
+    return True
+
+
 def _build() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         log.warning("int4 VNNI kernel: not an x86-64 CPU (%s); using PyTorch's int4 kernel",
@@ -60,25 +84,10 @@ def _build() -> bool:
     if flags is not None and "avx512_vnni" not in flags:
         log.warning("int4 VNNI kernel: this CPU lacks AVX512-VNNI; using PyTorch's int4 kernel")
         return False
-    try:
-        from torch.utils.cpp_extension import load
-        tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-        build = cache_dir() / f"int4_vnni-{tag}"
-        build.mkdir(parents=True, exist_ok=True)
-        # no -march: the AVX-512 code carries its own target attributes, the rest stays
-        # generic x86-64; never -ffast-math (the float order is what makes rows invariant).
-        # -fopenmp: at::parallel_for is inline OpenMP, serial without it (torch's libgomp
-        # is the one loaded, same soname)
-        load(name=f"mtpserve_int4_vnni_{tag}", sources=[str(SOURCE)], build_directory=str(build),
-             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-             is_python_module=False, verbose=False)
-        if not torch.ops.mtpserve_int4.has_vnni():
-            log.warning("int4 VNNI kernel: this CPU lacks AVX512-VNNI; using PyTorch's int4 kernel")
-            return False
-    except Exception as exc:  # noqa: BLE001 - any build or load failure means: no kernel
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("int4 VNNI kernel did not build or load (%s); using PyTorch's int4 kernel",
-                    first)
+    if not build_extension(SOURCE, "int4 VNNI kernel", "PyTorch's int4 kernel"):
+        return False
+    if not torch.ops.mtpserve_int4.has_vnni():
+        log.warning("int4 VNNI kernel: this CPU lacks AVX512-VNNI; using PyTorch's int4 kernel")
         return False
     torch.library.register_fake("mtpserve_int4::mm")(_mm_fake)  # for torch.compile graphs
     return True
