@@ -111,14 +111,11 @@ class EngineConfig:
     # sequences): greedy output with speculation equals it without, and a request's greedy
     # output does not depend on the batch. Costs: see README (Batch invariance).
     batch_invariant: bool = False
-    # attention of decode and tree rows: rows (model/row_attention.py: a C++ kernel, one
-    # (row, KV head) at a time over the row's own keys, batch-invariant by construction, so
-    # --batch-invariant on costs attention nothing) or sdpa (PyTorch's SDPA; attend_invariant
-    # with --batch-invariant on); auto: rows where it builds (fp32 KV cache on CPU), else sdpa
-    attention_kernel: Literal["auto", "sdpa", "rows"] = "auto"
-    # logits on CPU: fp16 (FBGEMM, fp32 in/out, half the bytes) or fp32 (dense, as the
-    # file's values); auto: fp16 around an int8/int4 trunk, fp32 for dense weights
-    unembed: Literal["auto", "fp32", "fp16"] = "auto"
+    # logits on CPU: q8 (the GGUF's own Q8_0 blocks, model/q8_unembed.py: exact values,
+    # fp32 in/out, ~1 byte per weight), fp16 (FBGEMM, fp32 in/out, half the bytes) or fp32
+    # (dense, as the file's values); auto: q8 else fp16 around an int8/int4 trunk, fp32
+    # for dense weights
+    unembed: Literal["auto", "fp32", "fp16", "q8"] = "auto"
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     max_num_seqs: int = 16
     max_model_len: int = 2048  # per-sequence context (prompt + output + tree)
@@ -158,8 +155,8 @@ class EngineConfig:
             raise ValueError(f"int4_kernel must be auto|aten|vnni|vnni16, got {self.int4_kernel!r}")
         if self.attention_kernel not in ("auto", "sdpa", "rows"):
             raise ValueError(f"attention_kernel must be auto|sdpa|rows, got {self.attention_kernel!r}")
-        if self.unembed not in ("auto", "fp32", "fp16"):
-            raise ValueError(f"unembed must be auto|fp32|fp16, got {self.unembed!r}")
+        if self.unembed not in ("auto", "fp32", "fp16", "q8"):
+            raise ValueError(f"unembed must be auto|fp32|fp16|q8, got {self.unembed!r}")
         if self.max_model_len < 16:
             raise ValueError("max_model_len must be >= 16")
         if self.prefill_chunk_size < 1 or self.max_tokens_per_step < self.prefill_chunk_size:

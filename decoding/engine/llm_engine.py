@@ -181,9 +181,14 @@ class LLMEngine:
             # is a different kernel per row count, linear.ChunkRows)
             wide = config.wide_weights and device.type == "cpu" and cpu_has_native_bf16()
             model.quantize(weights, wide_copy=wide, int4_kernel=config.int4_kernel)
-        if config.unembed == "fp16" or (config.unembed == "auto" and device.type == "cpu"
-                                        and weights in ("int8", "int4")):
-            # before use_transposed_weights, which then keeps no fp32 copy for the logits
+        # before use_transposed_weights, which then keeps no fp32 copy for the logits
+        auto = config.unembed == "auto" and device.type == "cpu" and weights in ("int8", "int4")
+        if config.unembed == "q8" or auto:
+            if not model.use_q8_unembedding() and config.unembed == "q8":
+                raise ValueError("unembed q8 needs the Q8 unembedding kernel on CPU (x86-64 with "
+                                 "AVX-512F or AVX2, a C++ compiler; see the warning above) and "
+                                 "an unembedding stored as GGUF Q8_0; use --unembed fp16 or fp32")
+        if config.unembed == "fp16" or (auto and model.unembed_q8 is None):
             if not model.use_fp16_unembedding() and config.unembed == "fp16":
                 raise ValueError("unembed fp16 needs PyTorch's FBGEMM fp16 GEMM on CPU with an "
                                  f"fp32 unembedding (device {device.type}); use --unembed fp32")

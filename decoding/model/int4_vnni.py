@@ -68,6 +68,18 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
+def build_extension(source: Path, what: str, fallback: str) -> bool:
+    """load_kernel(source), False with one warning naming `what` and `fallback` where it
+    does not build or load. Shared by this kernel and q8_unembed.py."""
+    try:
+        load_kernel(source)
+    except Exception as exc:  # noqa: BLE001 - any build or load failure means: no kernel
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("%s did not build or load (%s); using %s", what, first, fallback)
+        return False
+    return True
+
+
 def _build() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         log.warning("int4 VNNI kernel: not an x86-64 CPU (%s); using PyTorch's int4 kernel",
@@ -77,15 +89,10 @@ def _build() -> bool:
     if flags is not None and "avx512_vnni" not in flags:
         log.warning("int4 VNNI kernel: this CPU lacks AVX512-VNNI; using PyTorch's int4 kernel")
         return False
-    try:
-        load_kernel(SOURCE)
-        if not torch.ops.mtpserve_int4.has_vnni():
-            log.warning("int4 VNNI kernel: this CPU lacks AVX512-VNNI; using PyTorch's int4 kernel")
-            return False
-    except Exception as exc:  # noqa: BLE001 - any build or load failure means: no kernel
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("int4 VNNI kernel did not build or load (%s); using PyTorch's int4 kernel",
-                    first)
+    if not build_extension(SOURCE, "int4 VNNI kernel", "PyTorch's int4 kernel"):
+        return False
+    if not torch.ops.mtpserve_int4.has_vnni():
+        log.warning("int4 VNNI kernel: this CPU lacks AVX512-VNNI; using PyTorch's int4 kernel")
         return False
     torch.library.register_fake("mtpserve_int4::mm")(_mm_fake)  # for torch.compile graphs
     torch.library.register_fake("mtpserve_int4::mm16")(_mm_fake)

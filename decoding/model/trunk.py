@@ -23,6 +23,7 @@ from .attention_metadata import AttentionMetadata
 from .kv_cache import KVCache
 from .linear import (WIDE_ROWS, ChunkRows, Linear, chunk_rows, fp16_linear, onednn_linear,
                      pack_for_onednn, pack_fp16, resolve_int4_kernel, row_invariant)
+from . import q8_unembed
 from . import step_attention  # noqa: F401 - defines torch.ops.mtpserve.cached_attention
 
 
@@ -174,6 +175,7 @@ class CausalLM(nn.Module):
         self.unembed_t: torch.Tensor | None = None  # see use_transposed_weights
         self.unembed_packed: torch.Tensor | None = None  # oneDNN layout, ditto
         self.unembed_fp16: torch.Tensor | None = None  # see use_fp16_unembedding
+        self.unembed_q8: torch.Tensor | None = None  # see use_q8_unembedding
         self.batch_invariant = False  # see set_batch_invariant
         self.int4_kernel = "aten"  # the int4 layers' CPU kernel, see quantize
         self.attention_kernel = "sdpa"  # decode/tree rows' attention, see set_attention_kernel
@@ -273,7 +275,10 @@ class CausalLM(nn.Module):
 
     @property
     def unembed_format(self) -> str:
-        """fp16 (use_fp16_unembedding) or dense: how compute_logits reads the unembedding."""
+        """q8 (use_q8_unembedding), fp16 (use_fp16_unembedding) or dense: how
+        compute_logits reads the unembedding."""
+        if self.unembed_q8 is not None:
+            return "q8"
         return "fp16" if self.unembed_fp16 is not None else "dense"
 
     @torch.no_grad()
@@ -304,6 +309,25 @@ class CausalLM(nn.Module):
         self.unembed_packed = self.unembed_t = None
         return True
 
+    @torch.no_grad()
+    def use_q8_unembedding(self) -> bool:
+        """CPU: compute the logits from the unembedding's own GGUF Q8_0 blocks (int8 values,
+        one fp16 scale per 32) through q8_unembed's kernel: fp32 in, accumulation and out,
+        exactly the file's values (the fp16 copy rounds them), 1.06 bytes per weight, and
+        no fp32 copy held for the logits (the tied embedding keeps its fp32 rows for the
+        lookup and draft vocabularies). A row's logits are the same alone or among many
+        rows. False (nothing changed) where the kernel does not run here or the fp32
+        values are not exactly a Q8_0 tensor's (q8_unembed.recover)."""
+        w = self.unembed_weight()
+        if w.device.type != "cpu" or w.dtype != torch.float32 or not q8_unembed.available():
+            return False
+        blocks = q8_unembed.recover(w)
+        if blocks is None:
+            return False
+        self.unembed_q8 = q8_unembed.pack(*blocks)
+        self.unembed_fp16 = self.unembed_packed = self.unembed_t = None
+        return True
+
     def unembed_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
@@ -319,7 +343,7 @@ class CausalLM(nn.Module):
         for m in self.layers.modules():
             if isinstance(m, Linear):
                 m.transpose_storage()
-        if self.unembed_fp16 is not None:  # the logits have their own copy
+        if self.unembed_fp16 is not None or self.unembed_q8 is not None:  # their own copy
             return
         w = self.unembed_weight()
         if w.dtype == torch.float32:
@@ -329,6 +353,8 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> float32 logits [N, V]."""
+        if self.unembed_q8 is not None:
+            return q8_unembed.mm(hidden, self.unembed_q8, self.config.vocab_size)
         if self.unembed_fp16 is not None:
             return fp16_linear(hidden, self.unembed_fp16)
         if self.unembed_packed is not None and hidden.dtype == torch.float32:

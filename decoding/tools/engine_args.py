@@ -40,9 +40,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "keys, batch-invariant by construction; built at first use into "
                         "~/.cache/mtpserve/kernels) or sdpa (PyTorch); auto: rows where it "
                         "builds and the KV cache is fp32 on CPU")
-    g.add_argument("--unembed", default="auto", choices=["auto", "fp32", "fp16"],
-                   help="the logits' weights on CPU: fp16 (fp32 in/out, half the bytes, logits "
-                        "within ~0.02) or fp32 (auto: fp16 around int8/int4 weights)")
+    g.add_argument("--unembed", default="auto", choices=["auto", "fp32", "fp16", "q8"],
+                   help="the logits' weights on CPU: q8 (the GGUF's own Q8_0 values, fp32 "
+                        "in/out, ~1 byte per weight, own kernel built at first use), fp16 "
+                        "(fp32 in/out, half the bytes, logits within ~0.02) or fp32 (auto: q8 "
+                        "where it runs and the file stores Q8_0, else fp16, around int8/int4 "
+                        "weights)")
     g.add_argument("--batch-invariant", default="off", choices=["on", "off"],
                    help="on: every row of a pass computed as if alone (no wide copy, one "
                         "kernel for every row count, attention per row in a fixed order), so "

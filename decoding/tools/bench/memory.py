@@ -41,9 +41,11 @@ def model_bytes(model: torch.nn.Module) -> int:
     unembed_t = getattr(model, "unembed_t", None)
     unembed_packed = getattr(model, "unembed_packed", None)  # opaque: no data_ptr
     unembed_fp16 = getattr(model, "unembed_fp16", None)  # FBGEMM's packed fp16: opaque too
-    own_copy = unembed_t is not None or unembed_packed is not None or unembed_fp16 is not None
+    unembed_q8 = getattr(model, "unembed_q8", None)  # q8_unembed's blocks: a plain tensor
+    own_copy = (unembed_t is not None or unembed_packed is not None or unembed_fp16 is not None
+                or unembed_q8 is not None)
     named = itertools.chain(model.named_parameters(), model.named_buffers(),
-                            [("unembed_t", unembed_t)])
+                            [("unembed_t", unembed_t), ("unembed_q8", unembed_q8)])
     for name, t in named:
         if t is None or name.startswith("rope.") or t.data_ptr() in seen:
             continue

@@ -1,0 +1,129 @@
+"""The Q8_0 unembedding (kernels/q8_unembed.cpp, `--unembed q8`): GGUF's own int8 blocks of
+the logits' weights, fp32 activations and logits.
+
+The default GGUF stores the tied embedding as Q8_0: blocks of 32 int8 values q with one
+fp16 scale d, value = d * q, which the checkpoint loader dequantizes to fp32 (exactly: an
+fp16 times an int8 fits fp32's 24 bits). `recover` finds (d, q) back from those fp32 values
+and checks that d * q gives every value bitwise; the kernel then multiplies by exactly the
+file's values (where the fp16 copy rounds d * q to 11 bits) reading 1.06 bytes per weight
+(fp16: 2). Nothing is quantized at run time (int8 activations moved logits by 0.9-2.4 here,
+benchmarks/unembed_kernels.py).
+
+The extension is built like int4_vnni's (int4_vnni.build_extension, into the user's
+cache); the kernel runs with AVX-512F or AVX2+FMA+F16C (the same bits on both). Anything
+that stops it makes `available()` False with one warning, and the caller keeps the fp16 or
+fp32 unembedding.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+from .int4_vnni import build_extension
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "q8_unembed.cpp"
+ROWS = 16     # output rows per weight block
+GROUP = 32    # K per Q8_0 block
+BLOCK = 544   # bytes per (16 rows x 32 K): 512 of int8 values, 16 fp16 scales
+
+_lock = threading.Lock()
+_loaded: bool | None = None  # None: not tried yet in this process
+
+
+def _build() -> bool:
+    fallback = "the fp16/fp32 unembedding"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        log.warning("Q8 unembedding kernel: not an x86-64 CPU (%s); using %s",
+                    platform.machine(), fallback)
+        return False
+    if not build_extension(SOURCE, "Q8 unembedding kernel", fallback):
+        return False
+    if torch.ops.mtpserve_q8.isa() == 0:
+        log.warning("Q8 unembedding kernel: this CPU has neither AVX-512F nor AVX2+FMA+F16C; "
+                    "using %s", fallback)
+        return False
+    torch.library.register_fake("mtpserve_q8::mm")(_mm_fake)  # for torch.compile graphs
+    return True
+
+
+def _mm_fake(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)
+
+
+def available() -> bool:
+    """Whether the kernel runs here; builds (first process) or loads (later) it once."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _build()
+        return _loaded
+
+
+def supports(n: int, k: int) -> bool:
+    """Shapes the kernel takes: whole 16-row blocks and whole 32-wide blocks."""
+    return n % ROWS == 0 and k % GROUP == 0 and n > 0 and k > 0
+
+
+@torch.no_grad()
+def recover(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """fp32 w [N, K] that a Q8_0 tensor dequantized to -> (q int8 [N, K], d fp16 [N, K/32])
+    with fp32(d) * q == w BITWISE for every element, or None where w is not such a tensor
+    (another quantization, a dense float checkpoint, -0.0 entries). Q8_0 (ggml, gguf-py)
+    writes d = max|w| / 127 rounded to fp16 and q = round(w / d), so the block's largest
+    value is d * (+-127) and max|w| / 127 gives d back exactly; every value is checked."""
+    if w.dim() != 2 or w.dtype != torch.float32 or not supports(*w.shape):
+        return None
+    n, k = w.shape
+    qs = torch.empty(n, k, dtype=torch.int8)
+    ds = torch.empty(n, k // GROUP, dtype=torch.float16)
+    for rows in torch.arange(n).split(4096):  # small temporaries
+        b = w[rows].detach().cpu().reshape(len(rows), k // GROUP, GROUP)
+        d = b.abs().amax(-1) / 127
+        d16 = d.to(torch.float16)
+        if not torch.equal(d16.float(), d):
+            return None
+        safe = torch.where(d == 0, torch.ones_like(d), d)
+        q = torch.round(b / safe[..., None])
+        if bool((q.abs() > 127).any()):
+            return None
+        q8 = q.to(torch.int8)
+        back = q8.float() * d16.float()[..., None]  # what is stored, as dequantize computes
+        if not torch.equal(back.view(torch.int32), b.view(torch.int32)):  # bitwise
+            return None
+        qs[rows] = q8.reshape(len(rows), k)
+        ds[rows] = d16
+    return qs, ds
+
+
+def dequantize(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """fp32(d) * q [N, K]: the values the kernel multiplies by."""
+    n, k = q.shape
+    return (q.float().reshape(n, k // GROUP, GROUP) * d.float()[..., None]).reshape(n, k)
+
+
+def pack(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """q int8 [N, K], d fp16 [N, K/32] -> the kernel's [N/16, K/32, 544] uint8 layout (see
+    the .cpp), 64-byte aligned."""
+    n, k = q.shape
+    nb, g = n // ROWS, k // GROUP
+    qb = q.view(torch.uint8).reshape(nb, ROWS, g, GROUP).permute(0, 2, 3, 1).reshape(nb, g, 512)
+    db = d.reshape(nb, ROWS, g).permute(0, 2, 1).contiguous().view(torch.uint8)  # [NB, G, 32]
+    flat = torch.cat([qb, db], dim=-1).reshape(-1)
+    # 64-byte aligned storage (torch's CPU allocator aligns to 64, but say so explicitly)
+    out = torch.empty(flat.numel() + 64, dtype=torch.uint8)
+    off = (-out.data_ptr()) % 64
+    out = out[off:off + flat.numel()].view(nb, g, BLOCK)
+    out.copy_(flat.view(nb, g, BLOCK))
+    return out
+
+
+def mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """x [M, K] fp32 (CPU) @ W^T -> fp32 [M, N]; row i the same bits alone or among rows."""
+    return torch.ops.mtpserve_q8.mm(x.float().contiguous(), packed, n)
