@@ -111,6 +111,11 @@ class EngineConfig:
     # sequences): greedy output with speculation equals it without, and a request's greedy
     # output does not depend on the batch. Costs: see README (Batch invariance).
     batch_invariant: bool = False
+    # attention of decode and tree rows: rows (model/row_attention.py: a C++ kernel, one
+    # (row, KV head) at a time over the row's own keys, batch-invariant by construction, so
+    # --batch-invariant on costs attention nothing) or sdpa (PyTorch's SDPA; attend_invariant
+    # with --batch-invariant on); auto: rows where it builds (fp32 KV cache on CPU), else sdpa
+    attention_kernel: Literal["auto", "sdpa", "rows"] = "auto"
     # logits on CPU: q8 (the GGUF's own Q8_0 blocks, model/q8_unembed.py: exact values,
     # fp32 in/out, ~1 byte per weight), fp16 (FBGEMM, fp32 in/out, half the bytes) or fp32
     # (dense, as the file's values); auto: q8 else fp16 around an int8/int4 trunk, fp32
