@@ -24,7 +24,7 @@ import torch
 from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
 from mtpserve.decoding.model.linear import fp16_linear, pack_fp16
-from mtpserve.decoding.tools.bench import encode_prompts, load_prompts
+from mtpserve.decoding.tools.bench.prompts import encode_prompts, load_prompts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if packed is None:
         raise SystemExit("this PyTorch build has no FBGEMM fp16 GEMM")
     shadow: dict[str, torch.Tensor] = {}
-    compute_logits, accept = model.compute_logits, eng._accept_and_emit
+    compute_logits, accept = model.compute_logits, eng.committer.accept
 
     def both(h: torch.Tensor) -> torch.Tensor:
         out = compute_logits(h)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_abs_logit_diff": float((l32 - l16).abs().max())})
         return accept(item, seq_logits)
 
-    model.compute_logits, eng._accept_and_emit = both, checked
+    model.compute_logits, eng.committer.accept = both, checked
     _, src = load_prompts(args.prompts, args.num_prompts)
     prompts = encode_prompts(eng.tokenizer, src)
     rids = []
