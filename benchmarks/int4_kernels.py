@@ -28,6 +28,8 @@ from mtpserve.decoding.model.linear import WIDE_ROWS, Linear, onednn_linear
 from mtpserve.decoding.tools.bench.prompts import encode_prompts, load_prompts
 from mtpserve.decoding.tools.bench.verify_curve import verify_curve
 
+from compiled_step import decode_ms_per_step  # this folder: the same timing loop
+
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # N x K: qkv, o, gate_up, down
 
 
@@ -70,23 +72,6 @@ def kernel_table(rows: list[int], layers: int, repeats: int) -> None:
             print(f"| {n}x{k} | {m} | {t_aten:.4f} | {t_vnni:.4f} | {t_16:.4f} | {t_bf16:.4f} | "
                   f"{t_aten / t_16:.2f}x | {t_16 / t_vnni:.2f}x | {t_bf16 / t_16:.2f}x |",
                   flush=True)
-
-
-def decode_ms_per_step(eng: LLMEngine, prompts: list[list[int]], tokens: int) -> float:
-    """Prefill every prompt, then time the decode-only steps: ms per step."""
-    params = SamplingParams(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True,
-                            speculate=False)
-    rids = [f"b{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-    for rid, p in zip(rids, prompts):
-        eng.add_request(rid, p, params)
-    seqs = [eng._seqs[r] for r in rids]
-    while any(s.num_emitted < 1 for s in seqs):
-        eng.step()
-    steps, t0 = 0, time.perf_counter()
-    while eng.has_unfinished():
-        eng.step()
-        steps += 1
-    return 1000 * (time.perf_counter() - t0) / max(steps, 1)
 
 
 def greedy_with_margins(eng: LLMEngine, prompt: list[int], n: int) -> tuple[list[int], list[float]]:

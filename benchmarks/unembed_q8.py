@@ -30,6 +30,8 @@ from mtpserve.decoding.model import q8_unembed
 from mtpserve.decoding.model.linear import fp16_linear, onednn_linear, pack_fp16
 from mtpserve.decoding.tools.bench.prompts import encode_prompts, load_prompts
 
+from compiled_step import decode_ms_per_step  # this folder: the same timing loop
+
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -42,23 +44,6 @@ def time_ms(fn, x: torch.Tensor, calls: int, repeats: int = 5) -> float:
             fn(x)
         best = min(best, (time.perf_counter() - t0) / calls)
     return 1000 * best
-
-
-def decode_ms_per_step(eng: LLMEngine, prompts: list[list[int]], tokens: int) -> float:
-    """Prefill every prompt, then time the decode-only steps: ms per step."""
-    params = SamplingParams(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True,
-                            speculate=False)
-    rids = [f"b{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-    for rid, p in zip(rids, prompts):
-        eng.add_request(rid, p, params)
-    seqs = [eng._seqs[r] for r in rids]
-    while any(s.num_emitted < 1 for s in seqs):
-        eng.step()
-    steps, t0 = 0, time.perf_counter()
-    while eng.has_unfinished():
-        eng.step()
-        steps += 1
-    return 1000 * (time.perf_counter() - t0) / max(steps, 1)
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .kernel_build import user_cache_dir
 from .linear import Linear
 from .step_attention import step_context
 from .trunk import CausalLM
@@ -59,8 +60,7 @@ def use_user_cache_dir() -> None:
     """Inductor's on-disk caches (compiled graphs, autotuning results) under the user's
     cache folder, so they outlive /tmp being cleared: a second start compiles in seconds.
     An explicit TORCHINDUCTOR_CACHE_DIR wins."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(base, "mtpserve", "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(user_cache_dir() / "inductor"))
 
 
 class CompiledTrunk:

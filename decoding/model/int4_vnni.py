@@ -12,14 +12,14 @@ False with one warning, and the caller keeps PyTorch's kernel.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import platform
 import threading
 from pathlib import Path
 
 import torch
+
+from .kernel_build import build_extension, kernel_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +34,7 @@ _loaded: bool | None = None  # None: not tried yet in this process
 
 def cache_dir() -> Path:
     """Where built kernels live: one folder per source and torch version, kept across runs."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mtpserve" / "kernels"
-
-
-def load_kernel(source: Path) -> None:
-    """JIT-build (first process) or load (later) the C++ extension `source` (one of
-    kernels/*.cpp, registering its own torch ops) into cache_dir(), one folder per source
-    and torch version. Raises on any failure: the caller decides what falls back."""
-    from torch.utils.cpp_extension import load
-    tag = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    build = cache_dir() / f"{source.stem}-{tag}"
-    build.mkdir(parents=True, exist_ok=True)
-    # no -march: the AVX-512 code carries its own target attributes, the rest stays
-    # generic x86-64; never -ffast-math (the float order is what makes rows invariant).
-    # -fopenmp: at::parallel_for is inline OpenMP, serial without it (torch's libgomp
-    # is the one loaded, same soname)
-    load(name=f"mtpserve_{source.stem}_{tag}", sources=[str(source)], build_directory=str(build),
-         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-         is_python_module=False, verbose=False)
+    return kernel_cache_dir()
 
 
 def _cpu_flags() -> set[str] | None:
@@ -66,18 +48,6 @@ def _cpu_flags() -> set[str] | None:
     except OSError:
         return None
     return None
-
-
-def build_extension(source: Path, what: str, fallback: str) -> bool:
-    """load_kernel(source), False with one warning naming `what` and `fallback` where it
-    does not build or load. Shared by this kernel and q8_unembed.py."""
-    try:
-        load_kernel(source)
-    except Exception as exc:  # noqa: BLE001 - any build or load failure means: no kernel
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("%s did not build or load (%s); using %s", what, first, fallback)
-        return False
-    return True
 
 
 def _build() -> bool:

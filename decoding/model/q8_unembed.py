@@ -9,7 +9,7 @@ file's values (where the fp16 copy rounds d * q to 11 bits) reading 1.06 bytes p
 (fp16: 2). Nothing is quantized at run time (int8 activations moved logits by 0.9-2.4 here,
 benchmarks/unembed_kernels.py).
 
-The extension is built like int4_vnni's (int4_vnni.build_extension, into the user's
+The extension is built like int4_vnni's (kernel_build.build_extension, into the user's
 cache); the kernel runs with AVX-512F or AVX2+FMA+F16C (the same bits on both). Anything
 that stops it makes `available()` False with one warning, and the caller keeps the fp16 or
 fp32 unembedding.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .int4_vnni import build_extension
+from .kernel_build import build_extension
 
 log = logging.getLogger(__name__)
 

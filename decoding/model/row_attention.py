@@ -13,7 +13,6 @@ attend_invariant (attention.attend_cached).
 
 from __future__ import annotations
 
-import logging
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,12 +20,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from .attention_metadata import AttentionMetadata
-from .int4_vnni import load_kernel
+from .kernel_build import build_extension
 
 if TYPE_CHECKING:
     from .kv_cache import KVCache
 
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "row_attention.cpp"
 KERNELS = ("auto", "sdpa", "rows")  # EngineConfig.attention_kernel
@@ -36,12 +34,7 @@ _loaded: bool | None = None
 
 
 def _build() -> bool:
-    try:
-        load_kernel(SOURCE)
-    except Exception as exc:  # noqa: BLE001 - any build or load failure means: no kernel
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("row attention kernel did not build or load (%s); attention keeps SDPA",
-                    first)
+    if not build_extension(SOURCE, "row attention kernel", "SDPA for attention"):
         return False
     torch.library.register_fake("mtpserve_rows::row_attention")(_fake)
     return True

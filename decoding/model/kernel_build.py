@@ -1,0 +1,56 @@
+"""Our C++ kernels (kernels/*.cpp) built at first use, and the user's cache folder they and
+inductor's compiled graphs live in.
+
+torch.utils.cpp_extension compiles a source into `kernel_cache_dir()` once per source text
+and torch version; later processes only load it. Callers decide what falls back:
+`load_kernel` raises, `build_extension` warns once and returns False.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def user_cache_dir() -> Path:
+    """($XDG_CACHE_HOME or ~/.cache)/mtpserve: what outlives /tmp being cleared."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mtpserve"
+
+
+def kernel_cache_dir() -> Path:
+    return user_cache_dir() / "kernels"
+
+
+def load_kernel(source: Path) -> None:
+    """JIT-build (first process) or load (later) the C++ extension `source` (one of
+    kernels/*.cpp, registering its own torch ops) into kernel_cache_dir(), one folder per
+    source and torch version. Raises on any failure."""
+    from torch.utils.cpp_extension import load
+    tag = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    build = kernel_cache_dir() / f"{source.stem}-{tag}"
+    build.mkdir(parents=True, exist_ok=True)
+    # no -march: the AVX-512 code carries its own target attributes, the rest stays
+    # generic x86-64; never -ffast-math (the float order is what makes rows invariant).
+    # -fopenmp: at::parallel_for is inline OpenMP, serial without it (torch's libgomp
+    # is the one loaded, same soname)
+    load(name=f"mtpserve_{source.stem}_{tag}", sources=[str(source)], build_directory=str(build),
+         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+         is_python_module=False, verbose=False)
+
+
+def build_extension(source: Path, what: str, fallback: str) -> bool:
+    """load_kernel(source), or False with one warning naming `what` and `fallback`."""
+    try:
+        load_kernel(source)
+    except Exception as exc:  # noqa: BLE001 - any build or load failure means: no kernel
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("%s did not build or load (%s); using %s", what, first, fallback)
+        return False
+    return True
