@@ -110,6 +110,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generated", default=None,
                    help="JSONL cache of the model's answers (default OUT/answers.jsonl)")
     p.add_argument("--gen-batch", type=int, default=16, help="max_num_seqs while answering")
+    p.add_argument("--gen-weights", default="dense", choices=["dense", "auto", "int8", "int4"],
+                   help="the trunk's weights while answering: dense (--dtype, the same trunk "
+                        "as the hidden-state pass) or the served format (auto: what `serve` "
+                        "picks; on CPU int4 with our kernels, several times faster at batch 32)")
     g = p.add_argument_group("answer generation (answer_gen.py)")
     g.add_argument("--gen-chunk", type=int, default=None, metavar="N",
                    help="requests kept queued in the engine while answering (a finished one "

@@ -47,6 +47,16 @@ from .train_sequential import train_sequential
 from .tree_choice import choose_tree
 
 
+def answer_engine(a: argparse.Namespace, trunk_engine: LLMEngine) -> LLMEngine:
+    """The engine that answers the prompts: the dense trunk itself, or (--gen-weights) one
+    in the served weight format, so the answers are what the server would say."""
+    if a.gen_weights == "dense":
+        return trunk_engine
+    return LLMEngine.from_config(EngineConfig(
+        model=a.model, device=a.device, weights=a.gen_weights, max_num_seqs=a.gen_batch,
+        max_model_len=2048, spec=SpecConfig(mode="off")))
+
+
 def run_train_heads(a: argparse.Namespace) -> int:
     """Run `mtpserve train-heads` with its parsed flags (train_config.add_train_args)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -75,12 +85,13 @@ def run_train_heads(a: argparse.Namespace) -> int:
         raise ValueError("--init-heads is for --head-type sequential")
     if src.prompts:
         cache_path = Path(a.generated) if a.generated else out / "answers.jsonl"
-        answers, stats = generate_answers(engine, src.prompts, cache_path, a.generate_max_tokens,
+        answers, stats = generate_answers(answer_engine(a, engine), src.prompts, cache_path, a.generate_max_tokens,
                                           chunk=a.gen_chunk or 4 * a.gen_batch, progress=say,
                                           **generation_options(a))
         examples += answers
         recipe["generation"] = {"cache": str(cache_path), "max_tokens": a.generate_max_tokens,
-                                "greedy": a.gen_greedy, "dtype": a.dtype, "max_num_seqs": a.gen_batch,
+                                "greedy": a.gen_greedy, "dtype": a.dtype, "weights": a.gen_weights,
+                                "max_num_seqs": a.gen_batch,
                                 "chat_template": True, **stats}
     if a.generate_only:
         say(f"--generate-only: {recipe.get('generation', {}).get('answer_tokens', 0)} answer "
