@@ -50,6 +50,6 @@ ENV PATH=/opt/venv/bin:$PATH
 USER mtpserve
 WORKDIR /home/mtpserve
 EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+HEALTHCHECK --interval=15s --timeout=5s --start-period=240s --retries=3 \
     CMD ["python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
 CMD ["mtpserve", "serve", "--host", "0.0.0.0", "--port", "8000"]

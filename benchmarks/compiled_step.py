@@ -4,7 +4,7 @@ graphs compiled while serving (must be 0). Plain decoding, default weights (int4
 embedded model on CPU); both engines in one process, interleaved, min over repeats (the
 box is shared and noisy).
 
-    python benchmarks/compiled_step.py [--buckets 1,2,4,8] [--mode default]
+    python benchmarks/compiled_step.py [--mode default]
         [--tokens 32] [--batch 16] [--repeats 3] [--ks 1,2,4,8,16] [--context 128]
 """
 
@@ -46,7 +46,6 @@ def greedy_tokens(eng: LLMEngine, prompt: list[int], n: int) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--buckets", default="1,2,4,8")
     ap.add_argument("--mode", default="default",
                     choices=["default", "max-autotune-no-cudagraphs"])
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per measurement")
@@ -56,19 +55,18 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--runs", type=int, default=10, help="forwards per verify-curve point")
     args = ap.parse_args()
-    buckets = tuple(int(x) for x in args.buckets.split(","))
     ks = [int(x) for x in args.ks.split(",")]
     base = dict(spec=SpecConfig(mode="off"), max_num_seqs=max(args.batch, 1), max_model_len=512)
 
     eager = LLMEngine.from_config(EngineConfig(**base))
     t0 = time.perf_counter()
-    comp = LLMEngine.from_config(EngineConfig(**base, compile="on", compile_buckets=buckets,
+    comp = LLMEngine.from_config(EngineConfig(**base, compile="on",
                                               compile_mode=args.mode))
     ct = comp.compiled
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, weights "
-          f"{comp.weight_format}, mode {args.mode}, buckets {buckets}")
+          f"{comp.weight_format}, mode {args.mode}, batch-invariant {comp.model.batch_invariant}")
     print(f"engine start with compile: {time.perf_counter() - t0:.1f} s, of which warm-up "
-          f"(compile every bucket) {ct.compile_seconds:.1f} s; {ct.compiles} graphs")
+          f"(compile) {ct.compile_seconds:.1f} s; {ct.compiles} graph(s)")
 
     _, raw = load_prompts(None, args.batch)
     prompts = encode_prompts(eager.tokenizer, raw)
@@ -93,12 +91,12 @@ def main() -> None:
     print("|---|---|---|---|")
     for label, b in (("b1", 1), (f"b{args.batch}", args.batch)):
         e, c = res["eager"][label], res["compiled"][label]
-        note = "" if ct.bucket(b) else " (above the buckets: eager in both, i.e. noise)"
+        note = "" if ct.eager_from is None or b < ct.eager_from else " (eager in both)"
         print(f"| decode batch {b}: ms/step{note} | {e:.1f} | {c:.1f} | {e / c:.2f}x |")
         print(f"| decode batch {b}: tok/s | {1000 * b / e:.1f} | {1000 * b / c:.1f} | |")
     for k in ks:
         e, c = res["eager"][f"k{k}"], res["compiled"][f"k{k}"]
-        note = "" if ct.bucket(k) else " (eager in both)"
+        note = "" if ct.eager_from is None or k < ct.eager_from else " (eager in both)"
         print(f"| verify k={k} (ctx {args.context}): forward+logits ms{note} | {e:.1f} | {c:.1f} | "
               f"{e / c:.2f}x |")
 

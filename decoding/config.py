@@ -109,8 +109,11 @@ class EngineConfig:
     int4_kernel: Literal["auto", "aten", "vnni", "vnni16"] = "auto"
     # A row's result does not depend on the other rows of the pass (trees, other
     # sequences): greedy output with speculation equals it without, and a request's greedy
-    # output does not depend on the batch. Costs: see README (Batch invariance).
-    batch_invariant: bool = False
+    # output does not depend on the batch. auto: on where it costs nothing (CausalLM.
+    # invariant_for_free: CPU, the row attention kernel, quantized layers without a bf16
+    # wide copy, i.e. today's CPU defaults), else off. True/False mean on/off.
+    # Costs: see README (Batch invariance).
+    batch_invariant: Literal["auto", "on", "off"] = "auto"
     # attention of decode and tree rows: rows (model/row_attention.py: a C++ kernel, one
     # (row, KV head) at a time over the row's own keys, batch-invariant by construction, so
     # --batch-invariant on costs attention nothing) or sdpa (PyTorch's SDPA; attend_invariant
@@ -132,12 +135,10 @@ class EngineConfig:
     prefill_while_decoding: int = 512
     seed: int = 0
     spec: SpecConfig = field(default_factory=SpecConfig)
-    # torch.compile the trunk's forward (model/compiled.py): one graph per row-count bucket,
-    # all compiled at startup; steps with more rows than the last bucket run eagerly. auto:
-    # on where docs/benchmarks.md shows it faster (CPU, int4/int8 weights), else off.
+    # torch.compile the trunk's forward (model/compiled.py): one graph for every row count,
+    # compiled at startup. auto: on where docs/benchmarks.md shows it faster (CPU,
+    # int4/int8 weights), else off.
     compile: Literal["off", "on", "auto"] = "off"
-    # Up to 8 rows: above, the eager step's bf16 wide copy beats the compiled int4 GEMM
-    compile_buckets: tuple[int, ...] = (1, 2, 4, 8)
     # max-autotune: inductor times its own C++ int4 micro-GEMM against aten's per shape
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "max-autotune-no-cudagraphs"
 
@@ -146,12 +147,10 @@ class EngineConfig:
             raise ValueError(f"compile must be off|on|auto, got {self.compile!r}")
         if self.compile_mode not in ("default", "max-autotune-no-cudagraphs"):
             raise ValueError(f"unknown compile mode {self.compile_mode!r}")
-        self.compile_buckets = tuple(sorted(set(self.compile_buckets)))
-        if not self.compile_buckets or self.compile_buckets[0] < 1:
-            raise ValueError("compile_buckets must be positive row counts")
-        if self.compile == "on" and self.batch_invariant:
-            # the compiled graph's attention op does not take the invariant path yet
-            raise ValueError("--compile on and --batch-invariant on cannot be combined yet")
+        if isinstance(self.batch_invariant, bool):
+            self.batch_invariant = "on" if self.batch_invariant else "off"
+        if self.batch_invariant not in ("auto", "on", "off"):
+            raise ValueError(f"batch_invariant must be auto|on|off, got {self.batch_invariant!r}")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.weights not in ("auto", "dense", "int8", "int4"):

@@ -26,7 +26,7 @@ import torch
 from ..config import EngineConfig, SamplingParams
 from ..model.attention_metadata import AttentionMetadata
 from ..model.checkpoint import load_checkpoint
-from ..model.compiled import CompiledTrunk, compile_wanted
+from ..model.compiled import CompiledTrunk, compile_wanted, use_user_cache_dir
 from ..model.detokenizer import IncrementalDetokenizer
 from ..model.device import (cpu_has_native_bf16, kv_cache_dtype, malloc_trim, resolve_device,
                             resolve_dtype, resolve_weights)
@@ -102,6 +102,7 @@ class LLMEngine:
         # decode/tree rows' attention: the row kernel where it runs (batch-invariant by
         # construction: --batch-invariant on then costs attention nothing), else SDPA
         model.set_attention_kernel(config.attention_kernel, self.kv_dtype)
+        self._set_batch_invariant(config.batch_invariant)
         self.module_ctx = (ModuleContext(self.model_config, context_modules, num_slots, slot_len,
                                          self.kv_dtype, self.device) if context_modules else None)
         self.scheduler = Scheduler(num_slots, config.prefill_chunk_size, config.max_tokens_per_step,
@@ -121,21 +122,37 @@ class LLMEngine:
         # batched forward (fails every sequence of the step).
         self.fault_hook: Callable[[Sequence], None] | None = None
         self.batch_fault_hook: Callable[[list[Sequence]], None] | None = None
-        # --compile on: the trunk's forward compiled per row bucket, all buckets now
+        # --compile on: the trunk's forward compiled now, one graph for every row count
         self.compiled: CompiledTrunk | None = None
         if self._wants_compile():
             self.compiled = self._compile_trunk()
 
+    def _set_batch_invariant(self, mode: str) -> None:
+        """--batch-invariant on|off|auto (auto: on where the model's kernels make it free),
+        every kernel checked against the row rule; a failing one turns auto off and makes
+        on warn (the guarantee would not hold)."""
+        model = self.model
+        invariant = mode == "on" or (mode == "auto" and model.invariant_for_free())
+        failing = model.set_batch_invariant(invariant)
+        if failing and mode == "auto":
+            model.set_batch_invariant(False)
+            log.info("--batch-invariant auto: off (%s is not row-invariant here)", failing[0])
+        elif failing:
+            log.warning("--batch-invariant on: %d kernels of this weight format / device are "
+                        "not row-invariant here (%s, ...): outputs may still depend on the "
+                        "batch", len(failing), failing[0])
+        elif mode == "auto":
+            log.info("--batch-invariant auto: %s", "on (greedy output with speculation equals "
+                     "it without)" if invariant else "off (it would cost speed here)")
+
     def _wants_compile(self) -> bool:
-        return compile_wanted(self.config.compile, self.device.type, self.model.weight_format,
-                              self.config.batch_invariant)
+        return compile_wanted(self.config.compile, self.device.type, self.model.weight_format)
 
     def _compile_trunk(self) -> CompiledTrunk | None:
-        """Compile every bucket now, on a free cache slot. A failure logs a warning and
+        """Compile the trunk's graph now, on a free cache slot. A failure logs a warning and
         the engine serves eagerly (the same outputs, slower): never a crash at startup."""
         try:
-            compiled = CompiledTrunk(self.model, self.config.compile_buckets,
-                                     self.config.compile_mode,
+            compiled = CompiledTrunk(self.model, self.config.compile_mode,
                                      return_pre_last=self.branch_heads is not None)
             slot = self.kv.allocate()
             try:
@@ -146,13 +163,16 @@ class LLMEngine:
             log.warning("compiling the trunk failed (%s: %s); serving without compilation",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return None
-        log.info("compiled the trunk for rows %s in %.1f s (%d graphs)", compiled.buckets,
-                 secs, compiled.compiles)
+        log.info("compiled the trunk in %.1f s (%d graph(s) for every row count%s)", secs,
+                 compiled.compiles, "" if compiled.eager_from is None else
+                 f"; passes of {compiled.eager_from}+ rows eager: bf16 wide copies")
         return compiled
 
     # -- construction ------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
+        if config.compile != "off":  # before the kernel builds pin inductor's default folder
+            use_user_cache_dir()
         device = resolve_device(config.device)
         # CPU: load in fp32 so quantizing recovers the file's own codes (bf16 would round
         # the dequantized GGUF values first); the compute dtype follows the weight format.
@@ -195,11 +215,6 @@ class LLMEngine:
         if device.type == "cpu":
             model.use_transposed_weights()
         model.eval()
-        failing = model.set_batch_invariant(config.batch_invariant)
-        if failing:
-            log.warning("--batch-invariant on: %d kernels of this weight format / device are "
-                        "not row-invariant here (%s, ...): outputs may still depend on the "
-                        "batch", len(failing), failing[0])
         heads = load_heads_for(config.spec, ckpt.config, ckpt.path, device, dtype)
         del ckpt
         malloc_trim()

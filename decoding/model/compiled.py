@@ -1,25 +1,26 @@
-"""The trunk's forward compiled with torch.compile (inductor: C++/OpenMP on CPU), one graph
-per row-count bucket.
+"""The trunk's forward compiled with torch.compile (inductor: C++/OpenMP on CPU): ONE graph
+for every row count.
 
-The graph's inputs are the step's token ids and positions, padded to the next bucket
-(`DEFAULT_BUCKETS`); each bucket is compiled once, with static shapes, at warm-up. The
-per-step attention metadata (cache rows, kv length, tree masks, padded query layout) is no
-graph input at all: `step_attention.cached_attention` reads it from `step_context` while
-the graph runs, and touches only the real rows, so padding rows write no K/V; their
-hidden rows are dropped here. A step with more rows than the largest bucket (a prefill
-chunk) runs eagerly.
+The graph's inputs are the step's token ids and positions, with the row count dynamic:
+one graph serves a decode row, a draft tree, a batch of sequences and a prefill chunk,
+so every step runs compiled and a row's bits do not depend on how many rows share the
+pass (the same generated code whatever the count; tests/decoding/test_compiled.py checks
+it bitwise, which is what lets --batch-invariant and --compile go together). A one-row
+step is padded to two rows: dynamo would specialize a graph for a size of 1. The
+per-step attention metadata (cache rows, kv length, tree masks, padded query layout) is
+no graph input at all: `step_attention.cached_attention` reads it from `step_context`
+while the graph runs and touches only the real rows, so the padding row writes no K/V;
+its hidden row is dropped here.
 
-The weights are frozen into each graph (inductor's `freezing`): constants, not inputs, so
-inductor may pre-pack them and pick its own kernels for them: with max-autotune its C++
-weight-only int4 micro-GEMM beats aten's int4 kernel at few rows, and oneDNN's packed
-linear (the bf16 wide copy of 12+ rows, dense CPU weights) lowers only for a constant
-weight. The engine never changes weights after load, which is what freezing assumes.
+The weights are frozen into the graph (inductor's `freezing`): constants, not inputs, so
+inductor may pre-pack them and fuse everything between the int4 kernels and the
+attention op. The engine never changes weights after load, which is what freezing assumes.
 
 `compiles` counts graphs handed to inductor (the backend is wrapped): after `warm_up`
 serving must leave it unchanged (tests/decoding/test_compiled.py, benchmarks/compiled_step.py).
-After warm-up, dynamo's guards are evaluated only where they tell the buckets apart
-(`skip_guard_eval_unsafe`): the full guard set costs ~0.7 ms a call for this many weights,
-and nothing it checks changes while serving (the zero-recompile test holds that).
+After warm-up, dynamo's guards are not evaluated (`skip_guard_eval_unsafe`): the full guard
+set costs ~0.7 ms a call for this many weights, and nothing it checks changes while
+serving (the zero-recompile test holds that).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .kernel_build import user_cache_dir
-from .linear import Linear
+from .linear import WIDE_ROWS, Linear
 from .step_attention import step_context
 from .trunk import CausalLM
 
@@ -39,59 +40,60 @@ if TYPE_CHECKING:
     from .attention_metadata import AttentionMetadata
     from .kv_cache import KVCache
 
-# Decode of 1..8 sequences and verify passes up to 8 rows (padding costs at most 2x rows).
-# Larger steps run eagerly: their bf16 wide copy beats the compiled int4 GEMM from ~12
-# rows (docs/benchmarks.md), and each bucket is ~1 min of cold compile.
-DEFAULT_BUCKETS = (1, 2, 4, 8)
 MODES = ("default", "max-autotune-no-cudagraphs")
+MIN_ROWS = 2  # one-row steps are padded to this: a dynamic graph is not specialized for 1
 
 
-def compile_wanted(mode: str, device_type: str, weight_format: str, batch_invariant: bool
-                   ) -> bool:
+def compile_wanted(mode: str, device_type: str, weight_format: str) -> bool:
     """--compile off|on|auto -> compile or not. auto: where it measured faster, the CPU with
-    a quantized trunk (docs/benchmarks.md); never with --batch-invariant on (the compiled
-    graph's kernels are not checked against the row rule)."""
+    a quantized trunk (docs/benchmarks.md)."""
     if mode == "auto":
-        return device_type == "cpu" and weight_format in ("int4", "int8") and not batch_invariant
+        return device_type == "cpu" and weight_format in ("int4", "int8")
     return mode == "on"
 
 
 def use_user_cache_dir() -> None:
     """Inductor's on-disk caches (compiled graphs, autotuning results) under the user's
     cache folder, so they outlive /tmp being cleared: a second start compiles in seconds.
-    An explicit TORCHINDUCTOR_CACHE_DIR wins."""
+    Call before anything asks inductor for its cache folder (it then pins the default
+    into the environment); an explicit TORCHINDUCTOR_CACHE_DIR wins."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(user_cache_dir() / "inductor"))
 
 
 class CompiledTrunk:
-    """`model.run_layers` compiled per bucket; call it like `model(ids, meta, kv)`, with None
-    back for a step larger than every bucket (the caller runs the model eagerly)."""
+    """`model.run_layers` compiled once for every row count; call it like
+    `model(ids, meta, kv)`. None back: a step this graph leaves to the eager model (only
+    passes of WIDE_ROWS+ rows while the layers keep bf16 wide copies, see `eager_from`)."""
 
-    def __init__(self, model: CausalLM, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
-                 mode: str = "max-autotune-no-cudagraphs", return_pre_last: bool = False) -> None:
+    def __init__(self, model: CausalLM, mode: str = "max-autotune-no-cudagraphs",
+                 return_pre_last: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
         self.model = model
-        self.buckets = tuple(sorted(set(buckets)))
-        if not self.buckets or self.buckets[0] < 1:
-            raise ValueError(f"compile buckets must be positive row counts, got {buckets}")
-        if any(isinstance(m, Linear) and m.packed_weight is not None
-               for m in model.layers.modules()):
+        linears = [m for m in model.layers.modules() if isinstance(m, Linear)]
+        if any(m.packed_weight is not None for m in linears):
             # inductor lowers oneDNN's linear only from a plain weight it packs itself
             raise ValueError("--compile on: the trunk's dense weights are kept in oneDNN's "
                              "packed layout, which the compiled path cannot take yet; use "
                              "--weights int4/int8, or --compile off")
+        # The graph multiplies every row by the layers' one-row kernels. Where layers keep
+        # a bf16 wide copy (PyTorch's int4/int8 kernels, not batch-invariant), the eager
+        # step's copy is faster for prefill-sized passes: those stay eager.
+        wide = any(m.wide_weight is not None for m in linears) and not model.batch_invariant
+        self.eager_from: int | None = WIDE_ROWS if wide else None
         self.return_pre_last = return_pre_last
         self.options = dict(torch._inductor.list_mode_options(mode))
         self.options.pop("triton.cudagraphs", None)  # CUDA graphs: not this path's (yet)
         self.options["freezing"] = True
-        self.warm = False  # set after warm_up: guards then checked only between buckets
+        self.warm = False  # set after warm_up: guards then skipped
         self.compiles = 0  # graphs compiled by inductor
         self.compile_seconds = 0.0  # warm-up wall time
-        self.steps_by_bucket: dict[int, int] = {}  # forwards served compiled, per bucket
+        self.steps = 0  # forwards served compiled
         self.device = next(model.parameters()).device
-        self._fn = torch.compile(self._body, backend=self._backend, dynamic=False,
-                                 fullgraph=True)
+        use_user_cache_dir()
+        # dynamic=None + mark_dynamic: only the row count is symbolic (dynamic=True would
+        # also trace the layers' float attributes as inputs, then recompile them as constants)
+        self._fn = torch.compile(self._body, backend=self._backend, fullgraph=True)
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
         from torch._inductor.compile_fx import compile_fx
@@ -102,36 +104,40 @@ class CompiledTrunk:
     def _body(self, ids: torch.Tensor, positions: torch.Tensor):
         return self.model.run_layers(ids, positions, None, None, self.return_pre_last)
 
-    def bucket(self, rows: int) -> int | None:
-        """The bucket a step of `rows` rows runs at; None: larger than every bucket."""
-        for b in self.buckets:
-            if b >= rows:
-                return b
-        return None
-
     def __call__(self, ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache
                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
         rows = ids.shape[0]
-        b = self.bucket(rows)
-        if b is None:
+        if self.eager_from is not None and rows >= self.eager_from:
             return None
         positions = meta.positions
-        if b != rows:
-            ids = torch.cat([ids, ids.new_zeros(b - rows)])
-            positions = torch.cat([positions, positions.new_zeros(b - rows)])
-        with step_context(kv, meta, rows, self.model.attention_kernel == "rows"):
-            out = self._run_warm(ids, positions) if self.warm else self._fn(ids, positions)
-        self.steps_by_bucket[b] = self.steps_by_bucket.get(b, 0) + 1
-        if b == rows:
+        if rows < MIN_ROWS:
+            ids = torch.cat([ids, ids.new_zeros(MIN_ROWS - rows)])
+            positions = torch.cat([positions, positions.new_zeros(MIN_ROWS - rows)])
+        if not self.warm:
+            torch._dynamo.mark_dynamic(ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+        with step_context(kv, meta, rows, self.model.attention_kernel == "rows",
+                          self.model.batch_invariant):
+            out = self._run_warm(ids, positions) if self.warm else self._traced(ids, positions)
+        self.steps += 1
+        if rows >= MIN_ROWS:
             return out
         if isinstance(out, tuple):
             return tuple(t[:rows] for t in out)
         return out[:rows]
 
+    def _traced(self, ids: torch.Tensor, positions: torch.Tensor):
+        """The graph with its guards, compiling where they fail. Only the row count is
+        dynamic: dynamo's automatic dynamic shapes would also make symbolic every weight
+        size that differs from another CompiledTrunk's in this process (dynamo caches by
+        code object, and every instance compiles the same `_body`), recompiling instead."""
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+            return self._fn(ids, positions)
+
     def _run_warm(self, ids: torch.Tensor, positions: torch.Tensor):
-        """The graph with only the guards that tell buckets apart. An input the warm-up did
-        not cover (say, a tensor made outside inference mode) makes dynamo refuse before
-        anything runs: full guards from then on, and it compiles what it needs."""
+        """The graph without its guards. An input the warm-up did not cover (say, a tensor
+        made outside inference mode) makes dynamo refuse before anything runs: full
+        guards from then on, and it compiles what it needs."""
         try:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return self._fn(ids, positions)
@@ -139,35 +145,33 @@ class CompiledTrunk:
             if "skip_guard_eval_unsafe" not in str(e):
                 raise
             self.warm = False
-            return self._fn(ids, positions)
+            return self._traced(ids, positions)
 
     @torch.inference_mode()
     def warm_up(self, kv: KVCache, slot: int = 0,
                 progress: Callable[..., None] | None = None) -> float:
-        """Compile every bucket: one pass of b rows at positions 0..b-1 of cache `slot`
+        """Compile the graph: passes of a few row counts at positions 0.. of cache `slot`
         (whose contents are overwritten: call before serving, with a free slot). Returns
-        the seconds it took. progress(fmt, *args): a line per bucket (a cold compile is
-        about a minute each on 2 cores; seconds from the on-disk cache)."""
+        the seconds it took. progress(fmt, *args): a line before each pass (a cold compile
+        is under a minute on 2 cores; seconds from the on-disk cache)."""
         from .attention_metadata import AttentionMetadata
 
-        use_user_cache_dir()
         t0 = time.perf_counter()
         dev = self.device
-        for i, b in enumerate(self.buckets):
-            if b > kv.slot_len:
-                break
+        # The first pass compiles; the second checks that another count reuses the graph.
+        sizes = [n for n in (MIN_ROWS, 2 * WIDE_ROWS + 1) if n <= kv.slot_len]
+        for i, b in enumerate(sizes):
             if progress is not None:
-                progress("compiling the trunk for %d row(s) (%d/%d, %.0f s so far; cache %s)",
-                         b, i + 1, len(self.buckets), time.perf_counter() - t0,
-                         os.environ["TORCHINDUCTOR_CACHE_DIR"])
+                progress("compiling the trunk: one graph for every row count (pass %d/%d, "
+                         "%.0f s so far; cache %s)", i + 1, len(sizes),
+                         time.perf_counter() - t0, os.environ["TORCHINDUCTOR_CACHE_DIR"])
             kv.ensure_initialized(slot, b)
             ar = torch.arange(b, device=dev)
-            mask = (torch.ones(b, b, dtype=torch.bool, device=dev).tril_()[None, None]
-                     if b > 1 else None)
             meta = AttentionMetadata(
                 positions=ar, token_slots=torch.full((b,), slot, device=dev), token_store=ar,
                 seq_slots=torch.tensor([slot], device=dev), slot_start=slot, kv_len=b,
-                num_seqs=1, q_len=b, q_gather=None, q_scatter=None, mask=mask)
+                num_seqs=1, q_len=b, q_gather=None, q_scatter=None,
+                mask=torch.ones(b, b, dtype=torch.bool, device=dev).tril_()[None, None])
             self(torch.zeros(b, dtype=torch.long, device=dev), meta, kv)
         self.compile_seconds = time.perf_counter() - t0
         self.warm = True

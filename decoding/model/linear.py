@@ -440,7 +440,9 @@ class Linear(nn.Module):
             if self.packed_weight is not None:  # bias fused, as F.linear does
                 y = onednn_linear(x2, self.packed_weight, self.bias)
             else:  # the kernels cast x themselves (the VNNI kernel takes fp32 as it is)
-                plan = _CHUNK_ROWS.get() if self.invariant else None
+                # the compiled graph (model/compiled.py) has no chunk plan: one-row kernel
+                plan = (_CHUNK_ROWS.get() if self.invariant and not torch.compiler.is_compiling()
+                        else None)
                 if plan is not None and self.wide_weight is not None:
                     y = self._by_plan(x2, plan)
                 elif (self.wide_weight is not None and x2.shape[0] >= WIDE_ROWS

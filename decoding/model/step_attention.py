@@ -8,7 +8,7 @@ with `step_context`, and `torch.ops.mtpserve.cached_attention(q, k, v, layer, sc
 reads them when it runs (the same design as vLLM's forward context + attention op).
 Inductor sees an op from [T, H, D] to [T, H, D] and fuses everything around it.
 
-Rows past the step's real count (the compiled graph's bucket padding) neither write the
+Rows past the step's real count (the compiled graph's padding of a one-row step) neither write the
 cache nor attend: the op runs the eager kernels on the real rows and returns zeros for
 the padding rows, whose outputs the caller drops.
 """
@@ -32,6 +32,7 @@ class _Step:
     meta: AttentionMetadata | None = None
     rows: int = 0  # real rows; the op's inputs may have more (padding)
     row_kernel: bool = False  # decode/tree rows through row_attention (attend_cached's rows)
+    invariant: bool = False  # the batch-invariant attention (attend_cached's batch_invariant)
 
 
 # The one exception to "no per-step state in module globals": a compiled graph cannot take
@@ -42,15 +43,18 @@ _STEP = _Step()
 
 
 @contextmanager
-def step_context(kv: KVCache, meta: AttentionMetadata, rows: int, row_kernel: bool = False
-                 ) -> Iterator[None]:
-    """Within: cached_attention reads `meta` and writes `kv` for the first `rows` rows;
-    row_kernel: it attends as the eager trunk with CausalLM.attention_kernel 'rows'."""
-    _STEP.kv, _STEP.meta, _STEP.rows, _STEP.row_kernel = kv, meta, rows, row_kernel
+def step_context(kv: KVCache, meta: AttentionMetadata, rows: int, row_kernel: bool = False,
+                 invariant: bool = False) -> Iterator[None]:
+    """Within: cached_attention reads `meta` and writes `kv` for the first `rows` rows,
+    attending as the eager trunk does with CausalLM.attention_kernel 'rows' (row_kernel)
+    and CausalLM.batch_invariant (invariant)."""
+    _STEP.kv, _STEP.meta, _STEP.rows = kv, meta, rows
+    _STEP.row_kernel, _STEP.invariant = row_kernel, invariant
     try:
         yield
     finally:
-        _STEP.kv, _STEP.meta, _STEP.rows, _STEP.row_kernel = None, None, 0, False
+        _STEP.kv, _STEP.meta, _STEP.rows = None, None, 0
+        _STEP.row_kernel = _STEP.invariant = False
 
 
 # Defined with torch.library.Library, not the custom_op decorator: a call through the
@@ -70,7 +74,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: i
     if n != padded:
         q, k, v = q[:n], k[:n], v[:n]
     kv.write(layer, meta, k, v)
-    out = attend_cached(q, kv, layer, meta, scale, rows=_STEP.row_kernel)
+    out = attend_cached(q, kv, layer, meta, scale, _STEP.invariant, _STEP.row_kernel)
     if n == padded:
         return out if out.data_ptr() != q.data_ptr() else out.clone()
     full = out.new_zeros(padded, *out.shape[1:])

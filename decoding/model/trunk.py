@@ -125,7 +125,7 @@ class Attention(nn.Module):
             qk = qkv[:, :q_size + kv_size].view(T, self.num_heads + self.num_kv_heads,
                                                 self.head_dim)
             q, k = RotaryEmbedding.apply(qk, *rot).split([self.num_heads, self.num_kv_heads], 1)
-        if kv is None:  # compiled (EngineConfig refuses it together with batch_invariant)
+        if kv is None:  # compiled: step_context carries batch_invariant and the row kernel
             out = torch.ops.mtpserve.cached_attention(q, k, v, self.layer_idx, self.scale)
         else:
             kv.write(self.layer_idx, meta, k, v)
@@ -245,6 +245,16 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             layer.self_attn.row_kernel = self.attention_kernel == "rows"
         return self.attention_kernel
+
+    def invariant_for_free(self) -> bool:
+        """Whether the batch-invariant mode costs this model nothing (--batch-invariant
+        auto): decode and tree rows attend through the row kernel (invariant by
+        construction) and every projection is quantized with no bf16 wide copy (the mode's
+        only change would be giving that copy up for prefill). The unembedding is checked
+        by set_batch_invariant like every kernel."""
+        return self.attention_kernel == "rows" and all(
+            m.weight_format != "dense" and m.wide_weight is None
+            for m in self.layers.modules() if isinstance(m, Linear))
 
     @torch.no_grad()
     def set_batch_invariant(self, on: bool) -> list[str]:

@@ -46,11 +46,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(fp32 in/out, half the bytes, logits within ~0.02) or fp32 (auto: q8 "
                         "where it runs and the file stores Q8_0, else fp16, around int8/int4 "
                         "weights)")
-    g.add_argument("--batch-invariant", default="off", choices=["on", "off"],
+    g.add_argument("--batch-invariant", default="auto", choices=["auto", "on", "off"],
                    help="on: every row of a pass computed as if alone (no wide copy, one "
                         "kernel for every row count, attention per row in a fixed order), so "
                         "greedy output with speculation equals it without and does not depend "
-                        "on the other requests in the batch (default int4 weights; cost in README)")
+                        "on the other requests in the batch (int4/int8 weights; cost in "
+                        "README). auto: on where that costs nothing (CPU defaults: int4 with "
+                        "our kernel, the row attention kernel), else off")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
     g.add_argument("--max-model-len", type=int, default=2048, help="context per sequence")
@@ -61,14 +63,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens a step may add while sequences decode: bounds how long "
                         "a burst of prompts stalls running streams")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
-    g.add_argument("--compile", default="off", choices=["off", "on", "auto"],
-                   help="torch.compile the trunk (inductor, weights frozen into the graph), one "
-                        "graph per row bucket, compiled at startup (~1 min per bucket cold on 2 "
-                        "cores, seconds from the cache under ~/.cache/mtpserve/inductor); steps "
-                        "above the largest bucket run eagerly; a failed compile serves eagerly. "
-                        "auto: on for int4/int8 weights on CPU")
-    g.add_argument("--compile-buckets", default="1,2,4,8",
-                   help="row counts the compiled forward pads a step to (comma list)")
+    g.add_argument("--compile", default="auto", choices=["off", "on", "auto"],
+                   help="torch.compile the trunk (inductor, weights frozen into the graph): "
+                        "one graph for every row count, compiled at startup (under a minute "
+                        "cold on 2 cores, seconds from the cache under ~/.cache/mtpserve/"
+                        "inductor); a failed compile serves eagerly. auto (default): on for "
+                        "int4/int8 weights on CPU, where it measured faster")
     g.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                    choices=["default", "max-autotune-no-cudagraphs"],
                    help="inductor mode (max-autotune: times inductor's own int4 GEMM against "
@@ -101,18 +101,10 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
                         wide_weights=a.wide_weights, int4_kernel=a.int4_kernel,
                         attention_kernel=a.attention_kernel,
                         unembed=a.unembed, device=a.device,
-                        batch_invariant=a.batch_invariant == "on",
+                        batch_invariant=a.batch_invariant,
                         max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                         kv_cache_memory_gb=a.kv_cache_gb, prefill_chunk_size=a.prefill_chunk,
                         max_tokens_per_step=max(1024, a.prefill_chunk),
                         prefill_while_decoding=a.prefill_while_decoding, seed=a.seed, spec=spec,
-                        compile=a.compile, compile_buckets=parse_buckets(a.compile_buckets),
+                        compile=a.compile,
                         compile_mode=a.compile_mode)
-
-
-def parse_buckets(text: str) -> tuple[int, ...]:
-    """'1,2,4,8' -> (1, 2, 4, 8); EngineConfig checks that they are positive."""
-    try:
-        return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
-    except ValueError:
-        raise ValueError(f"--compile-buckets must be a comma list of row counts, got {text!r}") from None

@@ -1,4 +1,4 @@
-"""Batch-invariant mode (EngineConfig.batch_invariant, `--batch-invariant on`).
+"""Batch-invariant mode (EngineConfig.batch_invariant, `--batch-invariant auto|on`).
 
 The rule, per kernel: a row's result is BITWISE the same whatever else shares the pass
 (linear.row_invariant; attention.attend_invariant for decode rows, tree nodes and rows
@@ -7,8 +7,10 @@ greedy equals plain greedy token for token over 128 tokens with trees of several
 (and a decoy-first tree that moves K/V), and a sequence's greedy tokens are the same alone
 and in a batch of other sequences arriving and finishing at other steps.
 
-MTPSERVE_TEST_BATCH_INVARIANT=off runs the end-to-end tests with the mode off, to see
-them fail (the near-ties of these prompts flip without it). The engine attends with the row
+The end-to-end tests run the default engine (`--batch-invariant auto`, on at these
+weights) eagerly and compiled (`--compile on`: one graph for every row count).
+MTPSERVE_TEST_BATCH_INVARIANT=off runs them with the mode off, to see them fail (the
+near-ties of these prompts flip without it). The engine attends with the row
 kernel where it loads (--attention-kernel auto, model/row_attention.py);
 MTPSERVE_TEST_ATTENTION_KERNEL=sdpa runs them through attend_invariant instead.
 """
@@ -200,16 +202,23 @@ def test_attend_invariant_gives_a_tree_node_the_decode_rows_bits(start):
 
 
 # -- end to end at the default weights ---------------------------------------------------------
-@pytest.fixture(scope="module")
-def inv_engine():
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def inv_engine(request):
+    """The default engine (--batch-invariant auto: on at these weights), eager and with
+    --compile on (one graph for every row count, model/compiled.py)."""
     from mtpserve.decoding.engine.llm_engine import LLMEngine
 
-    on = os.environ.get("MTPSERVE_TEST_BATCH_INVARIANT", "on") != "off"
+    mode = os.environ.get("MTPSERVE_TEST_BATCH_INVARIANT", "auto")  # off: see them fail
     kernel = os.environ.get("MTPSERVE_TEST_ATTENTION_KERNEL", "auto")  # sdpa: attend_invariant
+    compiled = request.param == "compiled"
     eng = LLMEngine.from_config(EngineConfig(max_num_seqs=6, max_model_len=512,
-                                             batch_invariant=on, attention_kernel=kernel,
+                                             batch_invariant=mode, attention_kernel=kernel,
+                                             compile="on" if compiled else "off",
                                              spec=SpecConfig(mode="on")))
     assert eng.weight_format == "int4" or not torch.cuda.is_available()
+    if mode == "auto" and kernel == "auto" and eng.device.type == "cpu":
+        assert eng.model.batch_invariant  # the default is on where the kernels make it free
+    assert (eng.compiled is not None) == compiled
     return eng
 
 

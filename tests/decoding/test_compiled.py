@@ -1,8 +1,9 @@
 """The compiled trunk (--compile on, model/compiled.py): the same hidden states and K/V as
-the eager forward, padding rows that write nothing, greedy tokens unchanged (plain ==
-speculative == eager), and no recompilation while serving. ONE tiny random-weight model
-(float64), buckets (1, 2, 4, 8): its compile is seconds, the real model's a minute per
-bucket (benchmarks/compiled_step.py measures that one)."""
+the eager forward, a padding row that writes nothing, greedy tokens unchanged (plain ==
+speculative == eager), one graph whose rows do not depend on the row count, and no
+recompilation while serving. ONE tiny random-weight model (float64): its compile is
+seconds, the real model's under a minute (benchmarks/compiled_step.py measures that one;
+tests/decoding/test_batch_invariance.py runs it compiled end to end)."""
 
 from __future__ import annotations
 
@@ -10,34 +11,31 @@ import pytest
 import torch
 
 from decoding_helpers import greedy, run_requests, tiny_engine
-from mtpserve.decoding.config import EngineConfig
 from mtpserve.decoding.model.attention_metadata import AttentionMetadata, padded_layout
 from mtpserve.decoding.model.compiled import CompiledTrunk, compile_wanted
 
-BUCKETS = (1, 2, 4, 8)
 PROMPTS = [[11, 12, 13, 14, 15], [5, 6, 7, 5, 6, 7, 5, 6], [300, 301, 302],
-           list(range(40, 60))]  # the last: a 20-token prefill, above the buckets (eager)
+           list(range(40, 60))]  # the last: a 20-token prefill, compiled like every step
 
 
 @pytest.fixture(scope="module")
 def engines(default_engine):
     eager = tiny_engine(default_engine.tokenizer, max_num_seqs=4)
-    compiled = tiny_engine(default_engine.tokenizer, max_num_seqs=4, compile="on",
-                           compile_buckets=BUCKETS)
+    compiled = tiny_engine(default_engine.tokenizer, max_num_seqs=4, compile="on")
     return eager, compiled
 
 
-def test_warm_up_compiles_each_bucket_once(engines):
+def test_warm_up_compiles_one_graph_for_every_row_count(engines):
     _, eng = engines
-    assert eng.compiled is not None
-    assert eng.compiled.compiles == len(BUCKETS)
-    assert set(eng.compiled.steps_by_bucket) == set(BUCKETS)
+    assert eng.compiled is not None and eng.compiled.eager_from is None
+    assert eng.compiled.compiles == 1
 
 
 @torch.inference_mode()
 def test_step_matches_eager_and_padding_writes_no_kv(engines):
-    """Two sequences with 3- and 2-node trees (5 rows -> bucket 8, padded query layout):
-    hidden rows and written K/V equal the eager forward's; nothing else in the cache moves."""
+    """Two sequences with 3- and 2-node trees (5 rows, padded query layout): hidden rows
+    and written K/V equal the eager forward's; nothing else in the cache moves. Then one
+    decode row, padded to the graph's two: the padding row writes nothing."""
     _, eng = engines
     model, kv, ct = eng.model, eng.kv, eng.compiled
     slots = [kv.allocate(), kv.allocate()]
@@ -78,7 +76,7 @@ def test_step_matches_eager_and_padding_writes_no_kv(engines):
         kv_eager = kv.buf.clone()
         kv.buf.copy_(before)
         got = ct(ids, meta, kv)
-        assert ct.bucket(5) == 8 and got.shape == want.shape
+        assert got.shape == want.shape
         # float64 model, but the norms compute in fp32 (RMSNorm), where inductor's fused
         # reductions round differently: ~1e-7 per layer; a wrong row, position or mask is O(1)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -87,8 +85,19 @@ def test_step_matches_eager_and_padding_writes_no_kv(engines):
         written = written[None, None, :, None, :, None].expand_as(kv.buf)
         torch.testing.assert_close(kv.buf[written], kv_eager[written], rtol=1e-4, atol=1e-5)
         assert not torch.equal(kv_eager[written], before[written])  # the real rows wrote
-        assert torch.equal(kv.buf[~written], before[~written])  # padding rows wrote nothing
-        assert ct(torch.arange(9), meta, kv) is None  # above the buckets: the caller's eager
+        assert torch.equal(kv.buf[~written], before[~written])  # nothing else moved
+        p = prefix[0] + counts[0]
+        one = AttentionMetadata(
+            positions=torch.tensor([p]), token_slots=torch.tensor([slots[0]]),
+            token_store=torch.tensor([p]), seq_slots=torch.tensor([slots[0]]),
+            slot_start=slots[0], kv_len=p + 1, num_seqs=1, q_len=1, q_gather=None,
+            q_scatter=None, mask=None)
+        before = kv.buf.clone()
+        got = ct(torch.tensor([24]), one, kv)
+        assert got.shape[0] == 1
+        moved = (kv.buf != before).nonzero()
+        assert moved.numel() and set(moved[:, 2].tolist()) == {slots[0]}
+        assert set(moved[:, 4].tolist()) == {p}  # the real row's position only
     finally:
         for s in slots:
             kv.free(s)
@@ -96,11 +105,11 @@ def test_step_matches_eager_and_padding_writes_no_kv(engines):
 
 def test_greedy_compiled_equals_eager_plain_and_speculative(engines):
     """Greedy tokens: compiled plain == compiled speculative == eager, over a batch whose
-    steps vary in rows (decode, trees, a short prefill, one above the buckets); and no graph
-    is compiled while serving."""
+    steps vary in rows (decode, trees, short and long prefills); and no graph is compiled
+    while serving."""
     eager, eng = engines
     ct = eng.compiled
-    compiles, served = ct.compiles, dict(ct.steps_by_bucket)
+    compiles, served = ct.compiles, ct.steps
     reqs = lambda spec: [(p, greedy(12, ignore_eos=True, speculate=spec)) for p in PROMPTS]  # noqa: E731
     want = [r.token_ids for r in run_requests(eager, reqs(False))]
     plain = [r.token_ids for r in run_requests(eng, reqs(False))]
@@ -109,27 +118,48 @@ def test_greedy_compiled_equals_eager_plain_and_speculative(engines):
     assert spec == want
     one = lambda spec: [(PROMPTS[1], greedy(12, ignore_eos=True, speculate=spec))]  # noqa: E731
     want_one = run_requests(eager, one(False))[0].token_ids
-    assert run_requests(eng, one(False))[0].token_ids == want_one  # batch-1 decode: bucket 1
+    assert run_requests(eng, one(False))[0].token_ids == want_one  # batch-1 decode: padded
     assert run_requests(eng, one(True))[0].token_ids == want_one
     assert ct.compiles == compiles, "a graph was compiled while serving"
-    used = {b for b in BUCKETS if ct.steps_by_bucket[b] > served[b]}
-    assert len(used) >= 3, f"serving used only buckets {used}"
+    assert ct.steps > served + 20  # every step of these runs went through the graph
 
 
-def test_compile_and_batch_invariance_are_refused_together():
-    """The compiled graph's attention op has no invariant path yet: a clear error, not a
-    mode that silently drops the guarantee."""
-    with pytest.raises(ValueError, match="cannot be combined"):
-        EngineConfig(compile="on", batch_invariant=True)
+@torch.inference_mode()
+def test_a_row_gets_the_same_bits_whatever_the_row_count(engines):
+    """One graph for every count: the first row of a chain of r rows over the same prefix is
+    BITWISE the same for r = 1 (padded) .. 40 (what lets --batch-invariant hold compiled)."""
+    _, eng = engines
+    kv, ct = eng.kv, eng.compiled
+    slot = kv.allocate()
+    try:
+        kv.ensure_initialized(slot, 64)
+        n = 7
+
+        def chain(start: int, r: int) -> AttentionMetadata:
+            ar = torch.arange(start, start + r)
+            mask = torch.zeros(1, 1, r, start + r, dtype=torch.bool)
+            mask[0, 0, :, :start] = True
+            mask[0, 0, :, start:] = torch.ones(r, r, dtype=torch.bool).tril_()
+            return AttentionMetadata(
+                positions=ar, token_slots=torch.full((r,), slot), token_store=ar,
+                seq_slots=torch.tensor([slot]), slot_start=slot, kv_len=start + r, num_seqs=1,
+                q_len=r, q_gather=None, q_scatter=None, mask=mask)
+
+        ct(torch.arange(n) + 9, chain(0, n), kv)
+        ids = torch.arange(100, 140)
+        first = ct(ids[:1], chain(n, 1), kv)[0].clone()
+        for r in (2, 3, 5, 8, 9, 16, 40):
+            assert torch.equal(ct(ids[:r], chain(n, r), kv)[0], first), f"{r} rows"
+    finally:
+        kv.free(slot)
 
 
-@pytest.mark.parametrize("mode,device,weights,invariant,want", [
-    ("auto", "cpu", "int4", False, True), ("auto", "cpu", "int8", False, True),
-    ("auto", "cpu", "dense", False, False), ("auto", "cuda", "int4", False, False),
-    ("auto", "cpu", "int4", True, False), ("on", "cuda", "dense", False, True),
-    ("off", "cpu", "int4", False, False)])
-def test_compile_auto_is_on_only_where_it_measured_faster(mode, device, weights, invariant, want):
-    assert compile_wanted(mode, device, weights, invariant) is want
+@pytest.mark.parametrize("mode,device,weights,want", [
+    ("auto", "cpu", "int4", True), ("auto", "cpu", "int8", True),
+    ("auto", "cpu", "dense", False), ("auto", "cuda", "int4", False),
+    ("on", "cuda", "dense", True), ("off", "cpu", "int4", False)])
+def test_compile_auto_is_on_only_where_it_measured_faster(mode, device, weights, want):
+    assert compile_wanted(mode, device, weights) is want
 
 
 def test_auto_on_a_dense_model_serves_eagerly(default_engine):
@@ -156,10 +186,10 @@ def test_a_failed_compile_serves_eagerly_with_a_warning(default_engine, monkeypa
 
 
 def test_an_input_the_warm_up_did_not_cover_recompiles_instead_of_failing(default_engine):
-    """After warm-up only the guards between buckets run; a tensor made outside inference
+    """After warm-up no guards run; a tensor made outside inference
     mode (another dispatch key set) makes dynamo refuse that shortcut: the call goes on
     with full guards and gives the eager result, it does not fail the step."""
-    eng = tiny_engine(default_engine.tokenizer, max_num_seqs=2, compile="on", compile_buckets=(1,))
+    eng = tiny_engine(default_engine.tokenizer, max_num_seqs=2, compile="on")
     ct, kv = eng.compiled, eng.kv
     assert ct.warm and ct.compiles == 1
     slot = kv.allocate()

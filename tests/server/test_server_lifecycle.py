@@ -226,6 +226,7 @@ def test_serve_process_drains_on_sigterm_and_exits_0(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mtpserve.server.cli", "serve", "--port", str(port),
          "--dtype", "float32", "--max-model-len", "256", "--drain-timeout", str(drain_timeout),
+         "--compile", "off",
          "--max-num-seqs", "2", "--max-queued", "2", "--served-model-name", "tiny"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
@@ -246,10 +247,11 @@ def test_serve_process_drains_on_sigterm_and_exits_0(tmp_path):
         assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"] == "tiny"
         results: dict[int, list[str]] = {}
         started = [threading.Event() for _ in range(3)]  # 2 running, 1 waiting for a slot
+        N = 160  # long enough that the streams are still running at the signal (~1 s in)
 
         def stream(i: int) -> None:
             with httpx.stream("POST", url + COMPLETIONS, headers=headers, timeout=120, json={
-                    "model": "tiny", "prompt": f"Once upon a time {i}", "max_tokens": 24,
+                    "model": "tiny", "prompt": f"Once upon a time {i}", "max_tokens": N,
                     "temperature": 0, "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}}) as r:
                 lines = []
@@ -281,7 +283,7 @@ def test_serve_process_drains_on_sigterm_and_exits_0(tmp_path):
         for i in range(3):  # all in flight at the signal (one waiting) finished whole
             lines = results[i]
             assert lines[-1] == "data: [DONE]", lines[-3:]
-            assert '"completion_tokens":24' in lines[-2]
+            assert f'"completion_tokens":{N}' in lines[-2]
             assert '"finish_reason":"length"' in lines[-3]
         with pytest.raises(httpx.TransportError):  # and now the port is closed
             httpx.get(url + "/health", timeout=5)
