@@ -9,6 +9,9 @@ its MTP modules) and x_1 the verifier's bonus token; x_{k+1} is the top-1 token 
 so depth d's top-k are computed along the top-1 chain of the shallower depths (a tree
 should branch off that chain only: the default tree is a chain). With fewer modules than
 the tree is deep, the last module is reused, as vLLM does for DeepSeek's single module.
+The next depth takes the module's pre-norm h_k, as vLLM did when this was written; vLLM
+0.34's deepseek_mtp passes the post-norm state instead (our shipped module is trained
+on the pre-norm chain, so ours stays).
 Chain step j sits at rope position p + j (p: the last accepted token's position, the
 embedding zeroed at position 0), vLLM's convention.
 
