@@ -296,3 +296,66 @@ def test_plain_section_times_llama_cpp_in_the_same_run(tmp_path, capsys, one_thr
         assert [r["impl"] for r in plain["rows"]] == ["mtpserve"]
         assert plain["llama_cpp"].endswith("exited 132: Illegal instruction")
         assert "llama.cpp: " in text
+
+
+LOOKUP_LOG = """encoded  165 tokens in    0.500 seconds, speed:  330.000 t/s
+decoded  {n} tokens in    {s} seconds, speed:   99.805 t/s
+
+n_draft      = {d}
+n_predict    = {n}
+n_drafted    = {drafted}
+t_draft_flat = 0.08 ms
+n_accept     = {accepted}
+accept       = 17.308%
+"""
+
+
+def test_parse_lookup_log_reads_llama_lookups_counts():
+    from mtpserve.decoding.tools.bench.llama_cpp import lookup_text, parse_lookup_log
+
+    got = parse_lookup_log(LOOKUP_LOG.format(n=80, s="1.250", d=8, drafted=104, accepted=18))
+    assert got == {"encoded_tokens": 165, "encoded_s": 0.5, "decoded_tokens": 80,
+                   "decoded_s": 1.25, "drafted": 104, "accepted": 18}
+    assert parse_lookup_log("Illegal instruction") == "llama-lookup printed no 'encoded' line"
+    assert lookup_text("def f(x - draft candidate: token=42\n):\n") == "def f(x):\n"
+
+
+def test_llama_lookup_section_measures_both_arms_and_ours(tmp_path, capsys, one_thread):
+    """--llama-lookup: plain (--draft 0) and speculative runs per prompt, tokens/s from the
+    counts llama-lookup prints, its outputs compared with its own plain ones, and with
+    --compare our greedy batch-1 speculation against it. The binary is a script that
+    prints what llama-lookup prints (the real one is not in CI)."""
+    fake = tmp_path / "llama-lookup"
+    spec_log = LOOKUP_LOG.format(n=100, s="0.500", d=16, drafted=40, accepted=10)
+    plain_log = LOOKUP_LOG.format(n=100, s="1.000", d=0, drafted=0, accepted=0)
+    fake.write_text("#!/bin/sh\necho \"$@\" >> " + str(tmp_path / "argv") + "\n"
+                    "case \"$*\" in *'--draft 0'*) echo 'same text'; cat >&2 <<'L'\n"
+                    + plain_log + "L\n;; *) echo 'other text'; cat >&2 <<'L'\n"
+                    + spec_log + "L\n;; esac\n")
+    fake.chmod(0o755)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"messages": [{"role": "user", "content": "abc abc abc"}]}\n'
+                       '{"prompt": "def add(a, b):"}\n')
+    out = tmp_path / "r.json"
+    args = _parser().parse_args([
+        "bench", "--prompts", str(prompts), "--num-prompts", "2", "--max-tokens", "8",
+        "--batch-sizes", "1", "--warmup", "0", "--no-transformers", "--bandwidth-gb", "0",
+        "--compare", "--compare-settings", "greedy", "--speculate", "on", "--proposer", "ngram",
+        "--llama-lookup", str(fake), "--out", str(out)])
+    assert run_bench(args, engine=_tiny_engine()) == 0
+    r = json.loads(out.read_text())
+    lk = r["llama_lookup"]
+    calls = (tmp_path / "argv").read_text().splitlines()
+    assert len(calls) == 4 and [c.split()[c.split().index("--draft") + 1] for c in calls] == \
+        ["0", "16", "0", "16"]
+    assert all(c.split()[c.split().index("-n") + 1] == "8" and "--temp 0" in c for c in calls)
+    assert lk["plain_decode_tokens_per_s"] == pytest.approx(100.0)
+    assert lk["spec_decode_tokens_per_s"] == pytest.approx(200.0)
+    assert lk["spec_tokens_per_s_with_prompt"] == pytest.approx(100.0)  # 0.5 s prompt each
+    assert lk["speedup_decode"] == pytest.approx(2.0)
+    assert lk["acceptance_rate"] == pytest.approx(0.25)
+    assert lk["outputs_differ"] == 2 and lk["prompts"] == 2
+    ours = r["compare"][0]["on"]["tokens_per_s"]
+    assert lk["mtpserve_spec_vs_llama_lookup"] == pytest.approx(ours / 100.0)
+    text = capsys.readouterr().out
+    assert "llama.cpp's n-gram speculation" in text and "vs llama.cpp's" in text

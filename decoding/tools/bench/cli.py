@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .compare import COMPARE_SETTINGS, compare_spec, compare_tables
+from .llama_cpp import lookup_section, lookup_table
 from .memory import peak_rss_mb
 from .plain import section_plain
 from .profiling import profile_step
@@ -56,6 +57,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--llama-bench", default=None, metavar="PATH",
                    help="llama.cpp's llama-bench binary: time its plain decode on the same GGUF "
                         "file in this run (scripts/install_llama_cpp.sh builds one)")
+    o.add_argument("--llama-lookup", default=None, metavar="PATH",
+                   help="llama.cpp's llama-lookup binary: its own n-gram (prompt lookup) "
+                        "speculation on these prompts, with and without drafts, in this run "
+                        "(with --compare: against ours at greedy batch 1)")
+    o.add_argument("--llama-lookup-draft", type=int, default=16, metavar="N",
+                   help="llama-lookup's --draft: tokens drafted per step (16, its default)")
     o.add_argument("--transformers-batch-sizes", default=None,
                    help="batch sizes for transformers (default: same as --batch-sizes)")
     o.add_argument("--transformers-gguf", default="dense", choices=["dense", "packed"],
@@ -136,7 +143,7 @@ def run_bench(args: argparse.Namespace, engine: LLMEngine | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     plain = args.plain or not (args.verify_curve or args.compare or args.profile
-                               or args.calibrate_tree)
+                               or args.calibrate_tree or args.llama_lookup)
     results: dict = {"meta": _meta(engine, args, source, prompt_ids)}
     if plain:
         results["plain"] = section_plain(engine, args, prompt_ids, batch_sizes, hf_sizes)
@@ -158,6 +165,10 @@ def run_bench(args: argparse.Namespace, engine: LLMEngine | None = None) -> int:
         rows = compare_spec(engine, args, prompt_ids, settings, cmp_sizes)
         results["compare"] = rows
         print(compare_tables(rows))
+    if args.llama_lookup:
+        results["llama_lookup"] = lookup_section(engine, args, prompt_ids,
+                                                 results.get("compare"))
+        print(lookup_table(results["llama_lookup"]))
     if args.profile:
         results["profile"] = {}
         modes = [False] + ([True] if engine.config.spec.mode != "off" else [])
