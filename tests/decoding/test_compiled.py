@@ -207,3 +207,22 @@ def test_an_input_the_warm_up_did_not_cover_recompiles_instead_of_failing(defaul
         kv.free(slot)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not ct.warm and ct.compiles == 2
+
+
+def test_the_cli_defaults_compile_auto_and_batch_invariance_auto():
+    """`serve`/`generate`/`bench` compile where it measured faster and keep batch
+    invariance where it is free; the library's EngineConfig compiles only when asked."""
+    import argparse
+
+    from mtpserve.decoding.config import EngineConfig
+    from mtpserve.decoding.tools.engine_args import add_engine_args, engine_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    cfg = engine_config_from_args(p.parse_args([]))
+    assert (cfg.compile, cfg.batch_invariant) == ("auto", "auto")
+    assert EngineConfig().compile == "off" and EngineConfig().batch_invariant == "auto"
+    assert EngineConfig(batch_invariant=True).batch_invariant == "on"
+    assert EngineConfig(batch_invariant=False).batch_invariant == "off"
+    with pytest.raises(ValueError, match="batch_invariant must be auto"):
+        EngineConfig(batch_invariant="sometimes")
