@@ -218,7 +218,7 @@ def test_compare_refuses_speculation_off():
 
 
 def test_rank_trees_trades_expected_tokens_against_measured_cost():
-    from mtpserve.decoding.tools.bench.tree_calibration import rank_trees, tree_candidates
+    from mtpserve.decoding.spec.tree_choice import rank_trees, tree_candidates
 
     rank_acc = [[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.1, 0.1], [0.3, 0.1, 0.1]]
     cands = tree_candidates(rank_acc, max_nodes=16)

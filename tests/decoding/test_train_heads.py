@@ -17,7 +17,8 @@ from mtpserve.decoding.model.trunk import CausalLM
 from mtpserve.decoding.training.hidden_cache import cache_hidden, targets_for
 from mtpserve.decoding.training.train_config import TrainConfig, add_train_args
 from mtpserve.decoding.training.train_medusa import train
-from mtpserve.decoding.training.tree_choice import calibrated_tree, choose_tree, expected_accepted
+from mtpserve.decoding.spec.tree_choice import calibrated_tree, expected_accepted
+from mtpserve.decoding.training.tree_choice import choose_tree
 from mtpserve.decoding.training.vocab import softmax_vocab
 
 CFG = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2,

@@ -19,7 +19,8 @@ from mtpserve.decoding.spec.mtp_sequential import SequentialMTPHeads
 from mtpserve.decoding.training.hidden_cache import cache_hidden, targets_for
 from mtpserve.decoding.training.progress import ProgressBar
 from mtpserve.decoding.training.train_config import TrainConfig
-from mtpserve.decoding.training.tree_choice import calibrated_tree, choose_tree, on_chain
+from mtpserve.decoding.spec.tree_choice import calibrated_tree, on_chain
+from mtpserve.decoding.training.tree_choice import choose_tree
 from mtpserve.decoding.spec.mtp_context import ModuleContext, NewEntries, write_and_draft
 from mtpserve.decoding.training.train_sequential import (chain_inputs, chain_logits, context_logits,
                                                 row_positions, train_sequential)

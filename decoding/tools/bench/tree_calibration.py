@@ -2,8 +2,8 @@
 
 Expected tokens per step come from the heads' held-out rank accuracies (heads.json, written
 by train-heads); the cost of a step is the measured verify time of that many tokens
-(verify_curve) plus the measured drafting time at the tree's depth. `tree_candidates` and
-`rank_trees` are pure (tested); `calibrate_tree` measures and prints.
+(verify_curve) plus the measured drafting time at the tree's depth; the candidates and
+their ranking are spec/tree_choice.py's pure functions. `calibrate_tree` measures and prints.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ...spec.tree_choice import rank_trees, tree_candidates
 from .runs import sync
 from .tables import format_table
 from .verify_curve import verify_curve
@@ -41,40 +42,6 @@ def _heads_meta(engine: LLMEngine) -> dict:
     topk = getattr(engine.heads, "topk", None)
     return {"path": path, "rank_acc": [r[:topk] for r in rank_acc] if topk else rank_acc,
             "chain_only": meta.get("head_type") == "sequential"}
-
-
-def tree_candidates(rank_acc: list[list[float]], max_nodes: int = 16, chain_only: bool = False
-                    ) -> dict[str, list[tuple[int, ...]]]:
-    """The presets plus the Medusa-calibrated trees of every size up to max_nodes
-    (chain_only: sequential heads, trees that branch off the top-1 chain)."""
-    from ...spec.tree import PRESETS
-    from ...training.tree_choice import calibrated_tree, on_chain
-
-    out = {name: list(ch) for name, ch in PRESETS.items()
-           if all(len(c) <= len(rank_acc) for c in ch) and (not chain_only or on_chain(ch))}
-    for n in range(1, max_nodes + 1):
-        out[f"calibrated{n}"] = calibrated_tree(rank_acc, n, chain_only)
-    return out
-
-
-def rank_trees(candidates: dict[str, list[tuple[int, ...]]], rank_acc: list[list[float]],
-               verify_ms: dict[int, float], draft_ms: float | dict[int, float]) -> list[dict]:
-    """Expected tokens per second of each tree relative to plain decoding (pure).
-    draft_ms: the heads' drafting time, or per tree depth (sequential heads run once
-    per depth)."""
-    from ...training.tree_choice import expected_accepted
-
-    plain = verify_ms[1]
-    rows = []
-    for name, choices in candidates.items():
-        k = 1 + len(choices)
-        tokens = 1 + expected_accepted(choices, rank_acc)
-        depth = max(len(c) for c in choices)
-        ms = verify_ms[k] + (draft_ms[depth] if isinstance(draft_ms, dict) else draft_ms)
-        rows.append({"tree": name, "nodes": k, "tokens_per_step": round(tokens, 3),
-                     "step_ms": round(ms, 2), "speedup_vs_plain": round(tokens * plain / ms, 3),
-                     "choices": [list(c) for c in choices]})
-    return sorted(rows, key=lambda r: -r["speedup_vs_plain"])
 
 
 def calibrate_tree(engine: LLMEngine, args: argparse.Namespace, filler: list[int]) -> dict:
