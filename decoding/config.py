@@ -73,7 +73,10 @@ class SpecConfig:
     mode: SpeculateMode = "auto"
     heads_path: str | None = None  # None: shipped heads for the model if any
     proposer: Literal["heads", "ngram", "hybrid"] = "hybrid"
-    tree: str = "auto"  # preset name, path to a JSON choice list, or "auto"
+    # preset name, path to a JSON choice list, "default" (the heads' own default tree) or
+    # "auto" (calibrated on this machine at the first start where the heads carry held-out
+    # accuracies, engine/tree_autotune.py; else the heads' default)
+    tree: str = "auto"
     ngram_max: int = 3
     ngram_min: int = 1
     ngram_draft_len: int = 4
@@ -109,9 +112,9 @@ class EngineConfig:
     int4_kernel: Literal["auto", "aten", "vnni", "vnni16"] = "auto"
     # A row's result does not depend on the other rows of the pass (trees, other
     # sequences): greedy output with speculation equals it without, and a request's greedy
-    # output does not depend on the batch. auto: on where it costs nothing (CausalLM.
-    # invariant_for_free: CPU, the row attention kernel, quantized layers without a bf16
-    # wide copy, i.e. today's CPU defaults), else off. True/False mean on/off.
+    # output does not depend on the batch. auto: on where it costs nothing (model/
+    # batch_invariance.py: the row attention kernel, quantized layers without a bf16 wide
+    # copy, i.e. today's CPU defaults), else off. True/False mean on/off.
     # Costs: see README (Batch invariance).
     batch_invariant: Literal["auto", "on", "off"] = "auto"
     # attention of decode and tree rows: rows (model/row_attention.py: a C++ kernel, one

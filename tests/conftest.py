@@ -16,7 +16,9 @@ def default_engine():
     from mtpserve.decoding.config import EngineConfig, SpecConfig
     from mtpserve.decoding.engine.llm_engine import LLMEngine
 
-    # Speculation "on" (not auto) so every request drafts and the invariants are exercised.
+    # Speculation "on" (not auto) so every request drafts and the invariants are exercised;
+    # the heads' own tree ("default"), not one timed on this machine (--tree auto): the
+    # shared engine behaves the same on every machine.
     return LLMEngine.from_config(EngineConfig(dtype="float32", weights="dense", max_num_seqs=8,
                                               max_model_len=1024,
-                                              spec=SpecConfig(mode="on")))
+                                              spec=SpecConfig(mode="on", tree="default")))

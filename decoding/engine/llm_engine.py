@@ -25,6 +25,7 @@ import torch
 
 from ..config import EngineConfig, SamplingParams
 from ..model.attention_metadata import AttentionMetadata
+from ..model.batch_invariance import apply_batch_invariant
 from ..model.checkpoint import load_checkpoint
 from ..model.compiled import CompiledTrunk, compile_wanted, use_user_cache_dir
 from ..model.detokenizer import IncrementalDetokenizer
@@ -46,6 +47,7 @@ from .outputs import EngineStats, RequestOutput
 from .scheduler import ScheduledSeq, Scheduler, Sequence, Status
 from .step_inputs import StepInputs
 from .stop import StopStringMatcher
+from .tree_autotune import tree_for_this_machine
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ class LLMEngine:
         # decode/tree rows' attention: the row kernel where it runs (batch-invariant by
         # construction: --batch-invariant on then costs attention nothing), else SDPA
         model.set_attention_kernel(config.attention_kernel, self.kv_dtype)
-        self._set_batch_invariant(config.batch_invariant)
+        apply_batch_invariant(model, config.batch_invariant)
         self.module_ctx = (ModuleContext(self.model_config, context_modules, num_slots, slot_len,
                                          self.kv_dtype, self.device) if context_modules else None)
         self.scheduler = Scheduler(num_slots, config.prefill_chunk_size, config.max_tokens_per_step,
@@ -126,24 +128,10 @@ class LLMEngine:
         self.compiled: CompiledTrunk | None = None
         if self._wants_compile():
             self.compiled = self._compile_trunk()
-
-    def _set_batch_invariant(self, mode: str) -> None:
-        """--batch-invariant on|off|auto (auto: on where the model's kernels make it free),
-        every kernel checked against the row rule; a failing one turns auto off and makes
-        on warn (the guarantee would not hold)."""
-        model = self.model
-        invariant = mode == "on" or (mode == "auto" and model.invariant_for_free())
-        failing = model.set_batch_invariant(invariant)
-        if failing and mode == "auto":
-            model.set_batch_invariant(False)
-            log.info("--batch-invariant auto: off (%s is not row-invariant here)", failing[0])
-        elif failing:
-            log.warning("--batch-invariant on: %d kernels of this weight format / device are "
-                        "not row-invariant here (%s, ...): outputs may still depend on the "
-                        "batch", len(failing), failing[0])
-        elif mode == "auto":
-            log.info("--batch-invariant auto: %s", "on (greedy output with speculation equals "
-                     "it without)" if invariant else "off (it would cost speed here)")
+        if config.spec.tree == "auto" and heads is not None and config.spec.mode != "off":
+            choices = tree_for_this_machine(self)  # after compiling: it times the real step
+            if choices:
+                self.policy.set_choices(choices)
 
     def _wants_compile(self) -> bool:
         return compile_wanted(self.config.compile, self.device.type, self.model.weight_format)

@@ -246,16 +246,6 @@ class CausalLM(nn.Module):
             layer.self_attn.row_kernel = self.attention_kernel == "rows"
         return self.attention_kernel
 
-    def invariant_for_free(self) -> bool:
-        """Whether the batch-invariant mode costs this model nothing (--batch-invariant
-        auto): decode and tree rows attend through the row kernel (invariant by
-        construction) and every projection is quantized with no bf16 wide copy (the mode's
-        only change would be giving that copy up for prefill). The unembedding is checked
-        by set_batch_invariant like every kernel."""
-        return self.attention_kernel == "rows" and all(
-            m.weight_format != "dense" and m.wide_weight is None
-            for m in self.layers.modules() if isinstance(m, Linear))
-
     @torch.no_grad()
     def set_batch_invariant(self, on: bool) -> list[str]:
         """Batch-invariant mode (EngineConfig.batch_invariant): a row's hidden state and

@@ -55,18 +55,22 @@ class SpeculationPolicy:
         self.spec = spec
         self.heads = heads
         tree = spec.tree
-        if tree == "auto":
+        if tree in ("auto", "default"):  # auto: the engine may calibrate it (tree_autotune)
             tree = heads.default_tree if heads is not None else "chain4"
-        self.choices = load_choices(tree)
         if spec.proposer == "heads" and heads is None and spec.mode != "off":
             raise ValueError("proposer 'heads' needs draft heads (--heads PATH)")
         self.max_tree_nodes = MAX_TREE_NODES + spec.ngram_draft_len
-        self.max_depth = max(spec.ngram_draft_len, max(len(c) for c in self.choices))
         self.step_cost: dict[int, float] = {}  # pass size key -> EMA seconds per step
         self.cost_seen: dict[int, int] = {}  # pass size key -> observation count when last seen
         self._observed = 0  # decode-only steps observed
-        self.depth_accept = [0.5] * self.max_depth  # P(accept depth i | reached i-1)
         self._steps = 0
+        self.set_choices(load_choices(tree))
+
+    def set_choices(self, choices: list[tuple[int, ...]]) -> None:
+        """The heads' tree (choice paths); before the first step (--tree auto's pick)."""
+        self.choices = choices
+        self.max_depth = max(self.spec.ngram_draft_len, max(len(c) for c in choices))
+        self.depth_accept = [0.5] * self.max_depth  # P(accept depth i | reached i-1)
 
     def enabled_for(self, params: SamplingParams) -> bool:
         if self.spec.mode == "off":

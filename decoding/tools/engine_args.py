@@ -80,7 +80,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--heads", default=None, help="draft heads folder (default: shipped heads)")
     s.add_argument("--proposer", default="hybrid", choices=["heads", "ngram", "hybrid"],
                    help="draft source: heads, prompt lookup (ngram) or both merged")
-    s.add_argument("--tree", default="auto", help="tree preset (chain2, chain4, tree8, tree16) or JSON file")
+    s.add_argument("--tree", default="auto",
+                   help="draft tree: auto (chosen for these heads on this machine at the first "
+                        "start: verify and drafting costs measured once, ~5-10 s, cached under "
+                        "~/.cache/mtpserve/trees), default (the heads' own), a preset (chain2, "
+                        "chain4, tree8, tree16) or a JSON choice list")
     s.add_argument("--acceptance", default="typical", choices=["greedy", "typical", "rejection"],
                    help="rule for sampled requests (temperature 0 is always greedy)")
     s.add_argument("--typical-epsilon", type=float, default=0.09)

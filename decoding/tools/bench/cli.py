@@ -157,7 +157,7 @@ def run_bench(args: argparse.Namespace, engine: LLMEngine | None = None) -> int:
                            f"{args.verify_context} (median of {args.verify_runs})"))
     if args.calibrate_tree:
         try:
-            results["calibrate_tree"] = calibrate_tree(engine, args, prompt_ids[0])
+            results["calibrate_tree"] = calibrate_tree(engine, args)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

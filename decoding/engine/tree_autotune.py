@@ -1,0 +1,149 @@
+"""`--tree auto`: the draft tree for these heads on this machine, chosen at the engine's
+first start here and cached.
+
+A tree pays when the tokens it is expected to add (the heads' held-out rank accuracies,
+heads.json) outweigh what verifying its nodes and drafting its depth cost, and those
+costs differ between CPUs, kernels and the compiled or eager step: a tree shipped from one
+machine can be wrong on another. So the engine measures them (step_costs.py: a verify
+pass of every candidate size at a 300-token context, drafting per depth; ~5-10 s on 2
+cores), ranks the candidates (spec/tree_choice.py) and writes the choice under
+~/.cache/mtpserve/trees/, keyed by everything that moves the costs or the accuracies; a
+later start on the same machine reads it. Heads without accuracies (other layouts, tests'
+heads objects) keep their default tree, as `--tree default` always does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model.kernel_build import user_cache_dir
+from ..spec.tree_choice import rank_trees, tree_candidates
+from .step_costs import draft_times, verify_times
+
+# `engine` below is an LLMEngine, not imported: llm_engine imports this module
+
+log = logging.getLogger(__name__)
+
+CONTEXT = 300  # committed tokens behind the timed passes (the bench's default too)
+RUNS = 10  # timed runs per size (median)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+def heads_accuracies(folder: str | Path | None, topk: int | None = None) -> dict | None:
+    """{'path', 'rank_acc', 'chain_only', 'digest'} of a heads folder whose heads.json
+    carries held-out rank accuracies (train-heads writes them); None otherwise."""
+    if folder is None:
+        return None
+    meta_path = Path(folder) / "heads.json"
+    if not meta_path.is_file():
+        return None
+    raw = meta_path.read_bytes()
+    meta = json.loads(raw)
+    rank_acc = meta.get("training", {}).get("heldout", {}).get("rank_acc")
+    if not rank_acc:
+        return None
+    return {"path": str(folder), "rank_acc": [r[:topk] for r in rank_acc] if topk else rank_acc,
+            "chain_only": meta.get("head_type") == "sequential",
+            "digest": hashlib.sha256(raw).hexdigest()[:16]}
+
+
+def machine_key(engine: Any, acc: dict) -> dict:
+    """What the measured costs and the accuracies depend on: the cache entry's key."""
+    flags: set[str] = set()
+    model_name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+            if flags and model_name:
+                break
+    except OSError:
+        pass
+    device = (torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda"
+              else model_name)
+    model = engine.model
+    return {"heads": acc["digest"], "model": engine.model_config.fingerprint(),
+            "device": device, "cpu_flags": sorted(f for f in CPU_FLAGS if f in flags),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "weights": engine.weight_format, "int4_kernel": getattr(model, "int4_kernel", ""),
+            "attention": getattr(model, "attention_kernel", ""),
+            "unembed": getattr(model, "unembed_format", ""),
+            "compiled": engine.compiled is not None}
+
+
+def cache_file(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return user_cache_dir() / "trees" / f"{digest}.json"
+
+
+def measure_and_rank(engine: Any, acc: dict, context: int = CONTEXT, runs: int = RUNS
+                     ) -> dict:
+    """Time every candidate tree's verify size and the drafting per depth here, then rank
+    the candidates by expected speed over plain decoding: {'verify_ms', 'draft_ms', 'rows'}."""
+    cands = tree_candidates(acc["rank_acc"], chain_only=acc["chain_only"])
+    sizes = sorted({1} | {1 + len(c) for c in cands.values()})
+    context = max(1, min(context, engine.kv.slot_len - max(sizes) - 1))
+    filler = [(7 * i + 11) % engine.model_config.vocab_size for i in range(context)]
+    # the fastest of the runs: the pass's own cost, without what else the machine did
+    verify_ms = {r["k"]: r["ms_min"] for r in verify_times(engine, filler, context, sizes, runs)}
+    draft_ms = draft_times(engine, len(acc["rank_acc"]), context, runs)
+    return {"context": context, "verify_ms": verify_ms, "draft_ms": draft_ms,
+            "rows": rank_trees(cands, acc["rank_acc"], verify_ms, draft_ms)}
+
+
+def autotune_tree(engine: Any, folder: str | Path | None) -> list[tuple[int, ...]] | None:
+    """The tree `--tree auto` serves with: cached for this machine, else measured now and
+    cached. None: the heads carry no accuracies (the caller keeps their default tree)."""
+    acc = heads_accuracies(folder, getattr(engine.heads, "topk", None))
+    if acc is None:
+        return None
+    key = machine_key(engine, acc)
+    path = cache_file(key)
+    if path.is_file():
+        try:
+            best = json.loads(path.read_text())["best"]
+            log.info("--tree auto: %s (%d nodes), measured on this machine before (%s)",
+                     best["tree"], best["nodes"], path)
+            return [tuple(c) for c in best["choices"]]
+        except (OSError, ValueError, KeyError):
+            log.warning("--tree auto: unreadable cache entry %s; measuring again", path)
+    log.info("--tree auto: timing verify passes and drafting for the heads' candidate trees "
+             "on this machine (once; cached under %s)", path.parent)
+    t0 = time.perf_counter()
+    got = measure_and_rank(engine, acc)
+    best = got["rows"][0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "best": best, "top": got["rows"][:8],
+                               "verify_ms": got["verify_ms"], "draft_ms": got["draft_ms"],
+                               "context": got["context"],
+                               "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+    tmp.replace(path)  # whole or not at all: a crash mid-write leaves no half entry
+    log.info("--tree auto: %s (%d nodes, expected %.2fx plain decoding) in %.1f s",
+             best["tree"], best["nodes"], best["speedup_vs_plain"], time.perf_counter() - t0)
+    return [tuple(c) for c in best["choices"]]
+
+
+def tree_for_this_machine(engine: Any) -> list[tuple[int, ...]] | None:
+    """autotune_tree for the engine's heads folder (--heads, else the shipped one); None:
+    keep the heads' default tree (no accuracies, or the measurement failed: a warning,
+    never a failed start)."""
+    from ..spec.heads_io import shipped_heads
+
+    folder = engine.config.spec.heads_path or shipped_heads(engine.model_config.fingerprint())
+    try:
+        return autotune_tree(engine, folder)
+    except Exception as e:  # noqa: BLE001 - a timing run must never stop the server
+        log.warning("--tree auto: calibration failed (%s: %s); serving the heads' default "
+                    "tree", type(e).__name__, e)
+        return None
