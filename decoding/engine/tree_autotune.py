@@ -5,7 +5,7 @@ A tree pays when the tokens it is expected to add (the heads' held-out rank accu
 heads.json) outweigh what verifying its nodes and drafting its depth cost, and those
 costs differ between CPUs, kernels and the compiled or eager step: a tree shipped from one
 machine can be wrong on another. So the engine measures them (step_costs.py: a verify
-pass of every candidate size at a 300-token context, drafting per depth; ~5-10 s on 2
+pass of every candidate size at a 300-token context, drafting per depth; ~4 s on 2
 cores), ranks the candidates (spec/tree_choice.py) and writes the choice under
 ~/.cache/mtpserve/trees/, keyed by everything that moves the costs or the accuracies; a
 later start on the same machine reads it. Heads without accuracies (other layouts, tests'

@@ -82,7 +82,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="draft source: heads, prompt lookup (ngram) or both merged")
     s.add_argument("--tree", default="auto",
                    help="draft tree: auto (chosen for these heads on this machine at the first "
-                        "start: verify and drafting costs measured once, ~5-10 s, cached under "
+                        "start: verify and drafting costs measured once, a few seconds, cached under "
                         "~/.cache/mtpserve/trees), default (the heads' own), a preset (chain2, "
                         "chain4, tree8, tree16) or a JSON choice list")
     s.add_argument("--acceptance", default="typical", choices=["greedy", "typical", "rejection"],
