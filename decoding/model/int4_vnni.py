@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import logging
 import platform
-import threading
 from pathlib import Path
 
 import torch
 
-from .kernel_build import build_extension, kernel_cache_dir
+from .kernel_build import BuiltOnce, build_extension, kernel_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +27,6 @@ ROWS = 16     # output rows per weight block (one zmm of results)
 GROUP = 32    # K per group: the weights' INT4_GROUP and the activations' int8 block
 BLOCK = 320   # bytes per (16 rows x 32 K): 256 of nibbles, 16 fp16 scales, 16 fp16 mins
 
-_lock = threading.Lock()
-_loaded: bool | None = None  # None: not tried yet in this process
 
 
 def cache_dir() -> Path:
@@ -73,13 +70,8 @@ def _mm_fake(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], n)
 
 
-def available() -> bool:
-    """Whether the kernel runs here; builds (first process) or loads (later) it once."""
-    global _loaded
-    with _lock:
-        if _loaded is None:
-            _loaded = _build()
-        return _loaded
+_kernel = BuiltOnce(_build)
+available = _kernel.available
 
 
 def supports(n: int, k: int) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,3 +56,21 @@ def build_extension(source: Path, what: str, fallback: str) -> bool:
         log.warning("%s did not build or load (%s); using %s", what, first, fallback)
         return False
     return True
+
+
+class BuiltOnce:
+    """A kernel module's `available()`: `build` (build_extension plus the module's own CPU
+    checks) runs once per process, under a lock; its answer is kept in `loaded`
+    (None: not tried yet)."""
+
+    def __init__(self, build: Callable[[], bool]) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self.loaded: bool | None = None
+
+    def available(self) -> bool:
+        """Whether the kernel runs here; builds (first process) or loads (later) it once."""
+        with self._lock:
+            if self.loaded is None:
+                self.loaded = self._build()
+            return self.loaded

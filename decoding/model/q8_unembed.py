@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import logging
 import platform
-import threading
 from pathlib import Path
 
 import torch
 
-from .kernel_build import build_extension
+from .kernel_build import BuiltOnce, build_extension
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +32,6 @@ ROWS = 16     # output rows per weight block
 GROUP = 32    # K per Q8_0 block
 BLOCK = 544   # bytes per (16 rows x 32 K): 512 of int8 values, 16 fp16 scales
 
-_lock = threading.Lock()
-_loaded: bool | None = None  # None: not tried yet in this process
 
 
 def _build() -> bool:
@@ -57,13 +54,8 @@ def _mm_fake(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], n)
 
 
-def available() -> bool:
-    """Whether the kernel runs here; builds (first process) or loads (later) it once."""
-    global _loaded
-    with _lock:
-        if _loaded is None:
-            _loaded = _build()
-        return _loaded
+_kernel = BuiltOnce(_build)
+available = _kernel.available
 
 
 def supports(n: int, k: int) -> bool:

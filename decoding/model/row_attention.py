@@ -13,14 +13,13 @@ attend_invariant (attention.attend_cached).
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .attention_metadata import AttentionMetadata
-from .kernel_build import build_extension
+from .kernel_build import BuiltOnce, build_extension
 
 if TYPE_CHECKING:
     from .kv_cache import KVCache
@@ -29,8 +28,6 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("kernels") / "row_attention.cpp"
 KERNELS = ("auto", "sdpa", "rows")  # EngineConfig.attention_kernel
 
-_lock = threading.Lock()
-_loaded: bool | None = None
 
 
 def _build() -> bool:
@@ -44,13 +41,8 @@ def _fake(q, kv, slot, prefix, offsets, extra, scale):
     return torch.empty_like(q)
 
 
-def available() -> bool:
-    """Whether the kernel runs here; builds (first process) or loads (later) it once."""
-    global _loaded
-    with _lock:
-        if _loaded is None:
-            _loaded = _build()
-        return _loaded
+_kernel = BuiltOnce(_build)
+available = _kernel.available
 
 
 def vector_path() -> bool:

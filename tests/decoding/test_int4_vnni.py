@@ -290,7 +290,7 @@ def test_int4_kernel_is_validated_and_parsed():
 def test_a_kernel_that_cannot_build_means_aten_with_one_warning(monkeypatch, caplog):
     import torch.utils.cpp_extension as ext
 
-    monkeypatch.setattr(int4_vnni, "_loaded", None)
+    monkeypatch.setattr(int4_vnni._kernel, "loaded", None)
     monkeypatch.setattr(int4_vnni, "_cpu_flags", lambda: {"avx512_vnni"})
     monkeypatch.setattr(int4_vnni.platform, "machine", lambda: "x86_64")
 
@@ -314,7 +314,7 @@ def test_a_kernel_that_cannot_build_means_aten_with_one_warning(monkeypatch, cap
 def test_no_compile_is_tried_where_the_cpu_cannot_run_it(monkeypatch, machine, flags):
     import torch.utils.cpp_extension as ext
 
-    monkeypatch.setattr(int4_vnni, "_loaded", None)
+    monkeypatch.setattr(int4_vnni._kernel, "loaded", None)
     monkeypatch.setattr(int4_vnni, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(int4_vnni.platform, "machine", lambda: machine)
     monkeypatch.setattr(ext, "load", lambda *a, **kw: pytest.fail("compiled anyway"))

@@ -211,7 +211,7 @@ def test_q8_is_refused_where_the_values_or_the_kernel_are_not_there(monkeypatch)
     assert not model.use_q8_unembedding()  # random fp32 values are no Q8_0 tensor
     assert model.unembed_format == "dense"
     model = _q8_tiny_model()
-    monkeypatch.setattr(q8_unembed, "_loaded", False)
+    monkeypatch.setattr(q8_unembed._kernel, "loaded", False)
     assert not model.use_q8_unembedding()
     assert model.unembed_format == "dense"
 
