@@ -26,7 +26,7 @@ import torch.nn.functional as F
 # AttentionMetadata and padded_layout live in attention_metadata.py (kv_cache.py reads by
 # them too); re-exported here for callers that import them with the kernels.
 from .attention_metadata import AttentionMetadata, padded_layout
-from .row_attention import attend_rows
+from .row_attention import attend_rows, write_attend_rows
 
 if TYPE_CHECKING:
     from .kv_cache import KVCache
@@ -55,6 +55,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMet
     if meta.q_scatter is not None:
         out = out[meta.q_scatter]
     return out.to(out_dtype)
+
+
+def write_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVCache,
+                     layer: int, meta: AttentionMetadata, scale: float, invariant: bool = False,
+                     rows: bool = False) -> torch.Tensor:
+    """Write the step's k/v [T, Hkv, D] into `layer` of the cache, then attend_cached. A
+    step of decode/tree rows alone through the row kernel does both in one call."""
+    if rows and meta.groups is None and not meta.chunk:
+        return write_attend_rows(q, k, v, kv, layer, meta, scale)
+    kv.write(layer, meta, k, v)
+    return attend_cached(q, kv, layer, meta, scale, invariant, rows)
 
 
 def attend_cached(q: torch.Tensor, kv: KVCache, layer: int, meta: AttentionMetadata,

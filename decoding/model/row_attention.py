@@ -34,10 +34,15 @@ def _build() -> bool:
     if not build_extension(SOURCE, "row attention kernel", "SDPA for attention"):
         return False
     torch.library.register_fake("mtpserve_rows::row_attention")(_fake)
+    torch.library.register_fake("mtpserve_rows::write_row_attention")(_fake_write)
     return True
 
 
 def _fake(q, kv, slot, prefix, offsets, extra, scale):
+    return torch.empty_like(q)
+
+
+def _fake_write(q, k, v, kv, store_slot, store_pos, slot, prefix, offsets, extra, scale):
     return torch.empty_like(q)
 
 
@@ -98,4 +103,16 @@ def attend_rows(q: torch.Tensor, kv: KVCache, layer: int, meta: AttentionMetadat
         meta.row_layout = row_layout(meta, q.shape[0], q.device)
     out = torch.ops.mtpserve_rows.row_attention(q.float(), kv.buf[layer], *meta.row_layout,
                                                 scale)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def write_attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVCache,
+                      layer: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """kv.write(layer, meta, k, v) then attend_rows, as one kernel call: the K/V copy
+    happens in C++ (a decode layer's stack + cast + index_put cost more than the copy)."""
+    if meta.row_layout is None:
+        meta.row_layout = row_layout(meta, q.shape[0], q.device)
+    out = torch.ops.mtpserve_rows.write_row_attention(
+        q.float(), k, v, kv.buf[layer], meta.token_slots, meta.token_store, *meta.row_layout,
+        scale)
     return out if q.dtype == torch.float32 else out.to(q.dtype)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .attention import attend_cached
+from .attention import write_and_attend
 from .attention_metadata import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -66,15 +66,14 @@ _LIB.define("cached_attention(Tensor q, Tensor k, Tensor v, int layer, float sca
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                      scale: float) -> torch.Tensor:
     """q [Tp, Hq, D], k/v [Tp, Hkv, D] -> [Tp, Hq, D]: write the real rows' K/V into
-    `layer` of the step's cache and attend over it (attention.attend_cached)."""
+    `layer` of the step's cache and attend over it (attention.write_and_attend)."""
     kv, meta, n = _STEP.kv, _STEP.meta, _STEP.rows
     if kv is None or meta is None:
         raise RuntimeError("mtpserve::cached_attention ran outside step_context")
     padded = q.shape[0]
     if n != padded:
         q, k, v = q[:n], k[:n], v[:n]
-    kv.write(layer, meta, k, v)
-    out = attend_cached(q, kv, layer, meta, scale, _STEP.invariant, _STEP.row_kernel)
+    out = write_and_attend(q, k, v, kv, layer, meta, scale, _STEP.invariant, _STEP.row_kernel)
     if n == padded:
         return out if out.data_ptr() != q.data_ptr() else out.clone()
     full = out.new_zeros(padded, *out.shape[1:])

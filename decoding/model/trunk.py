@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import attend_cached
+from .attention import write_and_attend
 from .row_attention import resolve as resolve_attention_kernel
 from .attention_metadata import AttentionMetadata
 from .kv_cache import KVCache
@@ -128,9 +128,8 @@ class Attention(nn.Module):
         if kv is None:  # compiled: step_context carries batch_invariant and the row kernel
             out = torch.ops.mtpserve.cached_attention(q, k, v, self.layer_idx, self.scale)
         else:
-            kv.write(self.layer_idx, meta, k, v)
-            out = attend_cached(q, kv, self.layer_idx, meta, self.scale, self.batch_invariant,
-                                self.row_kernel)
+            out = write_and_attend(q, k, v, kv, self.layer_idx, meta, self.scale,
+                                   self.batch_invariant, self.row_kernel)
         return self.o_proj(out.reshape(T, -1))
 
 

@@ -201,6 +201,39 @@ def test_the_generic_path_is_close_to_the_reference_too():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_write_equals_write_then_attend(kv_dtype):
+    """write_and_attend's one-call path (a step of decode/tree rows alone) leaves the same
+    cache bytes and returns the same bits as KVCache.write followed by attend_rows, with k/v
+    in the cache's dtype or another (the kernel casts)."""
+    from mtpserve.decoding.model.attention import write_and_attend
+    g = torch.Generator().manual_seed(12)
+    items = [(3, 40, TREES["wide"]), (0, 17, None), (5, 90, TREES["chain4"])]
+    meta = _meta(items)
+    T = 6 + 1 + 4
+    meta.token_slots = torch.tensor([3] * 6 + [0] + [5] * 4)
+    meta.token_store = torch.tensor(list(range(40, 46)) + [17] + list(range(90, 94)))
+    q = torch.randn(T, HQ, D, generator=g)
+    k, v = (torch.randn(T, HKV, D, generator=g).to(kv_dtype) for _ in range(2))
+    fused, split = _cache(6, 120, seed=13), _cache(6, 120, seed=13)
+    out = write_and_attend(q, k, v, fused, 1, meta, SCALE, rows=True)
+    meta.row_layout = None
+    split.write(1, meta, k, v)
+    ref = ra.attend_rows(q, split, 1, meta, SCALE)
+    assert torch.equal(fused.buf, split.buf)
+    assert torch.equal(out, ref)
+    assert not torch.equal(out, ra.attend_rows(q, _cache(6, 120, seed=13), 1, meta, SCALE))
+
+
+def test_the_fused_write_refuses_a_store_outside_the_cache():
+    meta = _meta([(0, 10, None)])
+    meta.token_slots, meta.token_store = torch.tensor([0]), torch.tensor([120])
+    kv = _cache(2, 120, seed=14)
+    with pytest.raises(RuntimeError, match="stores outside the cache"):
+        ra.write_attend_rows(torch.randn(1, HQ, D), torch.randn(1, HKV, D),
+                             torch.randn(1, HKV, D), kv, 0, meta, SCALE)
+
+
 def test_sdpa_stays_for_a_prefill_chunk():
     kv = _cache(2, 100, seed=11)
     meta = _meta([(0, 10, None)])

@@ -259,6 +259,45 @@ at::Tensor row_attention(const at::Tensor& q, const at::Tensor& kv, const at::Te
   return out;
 }
 
+// The step's new keys and values, [T, Hkv, D] each, written into one layer's cache
+// [2, S, Hkv, L, D] at (store_slot[t], :, store_pos[t]): the write the attention then
+// reads, done here so a layer costs one op call instead of a stack, a cast and an index_put.
+at::Tensor write_row_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               at::Tensor& kv, const at::Tensor& store_slot,
+                               const at::Tensor& store_pos, const at::Tensor& slot,
+                               const at::Tensor& prefix, const at::Tensor& offsets,
+                               const at::Tensor& extra, double scale) {
+  TORCH_CHECK(kv.scalar_type() == at::kFloat && kv.dim() == 5 && kv.size(0) == 2 &&
+                  kv.is_contiguous(),
+              "write_row_attention: kv must be one layer's contiguous [2, S, Hkv, L, D] float32");
+  const int64_t T = q.size(0), S = kv.size(1), Hkv = kv.size(2), L = kv.size(3),
+                D = kv.size(4);
+  for (const at::Tensor* x : {&k, &v})
+    TORCH_CHECK(x->device().is_cpu() && x->dim() == 3 && x->size(0) == T &&
+                    x->size(1) == Hkv && x->size(2) == D,
+                "write_row_attention: k and v must be [T, Hkv, D] CPU tensors");
+  for (const at::Tensor* x : {&store_slot, &store_pos})
+    TORCH_CHECK(x->scalar_type() == at::kLong && x->is_contiguous() && x->numel() == T,
+                "write_row_attention: store_slot/store_pos must be int64 [T]");
+  const at::Tensor kc = k.to(at::kFloat).contiguous(), vc = v.to(at::kFloat).contiguous();
+  const int64_t* ss = store_slot.data_ptr<int64_t>();
+  const int64_t* sp = store_pos.data_ptr<int64_t>();
+  float* kp = kv.data_ptr<float>();
+  float* vp = kp + S * Hkv * L * D;
+  const float* ks = kc.data_ptr<float>();
+  const float* vs = vc.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(ss[t] >= 0 && ss[t] < S && sp[t] >= 0 && sp[t] < L,
+                "write_row_attention: row ", t, " stores outside the cache");
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t dst = ((ss[t] * Hkv + h) * L + sp[t]) * D, src = (t * Hkv + h) * D;
+      std::copy(ks + src, ks + src + D, kp + dst);
+      std::copy(vs + src, vs + src + D, vp + dst);
+    }
+  }
+  return row_attention(q, kv, slot, prefix, offsets, extra, scale);
+}
+
 bool has_avx512() { return avx512_here(); }
 
 }  // namespace
@@ -266,7 +305,13 @@ bool has_avx512() { return avx512_here(); }
 TORCH_LIBRARY(mtpserve_rows, lib) {
   lib.def("row_attention(Tensor q, Tensor kv, Tensor slot, Tensor prefix, Tensor offsets, "
           "Tensor extra, float scale) -> Tensor");
+  lib.def("write_row_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv, Tensor store_slot, "
+          "Tensor store_pos, Tensor slot, Tensor prefix, Tensor offsets, Tensor extra, "
+          "float scale) -> Tensor");
   lib.def("has_avx512() -> bool", &has_avx512);
 }
 
-TORCH_LIBRARY_IMPL(mtpserve_rows, CPU, lib) { lib.impl("row_attention", &row_attention); }
+TORCH_LIBRARY_IMPL(mtpserve_rows, CPU, lib) {
+  lib.impl("row_attention", &row_attention);
+  lib.impl("write_row_attention", &write_row_attention);
+}
