@@ -37,6 +37,9 @@ def run_draft_vocab_only(a: argparse.Namespace, engine: LLMEngine, src: Sources,
     if a.head_type != "medusa":
         raise ValueError("--draft-vocab-only re-evaluates Medusa heads; sequential heads "
                          "build their draft vocabulary while training")
+    if getattr(a, "trunk_weights", "dense") != "dense":
+        raise ValueError("--draft-vocab-only reads the dense trunk's hidden states; "
+                         "drop --trunk-weights")
     meta_path = out / "heads.json"
     if not meta_path.exists():
         raise ValueError(f"{meta_path}: no heads to add a draft vocabulary to")

@@ -63,30 +63,53 @@ def chunk_examples(examples: list[Example], seq_len: int) -> list[Example]:
     return out
 
 
+CHECKPOINT_S = 600.0  # a long trunk pass saves what it has this often
+
+
 @torch.no_grad()
 def cache_hidden(model: CausalLM, examples: list[Example],
-                 progress: Callable[[str], None] | None = None) -> HiddenCache:
+                 progress: Callable[[str], None] | None = None,
+                 kv_dtype: torch.dtype | None = None,
+                 checkpoint: Callable[[HiddenCache, int], None] | None = None,
+                 checkpoint_s: float | None = None) -> HiddenCache:
     """Run the trunk over every example (one at a time, causal) and collect h_t, the base
-    argmax and the next token at every position."""
+    argmax and the next token at every position. The argmax (a full-vocabulary unembedding
+    per row) is computed only from each example's train_from on, where targets are read
+    (-1 before). `checkpoint(partial, done)` is called every `checkpoint_s` seconds
+    (default CHECKPOINT_S) with the first `done` examples' cache, so a long pass can be
+    saved and resumed."""
+    checkpoint_s = CHECKPOINT_S if checkpoint_s is None else checkpoint_s
     dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    kv_dtype = kv_dtype or next(model.parameters()).dtype
     hid, amax, nxt, starts, train_from = [], [], [], [0], []
+
+    def partial() -> HiddenCache:
+        return HiddenCache(torch.cat(hid), torch.cat(amax), torch.cat(nxt),
+                           torch.tensor(starts), torch.tensor(train_from))
+
     longest = max(len(e.ids) for e in examples)
-    kv = KVCache(model.config, 1, longest, dtype, dev)
-    t0 = time.perf_counter()
+    kv = KVCache(model.config, 1, longest, kv_dtype, dev)
+    t0 = last_save = time.perf_counter()
     for i, ex in enumerate(examples):
         ids = torch.tensor(ex.ids, dtype=torch.long, device=dev)
         h = model(ids, _causal_meta(len(ex.ids), dev), kv)
         hid.append(h.float().cpu())
-        amax.append(model.compute_logits(h).argmax(-1).cpu())
+        a = torch.full((len(ex.ids),), -1, dtype=torch.long)
+        a[ex.train_from:] = model.compute_logits(h[ex.train_from:]).argmax(-1).cpu()
+        amax.append(a)
         nxt.append(torch.tensor(ex.ids[1:] + [-1]))
         starts.append(starts[-1] + len(ex.ids))
         train_from.append(ex.train_from)
-        if progress and (i + 1) % 25 == 0:
+        now = time.perf_counter()
+        if progress and ((i + 1) % 100 == 0 or i + 1 == len(examples)):
+            rate = starts[-1] / max(now - t0, 1e-9)
+            left = sum(len(e.ids) for e in examples[i + 1:]) / max(rate, 1e-9)
             progress(f"trunk pass {i + 1}/{len(examples)} sequences, {starts[-1]} positions, "
-                     f"{time.perf_counter() - t0:.0f} s")
-    return HiddenCache(torch.cat(hid), torch.cat(amax), torch.cat(nxt),
-                       torch.tensor(starts), torch.tensor(train_from))
+                     f"{now - t0:.0f} s, {rate:.0f} positions/s, ~{left / 60:.0f} min left")
+        if checkpoint and now - last_save >= checkpoint_s and i + 1 < len(examples):
+            checkpoint(partial(), i + 1)
+            last_save = time.perf_counter()
+    return partial()
 
 
 def targets_for(cache: HiddenCache, seqs: list[int], num_heads: int, mode: str
@@ -153,29 +176,51 @@ def _joined(a: HiddenCache, b: HiddenCache) -> HiddenCache:
 
 
 def load_or_cache_hidden(model: CausalLM, examples: list[Example], path: Path,
-                         say: Callable[[str], None]) -> tuple[HiddenCache, dict]:
-    """Run the trunk once and keep the result in `path`; reuse it while the data is the
-    same. Data that only adds sequences after the cached ones (a new --data file at the
-    end) reuses the cached ones and runs the trunk on the new ones alone."""
+                         say: Callable[[str], None], kv_dtype: torch.dtype | None = None,
+                         trunk: str = "dense") -> tuple[HiddenCache, dict]:
+    """Run the trunk once and keep the result in `path`; reuse it while the data and the
+    trunk's weight format (`trunk`: dense, int4, ...) are the same. Data that only adds
+    sequences after the cached ones (a new --data file at the end) reuses the cached ones
+    and runs the trunk on the new ones alone; a pass interrupted after one of its periodic
+    saves resumes the same way."""
     key, keys = data_key(examples), _example_keys(examples)
+    if trunk != "dense":  # caches written before the trunk was a choice were dense
+        key = f"{key}/{trunk}"
     saved = torch.load(path, weights_only=False) if path.exists() else {}
     if saved.get("key") == key:
         say(f"hidden states: reusing {path}")
-        return HiddenCache(**saved["cache"]), {"reused": str(path), "seconds": saved.get("seconds")}
-    old_keys = saved.get("example_keys", [])
+        return HiddenCache(**saved["cache"]), {"reused": str(path), "seconds": saved.get("seconds"),
+                                               "weights": trunk}
+    old_keys = saved.get("example_keys", []) if saved.get("trunk", "dense") == trunk else []
     n = 0
     while n < min(len(old_keys), len(keys)) and old_keys[n] == keys[n]:
         n += 1
-    t0 = time.perf_counter()
-    cache = cache_hidden(model, examples[n:], progress=say) if n < len(examples) else None
+    prefix = _first_sequences(HiddenCache(**saved["cache"]), n) if n else None
+    before = (saved.get("seconds") or 0.0) if n else 0.0
+    del saved
     if n:
         say(f"hidden states: reusing {n} of {len(examples)} sequences from {path}")
-        prefix = _first_sequences(HiddenCache(**saved["cache"]), n)
-        cache = prefix if cache is None else _joined(prefix, cache)
-    seconds = round(time.perf_counter() - t0, 1) + ((saved.get("seconds") or 0.0) if n else 0.0)
-    torch.save({"key": key, "example_keys": keys, "seconds": seconds,
-                "cache": {f: getattr(cache, f) for f in HiddenCache.__slots__}}, path)
-    info: dict = {"seconds": seconds}
+    t0 = time.perf_counter()
+
+    def save(part: HiddenCache | None, done: int, final: bool) -> HiddenCache:
+        cache = prefix if part is None else part if prefix is None else _joined(prefix, part)
+        seconds = round(time.perf_counter() - t0 + before, 1)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"key": key if final else None, "example_keys": keys[:n + done],
+                    "trunk": trunk, "seconds": seconds,
+                    "cache": {f: getattr(cache, f) for f in HiddenCache.__slots__}}, tmp)
+        tmp.replace(path)  # a save cut short never replaces the last good one
+        if not final:
+            say(f"hidden states: saved {n + done} of {len(examples)} sequences to {path} "
+                "(a rerun resumes from here)")
+        return cache
+
+    part = None
+    if n < len(examples):
+        part = cache_hidden(model, examples[n:], progress=say, kv_dtype=kv_dtype,
+                            checkpoint=lambda p, done: save(p, done, final=False))
+    cache = save(part, len(examples) - n, final=True)
+    info: dict = {"seconds": round(time.perf_counter() - t0 + before, 1), "weights": trunk}
     if n:
         info["reused_sequences"] = n
     return cache, info

@@ -114,6 +114,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="the trunk's weights while answering: dense (--dtype, the same trunk "
                         "as the hidden-state pass) or the served format (auto: what `serve` "
                         "picks; on CPU int4 with our kernels, several times faster at batch 32)")
+    p.add_argument("--trunk-weights", default="dense", choices=["dense", "auto", "int8", "int4"],
+                   help="the trunk's weights in the hidden-state pass the heads train on: "
+                        "dense (--dtype) or the served format (auto: what `serve` picks): "
+                        "then the heads learn the served trunk's features and greedy choices, "
+                        "what drafting reads and verification accepts (and on CPU the pass "
+                        "runs ~1.5x faster than fp32)")
     g = p.add_argument_group("answer generation (answer_gen.py)")
     g.add_argument("--gen-chunk", type=int, default=None, metavar="N",
                    help="requests kept queued in the engine while answering (a finished one "

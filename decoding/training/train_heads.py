@@ -47,13 +47,14 @@ from .train_sequential import train_sequential
 from .tree_choice import choose_tree
 
 
-def answer_engine(a: argparse.Namespace, trunk_engine: LLMEngine) -> LLMEngine:
-    """The engine that answers the prompts: the dense trunk itself, or (--gen-weights) one
-    in the served weight format, so the answers are what the server would say."""
-    if a.gen_weights == "dense":
+def served_engine(a: argparse.Namespace, trunk_engine: LLMEngine, weights: str) -> LLMEngine:
+    """The dense trunk itself, or (weights != dense) an engine in the served weight format:
+    the answers (--gen-weights) are then what the server would say, the hidden states
+    (--trunk-weights) what its heads will read."""
+    if weights == "dense":
         return trunk_engine
     return LLMEngine.from_config(EngineConfig(
-        model=a.model, device=a.device, weights=a.gen_weights, max_num_seqs=a.gen_batch,
+        model=a.model, device=a.device, weights=weights, max_num_seqs=a.gen_batch,
         max_model_len=2048, spec=SpecConfig(mode="off")))
 
 
@@ -85,7 +86,7 @@ def run_train_heads(a: argparse.Namespace) -> int:
         raise ValueError("--init-heads is for --head-type sequential")
     if src.prompts:
         cache_path = Path(a.generated) if a.generated else out / "answers.jsonl"
-        answers, stats = generate_answers(answer_engine(a, engine), src.prompts, cache_path, a.generate_max_tokens,
+        answers, stats = generate_answers(served_engine(a, engine, a.gen_weights), src.prompts, cache_path, a.generate_max_tokens,
                                           chunk=a.gen_chunk or 4 * a.gen_batch, progress=say,
                                           **generation_options(a))
         examples += answers
@@ -101,7 +102,10 @@ def run_train_heads(a: argparse.Namespace) -> int:
     if a.joint:
         return run_joint(a, cfg, engine, examples, recipe, out, say, t_all)
     hidden_path = Path(a.hidden_cache) if a.hidden_cache else out / "hidden_cache.pt"
-    cache, trunk = load_or_cache_hidden(model, examples, hidden_path, say)
+    pass_engine = served_engine(a, engine, a.trunk_weights)
+    cache, trunk = load_or_cache_hidden(pass_engine.model, examples, hidden_path, say,
+                                        kv_dtype=pass_engine.kv_dtype, trunk=a.trunk_weights)
+    del pass_engine
     recipe.update(sequences=cache.num_seqs, positions=int(cache.seq_start[-1]), **argmax_agreement(cache))
     sequential = cfg.head_type == "sequential"
     if sequential:

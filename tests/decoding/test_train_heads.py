@@ -245,9 +245,9 @@ def test_hidden_cache_reuses_the_sequences_it_has_and_runs_only_new_ones(tiny, t
     calls: list[int] = []
     real = hidden_cache.cache_hidden
 
-    def counting(model_, examples, progress=None):
+    def counting(model_, examples, **kw):
         calls.append(len(examples))
-        return real(model_, examples, progress)
+        return real(model_, examples, **kw)
 
     hidden_cache.cache_hidden = counting
     try:
@@ -264,3 +264,42 @@ def test_hidden_cache_reuses_the_sequences_it_has_and_runs_only_new_ones(tiny, t
         torch.testing.assert_close(getattr(again, field), getattr(fresh, field), msg=field)
     assert changed.seq_start[1] == len(new[0].ids)
     assert any("reusing 3 of 5" in m for m in said)
+
+
+def test_an_interrupted_trunk_pass_resumes_from_its_last_save(tiny, tmp_path, monkeypatch):
+    """The pass saves what it has every CHECKPOINT_S seconds (0 here: after every
+    sequence); interrupted after the second save, a rerun runs the trunk on the rest only
+    and ends with the same cache as one uninterrupted pass. A cache of another trunk
+    weight format is not reused."""
+    model, _ = tiny
+    examples = [Example((PERIOD * 9)[s:s + 30 + s], train_from=2) for s in range(5)]
+    path = tmp_path / "hidden.pt"
+    monkeypatch.setattr(hidden_cache, "CHECKPOINT_S", 0.0)
+
+    def interrupt(msg: str) -> None:
+        if "saved 2 of 5" in msg:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hidden_cache.load_or_cache_hidden(model, examples, path, interrupt)
+    assert torch.load(path, weights_only=False)["key"] is None  # partial: never reused whole
+    calls: list[int] = []
+    real = hidden_cache.cache_hidden
+
+    def counting(model_, examples_, **kw):
+        calls.append(len(examples_))
+        return real(model_, examples_, **kw)
+
+    monkeypatch.setattr(hidden_cache, "cache_hidden", counting)
+    said: list[str] = []
+    got, info = hidden_cache.load_or_cache_hidden(model, examples, path, said.append)
+    assert calls == [3] and info["reused_sequences"] == 2
+    fresh = real(model, examples)
+    for field in ("hidden", "argmax", "tokens", "seq_start", "train_from"):
+        torch.testing.assert_close(getattr(got, field), getattr(fresh, field), msg=field)
+    assert (fresh.argmax[:2] == -1).all() and (fresh.argmax[2:30] >= 0).all()
+    _, again = hidden_cache.load_or_cache_hidden(model, examples, path, said.append)
+    assert again["reused"] == str(path)
+    _, other = hidden_cache.load_or_cache_hidden(model, examples, path, said.append,
+                                                 trunk="int4")
+    assert calls == [3, 5] and "reused" not in other and other["weights"] == "int4"
