@@ -10,12 +10,11 @@ turns), min over repeats; greedy tokens must be equal.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from compiled_step import decode_ms_per_step, greedy_tokens
-
 from mtpserve.decoding.config import EngineConfig, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
 from mtpserve.decoding.model import attention
@@ -50,7 +49,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8, help="verify rows")
     ap.add_argument("--context", type=int, default=300)
     args = ap.parse_args()
-    base = dict(spec=SpecConfig(mode="off"), max_num_seqs=args.batch, max_model_len=512)
+    base = {"spec": SpecConfig(mode="off"), "max_num_seqs": args.batch, "max_model_len": 512}
     _, raw = load_prompts(None, args.batch)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("\n| engine | measure (min over repeats) | split write | fused | speedup | greedy equal |")
