@@ -2,8 +2,9 @@
 on an idle engine, timed as a whole and split at the end of prefill (`run_engine_batch`),
 plus the throughput row that sums such runs.
 
-The baseline, the comparison and the verify curve all time through here, so their numbers
-mean the same thing.
+The baseline and the comparison time through here, and the verify curve through
+engine/step_costs.py, whose device `sync` this module shares: their numbers mean the same
+thing.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from ...config import SamplingParams
 from ...engine.outputs import SpecStats
+from ...engine.step_costs import sync
 
 if TYPE_CHECKING:
     from ...engine.llm_engine import LLMEngine
@@ -28,12 +28,6 @@ _request_ids = itertools.count()
 def next_request_id() -> str:
     """A request id unique in this process (the engine refuses duplicates)."""
     return f"bench-{next(_request_ids)}"
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device, so that a clock read after it counts the queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def batches(items: list, size: int) -> list[list]:
