@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 AcceptanceRule = Literal["greedy", "typical", "rejection"]
 SpeculateMode = Literal["off", "on", "auto"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16", "float64"]
+WeightFormat = Literal["auto", "dense", "int8", "int4"]  # EngineConfig.weights
+WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)  # for CLI choices and checks
 
 
 @dataclass(slots=True)
@@ -101,7 +103,7 @@ class SpecConfig:
 class EngineConfig:
     model: str | None = None  # path to a GGUF file or HF folder; None: embedded default
     dtype: DTypeName = "auto"
-    weights: Literal["auto", "dense", "int8", "int4"] = "auto"  # weight-only quantization (CPU)
+    weights: WeightFormat = "auto"  # weight-only quantization (CPU)
     # int8/int4 on CPUs with native bf16: also keep bf16 copies for passes of many rows
     wide_weights: bool = True
     # int4's CPU kernel: aten (PyTorch's, bf16 activations), vnni16 or vnni (int16 / int8
@@ -156,7 +158,7 @@ class EngineConfig:
             raise ValueError(f"batch_invariant must be auto|on|off, got {self.batch_invariant!r}")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
-        if self.weights not in ("auto", "dense", "int8", "int4"):
+        if self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be auto|dense|int8|int4, got {self.weights!r}")
         if self.int4_kernel not in ("auto", "aten", "vnni", "vnni16"):
             raise ValueError(f"int4_kernel must be auto|aten|vnni|vnni16, got {self.int4_kernel!r}")

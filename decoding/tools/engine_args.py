@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import EngineConfig, SpecConfig
+from ..config import WEIGHT_FORMATS, EngineConfig, SpecConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "float32", "bfloat16", "float16", "float64"],
                    help="compute dtype (auto: bf16 on GPUs; on CPUs fp32 around int4/int8 "
                         "weights, bf16 for dense weights where the CPU has native bf16)")
-    g.add_argument("--weights", default="auto", choices=["auto", "dense", "int8", "int4"],
+    g.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS,
                    help="weight format of the trunk on CPU: dense, or weight-only int8 / int4 "
                         "(group 32: GGUF Q4_0/Q4_1's own blocks); faster, not bit-identical "
                         "to dense (auto: int4 for a Q4_0/Q4_1 GGUF on CPU, else dense)")

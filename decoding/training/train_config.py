@@ -13,6 +13,8 @@ import shlex
 import sys
 from dataclasses import dataclass
 
+from ..config import WEIGHT_FORMATS
+
 
 @dataclass(slots=True)
 class TrainConfig:
@@ -110,11 +112,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generated", default=None,
                    help="JSONL cache of the model's answers (default OUT/answers.jsonl)")
     p.add_argument("--gen-batch", type=int, default=16, help="max_num_seqs while answering")
-    p.add_argument("--gen-weights", default="dense", choices=["dense", "auto", "int8", "int4"],
+    p.add_argument("--gen-weights", default="dense", choices=WEIGHT_FORMATS,
                    help="the trunk's weights while answering: dense (--dtype, the same trunk "
                         "as the hidden-state pass) or the served format (auto: what `serve` "
                         "picks; on CPU int4 with our kernels, several times faster at batch 32)")
-    p.add_argument("--trunk-weights", default="dense", choices=["dense", "auto", "int8", "int4"],
+    p.add_argument("--trunk-weights", default="dense", choices=WEIGHT_FORMATS,
                    help="the trunk's weights in the hidden-state pass the heads train on: "
                         "dense (--dtype) or the served format (auto: what `serve` picks): "
                         "then the heads learn the served trunk's features and greedy choices, "
