@@ -320,6 +320,21 @@ def test_parse_lookup_log_reads_llama_lookups_counts():
     assert lookup_text("def f(x - draft candidate: token=42\n):\n") == "def f(x):\n"
 
 
+def test_lookup_draft_flag_follows_llama_cpps_rename(tmp_path):
+    """Newer llama.cpp refuses `--draft` ("the argument has been removed") and takes
+    `--spec-draft-n-max`: the flag is read from the binary's own help."""
+    from mtpserve.decoding.tools.bench.llama_cpp import lookup_draft_flag
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_text("#!/bin/sh\necho '--draft, --draft-n N  tokens to draft'\n")
+    new.write_text("#!/bin/sh\necho '--spec-draft-n-max N  tokens to draft' >&2\n")
+    for f in (old, new):
+        f.chmod(0o755)
+    assert lookup_draft_flag(str(old)) == "--draft"
+    assert lookup_draft_flag(str(new)) == "--spec-draft-n-max"
+    assert lookup_draft_flag(str(tmp_path / "missing")) == "--draft"
+
+
 def test_llama_lookup_section_measures_both_arms_and_ours(tmp_path, capsys, one_thread):
     """--llama-lookup: plain (--draft 0) and speculative runs per prompt, tokens/s from the
     counts llama-lookup prints, its outputs compared with its own plain ones, and with
@@ -345,7 +360,7 @@ def test_llama_lookup_section_measures_both_arms_and_ours(tmp_path, capsys, one_
     assert run_bench(args, engine=_tiny_engine()) == 0
     r = json.loads(out.read_text())
     lk = r["llama_lookup"]
-    calls = (tmp_path / "argv").read_text().splitlines()
+    calls = [c for c in (tmp_path / "argv").read_text().splitlines() if c != "-h"]
     assert len(calls) == 4 and [c.split()[c.split().index("--draft") + 1] for c in calls] == \
         ["0", "16", "0", "16"]
     assert all(c.split()[c.split().index("-n") + 1] == "8" and "--temp 0" in c for c in calls)

@@ -62,7 +62,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "speculation on these prompts, with and without drafts, in this run "
                         "(with --compare: against ours at greedy batch 1)")
     o.add_argument("--llama-lookup-draft", type=int, default=16, metavar="N",
-                   help="llama-lookup's --draft: tokens drafted per step (16, its default)")
+                   help="llama-lookup's --draft (--spec-draft-n-max in newer builds): tokens "
+                        "drafted per step (16)")
     o.add_argument("--transformers-batch-sizes", default=None,
                    help="batch sizes for transformers (default: same as --batch-sizes)")
     o.add_argument("--transformers-gguf", default="dense", choices=["dense", "packed"],

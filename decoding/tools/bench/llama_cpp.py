@@ -33,7 +33,7 @@ def run_llama_bench(binary: str, gguf: str, tokens: int, threads: int,
     the bench goes on without the row)."""
     cmd = [binary, "-m", gguf, "-p", "0", "-n", str(tokens), "-t", str(threads), "-o", "json"]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{binary} did not run: {e}"
     if done.returncode != 0:
@@ -88,8 +88,20 @@ def lookup_text(stdout: str) -> str:
     return _DRAFT_LINE.sub("", stdout)
 
 
+def lookup_draft_flag(binary: str) -> str:
+    """llama-lookup's option for the tokens drafted per step: `--draft` until llama.cpp
+    renamed it (newer builds refuse `--draft` with "the argument has been removed" and take
+    `--spec-draft-n-max`); read from its own help."""
+    try:
+        done = subprocess.run([binary, "-h"], check=False, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "--draft"
+    return "--spec-draft-n-max" if "--spec-draft-n-max" in done.stdout + done.stderr else "--draft"
+
+
 def run_llama_lookup(binary: str, gguf: str, prompt: str, tokens: int, threads: int,
-                     draft: int, timeout_s: float = 600.0) -> dict | str:
+                     draft: int, timeout_s: float = 600.0, draft_flag: str = "--draft"
+                     ) -> dict | str:
     """Greedy generation of `tokens` tokens after `prompt` (text with the chat template
     already applied) with llama.cpp's prompt-lookup speculation (`--draft` tokens; 0: plain
     decoding through the same program), its counts (parse_lookup_log) plus the text; or
@@ -97,9 +109,9 @@ def run_llama_lookup(binary: str, gguf: str, prompt: str, tokens: int, threads: 
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as f:
         f.write(prompt)
     cmd = [binary, "-m", gguf, "-f", f.name, "-n", str(tokens), "-t", str(threads),
-           "--temp", "0", "--draft", str(draft), "-c", "4096"]
+           "--temp", "0", draft_flag, str(draft), "-c", "4096"]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{binary} did not run: {e}"
     finally:
@@ -138,7 +150,7 @@ def lookup_summary(plain: list[dict], spec: list[dict]) -> dict:
 def lookup_section(engine: LLMEngine, args: argparse.Namespace, prompt_ids: list[list[int]],
                    compare_rows: list[dict] | None = None) -> dict:
     """`bench --llama-lookup PATH`: llama.cpp's n-gram speculation on the bench's prompts
-    (their chat text as this engine renders it), plain (`--draft 0`) and speculative,
+    (their chat text as this engine renders it), plain (0 drafts) and speculative,
     alternating per prompt; with `--compare`, our greedy batch-1 speculation against it."""
     from ...model.checkpoint import default_model_path
 
@@ -146,6 +158,7 @@ def lookup_section(engine: LLMEngine, args: argparse.Namespace, prompt_ids: list
     if not gguf.endswith(".gguf"):
         return {"skipped": f"not a GGUF file: {gguf}"}
     threads, draft = torch.get_num_threads(), args.llama_lookup_draft
+    flag = lookup_draft_flag(args.llama_lookup)
     plain: list[dict] = []
     spec: list[dict] = []
     for i, ids in enumerate(prompt_ids):
@@ -153,12 +166,14 @@ def lookup_section(engine: LLMEngine, args: argparse.Namespace, prompt_ids: list
         print(f"llama.cpp: llama-lookup prompt {i + 1}/{len(prompt_ids)}", file=sys.stderr,
               flush=True)
         for arm, n in ((plain, 0), (spec, draft)):
-            got = run_llama_lookup(args.llama_lookup, gguf, text, args.max_tokens, threads, n)
+            got = run_llama_lookup(args.llama_lookup, gguf, text, args.max_tokens, threads, n,
+                                   draft_flag=flag)
             if isinstance(got, str):
                 print(f"llama-lookup skipped: {got}", file=sys.stderr)
                 return {"skipped": got}
             arm.append(got)
-    out = {"draft": draft, "threads": threads, **lookup_summary(plain, spec)}
+    out = {"draft": draft, "draft_flag": flag, "threads": threads,
+           **lookup_summary(plain, spec)}
     ours = next((r for r in compare_rows or [] if r["setting"] == "greedy" and r["batch"] == 1),
                 None)
     if ours is not None:
@@ -171,9 +186,10 @@ def lookup_section(engine: LLMEngine, args: argparse.Namespace, prompt_ids: list
 def lookup_table(out: dict) -> str:
     if "skipped" in out:
         return f"\nllama.cpp n-gram speculation: skipped ({out['skipped']})"
-    rows = [["llama-lookup --draft 0", out["plain_tokens_per_s_with_prompt"],
+    flag = out.get("draft_flag", "--draft")
+    rows = [[f"llama-lookup {flag} 0", out["plain_tokens_per_s_with_prompt"],
              out["plain_decode_tokens_per_s"], None, "-"],
-            [f"llama-lookup --draft {out['draft']}", out["spec_tokens_per_s_with_prompt"],
+            [f"llama-lookup {flag} {out['draft']}", out["spec_tokens_per_s_with_prompt"],
              out["spec_decode_tokens_per_s"], out["acceptance_rate"],
              f"{out['outputs_differ']}/{out['prompts']}"]]
     text = format_table(["llama.cpp", "tok/s", "decode tok/s", "draft acc", "outputs differ"],
