@@ -34,6 +34,7 @@ from ..model.device import (cpu_has_native_bf16, kv_cache_dtype, malloc_trim, re
 from ..model.kv_cache import KVCache
 from ..model.tokenizer import Tokenizer
 from ..model.trunk import CausalLM, RotaryEmbedding
+from ..spec.compiled_draft import WARM_DEPTHS, compile_draft_chain
 from ..spec.heads import DraftHeads
 from ..spec.heads_io import load_heads_for
 from ..spec.mtp_context import ModuleContext
@@ -128,6 +129,9 @@ class LLMEngine:
         self.compiled: CompiledTrunk | None = None
         if self._wants_compile():
             self.compiled = self._compile_trunk()
+            if heads is not None and config.spec.mode != "off":  # before --tree auto times it
+                compile_draft_chain(heads, model, config.compile_mode, max(
+                    WARM_DEPTHS, max(len(c) for c in self.policy.choices)), self.dtype)
         if config.spec.tree == "auto" and heads is not None and config.spec.mode != "off":
             choices = tree_for_this_machine(self)  # after compiling: it times the real step
             if choices:

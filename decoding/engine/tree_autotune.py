@@ -78,7 +78,9 @@ def machine_key(engine: Any, acc: dict) -> dict:
             "weights": engine.weight_format, "int4_kernel": getattr(model, "int4_kernel", ""),
             "attention": getattr(model, "attention_kernel", ""),
             "unembed": getattr(model, "unembed_format", ""),
-            "compiled": engine.compiled is not None}
+            "compiled": engine.compiled is not None,
+            # drafting compiled (compiled_draft.py) or eager: a depth's cost differs
+            "draft_compiled": getattr(engine.heads, "compiled_chain", None) is not None}
 
 
 def cache_file(key: dict) -> Path:

@@ -33,7 +33,6 @@ is the chain-only form (the module sees its own draft chain), used by heads trai
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -50,6 +49,26 @@ from ..model.linear import Linear
 from ..model.trunk import DecoderLayer, RMSNorm, load_decoder_layer
 from .draft_vocab import UnembedRows, check_draft_vocab
 from .mtp_common import TensorTaker, check_field, put, read_matching, safetensors_files
+
+
+class ChainKV:
+    """The draft chain's keys/values as plain tensors, per module layer: each chain step
+    appends its own and attention reads the stack of all of them. No preallocated cache
+    and no in-place writes: what autograd (training) and torch.compile (drafting) want."""
+
+    def __init__(self) -> None:
+        self.k: dict[int, list[torch.Tensor]] = {}
+        self.v: dict[int, list[torch.Tensor]] = {}
+
+    def write(self, layer: int, meta: AttentionMetadata, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k.setdefault(layer, []).append(k)
+        self.v.setdefault(layer, []).append(v)
+
+    def keys(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
+        return torch.stack(self.k[layer], 2)  # [B, Hkv, steps, D]
+
+    def values(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
+        return torch.stack(self.v[layer], 2)
 
 
 class MTPModule(nn.Module):
@@ -92,7 +111,7 @@ class MTPModule(nn.Module):
     def advance(self, tokens: torch.Tensor, h_prev: torch.Tensor, model: nn.Module,
                 meta: AttentionMetadata, kv: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (h [B, H] for the next depth, the normed state the unembedding reads).
-        Differentiable: train-heads runs it with a list-backed cache (train_sequential.py)."""
+        Differentiable: train-heads runs it with a ChainKV (train_sequential.py)."""
         emb = (model.embed_tokens if self.embed is None else self.embed)(tokens)
         emb = emb * (meta.positions != 0).to(emb.dtype)[:, None]  # vLLM masks position 0
         e, h = self.enorm(emb), self.hnorm(h_prev)
@@ -121,13 +140,14 @@ class SequentialMTPHeads(nn.Module):
         self.topk = topk
         self.default_tree = default_tree
         self.vocab_size = cfg.vocab_size
-        # The drafting cache has one layer per module (block idx i -> layer i).
-        self._cache_cfg = dataclasses.replace(cfg, num_layers=len(modules))
         # Sorted token ids drafting scores (None: all); not a weight, saved separately.
         self.register_buffer("draft_vocab", None, persistent=False)
         self._rows = UnembedRows()
         self._int4_rows: Linear | None = None  # see prepare()
         self._quantized = False
+        # chain_tops compiled by the engine (compiled_draft.py); None: eager
+        self.compiled_chain: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int],
+                                      torch.Tensor] | None = None
 
     # -- the project's own format (train-heads writes it, heads_io.py reads it) ------------
     @classmethod
@@ -191,10 +211,10 @@ class SequentialMTPHeads(nn.Module):
 
     def prepare(self, model: nn.Module | None = None) -> None:
         """Slice the draft vocabulary's rows of the unembedding now, not on the first step.
-        Over an int4 trunk on CPU, the modules' projections and those rows become int4
-        too: drafting streams ~1/7 of the bytes per depth (about half the time per depth
-        here, benchmarks/draft_cost.py), and a draft's rounding can only cost acceptance,
-        never change the output (verification decides)."""
+        Over an int4 trunk on CPU, the modules' projections (eh_proj included) and those
+        rows become int4 too: drafting streams ~1/7 of the bytes per depth (about half the
+        time per depth here, benchmarks/draft_cost.py), and a draft's rounding can only cost
+        acceptance, never change the output (verification decides)."""
         if model is None:
             return
         if getattr(model, "weight_format", "dense") == "int4" and not self._quantized:
@@ -202,13 +222,11 @@ class SequentialMTPHeads(nn.Module):
             for m in self.mods:
                 m.block.apply(lambda mod: mod.quantize_int4(kernel=kernel)
                               if isinstance(mod, Linear) else None)
+                # the input projection too: in fp32 it was the largest read of a depth
+                m.eh_proj = _int4_linear(m.eh_proj.weight.detach(), kernel)
             if self.draft_vocab is not None:
-                rows = self._rows.get(model.unembed_weight(), self.draft_vocab)
-                n_pad = -rows.shape[0] % 16  # the int4 packing wants rows in 16s
-                lin = Linear(rows.shape[1], rows.shape[0] + n_pad, bias=False).to(rows.device)
-                lin.set_weight(F.pad(rows.float(), (0, 0, 0, n_pad)))
-                lin.quantize_int4(kernel=kernel)
-                self._int4_rows = lin
+                self._int4_rows = _int4_linear(
+                    self._rows.get(model.unembed_weight(), self.draft_vocab), kernel)
                 self._rows = UnembedRows()  # the dense slice (17 MB here) is not read again
             self._quantized = True
         self.draft_scorer(model)
@@ -218,36 +236,55 @@ class SequentialMTPHeads(nn.Module):
                    ) -> list[list[list[int]]]:
         """hidden: [B, H] final-normed trunk state at each last accepted token, positions:
         that token's position (default 0) -> per sequence, per depth (num_heads depths,
-        default one per module), the top-k tokens."""
+        default one per module), the top-k tokens. Through `compiled_chain` when the
+        engine compiled it (compiled_draft.py), else eagerly: the same `chain_tops`."""
         depth = num_heads or self.num_heads
-        B, dev = hidden.shape[0], hidden.device
-        last_mod = len(self.mods) - 1
-        # Module m runs at chain steps [m] (or [last_mod, depth) for the last one); its
-        # cache layer holds exactly those steps, from index 0.
-        steps_of = [1] * last_mod + [max(1, depth - last_mod)]
-        kv = KVCache(self._cache_cfg, B, max(steps_of), hidden.dtype, dev)
-        rows = torch.arange(B, device=dev)
-        pos0 = torch.tensor(positions if positions is not None else [0] * B, device=dev)
+        dev = hidden.device
+        pos0 = torch.tensor(positions if positions is not None else [0] * hidden.shape[0],
+                            device=dev)
         tokens = torch.tensor(last_tokens, device=dev)
+        if self.compiled_chain is not None:
+            tops = self.compiled_chain(hidden, tokens, pos0, depth)
+        else:
+            tops = self.chain_tops(hidden, tokens, pos0, depth, model)
+        return tops.tolist()  # one host sync: [B][depth][k]
+
+    def chain_tops(self, hidden: torch.Tensor, tokens: torch.Tensor, pos0: torch.Tensor,
+                   depth: int, model: nn.Module) -> torch.Tensor:
+        """The top-1 chain and each depth's top-k, tensors in and out (what compiled_draft.py
+        compiles): hidden [B, H], tokens [B] (the bonus tokens), pos0 [B] (the last accepted
+        token's position) -> [B, depth, k] token ids. Module m runs at chain step m (the
+        last one at every step from it on) and attends over its own steps so far."""
+        B = hidden.shape[0]
+        rows = torch.arange(B, device=hidden.device)
+        kv, last_mod = ChainKV(), len(self.mods) - 1
         draft_logits = self.draft_scorer(model)
         h, tops = hidden, []
         for j in range(depth):
             m = min(j, last_mod)
-            idx = j - m  # this module's own earlier steps come first in its cache layer
             meta = AttentionMetadata(
-                positions=pos0 + j, token_slots=rows, token_store=torch.full_like(rows, idx),
-                seq_slots=rows, slot_start=0, kv_len=idx + 1, num_seqs=B, q_len=1,
-                q_gather=None if B == 1 else rows, q_scatter=None if B == 1 else rows,
-                mask=None)
+                positions=pos0 + j, token_slots=rows, token_store=rows, seq_slots=rows,
+                slot_start=0, kv_len=j - m + 1, num_seqs=B, q_len=1, q_gather=rows,
+                q_scatter=rows, mask=None)
             h, logits = self.mods[m].step(tokens, h, model, meta, kv, draft_logits)
             tops.append(self.top_tokens(logits))
             tokens = tops[-1][:, 0]  # the chain continues along the top-1 token
-        return torch.stack(tops, dim=1).tolist()  # one host sync: [B][depth][k]
+        return torch.stack(tops, dim=1)
 
     def top_tokens(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, V'] -> [B, k] token ids of the top-k (draft-vocabulary columns mapped back)."""
         top = logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices
         return top if self.draft_vocab is None else self.draft_vocab[top]
+
+
+def _int4_linear(weight: torch.Tensor, kernel: str) -> Linear:
+    """A bias-free int4 Linear of `weight` [out, in], out padded to a multiple of 16 (the
+    packing's unit; callers slice padded outputs off)."""
+    n_pad = -weight.shape[0] % 16
+    lin = Linear(weight.shape[1], weight.shape[0] + n_pad, bias=False).to(weight.device)
+    lin.set_weight(F.pad(weight.float(), (0, 0, 0, n_pad)))
+    lin.quantize_int4(kernel=kernel)
+    return lin
 
 
 def is_sequential_mtp_folder(folder: Path) -> bool:

@@ -54,30 +54,11 @@ import torch.nn.functional as F
 
 from ..model.attention_metadata import AttentionMetadata, padded_layout
 from ..model.linear import Linear
-from ..spec.mtp_sequential import SequentialMTPHeads
+from ..spec.mtp_sequential import ChainKV, SequentialMTPHeads
 from .hidden_cache import HiddenCache, split_sequences, targets_for
 from .train_config import TrainConfig
 from .train_loop import run_steps, top1_hits
 from .vocab import build_draft_vocab, remap_targets, softmax_vocab
-
-
-class ListKV:
-    """The drafting cache's interface over Python lists, so autograd sees plain tensors:
-    each chain step appends its keys/values and attention reads the stack of all steps."""
-
-    def __init__(self) -> None:
-        self.k: dict[int, list[torch.Tensor]] = {}
-        self.v: dict[int, list[torch.Tensor]] = {}
-
-    def write(self, layer: int, meta: AttentionMetadata, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k.setdefault(layer, []).append(k)
-        self.v.setdefault(layer, []).append(v)
-
-    def keys(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
-        return torch.stack(self.k[layer], 2)  # [B, Hkv, steps, D]
-
-    def values(self, layer: int, meta: AttentionMetadata) -> torch.Tensor:
-        return torch.stack(self.v[layer], 2)
 
 
 class DepthKV:
@@ -184,7 +165,7 @@ def chain_logits(heads: SequentialMTPHeads, model: torch.nn.Module, h0: torch.Te
     depth j reads feats[:, j] instead (the trunk's features, `--chain-features trunk`)."""
     B, D = tokens.shape
     rows = torch.arange(B, device=h0.device)
-    kv, h, out = ListKV(), h0, []
+    kv, h, out = ChainKV(), h0, []
     last = len(heads.mods) - 1
     for j in range(D):
         if feats is not None and j > 0:

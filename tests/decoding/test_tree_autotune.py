@@ -56,7 +56,8 @@ def test_auto_measures_once_then_reads_the_cache(default_engine, tmp_path, cache
     assert eng.policy.choices == [tuple(c) for c in saved["best"]["choices"]]
     assert saved["best"] == saved["top"][0]  # the best expected speed of the ranking
     assert set(saved["verify_ms"]) >= {"1", str(saved["best"]["nodes"])}
-    assert saved["key"]["compiled"] is False and saved["key"]["threads"] == torch.get_num_threads()
+    assert saved["key"]["compiled"] is False and saved["key"]["draft_compiled"] is False
+    assert saved["key"]["threads"] == torch.get_num_threads()
     assert any("--tree auto: timing verify passes" in r.getMessage() for r in caplog.records)
 
     def no_measuring(*a, **kw):

@@ -1,0 +1,125 @@
+"""The draft chain of sequential heads compiled with torch.compile (inductor), beside the
+compiled trunk.
+
+Why: eagerly, drafting one depth is ~50 small ops (norms, the projections, attention over
+the chain, the draft vocabulary's logits, top-k) whose dispatch costs more than the
+bytes they read: 2.1 ms for a chain of 2 against a 6.4 ms plain step here
+(benchmarks/step_phases.py), so a speculative step cost 1.5x a plain one. Inductor fuses
+them into a few C++ loops around the int4 kernels.
+
+One graph per chain depth (the depth is a Python int: the loop unrolls), each for every
+batch size (the row count is dynamic; one row is padded to two, as the trunk's graph
+does, since dynamo specializes a dimension of size 1). `warm_up` compiles the depths the
+tree can ask for before serving; a failure leaves drafting eager (the same drafts up to
+rounding: drafts only decide what verification checks, never what is emitted).
+Only chain-attention sequential heads (`SequentialMTPHeads.chain_tops`) compile: the
+context-attending ones write a per-slot cache (mtp_context.py) and stay eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..model.compiled import MIN_ROWS, MODES, use_user_cache_dir
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .mtp_sequential import SequentialMTPHeads
+
+log = logging.getLogger(__name__)
+
+# Chain depths compiled at startup (at least): `--tree auto` picks among trees up to the
+# heads' trained depth (3 for the shipped ones); a deeper step drafts eagerly.
+WARM_DEPTHS = 3
+
+
+class CompiledDraftChain:
+    """`heads.chain_tops(hidden, tokens, pos0, depth, model)` compiled; call it without
+    `model`. `compiles` counts graphs handed to inductor (one per depth after warm-up)."""
+
+    def __init__(self, heads: SequentialMTPHeads, model: nn.Module,
+                 mode: str = "max-autotune-no-cudagraphs") -> None:
+        if mode not in MODES:
+            raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
+        self.heads, self.model = heads, model
+        self.options = dict(torch._inductor.list_mode_options(mode))
+        self.options.pop("triton.cudagraphs", None)
+        self.options["freezing"] = True  # the heads' weights never change while serving
+        self.compiles = 0
+        self.depths: set[int] = set()  # depths compiled (warm_up)
+        use_user_cache_dir()
+        self._fn = torch.compile(self._body, backend=self._backend, fullgraph=True)
+
+    def _backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        from torch._inductor.compile_fx import compile_fx
+
+        self.compiles += 1
+        return compile_fx(gm, example_inputs, config_patches=self.options)
+
+    def _body(self, hidden: torch.Tensor, tokens: torch.Tensor, pos0: torch.Tensor,
+              depth: int) -> torch.Tensor:
+        return self.heads.chain_tops(hidden, tokens, pos0, depth, self.model)
+
+    def __call__(self, hidden: torch.Tensor, tokens: torch.Tensor, pos0: torch.Tensor,
+                 depth: int) -> torch.Tensor:
+        """As chain_tops: [B, H], [B], [B] -> [B, depth, k]. A depth not compiled at
+        warm-up runs eagerly rather than compile mid-serving."""
+        if depth not in self.depths:
+            return self.heads.chain_tops(hidden, tokens, pos0, depth, self.model)
+        return self._run(hidden, tokens, pos0, depth)
+
+    def _run(self, hidden: torch.Tensor, tokens: torch.Tensor, pos0: torch.Tensor,
+             depth: int) -> torch.Tensor:
+        B = hidden.shape[0]
+        if B < MIN_ROWS:
+            pad = MIN_ROWS - B
+            hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
+            tokens = torch.cat([tokens, tokens.new_zeros(pad)])
+            pos0 = torch.cat([pos0, pos0.new_zeros(pad)])
+        for t in (hidden, tokens, pos0):
+            torch._dynamo.mark_dynamic(t, 0)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+            out = self._fn(hidden, tokens, pos0, depth)
+        return out[:B]
+
+    @torch.inference_mode()
+    def warm_up(self, depths: list[int], dtype: torch.dtype) -> float:
+        """Compile one graph per chain depth (and check that a second batch size reuses
+        it). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        dev = next(self.heads.parameters()).device
+        H = self.model.config.hidden_size
+        for depth in depths:
+            for b in (MIN_ROWS, MIN_ROWS + 3):
+                self._run(torch.zeros(b, H, dtype=dtype, device=dev),
+                          torch.zeros(b, dtype=torch.long, device=dev),
+                          torch.arange(b, device=dev), depth)
+            self.depths.add(depth)
+        return time.perf_counter() - t0
+
+
+def compile_draft_chain(heads: object, model: nn.Module, mode: str, depths: int,
+                        dtype: torch.dtype) -> CompiledDraftChain | None:
+    """Compile the drafting of chain-attention sequential heads for depths 1..`depths` and
+    hand it to them (`heads.compiled_chain`); other heads, or a failed compile (a
+    warning), draft eagerly. Returns the compiled chain, or None."""
+    from .mtp_sequential import SequentialMTPHeads
+
+    if not isinstance(heads, SequentialMTPHeads) or heads.context:
+        return None
+    try:
+        chain = CompiledDraftChain(heads, model, mode)
+        secs = chain.warm_up(list(range(1, depths + 1)), dtype)
+    except Exception as e:  # noqa: BLE001 - inductor fails in many ways; eager drafts the same
+        log.warning("compiling the draft chain failed (%s: %s); drafting without compilation",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+    heads.compiled_chain = chain
+    log.info("compiled the draft chain in %.1f s (depths 1-%d, %d graph(s))", secs, depths,
+             chain.compiles)
+    return chain
