@@ -34,6 +34,10 @@ class LevelResult:
     server_metrics: dict[str, dict[str, SpecDecodeStats] | None]
     ab: ABLevel | None
     records: list[RequestRecord] = field(default_factory=list)
+    # alternating schedule: per chunk, B's output tok/s over A's (both ran the same
+    # requests back to back). Their spread is the machine's drift between chunks, which
+    # the bootstrap over prompts does not see (an A/A run read 0.91 at c=32 on 2 cores).
+    chunk_speedups: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -103,6 +107,17 @@ def _blocks(cfg: BenchmarkConfig, arms: tuple[Arm, ...], prompts, level: LoadLev
     return out
 
 
+def chunk_speedups(block_rates: list[tuple[str, float]], a: str, b: str) -> list[float]:
+    """Alternating schedule: blocks come in pairs (one chunk run by both arms, ABBA...):
+    per pair, arm b's output tok/s over arm a's."""
+    out = []
+    for i in range(0, len(block_rates) - 1, 2):
+        rates = dict(block_rates[i:i + 2])
+        if rates.get(a, 0.0) > 0 and b in rates:
+            out.append(rates[b] / rates[a])
+    return out
+
+
 def _summed(a: dict | None, b: dict | None) -> dict | None:
     """Counter deltas of two blocks added (None, a missing endpoint, wins)."""
     if a is None or b is None:
@@ -143,6 +158,7 @@ async def _run(cfg: BenchmarkConfig, http: httpx.AsyncClient, progress: bool) ->
         deltas: dict[str, dict | None] = {}  # metrics label -> summed counter deltas
         arm_elapsed = dict.fromkeys((a.name for a in arms), 0.0)
         elapsed = 0.0
+        block_rates: list[tuple[str, float]] = []  # (arm, output tok/s) per block
         for b, (items, block_targets) in enumerate(blocks):
             before = await _scrape_all(http, block_targets)
             bar = ProgressLine(level.label if len(blocks) == 1 else
@@ -162,6 +178,9 @@ async def _run(cfg: BenchmarkConfig, http: httpx.AsyncClient, progress: bool) ->
                 r.request_id += len(records)
             records += run.records
             elapsed += run.elapsed_s
+            if len({it.arm.name for it in items}) == 1:
+                tokens = sum(r.output_tokens for r in run.records if r.ok)
+                block_rates.append((items[0].arm.name, tokens / max(run.elapsed_s, 1e-9)))
         server_metrics: dict[str, dict[str, SpecDecodeStats] | None] = {
             label: None if d is None else spec_decode_stats(d) for label, d in deltas.items()}
         aggs = {a.name: aggregate(records, a.name, arm_elapsed[a.name],
@@ -174,7 +193,10 @@ async def _run(cfg: BenchmarkConfig, http: httpx.AsyncClient, progress: bool) ->
                                      near_tie_margin=cfg.near_tie_margin,
                                      max_probes=cfg.max_mismatch_probes,
                                      probe_cache=probe_cache)
+        chunks = (chunk_speedups(block_rates, arms[0].name, arms[1].name)
+                  if cfg.is_ab and cfg.ab_schedule == "alternating" else [])
         result.levels.append(LevelResult(level=level, elapsed_s=elapsed, arms=aggs,
                                          server_metrics=server_metrics, ab=ab,
-                                         records=sorted(records, key=lambda r: r.request_id)))
+                                         records=sorted(records, key=lambda r: r.request_id),
+                                         chunk_speedups=chunks))
     return result

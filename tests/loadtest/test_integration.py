@@ -276,7 +276,20 @@ def test_ab_alternating_schedule_runs_chunks_abba(server, tmp_path):
     assert lv.server_metrics["B"]["mtpserve"].num_drafts == 6 * N_TOKENS // SPEC_K
     assert not lv.server_metrics["A"] or lv.server_metrics["A"]["mtpserve"].num_drafts == 0
     assert lv.elapsed_s == pytest.approx(lv.arms["A"].elapsed_s + lv.arms["B"].elapsed_s)
-    assert "A/B schedule: alternating (3 blocks" in markdown_summary(result)
+    summary = markdown_summary(result)
+    assert "A/B schedule: alternating (3 blocks" in summary
+    # one B/A ratio per chunk, shown as a range beside the CI over prompts
+    assert len(lv.chunk_speedups) == 3 and all(r > 0 for r in lv.chunk_speedups)
+    assert f"{min(lv.chunk_speedups):.3f}-{max(lv.chunk_speedups):.3f} (3)" in summary
+
+
+def test_chunk_speedups_pair_each_chunks_two_blocks_whatever_their_order():
+    from mtpserve.loadtest.benchmark import chunk_speedups
+
+    blocks = [("A", 10.0), ("B", 12.0), ("B", 9.0), ("A", 10.0), ("A", 8.0), ("B", 8.0)]
+    assert chunk_speedups(blocks, "A", "B") == pytest.approx([1.2, 0.9, 1.0])
+    assert chunk_speedups(blocks[:3], "A", "B") == pytest.approx([1.2])  # an unpaired tail
+    assert chunk_speedups([("A", 0.0), ("B", 5.0)], "A", "B") == []  # A produced nothing
 
 
 def test_ab_separate_schedule_runs_each_arm_alone(server, tmp_path):
