@@ -59,7 +59,9 @@ sweep() {  # name, then extra loadtest flags
 #    speculation off for every request vs on for every request, never mixed in a batch.
 #    Alternating schedule: each level in AB_BLOCKS chunks of requests that both arms run
 #    back to back (ABBA...), so the machine's drift falls on both arms; AB_ROUNDS x c
-#    requests per arm and level (a chunk is then AB_ROUNDS / AB_BLOCKS rounds of c).
+#    requests per arm and level; a chunk holds at least c requests (fewer chunks otherwise:
+#    a smaller one would never reach c concurrent requests), so AB_ROUNDS >= AB_BLOCKS
+#    gives AB_BLOCKS chunks.
 #    AB_BODY_B='{"speculation": {"enabled": false}}' makes it an A/A run (both arms plain):
 #    what the schedule reports when nothing differs is its resolution.
 if want mtpserve; then

@@ -97,7 +97,10 @@ def _blocks(cfg: BenchmarkConfig, arms: tuple[Arm, ...], prompts, level: LoadLev
         return [(build_items(prompts, [arm], level.num_requests), own(arm)) for arm in order]
     # alternating: chunk k of the requests by both arms, ABBA ABBA ...
     base = build_items(prompts, arms[:1], level.num_requests)
-    size = -(-len(base) // min(cfg.ab_blocks, len(base)))
+    chunks = min(cfg.ab_blocks, len(base))
+    if level.mode == "closed":  # a chunk of fewer requests than the concurrency runs below it
+        chunks = max(1, min(chunks, len(base) // int(level.value)))
+    size = -(-len(base) // chunks)
     out = []
     for k, s in enumerate(range(0, len(base), size)):
         chunk = base[s:s + size]

@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "like separate, but each level in --ab-blocks chunks that both arms "
                          "run back to back (ABBA...), so machine drift falls on both arms")
     ab.add_argument("--ab-blocks", type=int, default=4, metavar="R",
-                    help="alternating schedule: chunks per level (default 4)")
+                    help="alternating schedule: chunks per level (default 4; fewer where a "
+                         "chunk would hold fewer requests than the level's concurrency, "
+                         "which it would then not reach)")
     ab.add_argument("--logprobs-in-run", type=int, default=None, metavar="K",
                     help="ask every request of both arms for top-K logprobs, so temperature-0 "
                          "mismatches are judged in the run that produced them (default: 2 "

@@ -107,7 +107,8 @@ def _header(result: BenchmarkResult) -> list[str]:
     if r.extra_body:
         lines.append(f"- extra body (all requests): `{json.dumps(r.extra_body)}`")
     if cfg.is_ab:
-        blocks = (f" ({cfg.ab_blocks} blocks per arm and level, ABBA...)"
+        blocks = (f" ({cfg.ab_blocks} blocks per arm and level, ABBA..., fewer where a "
+                  "block would hold fewer requests than the concurrency)"
                   if cfg.ab_schedule == "alternating" else "")
         lines.append(f"- A/B schedule: {cfg.ab_schedule}{blocks}")
     if r.top_logprobs:

@@ -283,6 +283,21 @@ def test_ab_alternating_schedule_runs_chunks_abba(server, tmp_path):
     assert f"{min(lv.chunk_speedups):.3f}-{max(lv.chunk_speedups):.3f} (3)" in summary
 
 
+def test_alternating_chunks_hold_at_least_the_concurrency(server, tmp_path):
+    """8 requests at c=4 with 4 blocks asked: chunks of 2 would never reach 4 concurrent
+    requests, so the level runs 2 chunks of 4 (AB, BA)."""
+    path = write_workload(tmp_path, [""] * 8)
+    arms = (Arm("A", server.base_url, extra_body=SPEC_OFF),
+            Arm("B", server.base_url, extra_body=SPEC_ON))
+    cfg = bench_config(server, arms=arms, levels=[level(value=4, n=8)], workload_path=path,
+                       ab_schedule="alternating", ab_blocks=4)
+    bodies_before = len(server.state.bodies)
+    result = asyncio.run(run_benchmark(cfg, progress=False))
+    spec = [b["speculation"]["enabled"] for b in list(server.state.bodies)[bodies_before:]]
+    assert spec[:4].count(False) == 4 and spec[4:12].count(True) == 8 and spec[12:] == [False] * 4
+    assert len(result.levels[0].chunk_speedups) == 2
+
+
 def test_chunk_speedups_pair_each_chunks_two_blocks_whatever_their_order():
     from mtpserve.loadtest.benchmark import chunk_speedups
 
