@@ -52,6 +52,17 @@ def compile_wanted(mode: str, device_type: str, weight_format: str) -> bool:
     return mode == "on"
 
 
+def inductor_options(mode: str) -> dict:
+    """Inductor's options for `mode` with the weights frozen into the graph (the engine
+    never changes them after load) and no CUDA graphs (not this path's, yet)."""
+    if mode not in MODES:
+        raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
+    options = dict(torch._inductor.list_mode_options(mode))
+    options.pop("triton.cudagraphs", None)
+    options["freezing"] = True
+    return options
+
+
 def use_user_cache_dir() -> None:
     """Inductor's on-disk caches (compiled graphs, autotuning results) under the user's
     cache folder, so they outlive /tmp being cleared: a second start compiles in seconds.
@@ -67,8 +78,7 @@ class CompiledTrunk:
 
     def __init__(self, model: CausalLM, mode: str = "max-autotune-no-cudagraphs",
                  return_pre_last: bool = False) -> None:
-        if mode not in MODES:
-            raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
+        self.options = inductor_options(mode)
         self.model = model
         linears = [m for m in model.layers.modules() if isinstance(m, Linear)]
         if any(m.packed_weight is not None for m in linears):
@@ -82,9 +92,6 @@ class CompiledTrunk:
         wide = any(m.wide_weight is not None for m in linears) and not model.batch_invariant
         self.eager_from: int | None = WIDE_ROWS if wide else None
         self.return_pre_last = return_pre_last
-        self.options = dict(torch._inductor.list_mode_options(mode))
-        self.options.pop("triton.cudagraphs", None)  # CUDA graphs: not this path's (yet)
-        self.options["freezing"] = True
         self.warm = False  # set after warm_up: guards then skipped
         self.compiles = 0  # graphs compiled by inductor
         self.compile_seconds = 0.0  # warm-up wall time

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..model.compiled import MIN_ROWS, MODES, use_user_cache_dir
+from ..model.compiled import MIN_ROWS, inductor_options, use_user_cache_dir
 
 if TYPE_CHECKING:
     from torch import nn
@@ -44,12 +44,8 @@ class CompiledDraftChain:
 
     def __init__(self, heads: SequentialMTPHeads, model: nn.Module,
                  mode: str = "max-autotune-no-cudagraphs") -> None:
-        if mode not in MODES:
-            raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
+        self.options = inductor_options(mode)
         self.heads, self.model = heads, model
-        self.options = dict(torch._inductor.list_mode_options(mode))
-        self.options.pop("triton.cudagraphs", None)
-        self.options["freezing"] = True  # the heads' weights never change while serving
         self.compiles = 0
         self.depths: set[int] = set()  # depths compiled (warm_up)
         use_user_cache_dir()
