@@ -36,7 +36,7 @@ class LevelResult:
     records: list[RequestRecord] = field(default_factory=list)
     # alternating schedule: per chunk, B's output tok/s over A's (both ran the same
     # requests back to back). Their spread is the machine's drift between chunks, which
-    # the bootstrap over prompts does not see (an A/A run read 0.91 at c=32 on 2 cores).
+    # the bootstrap over prompts does not see (an A/A run read 0.91 [0.89, 0.92] on 2 cores).
     chunk_speedups: list[float] = field(default_factory=list)
 
 
