@@ -256,17 +256,24 @@ def test_ab_judges_mismatch_from_in_run_logprobs(server, tmp_path, endpoint):
     assert p.margin_b == pytest.approx(NEAR_TIE_MARGIN)
 
 
+def run_alternating(server, tmp_path, requests: int, concurrency: int, blocks: int):
+    """One closed level, A = speculation off, B = on, alternating schedule -> (result, each
+    request's speculation switch in the order the server received them)."""
+    path = write_workload(tmp_path, [""] * requests)
+    arms = (Arm("A", server.base_url, extra_body=SPEC_OFF),
+            Arm("B", server.base_url, extra_body=SPEC_ON))
+    cfg = bench_config(server, arms=arms, levels=[level(value=concurrency, n=requests)],
+                       workload_path=path, ab_schedule="alternating", ab_blocks=blocks)
+    bodies_before = len(server.state.bodies)
+    result = asyncio.run(run_benchmark(cfg, progress=False))
+    return result, [b["speculation"]["enabled"]
+                    for b in list(server.state.bodies)[bodies_before:]]
+
+
 def test_ab_alternating_schedule_runs_chunks_abba(server, tmp_path):
     """Alternating schedule: each level's requests in chunks, each chunk by one arm then
     the other, order ABBA; each arm's counters and wall time are summed over its blocks."""
-    path = write_workload(tmp_path, ["", "", "", "", "", ""])
-    arms = (Arm("A", server.base_url, extra_body=SPEC_OFF),
-            Arm("B", server.base_url, extra_body=SPEC_ON))
-    cfg = bench_config(server, arms=arms, levels=[level(value=2, n=6)], workload_path=path,
-                       ab_schedule="alternating", ab_blocks=3)
-    bodies_before = len(server.state.bodies)
-    result = asyncio.run(run_benchmark(cfg, progress=False))
-    spec = [b["speculation"]["enabled"] for b in list(server.state.bodies)[bodies_before:]]
+    result, spec = run_alternating(server, tmp_path, requests=6, concurrency=2, blocks=3)
     F, T = [False] * 2, [True] * 2
     assert spec == F + T + T + F + F + T  # chunks of 2: AB, BA, AB
     (lv,) = result.levels
@@ -286,14 +293,7 @@ def test_ab_alternating_schedule_runs_chunks_abba(server, tmp_path):
 def test_alternating_chunks_hold_at_least_the_concurrency(server, tmp_path):
     """8 requests at c=4 with 4 blocks asked: chunks of 2 would never reach 4 concurrent
     requests, so the level runs 2 chunks of 4 (AB, BA)."""
-    path = write_workload(tmp_path, [""] * 8)
-    arms = (Arm("A", server.base_url, extra_body=SPEC_OFF),
-            Arm("B", server.base_url, extra_body=SPEC_ON))
-    cfg = bench_config(server, arms=arms, levels=[level(value=4, n=8)], workload_path=path,
-                       ab_schedule="alternating", ab_blocks=4)
-    bodies_before = len(server.state.bodies)
-    result = asyncio.run(run_benchmark(cfg, progress=False))
-    spec = [b["speculation"]["enabled"] for b in list(server.state.bodies)[bodies_before:]]
+    result, spec = run_alternating(server, tmp_path, requests=8, concurrency=4, blocks=4)
     assert spec[:4].count(False) == 4 and spec[4:12].count(True) == 8 and spec[12:] == [False] * 4
     assert len(result.levels[0].chunk_speedups) == 2
 
