@@ -1,18 +1,24 @@
-"""The int4 x int8 AVX512-VNNI kernel (kernels/int4_vnni.cpp): its JIT build, its weight
-layout and its call.
+"""Our int4-weight CPU kernel (kernels/int4_vnni.cpp): its JIT build, its weight layout and
+its call.
 
 PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) multiplies in bf16 and is
-compute-bound from a few rows on; llama.cpp's way (activations quantized to int8 per block
-of 32, u8 x s8 dot products with vpdpbusd, exact in int32) does 4x the work per instruction.
+compute-bound from a few rows on; llama.cpp's way (activations quantized per block of 32,
+exact integer dot products) does more work per instruction. Two activation widths share one
+packed weight: int16 (`mm(..., 16)`, vnni16) and int8 (`mm(..., 8)`, vnni, as Q8_1).
+The instruction set is chosen once per process (`isa()`): AVX512-VNNI (2: both widths,
+vpdpwssd / vpdpbusd), else AVX2+FMA+F16C (1: int16 only, vpmaddwd, bitwise the AVX-512
+int16 results), else none (0). `MTPSERVE_INT4_AVX2` (any value) makes an AVX-512 process
+take the AVX2 path, as an AVX2-only CPU would (for tests and benchmarks).
 The extension is compiled at first use with torch.utils.cpp_extension into the user's cache
 (`$XDG_CACHE_HOME` or ~/.cache, /mtpserve/kernels), so later starts only load it. Anything
-that stops it (non-x86, a CPU without VNNI, no compiler or headers) makes `available()`
-False with one warning, and the caller keeps PyTorch's kernel.
+that stops it (non-x86, a CPU with neither AVX512-VNNI nor AVX2+FMA+F16C, no compiler or
+headers) makes `available()` False with one warning, and the caller keeps PyTorch's kernel.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from pathlib import Path
 
@@ -23,7 +29,7 @@ from .kernel_build import BuiltOnce, build_extension, kernel_cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "int4_vnni.cpp"
-ROWS = 16     # output rows per weight block (one zmm of results)
+ROWS = 16     # output rows per weight block (one zmm of results, two ymm on AVX2)
 GROUP = 32    # K per group: the weights' INT4_GROUP and the activations' int8 block
 BLOCK = 320   # bytes per (16 rows x 32 K): 256 of nibbles, 16 fp16 scales, 16 fp16 mins
 
@@ -35,8 +41,8 @@ def cache_dir() -> Path:
 
 
 def _cpu_flags() -> set[str] | None:
-    """The CPU's flags from /proc/cpuinfo (Linux), None where unreadable: lets an AVX2-only
-    machine skip the compile; the extension's own check (has_vnni) still decides."""
+    """The CPU's flags from /proc/cpuinfo (Linux), None where unreadable: lets a CPU with
+    neither instruction set skip the compile; the extension's own check (isa) still decides."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -47,22 +53,36 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
+ISA_NAMES = {2: "AVX512-VNNI", 1: "AVX2+FMA+F16C (int16 activations only)"}
+
+
+def _cpu_can_run(flags: set[str]) -> bool:
+    return "avx512_vnni" in flags or {"avx2", "fma", "f16c"} <= flags
+
+
 def _build() -> bool:
+    fallback = "PyTorch's int4 kernel"
+    neither = "this CPU has neither AVX512-VNNI nor AVX2+FMA+F16C"
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        log.warning("int4 VNNI kernel: not an x86-64 CPU (%s); using PyTorch's int4 kernel",
-                    platform.machine())
+        log.warning("int4 VNNI kernel: not an x86-64 CPU (%s); using %s", platform.machine(),
+                    fallback)
         return False
     flags = _cpu_flags()
-    if flags is not None and "avx512_vnni" not in flags:
-        log.warning("int4 VNNI kernel: this CPU lacks AVX512-VNNI; using PyTorch's int4 kernel")
+    if flags is not None and not _cpu_can_run(flags):
+        log.warning("int4 VNNI kernel: %s; using %s", neither, fallback)
         return False
-    if not build_extension(SOURCE, "int4 VNNI kernel", "PyTorch's int4 kernel"):
+    if not build_extension(SOURCE, "int4 VNNI kernel", fallback):
         return False
-    if not torch.ops.mtpserve_int4.has_vnni():
-        log.warning("int4 VNNI kernel: this CPU lacks AVX512-VNNI; using PyTorch's int4 kernel")
+    path = torch.ops.mtpserve_int4.isa()
+    if path == 0:
+        log.warning("int4 VNNI kernel: %s; using %s", neither, fallback)
         return False
+    log.info("int4 VNNI kernel: the %s path%s", ISA_NAMES[path],
+             " (MTPSERVE_INT4_AVX2 is set)" if os.environ.get("MTPSERVE_INT4_AVX2") is not None
+             else "")
     torch.library.register_fake("mtpserve_int4::mm")(_mm_fake)  # for torch.compile graphs
     torch.library.register_fake("mtpserve_int4::mm16")(_mm_fake)
+    torch.library.register_fake("mtpserve_int4::mm16_isa")(_mm_isa_fake)
     return True
 
 
@@ -70,8 +90,24 @@ def _mm_fake(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], n)
 
 
+def _mm_isa_fake(x: torch.Tensor, packed: torch.Tensor, n: int, isa: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)
+
+
 _kernel = BuiltOnce(_build)
 available = _kernel.available
+
+
+def isa() -> int:
+    """The path this process runs: 2 (AVX512-VNNI), 1 (AVX2+FMA+F16C), 0 (none: the kernel
+    is not available)."""
+    return int(torch.ops.mtpserve_int4.isa()) if available() else 0
+
+
+def has_int8() -> bool:
+    """Whether the int8-activation kernel (`mm(..., 8)`, --int4-kernel vnni) runs here: it
+    needs AVX512-VNNI (vpdpbusd); the AVX2 path has int16 activations only."""
+    return isa() == 2
 
 
 def supports(n: int, k: int) -> bool:
@@ -104,7 +140,8 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Te
 
 def mm(x: torch.Tensor, packed: torch.Tensor, n: int, act_bits: int = 8) -> torch.Tensor:
     """x [M, K] (fp32 or bf16, CPU) @ W^T -> [M, N] in x's dtype, fp32 accumulation; x
-    quantized per block of 32 to int8 (act_bits 8, vpdpbusd) or int16 (16, vpdpwssd)."""
+    quantized per block of 32 to int8 (act_bits 8, vpdpbusd: AVX512-VNNI only) or int16
+    (16, vpdpwssd or on AVX2 vpmaddwd: the same bits)."""
     if act_bits == 16:
         return torch.ops.mtpserve_int4.mm16(x, packed, n)
     return torch.ops.mtpserve_int4.mm(x, packed, n)

@@ -8,10 +8,12 @@ block layout (Q4_1 stores d*q + m = (q - 8)*d + (m + 8d)), so re-quantizing a Q4
 checkpoint recovers its codes instead of quantizing twice. Both kernels are fast on this
 CPU only with bf16 inputs, so the input is cast to bf16 for the matmul and the output back
 to the compute dtype: norms, attention and the KV cache keep fp32 where that is the dtype.
-On CPUs with AVX512-VNNI, int4 goes through our own kernel instead (int4_vnni.py:
+On x86 CPUs with AVX512-VNNI, int4 goes through our own kernel instead (int4_vnni.py:
 activations quantized to int16 (vnni16, the default) or int8 (vnni) per block of 32, exact
 integer dot products, 1.2-2.2x (int16) / 2-3x (int8) faster than PyTorch's at 1-64 rows),
-which takes the compute dtype as it is (`--int4-kernel`, INT4_KERNELS).
+which takes the compute dtype as it is (`--int4-kernel`, INT4_KERNELS); on AVX2-only CPUs
+(AVX2+FMA+F16C) vnni16 runs too, bitwise the same results (1.2-1.7x its AVX-512
+time), vnni does not.
 On CUDA the same formats go through PyTorch's CUDA kernels (`_weight_int4pack_mm`, tinygemm,
 which reads its own tile layout; `_weight_int8pack_mm`). Every quantized layer checks at
 load that its kernel reproduces the quantized values (`_check_kernel`), so a build or
@@ -32,9 +34,9 @@ from torch import nn
 from . import int4_vnni
 
 INT4_GROUP = 32
-# int4's CPU kernel: PyTorch's (aten, bf16 activations) or int4_vnni.py's with AVX512-VNNI,
-# activations quantized per block of 32 to int16 (vnni16) or int8 (vnni); auto: vnni16
-# where it builds and this CPU has VNNI, else aten
+# int4's CPU kernel: PyTorch's (aten, bf16 activations) or int4_vnni.py's, activations
+# quantized per block of 32 to int16 (vnni16: AVX512-VNNI or AVX2) or int8 (vnni: AVX512-VNNI
+# only); auto: vnni16 where it builds and this CPU has either, else aten
 INT4_KERNELS = ("auto", "aten", "vnni", "vnni16")
 _VNNI_ACT_BITS = {"vnni": 8, "vnni16": 16}  # the VNNI kernels' activation bits
 _KERNEL_DTYPE = torch.bfloat16  # what the CPU weight-only kernels want as activations
@@ -185,17 +187,23 @@ def resolve_int4_kernel(name: str, device: torch.device | str) -> str:
     """EngineConfig.int4_kernel -> the kernel int4 layers on `device` use: 'aten', 'vnni'
     or 'vnni16'. CUDA (and any non-CPU device) keeps PyTorch's kernels; 'vnni' or 'vnni16'
     where the kernel cannot run here is an error, 'auto' then quietly (one warning) means
-    'aten'."""
+    'aten'. On an AVX2-only CPU (int4_vnni.isa() 1) 'auto' and 'vnni16' run the kernel's
+    AVX2 path and 'vnni' (int8 activations, AVX512-VNNI only) is an error: an explicit
+    choice is never quietly swapped for another."""
     if name not in INT4_KERNELS:
         raise ValueError(f"int4 kernel must be one of {'|'.join(INT4_KERNELS)}, got {name!r}")
     if name == "aten" or torch.device(device).type != "cpu":
         return "aten"
     if int4_vnni.available():
+        if name == "vnni" and not int4_vnni.has_int8():
+            raise ValueError("--int4-kernel vnni: int8 activations need AVX512-VNNI; this CPU "
+                             "runs the int4 kernel's AVX2 path, int16 activations only: use "
+                             "--int4-kernel vnni16 (or auto) or aten")
         return "vnni16" if name == "auto" else name
     if name != "auto":
         raise ValueError(f"--int4-kernel {name}: the int4 VNNI kernel cannot run here (see the "
-                         "warning above: it needs an x86-64 CPU with AVX512-VNNI and a C++ "
-                         "compiler); use --int4-kernel auto or aten")
+                         "warning above: it needs an x86-64 CPU with AVX512-VNNI or "
+                         "AVX2+FMA+F16C and a C++ compiler); use --int4-kernel auto or aten")
     return "aten"
 
 

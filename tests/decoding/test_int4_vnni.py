@@ -3,18 +3,26 @@ activations in int16 (vpdpwssd) or int8 (vpdpbusd): what it computes (against an
 reference of the same integer math, and against the dense dequantized matmul within what
 int16 / int8 activations allow), that a row's bits never depend on the other rows of the
 call, its place in Linear (load-time check, wide copy, row rule), the fallback to PyTorch's
-kernel, and greedy equivalence through an engine.
+kernel, and greedy equivalence through an engine. Its AVX2 path (int16 activations only,
+vpmaddwd): bitwise the AVX-512 results, row by row, and through an engine (forced with
+MTPSERVE_INT4_AVX2 in a fresh process).
 
-Skipped, with the reason, where the kernel cannot load (non-x86, no VNNI, no compiler)."""
+Skipped, with the reason, where the kernel cannot load (non-x86, neither AVX512-VNNI nor
+AVX2+FMA+F16C, no compiler)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from decoding_helpers import random_causal_lm, run_requests, tiny_config
+from decoding_helpers import prefill_logits, random_causal_lm, run_requests, tiny_config
 from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
 from mtpserve.decoding.model import int4_vnni
 from mtpserve.decoding.model.linear import (INT4_GROUP, Linear, _int4_codes, _int4_mm,
@@ -24,7 +32,12 @@ SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # the model's N x K
 
 needs_kernel = pytest.mark.skipif(not int4_vnni.available(),
                                   reason="the int4 VNNI kernel does not load here (non-x86, "
-                                         "no AVX512-VNNI or no C++ compiler; see the warning)")
+                                         "neither AVX512-VNNI nor AVX2+FMA+F16C, or no C++ "
+                                         "compiler; see the warning)")
+# both paths in this process: an AVX512-VNNI CPU, MTPSERVE_INT4_AVX2 not set
+needs_both_paths = pytest.mark.skipif(
+    int4_vnni.isa() != 2, reason="comparing the AVX2 path with the AVX-512 one needs an "
+                                 "AVX512-VNNI CPU (and MTPSERVE_INT4_AVX2 unset)")
 
 
 def _weights(n: int, k: int, seed: int = 0):
@@ -190,6 +203,90 @@ def test_the_packing_puts_each_code_where_the_kernel_reads_it(bits):
         assert torch.equal(seen, expect), (row, col)
 
 
+# -- the AVX2 path (int16 activations) -----------------------------------------------------
+
+AVX2, AVX512 = 1, 2  # mm16_isa's isa argument
+
+
+def _mm16(x: torch.Tensor, packed: torch.Tensor, n: int, isa: int) -> torch.Tensor:
+    return torch.ops.mtpserve_int4.mm16_isa(x, packed, n, isa)
+
+
+def _hard_rows(m: int, k: int, seed: int) -> torch.Tensor:
+    """_x plus the rows that test the quantization's corners: a zero block, a block whose
+    max is hit exactly, huge and subnormal values, +-inf and NaN (both paths must agree on
+    those too: the same max order, conversion and saturation)."""
+    x = _x(m, k, seed)
+    if m >= 9:
+        x[1, :32] = 0
+        x[2, -32:] = torch.linspace(-3.0, 3.0, 32)
+        x[3] *= 1e30
+        x[4] *= 1e-40
+        x[5, 7] = float("inf")
+        x[6, 9] = -float("inf")
+        x[7, 3] = float("nan")  # dropped by the max (MAXPS returns its second operand)...
+        x[8, 19] = float("nan")  # ...and kept: where the max's operand order shows
+    return x
+
+
+def _bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, viewed as integers: NaN equals NaN, and -0.0 is not 0.0."""
+    as_int = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+    return a.dtype == b.dtype and torch.equal(a.view(as_int[a.dtype]), b.view(as_int[b.dtype]))
+
+
+SHAPES_AVX2 = [(1536, 576), (576, 1536), (192, 576), (16, 32), (48, 96), (112, 224)]
+
+
+@needs_both_paths
+@pytest.mark.parametrize("n, k", SHAPES_AVX2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_avx2_path_is_bitwise_the_avx512_path(n, k, dtype):
+    """vpmaddwd (AVX2) vs vpdpwssd (AVX-512): exact integer dots both, then the same fp32
+    fma/mul/cvt per lane, and the same activation codes and scales; so the same bits, for
+    the model's shapes and others, every tiling of M, fp32 and bf16 in and out."""
+    *_, packed = _weights(n, k, seed=n + k)
+    x = _hard_rows(33, k, seed=7).to(dtype)
+    for m in (1, 2, 3, 4, 5, 7, 8, 16, 33):
+        a, b = _mm16(x[:m], packed, n, AVX512), _mm16(x[:m], packed, n, AVX2)
+        assert a.dtype == b.dtype == dtype
+        assert _bits(a, b), (m, float((a - b).abs().nan_to_num().max()))
+    assert _bits(_mm16(x, packed, n, AVX512), int4_vnni.mm(x, packed, n, 16))  # the default
+
+
+@needs_both_paths
+def test_the_avx2_path_quantizes_the_activations_as_the_avx512_path():
+    """Through the integer side alone: codes with every nibble value against an identity-like
+    x (each output reads single activation codes), so any code, d or order difference in
+    quantize_row16_avx2 shows."""
+    n, k = 32, 64
+    codes = torch.arange(n * k, dtype=torch.int32).reshape(n, k) % 16
+    packed = int4_vnni.pack(codes, torch.rand(n, k // 32) + 0.5, torch.rand(n, k // 32) - 0.5)
+    x = torch.cat([torch.eye(k), _hard_rows(16, k, seed=3), torch.randn(16, k) * 1e4])
+    assert _bits(_mm16(x, packed, n, AVX2), _mm16(x, packed, n, AVX512))
+
+
+@needs_both_paths
+@pytest.mark.parametrize("n, k", [(1536, 576), (576, 1536)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_the_avx2_path_a_row_gets_the_same_bits_whatever_the_rows_beside_it(n, k, dtype):
+    *_, packed = _weights(n, k)
+    x = _x(33, k, seed=2).to(dtype)
+    single = torch.cat([_mm16(x[i:i + 1], packed, n, AVX2) for i in range(33)])
+    for m in (2, 3, 4, 5, 7, 8, 16, 33):
+        assert _bits(_mm16(x[:m], packed, n, AVX2), single[:m]), m
+        assert _bits(_mm16(x[33 - m:], packed, n, AVX2), single[33 - m:]), m
+
+
+@needs_kernel
+def test_mm16_isa_refuses_a_path_this_cpu_cannot_run():
+    *_, packed = _weights(16, 32)
+    with pytest.raises(RuntimeError, match="cannot run isa 3"):
+        _mm16(torch.zeros(1, 32), packed, 16, 3)
+    with pytest.raises(RuntimeError, match="cannot run isa 0"):
+        _mm16(torch.zeros(1, 32), packed, 16, 0)
+
+
 # -- in Linear ------------------------------------------------------------------------------
 
 def _linear(w: torch.Tensor, kernel: str, wide: bool = False) -> Linear:
@@ -310,7 +407,9 @@ def test_a_kernel_that_cannot_build_means_aten_with_one_warning(monkeypatch, cap
     assert _linear(torch.randn(32, 64), "auto").int4_weight is not None  # and it still works
 
 
-@pytest.mark.parametrize("machine, flags", [("aarch64", {"avx512_vnni"}), ("x86_64", {"avx2"})])
+@pytest.mark.parametrize("machine, flags", [("aarch64", {"avx512_vnni"}), ("x86_64", {"avx2"}),
+                                            ("x86_64", {"avx2", "fma"}),
+                                            ("x86_64", {"avx512f", "fma", "f16c"})])
 def test_no_compile_is_tried_where_the_cpu_cannot_run_it(monkeypatch, machine, flags):
     import torch.utils.cpp_extension as ext
 
@@ -319,6 +418,40 @@ def test_no_compile_is_tried_where_the_cpu_cannot_run_it(monkeypatch, machine, f
     monkeypatch.setattr(int4_vnni.platform, "machine", lambda: machine)
     monkeypatch.setattr(ext, "load", lambda *a, **kw: pytest.fail("compiled anyway"))
     assert not int4_vnni.available()
+
+
+@pytest.mark.parametrize("flags", [{"avx2", "fma", "f16c"}, {"avx512_vnni"}])
+def test_a_compile_is_tried_where_either_path_can_run(monkeypatch, flags):
+    """An AVX2-only CPU (AVX2+FMA+F16C) builds the kernel too: its AVX2 path runs vnni16."""
+    import torch.utils.cpp_extension as ext
+
+    tried = []
+    monkeypatch.setattr(int4_vnni._kernel, "loaded", None)
+    monkeypatch.setattr(int4_vnni, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(int4_vnni.platform, "machine", lambda: "x86_64")
+
+    def load(*a, **kw):
+        tried.append(kw.get("name"))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ext, "load", load)
+    assert not int4_vnni.available()
+    assert len(tried) == 1
+
+
+def test_an_avx2_only_cpu_resolves_auto_to_vnni16_and_refuses_vnni(monkeypatch):
+    """On the AVX2 path (no int8-activation kernel) auto and vnni16 mean vnni16; an explicit
+    vnni is an error naming the way out, as every explicit kernel that cannot run is."""
+    monkeypatch.setattr(int4_vnni, "available", lambda: True)
+    monkeypatch.setattr(int4_vnni, "isa", lambda: 1)
+    assert resolve_int4_kernel("auto", "cpu") == "vnni16"
+    assert resolve_int4_kernel("vnni16", "cpu") == "vnni16"
+    assert resolve_int4_kernel("aten", "cpu") == "aten"
+    with pytest.raises(ValueError, match="--int4-kernel vnni: int8 activations need "
+                                         "AVX512-VNNI.*use --int4-kernel vnni16"):
+        resolve_int4_kernel("vnni", "cpu")
+    monkeypatch.setattr(int4_vnni, "isa", lambda: 2)
+    assert resolve_int4_kernel("vnni", "cpu") == "vnni"
 
 
 def test_kernels_are_built_into_the_users_cache(monkeypatch, tmp_path):
@@ -360,3 +493,66 @@ def test_speculative_greedy_equals_plain_greedy_with_the_vnni_kernel(default_eng
     spec = run_requests(eng, [(prompt, greedy(True))])
     assert spec[0].last.spec.num_accepted_draft_tokens > 0  # verify passes did happen
     assert spec[0].token_ids == plain
+
+
+def _engine_greedy(tok) -> dict:
+    """A random int4 model (hidden 64) on `--int4-kernel auto`, batch-invariant, through an
+    engine: the resolved kernel and path, 64 greedy tokens plain and speculative, and a hash
+    of one prefill's logits (their bits). Run in this process and in one forced to AVX2."""
+    from mtpserve.decoding.engine.llm_engine import LLMEngine
+
+    cfg = tiny_config(vocab=tok.vocab_size, hidden=64, layers=2, heads=4, kv_heads=2,
+                      tie_word_embeddings=False)
+    model = random_causal_lm(cfg, torch.float32, seed=3)
+    model.quantize("int4", int4_kernel="auto")
+    lins = [m for m in model.layers.modules() if isinstance(m, Linear)]
+    assert lins and all(m.int4_vnni is not None and m.int4_act_bits == 16 for m in lins)
+    model.use_transposed_weights()
+    assert model.set_batch_invariant(True) == []
+    config = EngineConfig(dtype="float32", device="cpu", max_num_seqs=2, max_model_len=256,
+                          batch_invariant=True, spec=SpecConfig(mode="on", proposer="ngram"))
+    eng = LLMEngine(config, model, tok, "tiny-int4")
+    prompt = tok.encode("one two three one two three one two three one two three") * 2
+
+    def greedy(speculate: bool) -> SamplingParams:
+        return SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True,
+                              speculate=speculate)
+
+    plain = run_requests(eng, [(prompt, greedy(False))])[0].token_ids
+    spec = run_requests(eng, [(prompt, greedy(True))])[0]
+    logits = prefill_logits(model, prompt).contiguous()
+    return {"isa": int4_vnni.isa(), "kernel": resolve_int4_kernel("auto", "cpu"),
+            "plain": plain, "spec": spec.token_ids,
+            "accepted": spec.last.spec.num_accepted_draft_tokens,
+            "logits": hashlib.sha256(logits.numpy().tobytes()).hexdigest()}
+
+
+@needs_both_paths
+def test_the_engine_forced_to_avx2_gives_the_same_greedy_output_and_logits(default_engine):
+    """MTPSERVE_INT4_AVX2 in a fresh process (the path is chosen once per process): the
+    kernel runs its AVX2 path (int8-activation vnni refused there, auto still vnni16) and a
+    random int4 model's greedy tokens, plain and speculative, and its prefill logits' bits
+    are this process's (AVX-512)."""
+    code = ("import json, sys; sys.path.insert(0, 'tests/decoding');"
+            "import pytest, torch; import test_int4_vnni as t;"
+            "from mtpserve.decoding.model.checkpoint import default_model_path;"
+            "from mtpserve.decoding.model.tokenizer import Tokenizer;"
+            "assert t.int4_vnni.isa() == 1 and not t.int4_vnni.has_int8();"
+            "e = pytest.raises(ValueError, t.resolve_int4_kernel, 'vnni', 'cpu');"
+            "assert 'need AVX512-VNNI' in str(e.value);"
+            "e = pytest.raises(RuntimeError, t.int4_vnni.mm, torch.zeros(1, 32), "
+            "t._weights(16, 32)[3], 16, 8);"
+            "assert 'AVX2 path' in str(e.value);"
+            "print(json.dumps(t._engine_greedy(Tokenizer.from_gguf(default_model_path()))))")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, MTPSERVE_INT4_AVX2="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    forced = json.loads(r.stdout.strip().splitlines()[-1])
+    here = _engine_greedy(default_engine.tokenizer)
+    assert (here["isa"], forced["isa"]) == (2, 1)
+    assert here["kernel"] == forced["kernel"] == "vnni16"
+    assert forced["accepted"] > 0 and forced["spec"] == forced["plain"]  # verify passes ran
+    assert {k: v for k, v in forced.items() if k != "isa"} == \
+        {k: v for k, v in here.items() if k != "isa"}

@@ -1,23 +1,37 @@
-// Weight-only int4 GEMM for few rows on x86 CPUs with AVX512-VNNI (as llama.cpp's Q4_1 x Q8_1):
-// activations quantized to int8 per block of 32 along K, weights 4-bit codes (0..15) with an
-// fp16 scale d and min m per group of 32, y = sum_g d_w*d_x*dot(q_w, q_x) + m_w*d_x*sum(q_x).
-// The integer dots are exact (vpdpbusd: u8 weights x s8 activations); the float part of
-// every output is the same sequence of operations whatever M is and whichever rows share the
-// pass (threads split N, never K), so each row of an M-row call is bitwise that row alone.
+// Weight-only int4 GEMM for few rows on x86 CPUs with AVX512-VNNI, or AVX2 for int16
+// activations (as llama.cpp's Q4_1 x Q8_1): activations quantized to int8 (or int16, mm16,
+// kPairs16 below) per block of 32 along K, weights 4-bit codes (0..15) with an fp16 scale d
+// and min m per group of 32, y = sum_g d_w*d_x*dot(q_w, q_x) + m_w*d_x*sum(q_x).
+// The integer dots are exact (vpdpbusd: u8 weights x s8 activations; vpdpwssd or vpmaddwd:
+// s16 x s16); the float part of every output is the same sequence of operations whatever M
+// is and whichever rows share the pass (threads split N, never K), so each row of an M-row
+// call is bitwise that row alone.
 //
 // Weight layout (built in Python, decoding/model/int4_vnni.py::pack): [N/16, K/32, 320] bytes,
 // per block of 16 output rows x one group of 32 K: 4 x 64 bytes of codes, then 16 fp16 d,
 // then 16 fp16 m. 64-byte vector t (t = 0..3) holds, in lane j (4 bytes), row j's K offsets
 // 4t..4t+3 in the low nibbles and 4(t+4)..4(t+4)+3 in the high nibbles.
 //
+// Two instruction sets, chosen once per process (isa(): 2, 1 or 0):
+//   2  AVX512-VNNI: mm (int8 activations, vpdpbusd) and mm16 (int16 activations, vpdpwssd)
+//      on one zmm = the 16 rows of a weight block;
+//   1  AVX2+FMA+F16C: mm16 only, the 16 rows as two ymm halves, the dots with vpmaddwd
+//      (s16 x s16 -> s32 pairs, exact like vpdpwssd) and then exactly tile16's per-lane
+//      float sequence, so its results are BITWISE those of isa 2 (tile16_avx2);
+//   0  neither: Python keeps PyTorch's kernel.
+// MTPSERVE_INT4_AVX2 (any value) makes an AVX-512 process run as an AVX2-only CPU would
+// (isa 1: mm16 on AVX2, no mm), to test that path on AVX-512 machines; mm16_isa (tests
+// only) runs either path in one process.
+//
 // Compiled with function-level target attributes: the file builds on any x86-64 compiler
-// flags; has_vnni() tells Python whether this CPU may call mm().
+// flags.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -26,17 +40,42 @@
 
 namespace {
 
-constexpr int64_t kRows = 16;    // output rows per weight block (one zmm of int32/fp32)
+constexpr int64_t kRows = 16;    // output rows per weight block (one zmm, two ymm on AVX2)
 constexpr int64_t kGroup = 32;   // K per group (INT4_GROUP)
 constexpr int64_t kBlock = 320;  // bytes per (16 rows x 32 K) block: codes, d, m
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
 
-bool cpu_has_vnni() {
+// What this CPU can run: 2 (AVX512-VNNI), 1 (AVX2+FMA+F16C), 0 (neither)
+int64_t cpu_isa() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return 1;
+  return 0;
+}
+
+// The max over 8 lanes as _mm512_reduce_max_ps finishes it (GCC's order), written out so
+// that both paths take the max in the same order whatever the compiler's headers do (max
+// is order-independent except for NaN, whose propagation depends on the operand order)
+AVX2 inline float hmax8(__m256 t3) {
+  __m128 t6 = _mm_max_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+  __m128 t8 = _mm_max_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+  __m128 t10 = _mm_max_ps(t8, _mm_shuffle_ps(t8, t8, _MM_SHUFFLE(0, 1, 0, 1)));
+  return _mm_cvtss_f32(t10);
+}
+
+AVX2 inline int32_t hadd8(__m256i v) {  // integer: any order gives the same sum
+  __m128i s = _mm_add_epi32(_mm256_extracti128_si256(v, 1), _mm256_castsi256_si128(v));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
 }
 
 // fp32 -> bf16 bits, round to nearest even (NaN kept a quiet NaN), as Tensor.to(bfloat16)
@@ -139,7 +178,10 @@ VNNI void quantize_row16(const T* x, int64_t k, int16_t* q, float* d, float* ds)
   const __m512i perm = _mm512_load_si512(reinterpret_cast<const void*>(kPairs16));
   for (int64_t g = 0; g < k / kGroup; ++g) {
     __m512 a = load16<T>(x + g * kGroup), b = load16<T>(x + g * kGroup + 16);
-    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    __m512 mx = _mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b));
+    // = _mm512_reduce_max_ps(mx) in a fixed order, shared with quantize_row16_avx2
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(mx), 1));
+    float amax = hmax8(_mm256_max_ps(hi, _mm512_castps512_ps256(mx)));
     float dg = amax / 32767.0f;
     float id = dg != 0.0f ? 1.0f / dg : 0.0f;
     __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));
@@ -204,8 +246,8 @@ constexpr int kTile = 4;  // rows of x per pass over a weight block
 
 // One weight block (16 output rows) against all M rows: 4-row tiles, then the remainder.
 template <typename Q, typename T>
-VNNI inline void block_rows(const uint8_t* wb, int64_t groups, const Q* q, int64_t k,
-                            const float* d, const float* ds, T* yb, int64_t m, int64_t n) {
+VNNI void block_rows(const uint8_t* wb, int64_t groups, const Q* q, int64_t k,
+                     const float* d, const float* ds, T* yb, int64_t m, int64_t n) {
   auto run = [&](auto rows, int64_t r) {
     constexpr int R = decltype(rows)::value;
     if constexpr (std::is_same_v<Q, int8_t>)
@@ -221,9 +263,147 @@ VNNI inline void block_rows(const uint8_t* wb, int64_t groups, const Q* q, int64
   else if (left == 1) run(std::integral_constant<int, 1>{}, r);
 }
 
-// Q: int8_t (vpdpbusd, activations in int8) or int16_t (vpdpwssd, activations in int16)
+// --- AVX2+FMA+F16C: int16 activations only, bitwise the vnni16 path above -----------------
+// A ymm holds 8 of a block's 16 rows (half h: rows 8h..8h+7, bytes 32h..32h+31 of each
+// 64-byte code vector, fp16 d and m 16h..16h+15 bytes into theirs); every per-lane step is
+// the zmm step of the AVX-512 functions on those lanes. Measured (Zen 4, forced AVX2):
+// 1.15-1.35x the AVX-512 vnni16 time at 1-16 rows (docs/benchmarks.md section 6).
+
+template <typename T>
+AVX2 inline __m256 load8(const T* p);
+template <>
+AVX2 inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <>
+AVX2 inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// to_bf16 on 8 lanes
+AVX2 inline __m128i to_bf16_8(__m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+  r = _mm256_srli_epi32(r, 16);  // 0..0xffff: packus keeps it as is
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+AVX2 inline __m256 abs8(__m256 v) {  // as _mm512_abs_ps: clear the sign bit
+  return _mm256_castsi256_ps(
+      _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff)));
+}
+
+// quantize_row16 with 4 ymm per block of 32 (a = x[0..15] = a0|a1, b = x[16..31] = b0|b1):
+// the same products, conversion (round to nearest even), saturation, max (hmax8 of the same
+// 8 lanes) and integer sum, so the same codes, d and d*sum bit for bit.
+template <typename T>
+AVX2 void quantize_row16_avx2(const T* x, int64_t k, int16_t* q, float* d, float* ds) {
+  const __m256i hi = _mm256_set1_epi32(32767), lo = _mm256_set1_epi32(-32767);
+  alignas(32) int32_t c[kGroup];
+  for (int64_t g = 0; g < k / kGroup; ++g) {
+    const T* xg = x + g * kGroup;
+    __m256 v[4] = {load8<T>(xg), load8<T>(xg + 8), load8<T>(xg + 16), load8<T>(xg + 24)};
+    // zmm max(|a|, |b|) is (max(|a0|,|b0|) | max(|a1|,|b1|)); its reduction starts with
+    // max(high half, low half)
+    float amax = hmax8(_mm256_max_ps(_mm256_max_ps(abs8(v[1]), abs8(v[3])),
+                                     _mm256_max_ps(abs8(v[0]), abs8(v[2]))));
+    float dg = amax / 32767.0f;
+    float id = dg != 0.0f ? 1.0f / dg : 0.0f;
+    __m256i sum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) {
+      __m256i qi = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+      qi = _mm256_max_epi32(_mm256_min_epi32(qi, hi), lo);
+      sum = _mm256_add_epi32(sum, qi);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(c + 8 * i), qi);
+    }
+    int16_t* qg = q + g * kGroup;  // the kPairs16 order (O(K) per row: scalar is enough)
+    for (int i = 0; i < kGroup; ++i) qg[i] = static_cast<int16_t>(c[kPairs16[i]]);
+    d[g] = dg;
+    ds[g] = dg * static_cast<float>(hadd8(sum));
+  }
+}
+
+// tile16 on two ymm halves (h = 0: rows 0-7, 1: rows 8-15), both in one pass over the group
+// (each activation broadcast serves both: 1.2-1.7x faster here than a pass per half). The dots:
+// vpmaddwd gives, per 32-bit lane, w_lo*x_lo + w_hi*x_hi exactly as one vpdpwssd step, and
+// the 16 steps are summed in int32 (exact: any order); then per group the same
+// acc = fma(float(dot), d_w * d_x, acc); acc = fma(m_w, d_x*sum, acc) on each half's lanes.
+template <int R, typename T>
+AVX2 inline void tile16_avx2(const uint8_t* w, int64_t groups, const int16_t* q, int64_t k,
+                             const float* d, const float* ds, T* y, int64_t n) {
+  const __m256i lo4 = _mm256_set1_epi16(0x0f);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* p = w + g * kBlock;
+    __m256i s[R][2];
+    for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
+    for (int t = 0; t < 4; ++t) {
+      __m256i v0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 64 * t));
+      __m256i v1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 64 * t + 32));
+      // as tile16's ws[4t..4t+3]: pairs 4t..4t+3 (kPairs16), rows 0-7 and 8-15
+      __m256i ws0[4] = {_mm256_and_si256(v0, lo4),
+                        _mm256_and_si256(_mm256_srli_epi16(v0, 8), lo4),
+                        _mm256_and_si256(_mm256_srli_epi16(v0, 4), lo4),
+                        _mm256_srli_epi16(v0, 12)};
+      __m256i ws1[4] = {_mm256_and_si256(v1, lo4),
+                        _mm256_and_si256(_mm256_srli_epi16(v1, 8), lo4),
+                        _mm256_and_si256(_mm256_srli_epi16(v1, 4), lo4),
+                        _mm256_srli_epi16(v1, 12)};
+      for (int r = 0; r < R; ++r) {
+        const int32_t* xq = reinterpret_cast<const int32_t*>(q + r * k + g * kGroup) + 4 * t;
+        for (int i = 0; i < 4; ++i) {
+          __m256i b = _mm256_set1_epi32(xq[i]);
+          s[r][0] = _mm256_add_epi32(s[r][0], _mm256_madd_epi16(ws0[i], b));
+          s[r][1] = _mm256_add_epi32(s[r][1], _mm256_madd_epi16(ws1[i], b));
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m128i* dm = reinterpret_cast<const __m128i*>(p + 256 + 16 * h);
+      __m256 dw = _mm256_cvtph_ps(_mm_load_si128(dm));
+      __m256 mw = _mm256_cvtph_ps(_mm_load_si128(dm + 2));  // 32 bytes on: m
+      for (int r = 0; r < R; ++r) {
+        __m256 dot = _mm256_cvtepi32_ps(s[r][h]);
+        __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(d[r * groups + g]));
+        acc[r][h] = _mm256_fmadd_ps(dot, scale, acc[r][h]);
+        acc[r][h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(ds[r * groups + g]), acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) {
+      if constexpr (std::is_same_v<T, float>) {
+        _mm256_storeu_ps(y + r * n + 8 * h, acc[r][h]);
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y + r * n + 8 * h), to_bf16_8(acc[r][h]));
+      }
+    }
+}
+
+template <typename T>
+AVX2 void block_rows16_avx2(const uint8_t* wb, int64_t groups, const int16_t* q, int64_t k,
+                            const float* d, const float* ds, T* yb, int64_t m, int64_t n) {
+  auto run = [&](auto rows, int64_t r) {
+    constexpr int R = decltype(rows)::value;
+    tile16_avx2<R, T>(wb, groups, q + r * k, k, d + r * groups, ds + r * groups, yb + r * n, n);
+  };
+  int64_t r = 0;
+  for (; r + kTile <= m; r += kTile) run(std::integral_constant<int, kTile>{}, r);
+  const int64_t left = m - r;
+  if (left == 3) run(std::integral_constant<int, 3>{}, r);
+  else if (left == 2) run(std::integral_constant<int, 2>{}, r);
+  else if (left == 1) run(std::integral_constant<int, 1>{}, r);
+}
+
+// Q: int8_t (vpdpbusd, activations in int8) or int16_t (vpdpwssd, activations in int16);
+// isa 2 or 1 (int16 only). No target attribute here: this runs on AVX2-only CPUs too, and
+// calls the path's (never inlined) target functions.
 template <typename Q, typename T>
-VNNI void mm_impl(const T* x, const uint8_t* w, T* y, int64_t m, int64_t n, int64_t k) {
+void mm_impl(const T* x, const uint8_t* w, T* y, int64_t m, int64_t n, int64_t k, int64_t isa) {
+  static_assert(std::is_same_v<Q, int8_t> || std::is_same_v<Q, int16_t>);
   const int64_t groups = k / kGroup;
   at::Tensor qbuf = at::empty({m * k}, std::is_same_v<Q, int8_t> ? at::kChar : at::kShort);
   at::Tensor fbuf = at::empty({2 * m * groups}, at::kFloat);
@@ -234,27 +414,50 @@ VNNI void mm_impl(const T* x, const uint8_t* w, T* y, int64_t m, int64_t n, int6
     for (int64_t r = r0; r < r1; ++r) {
       if constexpr (std::is_same_v<Q, int8_t>)
         quantize_row<T>(x + r * k, k, q + r * k, d + r * groups, ds + r * groups);
-      else
+      else if (isa == 2)
         quantize_row16<T>(x + r * k, k, q + r * k, d + r * groups, ds + r * groups);
+      else
+        quantize_row16_avx2<T>(x + r * k, k, q + r * k, d + r * groups, ds + r * groups);
     }
   });
   at::parallel_for(0, n / kRows, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      block_rows<Q, T>(w + b * groups * kBlock, groups, q, k, d, ds, y + b * kRows, m, n);
+    for (int64_t b = b0; b < b1; ++b) {
+      if constexpr (std::is_same_v<Q, int8_t>)
+        block_rows<Q, T>(w + b * groups * kBlock, groups, q, k, d, ds, y + b * kRows, m, n);
+      else if (isa == 2)
+        block_rows<Q, T>(w + b * groups * kBlock, groups, q, k, d, ds, y + b * kRows, m, n);
+      else
+        block_rows16_avx2<T>(w + b * groups * kBlock, groups, q, k, d, ds, y + b * kRows, m, n);
+    }
   });
 }
 
-#else  // not x86-64: Python never calls mm() here (has_vnni() is false)
+#else  // not x86-64: Python never calls mm() here (isa() is 0)
 
-bool cpu_has_vnni() { return false; }
+int64_t cpu_isa() { return 0; }
 
 #endif
 
-// act_bits: 8 (int8 activations, vpdpbusd) or 16 (int16 activations, vpdpwssd); the same
-// packed weights serve both.
-at::Tensor mm_bits(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t act_bits) {
-  TORCH_CHECK(cpu_has_vnni(), "int4_vnni: this CPU lacks AVX512-VNNI");
+// The path of this process, decided once: the CPU's, or 1 on an AVX-512 CPU where
+// MTPSERVE_INT4_AVX2 is set (any value), so tests can run the AVX2 path there.
+int64_t active_isa() {
+  static const int64_t isa = [] {
+    const int64_t c = cpu_isa();
+    return c == 2 && std::getenv("MTPSERVE_INT4_AVX2") != nullptr ? int64_t{1} : c;
+  }();
+  return isa;
+}
+
+// act_bits: 8 (int8 activations, vpdpbusd: isa 2 only) or 16 (int16 activations, vpdpwssd on
+// isa 2, vpmaddwd on isa 1); the same packed weights serve both.
+at::Tensor mm_run(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t act_bits,
+                  int64_t isa) {
   TORCH_CHECK(act_bits == 8 || act_bits == 16, "int4_vnni: act_bits must be 8 or 16");
+  TORCH_CHECK(isa >= 1 && isa <= cpu_isa(), "int4_vnni: this CPU cannot run isa ", isa,
+              " (2: AVX512-VNNI, 1: AVX2+FMA+F16C)");
+  TORCH_CHECK(act_bits == 16 || isa == 2,
+              "int4_vnni: int8 activations (mm, --int4-kernel vnni) need AVX512-VNNI; this "
+              "process runs the AVX2 path (int16 activations, mm16) only");
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "int4_vnni: x must be a 2-D CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "int4_vnni: x must be float32 or bfloat16");
@@ -272,39 +475,46 @@ at::Tensor mm_bits(const at::Tensor& x, const at::Tensor& packed, int64_t n, int
     const uint8_t* w = packed.data_ptr<uint8_t>();
     const bool f32 = x.scalar_type() == at::kFloat;
     if (act_bits == 8 && f32)
-      mm_impl<int8_t, float>(xc.data_ptr<float>(), w, y.data_ptr<float>(), m, n, k);
+      mm_impl<int8_t, float>(xc.data_ptr<float>(), w, y.data_ptr<float>(), m, n, k, isa);
     else if (act_bits == 8)
       mm_impl<int8_t, at::BFloat16>(xc.data_ptr<at::BFloat16>(), w,
-                                    y.data_ptr<at::BFloat16>(), m, n, k);
+                                    y.data_ptr<at::BFloat16>(), m, n, k, isa);
     else if (f32)
-      mm_impl<int16_t, float>(xc.data_ptr<float>(), w, y.data_ptr<float>(), m, n, k);
+      mm_impl<int16_t, float>(xc.data_ptr<float>(), w, y.data_ptr<float>(), m, n, k, isa);
     else
       mm_impl<int16_t, at::BFloat16>(xc.data_ptr<at::BFloat16>(), w,
-                                     y.data_ptr<at::BFloat16>(), m, n, k);
+                                     y.data_ptr<at::BFloat16>(), m, n, k, isa);
   }
 #endif
   return y;
 }
 
 at::Tensor mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
-  return mm_bits(x, packed, n, 8);
+  return mm_run(x, packed, n, 8, active_isa());
 }
 
 at::Tensor mm16(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
-  return mm_bits(x, packed, n, 16);
+  return mm_run(x, packed, n, 16, active_isa());
 }
 
-bool has_vnni() { return cpu_has_vnni(); }
+// tests: mm16 on a given path (2 or 1, up to what the CPU runs) in one process
+at::Tensor mm16_isa(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t isa) {
+  return mm_run(x, packed, n, 16, isa);
+}
+
+int64_t isa() { return active_isa(); }
 
 }  // namespace
 
 TORCH_LIBRARY(mtpserve_int4, lib) {
   lib.def("mm(Tensor x, Tensor packed, int n) -> Tensor");
   lib.def("mm16(Tensor x, Tensor packed, int n) -> Tensor");
-  lib.def("has_vnni() -> bool", &has_vnni);
+  lib.def("mm16_isa(Tensor x, Tensor packed, int n, int isa) -> Tensor");
+  lib.def("isa() -> int", &isa);
 }
 
 TORCH_LIBRARY_IMPL(mtpserve_int4, CPU, lib) {
   lib.impl("mm", &mm);
   lib.impl("mm16", &mm16);
+  lib.impl("mm16_isa", &mm16_isa);
 }
