@@ -12,6 +12,13 @@ engine feeds it (aten and oneDNN bf16, vnni fp32). Print markdown tables. Run al
 
     flock /tmp/cpu.lock python benchmarks/int4_kernels.py [--rows 1,2,4,8,12,16,32,64]
         [--layers 30] [--repeats 7] [--skip-model] [--skip-kernels] [--prompts 8] [--tokens 64]
+
+--avx2 adds a table of vnni16's AVX2 path (what AVX2-only CPUs run; on an AVX-512 CPU the
+code MTPSERVE_INT4_AVX2=1 selects) against its AVX-512 path and aten, both paths called
+through the op mm16_isa, interleaved per row count (--avx2-rows, --avx2-shapes):
+
+    MTPSERVE_INT4_AVX2=1 flock /tmp/cpu.lock python benchmarks/int4_kernels.py --avx2 \
+        --skip-kernels --skip-model
 """
 
 from __future__ import annotations
@@ -72,6 +79,53 @@ def kernel_table(rows: list[int], layers: int, repeats: int) -> None:
             print(f"| {n}x{k} | {m} | {t_aten:.4f} | {t_vnni:.4f} | {t_16:.4f} | {t_bf16:.4f} | "
                   f"{t_aten / t_16:.2f}x | {t_16 / t_vnni:.2f}x | {t_bf16 / t_16:.2f}x |",
                   flush=True)
+
+
+def avx2_table(shapes: list[tuple[int, int]], rows: list[int], layers: int, repeats: int
+               ) -> None:
+    """vnni16 on its AVX-512 path (isa 2) and its AVX2 path (isa 1; the same bits) vs aten,
+    per shape and row count; the three interleaved, min over `repeats` rounds."""
+    mm16_isa = torch.ops.mtpserve_int4.mm16_isa
+    try:  # the CPU runs the AVX-512 path (even where MTPSERVE_INT4_AVX2 chose AVX2)
+        mm16_isa(torch.zeros(1, 32), int4_vnni.pack(torch.zeros(16, 32, dtype=torch.int32),
+                                                    torch.ones(16, 1), torch.zeros(16, 1)), 16, 2)
+        avx512 = True
+    except RuntimeError:  # an AVX2-only CPU: no AVX-512 column
+        avx512 = False
+    print(f"\n## vnni16: AVX2 path vs AVX-512 path vs aten, ms per call (min of {repeats} "
+          f"interleaved rounds, each a pass over {layers} layers' weights)\n")
+    print("| N x K | M | aten int4 | vnni16 AVX-512 | vnni16 AVX2 | AVX2 / AVX-512 "
+          "| aten / AVX2 |")
+    print("|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for n, k in shapes:
+        aten, packed = [], []
+        for _ in range(layers):
+            w = torch.randn(n, k, generator=g) * 0.02
+            for kernel in ("aten", "vnni16"):
+                lin = Linear(k, n, bias=False)
+                lin.set_weight(w)
+                lin.quantize_int4(wide_copy=False, kernel=kernel)
+                if kernel == "aten":
+                    aten.append(lin)
+                else:
+                    packed.append(lin.int4_vnni)
+        for m in rows:
+            x = torch.randn(m, k, generator=g)
+            xb = x.bfloat16()
+            kernels = {"aten": ([lin._int4_mm for lin in aten], xb),
+                       "avx2": ([lambda v, p=p, n=n: mm16_isa(v, p, n, 1) for p in packed], x)}
+            if avx512:
+                kernels["avx512"] = ([lambda v, p=p, n=n: mm16_isa(v, p, n, 2) for p in packed],
+                                     x)
+            best = {name: float("inf") for name in kernels}
+            for _ in range(repeats):
+                for name, (fns, v) in kernels.items():
+                    best[name] = min(best[name], _time(fns, [v] * layers, 1))
+            t512 = f"{best['avx512']:.4f}" if avx512 else "-"
+            ratio = f"{best['avx2'] / best['avx512']:.2f}x" if avx512 else "-"
+            print(f"| {n}x{k} | {m} | {best['aten']:.4f} | {t512} | {best['avx2']:.4f} | "
+                  f"{ratio} | {best['aten'] / best['avx2']:.2f}x |", flush=True)
 
 
 def greedy_with_margins(eng: LLMEngine, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
@@ -154,10 +208,21 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10, help="forwards per verify-curve point")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--avx2", action="store_true", help="also the AVX2-path table")
+    ap.add_argument("--avx2-rows", default="1,4,8,16")
+    ap.add_argument("--avx2-shapes", default="1536x576,576x1536", help="N x K, comma-separated")
     args = ap.parse_args()
     if not int4_vnni.available():
         raise SystemExit("the int4 VNNI kernel does not load here (see the warning)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if not int4_vnni.has_int8() and not (args.skip_kernels and args.skip_model):
+        raise SystemExit("vnni (int8 activations) needs AVX512-VNNI, which this process lacks "
+                         "(or MTPSERVE_INT4_AVX2 is set): run --avx2 --skip-kernels --skip-model")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, int4 kernel path: "
+          f"{int4_vnni.ISA_NAMES[int4_vnni.isa()]}")
+    if args.avx2:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.avx2_shapes.split(",")]
+        avx2_table(shapes, [int(v) for v in args.avx2_rows.split(",")], args.layers,
+                   args.repeats)
     if not args.skip_kernels:
         kernel_table([int(v) for v in args.rows.split(",")], args.layers, args.repeats)
     if not args.skip_model:
