@@ -106,9 +106,9 @@ class EngineConfig:
     weights: WeightFormat = "auto"  # weight-only quantization (CPU)
     # int8/int4 on CPUs with native bf16: also keep bf16 copies for passes of many rows
     wide_weights: bool = True
-    # int4's CPU kernel: aten (PyTorch's, bf16 activations), vnni16 or vnni (int16 / int8
-    # activations x int4 weights with AVX512-VNNI, model/int4_vnni.py); auto: vnni16 where it
-    # builds and runs, else aten. CUDA keeps PyTorch's kernels. vnni16 matched the dense fp32
+    # int4's CPU kernel: aten (PyTorch's, bf16 activations), vnni16 (int16 activations x int4
+    # weights, model/int4_vnni.py: AVX512-VNNI, or AVX2+FMA+F16C with the same bits) or vnni
+    # (int8 activations, AVX512-VNNI only); auto: vnni16 where it builds and runs, else aten. CUDA keeps PyTorch's kernels. vnni16 matched the dense fp32
     # reference on 16/16 greedy HumanEval outputs (aten 8/16, vnni 3/16) and is faster than
     # aten (batch-1 decode 15.0 vs 22.2 ms/step; docs/benchmarks.md section 6).
     int4_kernel: Literal["auto", "aten", "vnni", "vnni16"] = "auto"

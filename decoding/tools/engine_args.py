@@ -30,11 +30,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "quantized weights for passes of 12+ rows (saves 2 bytes per weight; "
                         "prefill and large verify batches then run ~2x slower)")
     g.add_argument("--int4-kernel", default="auto", choices=["auto", "aten", "vnni", "vnni16"],
-                   help="int4 on CPU: vnni16 (int16 activations x int4 weights, AVX512-VNNI, "
-                        "built at first use into ~/.cache/mtpserve/kernels; closest to dense), "
-                        "vnni (int8 activations: faster, moves greedy output more) or aten "
-                        "(PyTorch's, bf16 activations); auto: vnni16 where it builds and the "
-                        "CPU has VNNI, else aten")
+                   help="int4 on CPU: vnni16 (int16 activations x int4 weights, AVX512-VNNI or "
+                        "AVX2, built at first use into ~/.cache/mtpserve/kernels; closest to "
+                        "dense), vnni (int8 activations, AVX512-VNNI only: faster, moves greedy "
+                        "output more) or aten (PyTorch's, bf16 activations); auto: vnni16 "
+                        "where it builds and the CPU has AVX512-VNNI or AVX2, else aten")
     g.add_argument("--attention-kernel", default="auto", choices=["auto", "sdpa", "rows"],
                    help="decode/tree rows' attention: rows (C++ kernel, each row over its own "
                         "keys, batch-invariant by construction; built at first use into "
