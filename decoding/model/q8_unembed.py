@@ -1,18 +1,25 @@
 """The Q8_0 unembedding (kernels/q8_unembed.cpp, `--unembed q8`): GGUF's own int8 blocks of
-the logits' weights, fp32 activations and logits.
+the logits' weights, int16 activations, fp32 logits.
 
 The default GGUF stores the tied embedding as Q8_0: blocks of 32 int8 values q with one
 fp16 scale d, value = d * q, which the checkpoint loader dequantizes to fp32 (exactly: an
 fp16 times an int8 fits fp32's 24 bits). `recover` finds (d, q) back from those fp32 values
-and checks that d * q gives every value bitwise; the kernel then multiplies by exactly the
-file's values (where the fp16 copy rounds d * q to 11 bits) reading 1.06 bytes per weight
-(fp16: 2). Nothing is quantized at run time (int8 activations moved logits by 0.9-2.4 here,
-benchmarks/unembed_kernels.py).
+and checks that d * q gives every value bitwise; the kernel then reads exactly the file's
+weights (where the fp16 copy rounds d * q to 11 bits), 1.06 bytes per weight (fp16: 2).
+
+What is quantized at run time: the activations, each row per block of 32 to int16 (d_x =
+max|x| / 32767, round to nearest even), so that a group's products are exact integer dots
+(vpdpwssd: 16 instructions per row and group where fp32 activations took 32 FMAs). Each x is
+off by at most ~1/65534 of its block's largest |x|: a logit by at most sum over blocks of
+0.51 * d_x * sum |w| beyond fp32 rounding (~1e-3 on the real model's logits, whose greedy
+choices it flips only at near-ties: docs/benchmarks.md section 6). int8 activations were
+far coarser (logits 0.9-2.4 off, benchmarks/unembed_kernels.py).
 
 The extension is built like int4_vnni's (kernel_build.build_extension, into the user's
-cache); the kernel runs with AVX-512F or AVX2+FMA+F16C (the same bits on both). Anything
-that stops it makes `available()` False with one warning, and the caller keeps the fp16 or
-fp32 unembedding.
+cache); the kernel runs with AVX-512 (F, BW, VNNI) or AVX2+FMA+F16C (the same bits on both),
+and a row's logits are the same bits alone or among other rows. Anything that stops it
+makes `available()` False with one warning, and the caller keeps the fp16 or fp32
+unembedding.
 """
 
 from __future__ import annotations
@@ -33,7 +40,6 @@ GROUP = 32    # K per Q8_0 block
 BLOCK = 544   # bytes per (16 rows x 32 K): 512 of int8 values, 16 fp16 scales
 
 
-
 def _build() -> bool:
     fallback = "the fp16/fp32 unembedding"
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -43,8 +49,8 @@ def _build() -> bool:
     if not build_extension(SOURCE, "Q8 unembedding kernel", fallback):
         return False
     if torch.ops.mtpserve_q8.isa() == 0:
-        log.warning("Q8 unembedding kernel: this CPU has neither AVX-512F nor AVX2+FMA+F16C; "
-                    "using %s", fallback)
+        log.warning("Q8 unembedding kernel: this CPU has neither AVX-512 (F, BW, VNNI) nor "
+                    "AVX2+FMA+F16C; using %s", fallback)
         return False
     torch.library.register_fake("mtpserve_q8::mm")(_mm_fake)  # for torch.compile graphs
     return True
@@ -101,11 +107,14 @@ def dequantize(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def pack(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """q int8 [N, K], d fp16 [N, K/32] -> the kernel's [N/16, K/32, 544] uint8 layout (see
-    the .cpp), 64-byte aligned."""
+    """q int8 [N, K], d fp16 [N, K/32] -> the kernel's [N/16, K/32, 544] uint8 layout, 64-byte
+    aligned: per 16 rows x 32 K, 16 chunks of 32 bytes (chunk p: byte 2j + e = row j's q at
+    K offset 2p + e, so that one sign-extended chunk holds each row's K pair in a 32-bit
+    lane), then the 16 rows' fp16 d (see the .cpp)."""
     n, k = q.shape
     nb, g = n // ROWS, k // GROUP
-    qb = q.view(torch.uint8).reshape(nb, ROWS, g, GROUP).permute(0, 2, 3, 1).reshape(nb, g, 512)
+    qb = (q.view(torch.uint8).reshape(nb, ROWS, g, GROUP // 2, 2)
+          .permute(0, 2, 3, 1, 4).reshape(nb, g, 512))  # [NB, G, pair, row, 2]
     db = d.reshape(nb, ROWS, g).permute(0, 2, 1).contiguous().view(torch.uint8)  # [NB, G, 32]
     flat = torch.cat([qb, db], dim=-1).reshape(-1)
     # 64-byte aligned storage (torch's CPU allocator aligns to 64, but say so explicitly)
@@ -117,5 +126,6 @@ def pack(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
-    """x [M, K] fp32 (CPU) @ W^T -> fp32 [M, N]; row i the same bits alone or among rows."""
+    """x [M, K] fp32 (CPU) @ W^T -> fp32 [M, N], x quantized to int16 per block of 32 inside
+    (see the module doc); row i the same bits alone or among rows."""
     return torch.ops.mtpserve_q8.mm(x.float().contiguous(), packed, n)

@@ -311,12 +311,14 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def use_q8_unembedding(self) -> bool:
         """CPU: compute the logits from the unembedding's own GGUF Q8_0 blocks (int8 values,
-        one fp16 scale per 32) through q8_unembed's kernel: fp32 in, accumulation and out,
-        exactly the file's values (the fp16 copy rounds them), 1.06 bytes per weight, and
-        no fp32 copy held for the logits (the tied embedding keeps its fp32 rows for the
-        lookup and draft vocabularies). A row's logits are the same alone or among many
-        rows. False (nothing changed) where the kernel does not run here or the fp32
-        values are not exactly a Q8_0 tensor's (q8_unembed.recover)."""
+        one fp16 scale per 32) through q8_unembed's kernel: exactly the file's weights (the
+        fp16 copy rounds them), fp32 in and out, the activations quantized inside to int16
+        per block of 32 for exact integer dots (logits ~2e-3 off the fp32 product here, the
+        fp16 copy's ~0.02), 1.06 bytes per weight, and no fp32 copy held for the logits (the
+        tied embedding keeps its fp32 rows for the lookup and draft vocabularies). A row's
+        logits are the same bits alone or among many rows. False (nothing changed) where
+        the kernel does not run here or the fp32 values are not exactly a Q8_0 tensor's
+        (q8_unembed.recover)."""
         w = self.unembed_weight()
         if w.device.type != "cpu" or w.dtype != torch.float32 or not q8_unembed.available():
             return False

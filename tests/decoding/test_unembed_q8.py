@@ -1,11 +1,14 @@
 """The Q8_0 unembedding (model/q8_unembed.py, `--unembed q8`): the file's own blocks recovered
-exactly from the loaded fp32 values, the kernel against an fp64 reference of the same values,
-a row's bits never depending on the other rows of the call, the real model's logits closer
-to the dense fp32 product than the fp16 copy's, its place in CausalLM (row rule of the
-batch-invariant mode, speculative greedy == plain), and fp16 / fp32 unchanged.
+exactly from the loaded fp32 values; the kernel (int16 activations per block of 32) against
+an fp64 product of the same weights and the same int16 activations (fp32 rounding only) and
+against the exact product within the bound of the activations' int16 step; a row's bits never
+depending on the other rows of the call; the AVX2 path giving the AVX-512 path's bits; the
+real model's logits closer to the dense fp32 product than the fp16 copy's; its place in
+CausalLM (row rule of the batch-invariant mode, speculative greedy == plain), and fp16 / fp32
+unchanged.
 
 Kernel tests are skipped, with the reason, where the kernel cannot load (non-x86, neither
-AVX-512F nor AVX2, no compiler)."""
+AVX-512 (F, BW, VNNI) nor AVX2, no compiler)."""
 
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from mtpserve.decoding.model.linear import (fp16_linear, onednn_linear, pack_for
 
 needs_kernel = pytest.mark.skipif(not q8_unembed.available(),
                                   reason="the Q8 unembedding kernel does not load here (non-x86, "
-                                         "neither AVX-512F nor AVX2+FMA+F16C, or no C++ "
-                                         "compiler; see the warning)")
+                                         "neither AVX-512 (F, BW, VNNI) nor AVX2+FMA+F16C, or "
+                                         "no C++ compiler; see the warning)")
 
 
 def _blocks(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +43,27 @@ def _x(m: int, k: int, seed: int = 1) -> torch.Tensor:
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * 3
     x[:, 5] *= 20  # an outlier column, as real hidden states have
     return x
+
+
+def _int16_x(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel multiplies it: per row and block of 32, d = max|x| / 32767 (fp32),
+    code = round-half-even(x * (1/d)) saturated to +-32767, value = code * d."""
+    b = x.float().reshape(x.shape[0], -1, 32)
+    d = b.abs().amax(-1) / 32767
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    codes = torch.round(b * inv[..., None]).clamp(-32767, 32767)
+    return (codes.double() * d.double()[..., None]).reshape(x.shape)
+
+
+def _int16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[M, N] bound on |kernel - exact x @ w^T|: each x moves by at most 0.5 * d (the int16
+    step; 0.51 covers x * (1/d) being rounded in fp32 before the code is), so a logit by at
+    most sum over blocks of 0.51 * d_x * sum |w| in the block; plus the fp32 rounding of the
+    int32 -> fp32 dots, the scales and 18 fma (2e-6 of sum |x| |w|)."""
+    m, k = x.shape
+    d = x.double().reshape(m, k // 32, 32).abs().amax(-1) / 32767
+    wsum = w.double().abs().reshape(w.shape[0], k // 32, 32).sum(-1)
+    return 0.51 * d @ wsum.t() + 2e-6 * (x.double().abs() @ w.double().abs().t())
 
 
 def _q8_logits_of(model, h: torch.Tensor) -> torch.Tensor:
@@ -82,18 +106,44 @@ def test_recovery_refuses_what_is_not_q8_0():
 # -- the kernel ----------------------------------------------------------------------------
 @needs_kernel
 @pytest.mark.parametrize("n, k", [(49152, 576), (4096, 576), (48, 64)])
-def test_kernel_matches_an_fp64_reference_of_the_same_values(n, k):
+def test_kernel_is_the_int16_activations_product_and_within_the_int16_bound(n, k):
+    """Against fp64 of the same weights and the same int16 activations: fp32 rounding only
+    (the integer dots are exact). Against the exact product of x: within _int16_bound, which
+    the error also nearly reaches (a bound of the right size, not a loose one)."""
     q, d = _blocks(n, k)
     w = q8_unembed.dequantize(q, d)
     packed = q8_unembed.pack(q, d)
     for m in (1, 3, 4, 9):
         x = _x(m, k)
-        ref = x.double() @ w.double().t()
+        if m == 9:
+            x[2] = 0  # d = 0: all-zero codes, zero logits
+            x[4, 32:64] = 0  # one zero block
+            x[5, :32] *= 1e-30  # a tiny block: its own scale, not lost
         got = q8_unembed.mm(x, packed, n)
         assert got.dtype == torch.float32 and got.shape == (m, n)
-        scale = (x.double().abs() @ w.double().abs().t())  # the sum's magnitude
-        rel = float(((got.double() - ref).abs() / scale.clamp(min=1e-30)).max())
+        xq = _int16_x(x)
+        scale = xq.abs() @ w.double().abs().t()  # the sum's magnitude
+        rel = float(((got.double() - xq @ w.double().t()).abs() / scale.clamp(min=1e-300)).max())
         assert rel < 2e-6, (m, rel)
+        err = (got.double() - x.double() @ w.double().t()).abs()
+        bound = _int16_bound(x, w)
+        ratio = float((err / bound)[bound > 0].max())
+        assert bool((err <= bound).all()), (m, ratio)
+        assert ratio > 0.05, (m, ratio)
+        if m == 9:
+            assert bool((got[2] == 0).all())
+
+
+@needs_kernel
+def test_a_nan_in_a_row_makes_that_rows_logits_nan_only():
+    n, k = 256, 576
+    q, d = _blocks(n, k, seed=7)
+    packed = q8_unembed.pack(q, d)
+    x = _x(3, k)
+    x[1, 100] = float("nan")
+    got = q8_unembed.mm(x, packed, n)
+    assert bool(got[1].isnan().all())
+    assert torch.equal(got[[0, 2]], q8_unembed.mm(x[[0, 2]], packed, n))
 
 
 @needs_kernel
@@ -110,24 +160,43 @@ def test_a_rows_logits_never_depend_on_the_other_rows_m_1_to_64():
 
 
 @needs_kernel
+def test_a_rows_logits_never_depend_on_the_other_rows_on_the_real_shape():
+    """49152 x 576 (the model's): row i of M rows is bitwise row i alone, M = 1..9, 16, 33."""
+    n, k = 49152, 576
+    q, d = _blocks(n, k, seed=8)
+    packed = q8_unembed.pack(q, d)
+    x = _x(33, k, seed=9)
+    alone = torch.cat([q8_unembed.mm(x[i:i + 1], packed, n) for i in range(33)])
+    for m in (*range(1, 10), 16, 33):
+        assert torch.equal(q8_unembed.mm(x[:m], packed, n), alone[:m]), m
+
+
+@needs_kernel
 def test_the_avx2_path_gives_the_avx512_paths_bits():
+    """vpmaddwd + vpaddd on two ymm halves against vpdpwssd on one zmm: the same int32 dots,
+    the same per-lane cvt, mul and fma, so the same bits (mm_isa runs either path)."""
     if torch.ops.mtpserve_q8.isa() < 2:
-        pytest.skip("this CPU has no AVX-512F: only the AVX2 path runs")
+        pytest.skip("this CPU has no AVX-512 (F, BW, VNNI): only the AVX2 path runs")
     n, k = 2048, 576
     q, d = _blocks(n, k, seed=4)
     packed = q8_unembed.pack(q, d)
-    for m in (1, 2, 5, 16):
+    for m in (1, 2, 3, 4, 5, 9, 16, 33):
         x = _x(m, k, seed=m)
-        assert torch.equal(torch.ops.mtpserve_q8.mm_isa(x, packed, n, 1),
-                           q8_unembed.mm(x, packed, n))
+        x[0, :32] *= 1e-3  # blocks of other scales
+        x[-1, 64:96] = 0
+        want = q8_unembed.mm(x, packed, n)
+        assert torch.equal(torch.ops.mtpserve_q8.mm_isa(x, packed, n, 2), want)
+        assert torch.equal(torch.ops.mtpserve_q8.mm_isa(x, packed, n, 1), want), m
 
 
 # -- the real model ------------------------------------------------------------------------
 @needs_kernel
 def test_real_logits_are_closer_to_dense_fp32_than_the_fp16_copys(default_engine):
     """Real hidden states of the default model at every position of two chat prompts: the
-    q8 logits within 1e-4 of the dense fp32 product (measured ~5e-6: fp32 rounding only),
-    at least 100x closer than the fp16 copy's (measured ~0.02), and the same argmax."""
+    q8 logits within the int16 activations' bound (_int16_bound) of the exact product of
+    the file's values and within 5e-3 (measured 1.8e-3: the int16 step of the activations;
+    fp32 activations were ~5e-6 off), at least 5x closer than the fp16 copy's (measured
+    ~0.02-0.03), and the same argmax."""
     from decoding_helpers import chat, prefill_hidden
 
     model, tok = default_engine.model, default_engine.tokenizer
@@ -144,8 +213,9 @@ def test_real_logits_are_closer_to_dense_fp32_than_the_fp16_copys(default_engine
     fp16 = fp16_linear(h, packed16)
     err_q8 = float((q8.double() - ref).abs().max())
     err_16 = float((fp16.double() - ref).abs().max())
-    assert err_q8 < 1e-4, err_q8
-    assert err_q8 * 100 < err_16, (err_q8, err_16)
+    assert bool(((q8.double() - ref).abs() <= _int16_bound(h, w)).all())
+    assert err_q8 < 5e-3, err_q8
+    assert err_q8 * 5 < err_16, (err_q8, err_16)
     assert torch.equal(q8.argmax(-1), ref.argmax(-1))
 
 
@@ -202,7 +272,8 @@ def test_tiny_model_q8_unembedding_keeps_no_fp32_logits_copy_and_passes_the_row_
     h = _x(7, 64)
     got = model.compute_logits(h)
     assert got.dtype == torch.float32 and got.shape == (7, 320)
-    torch.testing.assert_close(got.double(), h.double() @ w.double().t(), rtol=1e-6, atol=1e-5)
+    err = (got.double() - h.double() @ w.double().t()).abs()
+    assert bool((err <= _int16_bound(h, w)).all())  # int16 activations, the file's weights
     assert "unembedding" not in model.set_batch_invariant(True)
 
 

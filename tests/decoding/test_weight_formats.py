@@ -178,8 +178,8 @@ def test_int4_speculative_greedy_leaves_plain_only_at_near_ties(int4_engine):
 
 def test_int4_engine_logits_come_from_the_q8_or_fp16_unembedding(int4_engine):
     """Around the int4 trunk the logits read the file's own Q8_0 blocks through the q8
-    kernel where it runs (exactly the file's values: within 1e-4 of the fp32 product,
-    measured ~5e-6), else an fp16 copy through FBGEMM (within 0.05, measured 0.02;
+    kernel where it runs (exactly the file's values, int16 activations: within 5e-3 of the
+    fp32 product, measured ~2e-3), else an fp16 copy through FBGEMM (within 0.05, measured 0.02;
     per-channel int8 weights were 0.9 off); no fp32 copy for the logits either way;
     float32 for one row and for many, and a row's logits the same bits whichever rows
     share the pass (verify == single-token steps)."""
@@ -198,7 +198,7 @@ def test_int4_engine_logits_come_from_the_q8_or_fp16_unembedding(int4_engine):
     assert many.dtype == one.dtype == torch.float32 and many.shape == ref.shape
     err = float((many.double() - ref).abs().max())
     if want == "q8":
-        assert err < 1e-4, err
+        assert err < 5e-3, err
     else:
         assert 1e-4 < err < 0.05, err  # fp16 weights, not the fp32 ones; and no coarser
     assert torch.equal(many, one)
