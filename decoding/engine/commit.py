@@ -16,7 +16,8 @@ import torch
 
 from ..config import SpecConfig
 from ..model.kv_cache import KVCache
-from ..spec.acceptance import Accepted, accept_greedy, accept_rejection, accept_typical
+from ..spec.acceptance import (Accepted, accept_greedy, accept_greedy_ids, accept_rejection,
+                               accept_typical)
 from ..spec.policy import SpeculationPolicy
 from ..spec.sampling import apply_penalties, processed_probs, sample
 from ..spec.tree import DraftTree
@@ -45,9 +46,11 @@ class Committer:
         """A prefill chunk mid-prompt: the K/V the forward wrote for it are committed."""
         item.seq.num_cached += len(item.tokens)
 
-    def accept(self, item: ScheduledSeq, logits: torch.Tensor) -> Verdict:
+    def accept(self, item: ScheduledSeq, logits: torch.Tensor,
+               argmax: list[int] | None = None) -> Verdict:
         """Accept (decode) or sample the first token (prefill end); commit KV. `logits`:
-        one row per tree node (decode), or the prompt's last row (prefill end)."""
+        one row per tree node (decode), or the prompt's last row (prefill end); `argmax`:
+        their argmax if the caller has it (greedy then needs no pass over the logits)."""
         seq, params = item.seq, item.seq.params
         tree = item.tree
         if tree is None:  # last prefill chunk: its final row predicts the first output token
@@ -58,7 +61,8 @@ class Committer:
         if seq.output_ids and (params.presence_penalty or params.frequency_penalty):
             out_ids = torch.tensor(seq.output_ids, device=logits.device)
             logits = apply_penalties(logits, out_ids, params)
-        acc = self.accept_rule(seq, logits, tree)
+            argmax = None  # of the logits before the penalties
+        acc = self.accept_rule(seq, logits, tree, argmax)
         if item.tree is not None:
             self._commit_path(seq, tree, acc)
         tokens = [tree.tokens[j] for j in acc.path[1:]] + [acc.bonus]
@@ -74,11 +78,13 @@ class Committer:
         if tree.num_drafts:
             self.policy.observe_acceptance(tree.max_depth, acc.num_accepted)
 
-    def accept_rule(self, seq: Sequence, logits: torch.Tensor, tree: DraftTree) -> Accepted:
-        """The request's acceptance rule over `tree` (a root-only tree: plain sampling)."""
+    def accept_rule(self, seq: Sequence, logits: torch.Tensor, tree: DraftTree,
+                    argmax: list[int] | None = None) -> Accepted:
+        """The request's acceptance rule over `tree` (a root-only tree: plain sampling);
+        `argmax`: the logits rows' argmax, where known."""
         p = seq.params
         if p.greedy:
-            return accept_greedy(logits, tree)
+            return accept_greedy(logits, tree) if argmax is None else accept_greedy_ids(argmax, tree)
         probs = processed_probs(logits, p)
         if tree.num_drafts == 0:
             return Accepted([0], int(sample(probs[0], seq.generator).item()))

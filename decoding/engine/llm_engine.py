@@ -355,6 +355,10 @@ class LLMEngine:
         commit their KV and emit its output (a failure there fails that request alone).
         Returns what drafting needs: the sequences that go on and their rows."""
         drafts = self.drafter.new_batch()
+        # greedy rows' argmax in one pass over the step's logits (one call per sequence
+        # cost ~45 us each at 16 sequences)
+        argmax = (logits.argmax(-1).tolist() if logits is not None
+                  and any(item.seq.params.greedy for item in batch) else None)
         row = 0  # logits row of the item
         offset = 0  # hidden row of the item's first token
         for item in batch:
@@ -369,7 +373,8 @@ class LLMEngine:
             try:
                 if self.fault_hook is not None:
                     self.fault_hook(seq)
-                verdict = self.committer.accept(item, seq_logits)
+                verdict = self.committer.accept(
+                    item, seq_logits, None if argmax is None else argmax[row:row + rows])
                 out, path = self.output_processor.emit(seq, verdict), verdict.path
             except Exception as exc:  # one bad request fails alone
                 log.exception("request %s failed", seq.request_id)

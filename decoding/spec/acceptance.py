@@ -48,7 +48,12 @@ def _longest_accepted_path(tree: DraftTree, ok: list[bool]) -> list[int]:
 
 def accept_greedy(logits: torch.Tensor, tree: DraftTree) -> Accepted:
     """logits: [n, V]. Accept while the draft equals the base argmax: lossless for T=0."""
-    argmax = logits.argmax(-1).tolist()
+    return accept_greedy_ids(logits.argmax(-1).tolist(), tree)
+
+
+def accept_greedy_ids(argmax: list[int], tree: DraftTree) -> Accepted:
+    """accept_greedy from the argmax of each node's logits row (the engine takes one argmax
+    over the whole step's rows rather than one per sequence)."""
     kids = tree.children()
     path = [0]
     node = 0

@@ -224,3 +224,20 @@ def test_prompt_arriving_mid_decode_is_attended_apart_and_changes_nothing(defaul
     assert 2 in seen_groups[3:5]  # the late prompt's chunk beside the decode
     assert outs["first"] == spec[0].token_ids[:20]
     assert outs["late"] == spec[1].token_ids[:12]
+
+
+def test_greedy_penalties_apply_with_the_steps_batched_argmax(default_engine):
+    """The engine takes one argmax over the step's logits for its greedy sequences; a
+    greedy request with penalties must still pick from the penalized logits, beside a
+    penalty-free neighbour in the same steps. On the repetitive prompt the model's greedy
+    output repeats itself; with the largest penalties it must differ and use more distinct
+    tokens (the unpenalized argmax would give the neighbour's tokens exactly)."""
+    prompt = default_engine.tokenizer.encode(REPETITIVE)
+    plain, penalized = run_requests(default_engine, [
+        (prompt, greedy(24, ignore_eos=True, speculate=False)),
+        (prompt, greedy(24, ignore_eos=True, speculate=False, presence_penalty=2.0,
+                        frequency_penalty=2.0))])
+    assert len(plain.token_ids) == len(penalized.token_ids) == 24
+    assert len(set(plain.token_ids)) < 20  # the test would prove little without repeats
+    assert penalized.token_ids != plain.token_ids
+    assert len(set(penalized.token_ids)) > len(set(plain.token_ids))
