@@ -122,8 +122,12 @@ class EngineConfig:
     # attention of decode and tree rows: rows (model/row_attention.py: a C++ kernel, one
     # (row, KV head) at a time over the row's own keys, batch-invariant by construction, so
     # --batch-invariant on costs attention nothing) or sdpa (PyTorch's SDPA; attend_invariant
-    # with --batch-invariant on); auto: rows where it builds (fp32 KV cache on CPU), else sdpa
+    # with --batch-invariant on); auto: rows where it builds (fp32/fp16 KV cache on CPU), else sdpa
     attention_kernel: Literal["auto", "sdpa", "rows"] = "auto"
+    # the trunk's KV cache: float16 halves its bytes (attention reads every cached key of
+    # every sequence each step); arithmetic stays fp32 on CPU (the row kernel widens fp16 as
+    # it reads, prefill's SDPA upcasts). auto: see device.kv_cache_dtype
+    kv_cache_dtype: Literal["auto", "float32", "float16"] = "auto"
     # logits on CPU: q8 (the GGUF's own Q8_0 blocks, model/q8_unembed.py: exact values,
     # fp32 in/out, ~1 byte per weight), fp16 (FBGEMM, fp32 in/out, half the bytes) or fp32
     # (dense, as the file's values); auto: q8 else fp16 around an int8/int4 trunk, fp32
@@ -162,6 +166,9 @@ class EngineConfig:
             raise ValueError(f"weights must be auto|dense|int8|int4, got {self.weights!r}")
         if self.int4_kernel not in ("auto", "aten", "vnni", "vnni16"):
             raise ValueError(f"int4_kernel must be auto|aten|vnni|vnni16, got {self.int4_kernel!r}")
+        if self.kv_cache_dtype not in ("auto", "float32", "float16"):
+            raise ValueError(f"kv_cache_dtype must be auto|float32|float16, got "
+                             f"{self.kv_cache_dtype!r}")
         if self.attention_kernel not in ("auto", "sdpa", "rows"):
             raise ValueError(f"attention_kernel must be auto|sdpa|rows, got {self.attention_kernel!r}")
         if self.unembed not in ("auto", "fp32", "fp16", "q8"):

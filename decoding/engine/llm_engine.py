@@ -31,6 +31,7 @@ from ..model.compiled import CompiledTrunk, compile_wanted, use_user_cache_dir
 from ..model.detokenizer import IncrementalDetokenizer
 from ..model.device import (cpu_has_native_bf16, kv_cache_dtype, malloc_trim, resolve_device,
                             resolve_dtype, resolve_weights)
+from ..model import row_attention
 from ..model.kv_cache import KVCache
 from ..model.tokenizer import Tokenizer
 from ..model.trunk import CausalLM, RotaryEmbedding
@@ -77,7 +78,13 @@ class LLMEngine:
             prepare(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.kv_dtype = kv_cache_dtype(self.dtype, self.device)
+        # the row kernel reads fp16 caches (widened as loaded); auto picks fp16 with it
+        row_kernel = (config.attention_kernel != "sdpa" and self.device.type == "cpu"
+                      and row_attention.available())
+        self.kv_dtype = kv_cache_dtype(self.dtype, self.device, config.kv_cache_dtype,
+                                       quantized=model.weight_format != "dense",
+                                       row_kernel=row_kernel)
+        ctx_dtype = kv_cache_dtype(self.dtype, self.device)  # draft modules' context cache
         self.policy = SpeculationPolicy(config.spec, heads)
         # Meta-style heads are extra blocks in the verify forward, with KV-cache layers.
         self.branch_heads = heads if isinstance(heads, ParallelMTPHeads) else None
@@ -91,7 +98,7 @@ class LLMEngine:
         per_token = KVCache.bytes_per_token(self.model_config, self.kv_dtype, extra_layers)
         if context_modules:
             per_token += ModuleContext.bytes_per_token(self.model_config, context_modules,
-                                                       self.kv_dtype)
+                                                       ctx_dtype)
         per_slot = per_token * slot_len
         num_slots = config.max_num_seqs
         if config.kv_cache_memory_gb > 0:
@@ -107,7 +114,7 @@ class LLMEngine:
         model.set_attention_kernel(config.attention_kernel, self.kv_dtype)
         apply_batch_invariant(model, config.batch_invariant)
         self.module_ctx = (ModuleContext(self.model_config, context_modules, num_slots, slot_len,
-                                         self.kv_dtype, self.device) if context_modules else None)
+                                         ctx_dtype, self.device) if context_modules else None)
         self.scheduler = Scheduler(num_slots, config.prefill_chunk_size, config.max_tokens_per_step,
                                    config.prefill_while_decoding)
         self.eos_ids = set(self.model_config.eos_token_ids) | set(tokenizer.eos_token_ids)

@@ -39,8 +39,10 @@ INVARIANT_BLOCK = 32  # keys per block in attend_invariant: fixed, whatever the 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
            scale: float) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [B, Hkv, kv_len, D] -> [T, Hq, D] in q's dtype; computed in
-    the cache's dtype (fp32 on CPU, see device.kv_cache_dtype)."""
+    the cache's dtype, or fp32 over an fp16 cache on CPU (device.kv_cache_dtype)."""
     out_dtype = q.dtype
+    if k.dtype == torch.float16 and k.device.type == "cpu":  # CPU SDPA is slow in fp16
+        k, v = k.float(), v.float()
     q = q.to(k.dtype)
     T, Hq, D = q.shape
     B, Lq = meta.num_seqs, meta.q_len
@@ -141,6 +143,8 @@ def attend_invariant(q: torch.Tensor, kv: KVCache, layer: int, meta: AttentionMe
     flat, invalid, nb = meta.invariant_layout
     C = INVARIANT_BLOCK
     kvr = kv.gather_flat(layer, flat)  # [2, T, Hkv, P, D]
+    if kvr.dtype == torch.float16 and kvr.device.type == "cpu":  # fp32 arithmetic, as attend
+        kvr = kvr.float()
     Hkv = kvr.shape[2]
     G = Hq // Hkv
     N = T * Hkv * nb  # bmm entries: one per (row, KV head, block)

@@ -34,13 +34,22 @@ def resolve_dtype(name: str, device: torch.device, weights: str = "dense") -> to
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The KV cache's dtype, which attention computes in. On CPU a bf16 cache costs more
-    than it saves: PyTorch's CPU flash attention repacks bf16 K/V on every call, measured
-    4-7x slower than fp32 for decode rows (docs/experiments.md)."""
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        return torch.float32
-    return dtype
+def kv_cache_dtype(dtype: torch.dtype, device: torch.device, name: str = "auto",
+                   quantized: bool = False, row_kernel: bool = False) -> torch.dtype:
+    """The KV cache's dtype (EngineConfig.kv_cache_dtype `name`). auto: on CPU, fp16 where
+    the weights are quantized and the row attention kernel reads the cache (it widens fp16
+    to fp32 as it loads: half the bytes, the same fp32 arithmetic; the K/V rounding, ~5e-4
+    relative, is far below int4's), else fp32 (or the model's fp64): dense weights keep the
+    reference precision, and a bf16 cache through PyTorch's CPU flash attention, which repacks bf16 K/V on
+    every call, measured 4-7x slower than fp32 for decode rows (docs/experiments.md).
+    Elsewhere the model's dtype."""
+    if name != "auto":
+        return {"float32": torch.float32, "float16": torch.float16}[name]
+    if device.type != "cpu":
+        return dtype
+    if quantized and row_kernel:
+        return torch.float16
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def malloc_trim() -> None:

@@ -57,17 +57,17 @@ def vector_path() -> bool:
 
 def resolve(name: str, device: torch.device | str, kv_dtype: torch.dtype) -> str:
     """EngineConfig.attention_kernel -> 'rows' or 'sdpa' for a cache on `device` in
-    `kv_dtype` (the kernel reads an fp32 CPU cache)."""
+    `kv_dtype` (the kernel reads an fp32 or fp16 CPU cache)."""
     if name not in KERNELS:
         raise ValueError(f"attention_kernel must be auto|sdpa|rows, got {name!r}")
     if name == "sdpa":
         return "sdpa"
-    fits = torch.device(device).type == "cpu" and kv_dtype == torch.float32
+    fits = torch.device(device).type == "cpu" and kv_dtype in (torch.float32, torch.float16)
     if fits and available():
         return "rows"
     if name == "rows":
         raise ValueError("--attention-kernel rows: the row attention kernel cannot run here "
-                         "(an fp32 KV cache on CPU and a C++ compiler are needed; see the "
+                         "(an fp32/fp16 KV cache on CPU and a C++ compiler are needed; see the "
                          "warning above); use --attention-kernel auto or sdpa")
     return "sdpa"
 

@@ -39,7 +39,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="decode/tree rows' attention: rows (C++ kernel, each row over its own "
                         "keys, batch-invariant by construction; built at first use into "
                         "~/.cache/mtpserve/kernels) or sdpa (PyTorch); auto: rows where it "
-                        "builds and the KV cache is fp32 on CPU")
+                        "builds and the KV cache is on CPU")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16"],
+                   help="the KV cache's dtype: float16 halves its memory and the bytes "
+                        "attention reads (arithmetic stays fp32 on CPU); auto: float16 on CPU "
+                        "with quantized (int4/int8) weights and the row attention kernel, "
+                        "else the model's dtype (fp32 on CPU)")
     g.add_argument("--unembed", default="auto", choices=["auto", "fp32", "fp16", "q8"],
                    help="the logits' weights on CPU: q8 (the GGUF's own Q8_0 values, fp32 "
                         "in/out, ~1 byte per weight, own kernel built at first use), fp16 "
@@ -103,7 +108,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
     )
     return EngineConfig(model=a.model, dtype=a.dtype, weights=a.weights,
                         wide_weights=a.wide_weights, int4_kernel=a.int4_kernel,
-                        attention_kernel=a.attention_kernel,
+                        attention_kernel=a.attention_kernel, kv_cache_dtype=a.kv_cache_dtype,
                         unembed=a.unembed, device=a.device,
                         batch_invariant=a.batch_invariant,
                         max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,

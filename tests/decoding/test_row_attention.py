@@ -28,10 +28,11 @@ pytestmark = pytest.mark.skipif(not ra.available(),
 HQ, HKV, D, SCALE = 9, 3, 64, 0.125
 
 
-def _cache(slots: int, slot_len: int, seed: int, layers: int = 2) -> KVCache:
+def _cache(slots: int, slot_len: int, seed: int, layers: int = 2,
+           dtype: torch.dtype = torch.float32) -> KVCache:
     kv = KVCache.__new__(KVCache)
     g = torch.Generator().manual_seed(seed)
-    kv.buf = torch.randn(layers, 2, slots, HKV, slot_len, D, generator=g)
+    kv.buf = torch.randn(layers, 2, slots, HKV, slot_len, D, generator=g).to(dtype)
     return kv
 
 
@@ -78,9 +79,12 @@ TREES = {"chain4": [-1, 0, 1, 2], "wide": [-1, 0, 0, 0, 0, 1],
          "tree16": [-1, 0, 0, 0, 1, 1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10]}
 
 
+@pytest.mark.parametrize("cache", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", ["decode", "chain4", "wide", "tree16", "mixed"])
-def test_close_to_an_fp64_reference(shape):
-    kv = _cache(6, 700, seed=1)
+def test_close_to_an_fp64_reference(shape, cache):
+    """Against fp64 over the cache's own values (an fp16 cache's are widened exactly, the
+    arithmetic stays fp32: the same bound)."""
+    kv = _cache(6, 700, seed=1, dtype=cache)
     if shape == "decode":
         items = [(2, 300, None)]
     elif shape == "mixed":  # several sequences, lengths and trees in one pass
@@ -116,19 +120,20 @@ def _alone(q_row, kv, layer, slot, keys) -> torch.Tensor:
     """The row as one decode row of a fresh cache holding exactly its keys, contiguous."""
     n = len(keys)
     solo = KVCache.__new__(KVCache)
-    solo.buf = torch.zeros(1, 2, 1, HKV, n + 7, D)
+    solo.buf = torch.zeros(1, 2, 1, HKV, n + 7, D, dtype=kv.buf.dtype)
     solo.buf[0, :, 0, :, :n] = kv.buf[layer, :, slot][:, :, keys]
     solo.buf[0, :, 0, :, n:] = 1e4  # garbage after its keys: must not be read
     return ra.attend_rows(q_row[None], solo, 0, _meta([(0, n - 1, None)]), SCALE)[0]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_a_row_has_the_same_bits_alone_in_a_tree_and_in_a_batch(threads):
+@pytest.mark.parametrize("threads,cache", [(1, torch.float32), (2, torch.float32),
+                                           (2, torch.float16)])
+def test_a_row_has_the_same_bits_alone_in_a_tree_and_in_a_batch(threads, cache):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(7)
-        kv = _cache(66, 600, seed=8)
+        kv = _cache(66, 600, seed=8, dtype=cache)
         start, parents, node = 250, TREES["tree16"], 13
         tree = DraftTree(tokens=[0] * 16, parents=parents)
         anc = torch.nonzero(tree.ancestor_mask()[node]).flatten().tolist()
@@ -157,7 +162,7 @@ def test_a_row_has_the_same_bits_alone_in_a_tree_and_in_a_batch(threads):
         items = [(s, lens[s], None) for s in range(64) if s != 10]
         items.insert(5, (10, start + len(anc) - 1, None))
         solo_keys = list(range(start + len(anc)))
-        kv2 = _cache(66, 600, seed=8)
+        kv2 = _cache(66, 600, seed=8, dtype=cache)
         kv2.buf[0, :, 10, :, :start + len(anc)] = kv.buf[0, :, 10][:, :, keys]
         qb = torch.randn(64, HQ, D, generator=g)
         qb[5] = target
@@ -192,8 +197,9 @@ def test_the_generic_path_is_close_to_the_reference_too():
     code = ("import torch, sys; sys.path.insert(0, 'tests/decoding');"
             "import test_row_attention as t; from mtpserve.decoding.model import row_attention as ra;"
             "assert not ra.vector_path();"
-            "t.test_close_to_an_fp64_reference('mixed');"
-            "t.test_a_row_has_the_same_bits_alone_in_a_tree_and_in_a_batch(2); print('ok')")
+            "[t.test_close_to_an_fp64_reference('mixed', c) for c in (torch.float32, torch.float16)];"
+            "t.test_a_row_has_the_same_bits_alone_in_a_tree_and_in_a_batch(2, torch.float16);"
+            "print('ok')")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, MTPSERVE_ROWS_GENERIC="1")
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
@@ -201,11 +207,13 @@ def test_the_generic_path_is_close_to_the_reference_too():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
-def test_the_fused_write_equals_write_then_attend(kv_dtype):
+@pytest.mark.parametrize("kv_dtype,cache", [(torch.float32, torch.float32),
+                                            (torch.bfloat16, torch.float32),
+                                            (torch.float32, torch.float16)])
+def test_the_fused_write_equals_write_then_attend(kv_dtype, cache):
     """write_and_attend's one-call path (a step of decode/tree rows alone) leaves the same
     cache bytes and returns the same bits as KVCache.write followed by attend_rows, with k/v
-    in the cache's dtype or another (the kernel casts)."""
+    in the cache's dtype or another (the kernel casts; into fp16 as Tensor.to rounds)."""
     from mtpserve.decoding.model.attention import write_and_attend
     g = torch.Generator().manual_seed(12)
     items = [(3, 40, TREES["wide"]), (0, 17, None), (5, 90, TREES["chain4"])]
@@ -215,14 +223,15 @@ def test_the_fused_write_equals_write_then_attend(kv_dtype):
     meta.token_store = torch.tensor(list(range(40, 46)) + [17] + list(range(90, 94)))
     q = torch.randn(T, HQ, D, generator=g)
     k, v = (torch.randn(T, HKV, D, generator=g).to(kv_dtype) for _ in range(2))
-    fused, split = _cache(6, 120, seed=13), _cache(6, 120, seed=13)
+    fused, split = (_cache(6, 120, seed=13, dtype=cache) for _ in range(2))
     out = write_and_attend(q, k, v, fused, 1, meta, SCALE, rows=True)
     meta.row_layout = None
     split.write(1, meta, k, v)
     ref = ra.attend_rows(q, split, 1, meta, SCALE)
     assert torch.equal(fused.buf, split.buf)
     assert torch.equal(out, ref)
-    assert not torch.equal(out, ra.attend_rows(q, _cache(6, 120, seed=13), 1, meta, SCALE))
+    assert not torch.equal(out, ra.attend_rows(q, _cache(6, 120, seed=13, dtype=cache), 1, meta,
+                                               SCALE))
 
 
 def test_the_fused_write_refuses_a_store_outside_the_cache():

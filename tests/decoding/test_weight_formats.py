@@ -514,3 +514,54 @@ def test_quantized_weights_on_other_devices_are_refused_clearly():
     lin = Linear(64, 16, bias=False).to("meta")
     with pytest.raises(ValueError, match="int4 weights use PyTorch's CPU or CUDA kernels, not meta"):
         lin.quantize_int4()
+
+
+def test_kv_cache_dtype_auto_is_fp16_for_quantized_weights_with_the_row_kernel():
+    """--kv-cache-dtype auto on CPU: fp16 (half the bytes attention reads, the same fp32
+    arithmetic) only where the weights are quantized and the row kernel reads the cache;
+    dense weights keep fp32 (the reference precision); an explicit choice is kept."""
+    from mtpserve.decoding.model.device import kv_cache_dtype
+
+    cpu = torch.device("cpu")
+    assert kv_cache_dtype(torch.float32, cpu, quantized=True, row_kernel=True) == torch.float16
+    assert kv_cache_dtype(torch.float32, cpu, quantized=True, row_kernel=False) == torch.float32
+    assert kv_cache_dtype(torch.float32, cpu, quantized=False, row_kernel=True) == torch.float32
+    assert kv_cache_dtype(torch.float32, cpu, "float32", quantized=True,
+                          row_kernel=True) == torch.float32
+    assert kv_cache_dtype(torch.float32, cpu, "float16") == torch.float16
+    assert kv_cache_dtype(torch.bfloat16, torch.device("cuda"), quantized=True,
+                          row_kernel=True) == torch.bfloat16
+    with pytest.raises(ValueError, match="kv_cache_dtype must be auto"):
+        EngineConfig(kv_cache_dtype="bfloat16")
+
+
+def _tiny_int4_engine(tokenizer, **config):
+    """An LLMEngine over a tiny random model quantized to int4 (as from_config does)."""
+    from mtpserve.decoding.engine.llm_engine import LLMEngine
+
+    model = random_causal_lm(tiny_config(vocab=tokenizer.vocab_size, hidden=64,
+                                         tie_word_embeddings=False), torch.float32)
+    model.quantize("int4", int4_kernel="auto")
+    return LLMEngine(EngineConfig(dtype="float32", device="cpu", max_num_seqs=2,
+                                  max_model_len=128, **config), model, tokenizer, "tiny")
+
+
+def test_an_fp16_kv_cache_decodes_as_the_fp32_one_on_a_tiny_int4_model(default_engine):
+    """The same int4 model with its cache in fp16 (the auto choice where the row kernel
+    runs) and in fp32: prefill (SDPA over the upcast cache) and decode rows (the row kernel
+    widening fp16) give the same greedy tokens, and the fp16 cache holds fp32's values
+    rounded."""
+    from mtpserve.decoding.model import row_attention
+
+    tok = default_engine.tokenizer
+    ids = tok.encode("The capital of France is")
+    outs, caches = [], []
+    for dtype in ("float16", "float32"):
+        eng = _tiny_int4_engine(tok, kv_cache_dtype=dtype)
+        assert eng.kv.buf.dtype == getattr(torch, dtype)
+        outs.append(eng.generate([ids], _greedy(12))[0]["token_ids"])
+        caches.append(eng.kv.buf[:, :, 0, :, :len(ids)].clone())
+    assert outs[0] == outs[1] and len(outs[0]) == 12
+    torch.testing.assert_close(caches[0].float(), caches[1], rtol=1e-3, atol=1e-3)
+    auto = _tiny_int4_engine(tok).kv.buf.dtype
+    assert auto == (torch.float16 if row_attention.available() else torch.float32)

@@ -1,5 +1,7 @@
 // Attention of decode rows and draft-tree rows over the KV cache, one (row, KV head) at a
-// time, batch-invariant by construction (decoding/model/row_attention.py).
+// time, batch-invariant by construction (decoding/model/row_attention.py). The cache holds
+// fp32 or fp16 K/V (KV: float or at::Half; fp16 is widened to fp32 exactly as it is read),
+// the arithmetic is fp32 either way.
 //
 // Each query row t attends over ITS keys, in cache order: the committed prefix [0, prefix[t])
 // of its cache slot, then the cache indices extra[offsets[t] .. offsets[t+1]) (its tree
@@ -22,6 +24,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -33,10 +36,11 @@ constexpr int64_t kBlock = 16;  // keys per online-softmax step (one zmm of scor
 constexpr int64_t kMaxG = 16;   // query heads per KV head
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+template <typename KV>
 struct Args {
   const float* q;      // [T, Hq, D]
-  const float* k;      // the layer's keys [S, Hkv, L, D]
-  const float* v;      // values, same layout
+  const KV* k;         // the layer's keys [S, Hkv, L, D]
+  const KV* v;         // values, same layout
   const int64_t* slot;     // [T]
   const int64_t* prefix;   // [T]
   const int64_t* offsets;  // [T + 1]
@@ -49,7 +53,8 @@ struct Args {
 inline int64_t key_at(int64_t j, int64_t p, const int64_t* ex) { return j < p ? j : ex[j - p]; }
 
 // ---- generic C++ -------------------------------------------------------------------------
-void generic_pair(const Args& a, int64_t t, int64_t h) {
+template <typename KV>
+void generic_pair(const Args<KV>& a, int64_t t, int64_t h) {
   const int64_t G = a.Hq / a.Hkv, D = a.D, p = a.prefix[t];
   const int64_t* ex = a.extra + a.offsets[t];
   const int64_t n = p + (a.offsets[t + 1] - a.offsets[t]);
@@ -65,10 +70,10 @@ void generic_pair(const Args& a, int64_t t, int64_t h) {
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t nb = std::min(kBlock, n - b);
     for (int64_t j = 0; j < nb; ++j) {
-      const float* kp = a.k + (base + key_at(b + j, p, ex)) * D;
+      const KV* kp = a.k + (base + key_at(b + j, p, ex)) * D;
       for (int64_t g = 0; g < G; ++g) {
         float dot = 0.0f;
-        for (int64_t d = 0; d < D; ++d) dot += q[g * D + d] * kp[d];
+        for (int64_t d = 0; d < D; ++d) dot += q[g * D + d] * static_cast<float>(kp[d]);
         s[g][j] = dot * a.scale;
       }
     }
@@ -87,11 +92,11 @@ void generic_pair(const Args& a, int64_t t, int64_t h) {
       for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
     }
     for (int64_t j = 0; j < nb; ++j) {
-      const float* vp = a.v + (base + key_at(b + j, p, ex)) * D;
+      const KV* vp = a.v + (base + key_at(b + j, p, ex)) * D;
       for (int64_t g = 0; g < G; ++g) {
         float* acc = o + g * D;
         const float pj = s[g][j];
-        for (int64_t d = 0; d < D; ++d) acc[d] += pj * vp[d];
+        for (int64_t d = 0; d < D; ++d) acc[d] += pj * static_cast<float>(vp[d]);
       }
     }
   }
@@ -128,8 +133,14 @@ AVX512 inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-template <int NV>  // D = 16 * NV
-AVX512 void avx512_pair(const Args& a, int64_t t, int64_t h) {
+// 16 cache values as fp32 (fp16: widened exactly)
+AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+AVX512 inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int NV, typename KV>  // D = 16 * NV
+AVX512 void avx512_pair(const Args<KV>& a, int64_t t, int64_t h) {
   constexpr int64_t D = 16 * NV;
   const int64_t G = a.Hq / a.Hkv, p = a.prefix[t];
   const int64_t* ex = a.extra + a.offsets[t];
@@ -153,9 +164,9 @@ AVX512 void avx512_pair(const Args& a, int64_t t, int64_t h) {
     const int64_t nb = std::min(kBlock, n - b);
     const __mmask16 valid = static_cast<__mmask16>((1u << nb) - 1u);
     for (int64_t j = 0; j < nb; ++j) {
-      const float* kp = a.k + (base + key_at(b + j, p, ex)) * D;
+      const KV* kp = a.k + (base + key_at(b + j, p, ex)) * D;
       __m512 kr[NV];
-      for (int i = 0; i < NV; ++i) kr[i] = _mm512_loadu_ps(kp + 16 * i);
+      for (int i = 0; i < NV; ++i) kr[i] = load16(kp + 16 * i);
       for (int64_t g = 0; g < G; ++g) {
         __m512 x = _mm512_mul_ps(qv[g][0], kr[0]);
         for (int i = 1; i < NV; ++i) x = _mm512_fmadd_ps(qv[g][i], kr[i], x);
@@ -174,9 +185,9 @@ AVX512 void avx512_pair(const Args& a, int64_t t, int64_t h) {
       for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_mul_ps(acc[g][i], c);
     }
     for (int64_t j = 0; j < nb; ++j) {
-      const float* vp = a.v + (base + key_at(b + j, p, ex)) * D;
+      const KV* vp = a.v + (base + key_at(b + j, p, ex)) * D;
       __m512 vr[NV];
-      for (int i = 0; i < NV; ++i) vr[i] = _mm512_loadu_ps(vp + 16 * i);
+      for (int i = 0; i < NV; ++i) vr[i] = load16(vp + 16 * i);
       for (int64_t g = 0; g < G; ++g) {
         const __m512 pj = _mm512_set1_ps(s[g][j]);
         for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_fmadd_ps(pj, vr[i], acc[g][i]);
@@ -201,12 +212,13 @@ bool avx512_here() {
 
 bool vector_path(int64_t D) { return avx512_here() && (D == 32 || D == 64 || D == 128); }
 
-void run_pair(const Args& a, int64_t t, int64_t h) {
+template <typename KV>
+void run_pair(const Args<KV>& a, int64_t t, int64_t h) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (vector_path(a.D)) {
-    if (a.D == 64) return avx512_pair<4>(a, t, h);
-    if (a.D == 128) return avx512_pair<8>(a, t, h);
-    return avx512_pair<2>(a, t, h);
+    if (a.D == 64) return avx512_pair<4, KV>(a, t, h);
+    if (a.D == 128) return avx512_pair<8, KV>(a, t, h);
+    return avx512_pair<2, KV>(a, t, h);
   }
 #endif
   generic_pair(a, t, h);
@@ -217,9 +229,10 @@ at::Tensor row_attention(const at::Tensor& q, const at::Tensor& kv, const at::Te
                          const at::Tensor& extra, double scale) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3,
               "row_attention: q must be a [T, Hq, D] float32 CPU tensor");
-  TORCH_CHECK(kv.scalar_type() == at::kFloat && kv.dim() == 5 && kv.size(0) == 2 &&
-                  kv.is_contiguous(),
-              "row_attention: kv must be one layer's contiguous [2, S, Hkv, L, D] float32");
+  TORCH_CHECK((kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kHalf) &&
+                  kv.dim() == 5 && kv.size(0) == 2 && kv.is_contiguous(),
+              "row_attention: kv must be one layer's contiguous [2, S, Hkv, L, D] float32 "
+              "or float16");
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t S = kv.size(1), Hkv = kv.size(2), L = kv.size(3);
   TORCH_CHECK(kv.size(4) == D && Hq % Hkv == 0 && Hq / Hkv <= kMaxG,
@@ -245,19 +258,23 @@ at::Tensor row_attention(const at::Tensor& q, const at::Tensor& kv, const at::Te
       TORCH_CHECK(ex[i] >= 0 && ex[i] < L, "row_attention: key index outside the cache");
     keys += n;
   }
-  const float* kp = kv.data_ptr<float>();
-  Args a{qc.data_ptr<float>(), kp, kp + S * Hkv * L * D, sl, pre, off, ex,
-         out.data_ptr<float>(), Hq, Hkv, L, D, static_cast<float>(scale)};
-  // threads split (row, KV head) pairs; small passes stay on the calling thread (a fork
-  // costs more than the work: below ~110 keys of 9 heads x 64 here). One decode row over
-  // 512 keys: 31 -> 23 us on 2 threads (AMD Zen 4), its 3 pairs split 2 + 1. Either way
-  // each pair is computed the same.
-  const int64_t pairs = T * Hkv;
-  const int64_t work = keys * Hq * D;
-  const int64_t grain = work < (1 << 16) ? pairs : 1;
-  at::parallel_for(0, pairs, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) run_pair(a, i / Hkv, i % Hkv);
-  });
+  auto run = [&](auto* kp) {
+    using KV = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+    Args<KV> a{qc.data_ptr<float>(), kp, kp + S * Hkv * L * D, sl, pre, off, ex,
+               out.data_ptr<float>(), Hq, Hkv, L, D, static_cast<float>(scale)};
+    // threads split (row, KV head) pairs; small passes stay on the calling thread (a
+    // fork costs more than the work: below ~110 keys of 9 heads x 64 here). One decode
+    // row over 512 keys: 31 -> 23 us on 2 threads (AMD Zen 4), its 3 pairs split 2 + 1.
+    // Either way each pair is computed the same.
+    const int64_t pairs = T * Hkv;
+    const int64_t work = keys * Hq * D;
+    const int64_t grain = work < (1 << 16) ? pairs : 1;
+    at::parallel_for(0, pairs, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) run_pair(a, i / Hkv, i % Hkv);
+    });
+  };
+  if (kv.scalar_type() == at::kHalf) run(kv.data_ptr<at::Half>());
+  else run(kv.data_ptr<float>());
   return out;
 }
 
@@ -269,9 +286,10 @@ at::Tensor write_row_attention(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& store_pos, const at::Tensor& slot,
                                const at::Tensor& prefix, const at::Tensor& offsets,
                                const at::Tensor& extra, double scale) {
-  TORCH_CHECK(kv.scalar_type() == at::kFloat && kv.dim() == 5 && kv.size(0) == 2 &&
-                  kv.is_contiguous(),
-              "write_row_attention: kv must be one layer's contiguous [2, S, Hkv, L, D] float32");
+  TORCH_CHECK((kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kHalf) &&
+                  kv.dim() == 5 && kv.size(0) == 2 && kv.is_contiguous(),
+              "write_row_attention: kv must be one layer's contiguous [2, S, Hkv, L, D] "
+              "float32 or float16");
   const int64_t T = q.size(0), S = kv.size(1), Hkv = kv.size(2), L = kv.size(3),
                 D = kv.size(4);
   for (const at::Tensor* x : {&k, &v})
@@ -281,22 +299,28 @@ at::Tensor write_row_attention(const at::Tensor& q, const at::Tensor& k, const a
   for (const at::Tensor* x : {&store_slot, &store_pos})
     TORCH_CHECK(x->scalar_type() == at::kLong && x->is_contiguous() && x->numel() == T,
                 "write_row_attention: store_slot/store_pos must be int64 [T]");
-  const at::Tensor kc = k.to(at::kFloat).contiguous(), vc = v.to(at::kFloat).contiguous();
+  // in the cache's dtype first: rounded to fp16 as KVCache.write's .to() rounds (to nearest even)
+  const at::Tensor kc = k.to(kv.scalar_type()).contiguous();
+  const at::Tensor vc = v.to(kv.scalar_type()).contiguous();
   const int64_t* ss = store_slot.data_ptr<int64_t>();
   const int64_t* sp = store_pos.data_ptr<int64_t>();
-  float* kp = kv.data_ptr<float>();
-  float* vp = kp + S * Hkv * L * D;
-  const float* ks = kc.data_ptr<float>();
-  const float* vs = vc.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(ss[t] >= 0 && ss[t] < S && sp[t] >= 0 && sp[t] < L,
                 "write_row_attention: row ", t, " stores outside the cache");
-    for (int64_t h = 0; h < Hkv; ++h) {
-      const int64_t dst = ((ss[t] * Hkv + h) * L + sp[t]) * D, src = (t * Hkv + h) * D;
-      std::copy(ks + src, ks + src + D, kp + dst);
-      std::copy(vs + src, vs + src + D, vp + dst);
+  auto store = [&](auto* kp, const auto* ks, const auto* vs) {
+    auto* vp = kp + S * Hkv * L * D;
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t dst = ((ss[t] * Hkv + h) * L + sp[t]) * D, src = (t * Hkv + h) * D;
+        std::copy(ks + src, ks + src + D, kp + dst);
+        std::copy(vs + src, vs + src + D, vp + dst);
+      }
     }
-  }
+  };
+  if (kv.scalar_type() == at::kHalf)
+    store(kv.data_ptr<at::Half>(), kc.data_ptr<at::Half>(), vc.data_ptr<at::Half>());
+  else
+    store(kv.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>());
   return row_attention(q, kv, slot, prefix, offsets, extra, scale);
 }
 
