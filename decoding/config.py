@@ -129,9 +129,9 @@ class EngineConfig:
     # it reads, prefill's SDPA upcasts). auto: see device.kv_cache_dtype
     kv_cache_dtype: Literal["auto", "float32", "float16"] = "auto"
     # logits on CPU: q8 (the GGUF's own Q8_0 blocks, model/q8_unembed.py: exact weight
-    # values times int16-quantized activations, fp32 out, ~1 byte per weight), fp16 (FBGEMM, fp32 in/out, half the bytes) or fp32
-    # (dense, as the file's values); auto: q8 else fp16 around an int8/int4 trunk, fp32
-    # for dense weights
+    # values times int16-quantized activations, fp32 out, ~1 byte per weight), fp16
+    # (FBGEMM, fp32 in/out, half the bytes) or fp32 (dense, as the file's values); auto:
+    # q8 else fp16 around an int8/int4 trunk, fp32 for dense weights
     unembed: Literal["auto", "fp32", "fp16", "q8"] = "auto"
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     max_num_seqs: int = 16
