@@ -233,6 +233,40 @@ def tiny_engine(tokenizer, heads=None, proposer: str = "ngram", dtype: torch.dty
     return LLMEngine(config, model, tokenizer, "tiny", heads=heads)
 
 
+def tiny_int4_engine(tokenizer, int4_kernel: str = "auto", seed: int = 3,
+                     batch_invariant: bool = True, **engine_kw):
+    """An LLMEngine over a random model (hidden 64: whole int4 blocks) quantized to int4 as
+    from_config does, fp32, n-gram speculation on; batch-invariant unless told otherwise."""
+    from mtpserve.decoding.config import EngineConfig, SpecConfig
+    from mtpserve.decoding.engine.llm_engine import LLMEngine
+
+    cfg = tiny_config(vocab=tokenizer.vocab_size, hidden=64, layers=2, heads=4, kv_heads=2,
+                      tie_word_embeddings=False)
+    model = random_causal_lm(cfg, torch.float32, seed=seed)
+    model.quantize("int4", int4_kernel=int4_kernel)
+    model.use_transposed_weights()
+    if batch_invariant:
+        assert model.set_batch_invariant(True) == []
+    config = EngineConfig(dtype="float32", device="cpu", max_num_seqs=2, max_model_len=256,
+                          batch_invariant=batch_invariant,
+                          spec=SpecConfig(mode="on", proposer="ngram"), **engine_kw)
+    return LLMEngine(config, model, tokenizer, "tiny-int4")
+
+
+# A prompt the n-gram proposer drafts from, so speculative steps verify several rows.
+REPEATING = "one two three one two three one two three one two three"
+
+
+def plain_and_speculative(engine, prompt: list[int], tokens: int = 64) -> tuple[list[int], Run]:
+    """`tokens` greedy tokens of `prompt` without speculation, and the speculative run."""
+    def params(speculate: bool) -> SamplingParams:
+        return SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True,
+                              speculate=speculate)
+
+    plain = run_requests(engine, [(prompt, params(False))])[0].token_ids
+    return plain, run_requests(engine, [(prompt, params(True))])[0]
+
+
 def interrupt_after(steps: int, run) -> None:
     """Call `run` (a training run) and kill it with an exception right after step `steps`
     was checkpointed, as an interrupted process would stop (for resume tests)."""

@@ -22,8 +22,9 @@ import sys
 import pytest
 import torch
 
-from decoding_helpers import prefill_logits, random_causal_lm, run_requests, tiny_config
-from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
+from decoding_helpers import (REPEATING, plain_and_speculative, prefill_logits,
+                              tiny_int4_engine)
+from mtpserve.decoding.config import EngineConfig
 from mtpserve.decoding.model import int4_vnni
 from mtpserve.decoding.model.linear import (INT4_GROUP, Linear, _int4_codes, _int4_mm,
                                             _int4_pack, resolve_int4_kernel, row_invariant)
@@ -470,57 +471,25 @@ def test_speculative_greedy_equals_plain_greedy_with_the_vnni_kernel(default_eng
     """A random model with int4 projections on the VNNI kernel (hidden 64: whole blocks),
     batch-invariant: 64 greedy tokens with speculation (verify passes of several rows)
     are exactly the tokens of one-row steps."""
-    from mtpserve.decoding.engine.llm_engine import LLMEngine
-
     tok = default_engine.tokenizer
-    cfg = tiny_config(vocab=tok.vocab_size, hidden=64, layers=2, heads=4, kv_heads=2,
-                      tie_word_embeddings=False)
-    model = random_causal_lm(cfg, torch.float32, seed=3)
-    model.quantize("int4", int4_kernel=kernel)
-    assert all(m.int4_vnni is not None for m in model.layers.modules() if isinstance(m, Linear))
-    model.use_transposed_weights()
-    assert model.set_batch_invariant(True) == []
-    config = EngineConfig(dtype="float32", device="cpu", max_num_seqs=2, max_model_len=256,
-                          batch_invariant=True, spec=SpecConfig(mode="on", proposer="ngram"))
-    eng = LLMEngine(config, model, tok, "tiny-int4")
-    prompt = tok.encode("one two three one two three one two three one two three") * 2
-
-    def greedy(speculate: bool) -> SamplingParams:
-        return SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True,
-                              speculate=speculate)
-
-    plain = run_requests(eng, [(prompt, greedy(False))])[0].token_ids
-    spec = run_requests(eng, [(prompt, greedy(True))])
-    assert spec[0].last.spec.num_accepted_draft_tokens > 0  # verify passes did happen
-    assert spec[0].token_ids == plain
+    eng = tiny_int4_engine(tok, int4_kernel=kernel)
+    assert all(m.int4_vnni is not None for m in eng.model.layers.modules()
+               if isinstance(m, Linear))
+    plain, spec = plain_and_speculative(eng, tok.encode(REPEATING) * 2)
+    assert spec.last.spec.num_accepted_draft_tokens > 0  # verify passes did happen
+    assert spec.token_ids == plain
 
 
 def _engine_greedy(tok) -> dict:
     """A random int4 model (hidden 64) on `--int4-kernel auto`, batch-invariant, through an
     engine: the resolved kernel and path, 64 greedy tokens plain and speculative, and a hash
     of one prefill's logits (their bits). Run in this process and in one forced to AVX2."""
-    from mtpserve.decoding.engine.llm_engine import LLMEngine
-
-    cfg = tiny_config(vocab=tok.vocab_size, hidden=64, layers=2, heads=4, kv_heads=2,
-                      tie_word_embeddings=False)
-    model = random_causal_lm(cfg, torch.float32, seed=3)
-    model.quantize("int4", int4_kernel="auto")
-    lins = [m for m in model.layers.modules() if isinstance(m, Linear)]
+    eng = tiny_int4_engine(tok)
+    lins = [m for m in eng.model.layers.modules() if isinstance(m, Linear)]
     assert lins and all(m.int4_vnni is not None and m.int4_act_bits == 16 for m in lins)
-    model.use_transposed_weights()
-    assert model.set_batch_invariant(True) == []
-    config = EngineConfig(dtype="float32", device="cpu", max_num_seqs=2, max_model_len=256,
-                          batch_invariant=True, spec=SpecConfig(mode="on", proposer="ngram"))
-    eng = LLMEngine(config, model, tok, "tiny-int4")
-    prompt = tok.encode("one two three one two three one two three one two three") * 2
-
-    def greedy(speculate: bool) -> SamplingParams:
-        return SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True,
-                              speculate=speculate)
-
-    plain = run_requests(eng, [(prompt, greedy(False))])[0].token_ids
-    spec = run_requests(eng, [(prompt, greedy(True))])[0]
-    logits = prefill_logits(model, prompt).contiguous()
+    prompt = tok.encode(REPEATING) * 2
+    plain, spec = plain_and_speculative(eng, prompt)
+    logits = prefill_logits(eng.model, prompt).contiguous()
     return {"isa": int4_vnni.isa(), "kernel": resolve_int4_kernel("auto", "cpu"),
             "plain": plain, "spec": spec.token_ids,
             "accepted": spec.last.spec.num_accepted_draft_tokens,

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from decoding_helpers import prefill_logits, random_causal_lm, tiny_config
+from decoding_helpers import prefill_logits, random_causal_lm, tiny_config, tiny_int4_engine
 from mtpserve.decoding.config import EngineConfig, SamplingParams
 from mtpserve.decoding.model.linear import INT4_GROUP, Linear, _int4_codes, unpack_onednn
 
@@ -535,17 +535,6 @@ def test_kv_cache_dtype_auto_is_fp16_for_quantized_weights_with_the_row_kernel()
         EngineConfig(kv_cache_dtype="bfloat16")
 
 
-def _tiny_int4_engine(tokenizer, **config):
-    """An LLMEngine over a tiny random model quantized to int4 (as from_config does)."""
-    from mtpserve.decoding.engine.llm_engine import LLMEngine
-
-    model = random_causal_lm(tiny_config(vocab=tokenizer.vocab_size, hidden=64,
-                                         tie_word_embeddings=False), torch.float32)
-    model.quantize("int4", int4_kernel="auto")
-    return LLMEngine(EngineConfig(dtype="float32", device="cpu", max_num_seqs=2,
-                                  max_model_len=128, **config), model, tokenizer, "tiny")
-
-
 def test_an_fp16_kv_cache_decodes_as_the_fp32_one_on_a_tiny_int4_model(default_engine):
     """The same int4 model with its cache in fp16 (the auto choice where the row kernel
     runs) and in fp32: prefill (SDPA over the upcast cache) and decode rows (the row kernel
@@ -557,11 +546,11 @@ def test_an_fp16_kv_cache_decodes_as_the_fp32_one_on_a_tiny_int4_model(default_e
     ids = tok.encode("The capital of France is")
     outs, caches = [], []
     for dtype in ("float16", "float32"):
-        eng = _tiny_int4_engine(tok, kv_cache_dtype=dtype)
+        eng = tiny_int4_engine(tok, kv_cache_dtype=dtype)
         assert eng.kv.buf.dtype == getattr(torch, dtype)
         outs.append(eng.generate([ids], _greedy(12))[0]["token_ids"])
         caches.append(eng.kv.buf[:, :, 0, :, :len(ids)].clone())
     assert outs[0] == outs[1] and len(outs[0]) == 12
     torch.testing.assert_close(caches[0].float(), caches[1], rtol=1e-3, atol=1e-3)
-    auto = _tiny_int4_engine(tok).kv.buf.dtype
+    auto = tiny_int4_engine(tok).kv.buf.dtype
     assert auto == (torch.float16 if row_attention.available() else torch.float32)
