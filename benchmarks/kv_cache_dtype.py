@@ -5,7 +5,9 @@ Why: attention reads every cached key and value of every sequence each step; at 
 sequences that traffic, not arithmetic, bounds the row kernel, and fp16 halves it (the
 kernel widens fp16 to fp32 as it loads). Prints one table: median ms per decode step
 (after every prompt's prefill) on HumanEval chat prompts, 128 greedy tokens each
-(ignore_eos), and how many batch-16 outputs are identical between the two caches.
+(ignore_eos), the median over rounds with every round's figure (this VM's speed drifts
+between minutes: compare within a round), and how many batch-16 outputs are identical
+between the two caches.
 
     .venv/bin/python benchmarks/kv_cache_dtype.py [--rounds 2] [--compile auto]
 """
@@ -41,7 +43,7 @@ def decode_ms(engine, prompts: list[list[int]], tokens: int) -> tuple[float, dic
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the last counts")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--compile", default="auto", choices=["off", "on", "auto"])
     a = p.parse_args(argv)
@@ -54,24 +56,33 @@ def main(argv: list[str] | None = None) -> int:
                                                      kv_cache_dtype=d)) for d in DTYPES}
     _, rows = load_prompts(None, 16)
     prompts = encode_prompts(engines["float32"].tokenizer, rows)
-    ms: dict[tuple[str, int], float] = {}
+    ms: dict[tuple[str, int], list[float]] = {}
     outs: dict[str, dict[str, list[int]]] = {}
     for _ in range(a.rounds):
         for d, engine in engines.items():
             for batch in (1, 16):
-                ms[d, batch], got = decode_ms(engine, prompts[:batch], a.tokens)
+                t, got = decode_ms(engine, prompts[:batch], a.tokens)
+                ms.setdefault((d, batch), []).append(t)
                 if batch == 16:
                     outs[d] = got
     same = sum(outs["float32"][r] == outs["float16"][r] for r in outs["float32"])
-    print(f"decode ms/step (median, round {a.rounds} of {a.rounds}), 16 HumanEval chat prompts, "
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    print(f"decode ms/step (median over {a.rounds} rounds; each round's), 16 HumanEval chat prompts, "
           f"{a.tokens} greedy tokens, weights {engines['float32'].weight_format}, compiled "
           f"{engines['float32'].compiled is not None}")
     print("| KV cache | batch 1 | batch 16 |")
     print("|---|---|---|")
+    def cell(d: str, b: int) -> str:
+        return f"{med[d, b]:.2f} ({', '.join(f'{x:.1f}' for x in ms[d, b])})"
+
     for d in DTYPES:
-        print(f"| {d} | {ms[d, 1]:.2f} | {ms[d, 16]:.2f} |")
-    print(f"| fp32 / fp16 | {ms['float32', 1] / ms['float16', 1]:.3f} | "
-          f"{ms['float32', 16] / ms['float16', 16]:.3f} |")
+        print(f"| {d} | {cell(d, 1)} | {cell(d, 16)} |")
+
+    def ratios(b: int) -> str:
+        per = [x / y for x, y in zip(ms["float32", b], ms["float16", b])]
+        return f"{statistics.median(per):.3f} ({', '.join(f'{r:.2f}' for r in per)})"
+
+    print(f"| fp32 / fp16, per round | {ratios(1)} | {ratios(16)} |")
     print(f"batch-16 greedy outputs identical fp16 vs fp32 cache: {same}/{len(outs['float32'])}")
     return 0
 
