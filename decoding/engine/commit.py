@@ -84,7 +84,7 @@ class Committer:
         `argmax`: the logits rows' argmax, where known."""
         p = seq.params
         if p.greedy:
-            return accept_greedy(logits, tree) if argmax is None else accept_greedy_ids(argmax, tree)
+            return accept_greedy_ids(argmax, tree) if argmax else accept_greedy(logits, tree)
         probs = processed_probs(logits, p)
         if tree.num_drafts == 0:
             return Accepted([0], int(sample(probs[0], seq.generator).item()))

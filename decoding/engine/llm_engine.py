@@ -78,9 +78,9 @@ class LLMEngine:
             prepare(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        # the row kernel reads fp16 caches (widened as loaded); auto picks fp16 with it
-        row_kernel = (config.attention_kernel != "sdpa" and self.device.type == "cpu"
-                      and row_attention.available())
+        # auto picks an fp16 cache where the row kernel (which widens it as it loads) runs
+        row_kernel = row_attention.resolve(config.attention_kernel, self.device,
+                                           torch.float32) == "rows"
         self.kv_dtype = kv_cache_dtype(self.dtype, self.device, config.kv_cache_dtype,
                                        quantized=model.weight_format != "dense",
                                        row_kernel=row_kernel)

@@ -40,9 +40,9 @@ def kv_cache_dtype(dtype: torch.dtype, device: torch.device, name: str = "auto",
     the weights are quantized and the row attention kernel reads the cache (it widens fp16
     to fp32 as it loads: half the bytes, the same fp32 arithmetic; the K/V rounding, ~5e-4
     relative, is far below int4's), else fp32 (or the model's fp64): dense weights keep the
-    reference precision, and a bf16 cache through PyTorch's CPU flash attention, which repacks bf16 K/V on
-    every call, measured 4-7x slower than fp32 for decode rows (docs/experiments.md).
-    Elsewhere the model's dtype."""
+    reference precision, and a bf16 cache through PyTorch's CPU flash attention, which
+    repacks bf16 K/V on every call, measured 4-7x slower than fp32 for decode rows
+    (docs/experiments.md). Elsewhere the model's dtype."""
     if name != "auto":
         return {"float32": torch.float32, "float16": torch.float16}[name]
     if device.type != "cpu":
