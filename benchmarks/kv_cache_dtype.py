@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                     outs[d] = got
     same = sum(outs["float32"][r] == outs["float16"][r] for r in outs["float32"])
     med = {k: statistics.median(v) for k, v in ms.items()}
-    print(f"decode ms/step (median over {a.rounds} rounds; each round's), 16 HumanEval chat prompts, "
-          f"{a.tokens} greedy tokens, weights {engines['float32'].weight_format}, compiled "
-          f"{engines['float32'].compiled is not None}")
+    ref = engines["float32"]
+    print(f"decode ms/step (median over {a.rounds} rounds; each round's), 16 HumanEval chat "
+          f"prompts, {a.tokens} greedy tokens, weights {ref.weight_format}, compiled "
+          f"{ref.compiled is not None}")
     print("| KV cache | batch 1 | batch 16 |")
     print("|---|---|---|")
     def cell(d: str, b: int) -> str:

@@ -108,9 +108,10 @@ class EngineConfig:
     wide_weights: bool = True
     # int4's CPU kernel: aten (PyTorch's, bf16 activations), vnni16 (int16 activations x int4
     # weights, model/int4_vnni.py: AVX512-VNNI, or AVX2+FMA+F16C with the same bits) or vnni
-    # (int8 activations, AVX512-VNNI only); auto: vnni16 where it builds and runs, else aten. CUDA keeps PyTorch's kernels. vnni16 matched the dense fp32
-    # reference on 16/16 greedy HumanEval outputs (aten 8/16, vnni 3/16) and is faster than
-    # aten (batch-1 decode 15.0 vs 22.2 ms/step; docs/benchmarks.md section 6).
+    # (int8 activations, AVX512-VNNI only); auto: vnni16 where it builds and runs, else
+    # aten. CUDA keeps PyTorch's kernels. vnni16 matched the dense fp32 reference on 16/16
+    # greedy HumanEval outputs (aten 8/16, vnni 3/16) and is faster than aten (batch-1
+    # decode 15.0 vs 22.2 ms/step; docs/benchmarks.md section 6).
     int4_kernel: Literal["auto", "aten", "vnni", "vnni16"] = "auto"
     # A row's result does not depend on the other rows of the pass (trees, other
     # sequences): greedy output with speculation equals it without, and a request's greedy

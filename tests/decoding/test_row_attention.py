@@ -197,7 +197,8 @@ def test_the_generic_path_is_close_to_the_reference_too():
     code = ("import torch, sys; sys.path.insert(0, 'tests/decoding');"
             "import test_row_attention as t; from mtpserve.decoding.model import row_attention as ra;"
             "assert not ra.vector_path();"
-            "[t.test_close_to_an_fp64_reference('mixed', c) for c in (torch.float32, torch.float16)];"
+            "[t.test_close_to_an_fp64_reference('mixed', c)"
+            " for c in (torch.float32, torch.float16)];"
             "t.test_a_row_has_the_same_bits_alone_in_a_tree_and_in_a_batch(2, torch.float16);"
             "print('ok')")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
