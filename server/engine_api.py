@@ -138,6 +138,7 @@ class NativeBackend(EngineBackend):
         eng = self.runner.engine
         spec = eng.config.spec
         return (f"native engine: weights {getattr(eng, 'weight_format', '?')}, "
-                f"{str(getattr(eng, 'dtype', '?')).removeprefix('torch.')}; speculate "
+                f"{str(getattr(eng, 'dtype', '?')).removeprefix('torch.')}, KV cache "
+                f"{str(getattr(eng, 'kv_dtype', '?')).removeprefix('torch.')}; speculate "
                 f"{spec.mode}, proposer {spec.proposer}, draft heads "
                 f"{'loaded' if getattr(eng, 'heads', None) is not None else 'none'}")

@@ -246,3 +246,12 @@ def test_body_limit_counts_streamed_bytes_and_content_length():
     assert status == 413 and len(rejected) == 2
     status, _ = _call(mw, [b"1"], headers=[(b"content-length", b"x")])
     assert status == 400
+
+
+def test_the_native_backend_names_its_weights_and_kv_cache(shared_runner):
+    """The startup log line (ServerState) says what the engine chose: the shared test engine
+    is dense fp32, whose KV cache stays fp32 (auto keeps fp16 for quantized weights)."""
+    from mtpserve.server.engine_api import NativeBackend
+
+    text = NativeBackend(shared_runner).describe()
+    assert "weights dense, float32, KV cache float32;" in text, text
