@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -265,6 +267,14 @@ def plain_and_speculative(engine, prompt: list[int], tokens: int = 64) -> tuple[
 
     plain = run_requests(engine, [(prompt, params(False))])[0].token_ids
     return plain, run_requests(engine, [(prompt, params(True))])[0]
+
+
+def fresh_process(code: str, **env: str) -> subprocess.CompletedProcess:
+    """`code` run by this Python in a new process at the repository root with `env` added:
+    for kernel paths that are chosen once per process (forced by environment variables)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def interrupt_after(steps: int, run) -> None:

@@ -15,14 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from decoding_helpers import (REPEATING, plain_and_speculative, prefill_logits,
+from decoding_helpers import (REPEATING, fresh_process, plain_and_speculative, prefill_logits,
                               tiny_int4_engine)
 from mtpserve.decoding.config import EngineConfig
 from mtpserve.decoding.model import int4_vnni
@@ -513,10 +510,7 @@ def test_the_engine_forced_to_avx2_gives_the_same_greedy_output_and_logits(defau
             "t._weights(16, 32)[3], 16, 8);"
             "assert 'AVX2 path' in str(e.value);"
             "print(json.dumps(t._engine_greedy(Tokenizer.from_gguf(default_model_path()))))")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, MTPSERVE_INT4_AVX2="1")
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=300, check=False)
+    r = fresh_process(code, MTPSERVE_INT4_AVX2="1")
     assert r.returncode == 0, r.stderr[-3000:]
     forced = json.loads(r.stdout.strip().splitlines()[-1])
     here = _engine_greedy(default_engine.tokenizer)

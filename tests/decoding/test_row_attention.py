@@ -10,12 +10,10 @@ sequence's greedy tokens alone == in a batch.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from decoding_helpers import fresh_process
 from mtpserve.decoding.model import row_attention as ra
 from mtpserve.decoding.model.attention import attend, attend_cached
 from mtpserve.decoding.model.attention_metadata import AttentionMetadata, padded_layout
@@ -201,10 +199,7 @@ def test_the_generic_path_is_close_to_the_reference_too():
             " for c in (torch.float32, torch.float16)];"
             "t.test_a_row_has_the_same_bits_alone_in_a_tree_and_in_a_batch(2, torch.float16);"
             "print('ok')")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, MTPSERVE_ROWS_GENERIC="1")
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = fresh_process(code, MTPSERVE_ROWS_GENERIC="1")
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
