@@ -147,28 +147,22 @@ def test_a_nan_in_a_row_makes_that_rows_logits_nan_only():
 
 
 @needs_kernel
-def test_a_rows_logits_never_depend_on_the_other_rows_m_1_to_64():
-    n, k = 1024, 576
-    q, d = _blocks(n, k, seed=2)
+@pytest.mark.parametrize("n,rows,ms,seed", [
+    (1024, 64, range(1, 65), 2),                 # every M from 1 to 64
+    (49152, 33, (*range(1, 10), 16, 33), 8),     # the model's unembedding shape
+])
+def test_a_rows_logits_never_depend_on_the_other_rows(n, rows, ms, seed):
+    """Row i of an M-row call is bitwise row i alone, and a shuffled call gives the rows'
+    own logits in its order."""
+    k = 576
+    q, d = _blocks(n, k, seed=seed)
     packed = q8_unembed.pack(q, d)
-    x = _x(64, k, seed=3)
-    alone = torch.cat([q8_unembed.mm(x[i:i + 1], packed, n) for i in range(64)])
-    for m in range(1, 65):
+    x = _x(rows, k, seed=seed + 1)
+    alone = torch.cat([q8_unembed.mm(x[i:i + 1], packed, n) for i in range(rows)])
+    for m in ms:
         assert torch.equal(q8_unembed.mm(x[:m], packed, n), alone[:m]), m
-    shuffled = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    shuffled = torch.randperm(rows, generator=torch.Generator().manual_seed(0))
     assert torch.equal(q8_unembed.mm(x[shuffled], packed, n), alone[shuffled])
-
-
-@needs_kernel
-def test_a_rows_logits_never_depend_on_the_other_rows_on_the_real_shape():
-    """49152 x 576 (the model's): row i of M rows is bitwise row i alone, M = 1..9, 16, 33."""
-    n, k = 49152, 576
-    q, d = _blocks(n, k, seed=8)
-    packed = q8_unembed.pack(q, d)
-    x = _x(33, k, seed=9)
-    alone = torch.cat([q8_unembed.mm(x[i:i + 1], packed, n) for i in range(33)])
-    for m in (*range(1, 10), 16, 33):
-        assert torch.equal(q8_unembed.mm(x[:m], packed, n), alone[:m]), m
 
 
 @needs_kernel
