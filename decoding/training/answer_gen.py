@@ -23,8 +23,7 @@ import hashlib
 import json
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,49 +133,78 @@ def _record(job: AnswerJob, p_ids: list[int], token_ids: list[int], text: str,
     return obj
 
 
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """One request the engine finished: its generated token ids and text."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    error: str | None
+
+
+def finished_requests(engine, requests: Iterator[tuple[str, list[int], SamplingParams]],
+                      in_flight: int) -> Iterator[Finished]:
+    """Continuous batching for offline generation: keep up to `in_flight` of `requests`
+    (request id, prompt ids, params) in the engine, adding the next as soon as one
+    finishes, and yield each as it finishes. An interruption (or the caller stopping)
+    aborts what still runs, so the engine is left empty."""
+    live: dict[str, tuple[list[int], list[str]]] = {}
+    try:
+        while True:
+            while len(live) < in_flight and (nxt := next(requests, None)) is not None:
+                engine.add_request(*nxt)
+                live[nxt[0]] = ([], [])
+            if not live:
+                return
+            for out in engine.step():
+                entry = live.get(out.request_id)
+                if entry is None:
+                    continue
+                entry[0].extend(out.new_token_ids)
+                entry[1].append(out.new_text)
+                if out.finished:
+                    del live[out.request_id]
+                    yield Finished(out.request_id, entry[0], "".join(entry[1]),
+                                   out.finish_reason, out.error)
+    finally:
+        for rid in list(live):
+            with contextlib.suppress(Exception):  # a broken engine: the first error stands
+                engine.abort_request(rid)
+
+
 def run_jobs(engine, jobs: list[AnswerJob], cache: Path, max_tokens: int, in_flight: int,
              say: Callable[[str], None]) -> dict:
     """Generate `jobs` with `engine`, at most `in_flight` requests queued at once, each
     answer appended to `cache` when it finishes. Returns the counts of this run."""
     tok = engine.tokenizer
-    pending = deque(jobs)
-    live: dict[str, tuple[AnswerJob, list[int], list[int], list[str]]] = {}
+    started: dict[str, tuple[AnswerJob, list[int]]] = {}
+
+    def requests() -> Iterator[tuple[str, list[int], SamplingParams]]:
+        for n, job in enumerate(jobs):
+            p_ids = tok.encode_chat(job.msgs)
+            started[f"answer-{n}"] = (job, p_ids)
+            yield f"answer-{n}", p_ids, SamplingParams(
+                max_tokens=max_tokens, temperature=job.temperature, seed=job.seed,
+                speculate=False)
+
     bar = GenerationBar(len(jobs), say, in_flight)
-    failed, n = 0, 0
+    failed = 0
     cache.parent.mkdir(parents=True, exist_ok=True)
     try:
         with cache.open("a", encoding="utf-8") as fh:
-            while pending or live:
-                while pending and len(live) < in_flight:
-                    job = pending.popleft()
-                    p_ids = tok.encode_chat(job.msgs)
-                    params = SamplingParams(max_tokens=max_tokens, temperature=job.temperature,
-                                            seed=job.seed, speculate=False)
-                    rid = f"answer-{n}"
-                    n += 1
-                    engine.add_request(rid, p_ids, params)
-                    live[rid] = (job, p_ids, [], [])
-                for out in engine.step():
-                    entry = live.get(out.request_id)
-                    if entry is None:
-                        continue
-                    entry[2].extend(out.new_token_ids)
-                    entry[3].append(out.new_text)
-                    if not out.finished:
-                        continue
-                    del live[out.request_id]
-                    if out.error:
-                        failed += 1
-                        say(f"answer {entry[0].key} failed: {out.error}")
-                        continue
-                    fh.write(json.dumps(_record(entry[0], entry[1], entry[2], "".join(entry[3]),
-                                                out.finish_reason)) + "\n")
-                    fh.flush()
-                    bar.add(len(entry[2]))
+            for fin in finished_requests(engine, requests(), in_flight):
+                job, p_ids = started.pop(fin.request_id)
+                if fin.error:
+                    failed += 1
+                    say(f"answer {job.key} failed: {fin.error}")
+                    continue
+                fh.write(json.dumps(_record(job, p_ids, fin.token_ids, fin.text,
+                                            fin.finish_reason)) + "\n")
+                fh.flush()
+                bar.add(len(fin.token_ids))
     finally:
-        for rid in list(live):  # an interrupted run leaves nothing running in the engine
-            with contextlib.suppress(Exception):  # a broken engine: the first error stands
-                engine.abort_request(rid)
         bar.close()
     seconds = time.perf_counter() - bar.t0
     return {"answers_generated_now": bar.done, "generated_tokens_now": bar.tokens,

@@ -133,42 +133,30 @@ def sample_turns(engine, todo: list[int], seed: int, cache: Path, max_tokens: in
                  in_flight: int, say: Callable[[str], None]) -> None:
     """Sample candidates `todo` with `engine`, appending each to `cache` as it finishes."""
     from ...config import SamplingParams
-    from ..answer_gen import GenerationBar
+    from ..answer_gen import GenerationBar, finished_requests
 
     tok = engine.tokenizer
     prefix = user_prefix(tok)
-    pending = list(reversed(todo))
-    live: dict[str, tuple[int, str, list[str], list[int]]] = {}
+
+    def requests():
+        for i in todo:
+            opener, temperature, req_seed = candidate(i, seed)
+            yield f"magpie-{i}", tok.encode(prefix + opener, add_special_tokens=False), \
+                SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=req_seed,
+                               speculate=False)
+
     bar = GenerationBar(len(todo), say, in_flight)
     cache.parent.mkdir(parents=True, exist_ok=True)
     try:
         with cache.open("a", encoding="utf-8") as fh:
-            while pending or live:
-                while pending and len(live) < in_flight:
-                    i = pending.pop()
-                    opener, temperature, req_seed = candidate(i, seed)
-                    ids = tok.encode(prefix + opener, add_special_tokens=False)
-                    params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                            seed=req_seed, speculate=False)
-                    engine.add_request(f"magpie-{i}", ids, params)
-                    live[f"magpie-{i}"] = (i, opener, [], [])
-                for out in engine.step():
-                    entry = live.get(out.request_id)
-                    if entry is None:
-                        continue
-                    entry[2].append(out.new_text)
-                    entry[3].append(len(out.new_token_ids))
-                    if not out.finished:
-                        continue
-                    del live[out.request_id]
-                    text = entry[1] + "".join(entry[2])
-                    fh.write(json.dumps({"key": out.request_id, "i": entry[0], "text": text,
-                                         "finish_reason": out.finish_reason}) + "\n")
-                    fh.flush()
-                    bar.add(sum(entry[3]))
+            for fin in finished_requests(engine, requests(), in_flight):
+                i = int(fin.request_id.removeprefix("magpie-"))
+                text = candidate(i, seed)[0] + fin.text
+                fh.write(json.dumps({"key": fin.request_id, "i": i, "text": text,
+                                     "finish_reason": fin.finish_reason}) + "\n")
+                fh.flush()
+                bar.add(len(fin.token_ids))
     finally:
-        for rid in list(live):
-            engine.abort_request(rid)
         bar.close()
 
 
