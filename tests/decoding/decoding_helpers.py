@@ -300,3 +300,16 @@ def interrupt_after(steps: int, run) -> None:
             run()
     finally:
         ProgressBar.update = orig
+
+
+def interrupt_engine_after(engine, steps: int) -> None:
+    """Make `engine.step` raise KeyboardInterrupt after `steps` calls: a run cut short."""
+    real, calls = engine.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) > steps:
+            raise KeyboardInterrupt
+        return real()
+
+    engine.step = step

@@ -11,6 +11,7 @@ from mtpserve.decoding.config import EngineConfig, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
 from mtpserve.decoding.training.answer_gen import answer_jobs, generate_answers, read_cache
 from mtpserve.decoding.training.heads_data import messages_key
+from decoding_helpers import interrupt_engine_after
 from test_train_heads import _tiny_hf_folder, _word_prompts
 
 PROMPTS = [[{"role": "user", "content": f"w{i} w{i + 1} w{i + 2}"}] for i in range(3, 13)]
@@ -68,15 +69,7 @@ def test_interrupted_run_resumes_where_it_stopped(folder, tmp_path):
     generate_answers(_engine(folder), PROMPTS, ref, 8, chunk=4, samples=1)
     cache = tmp_path / "cut.jsonl"
     engine = _engine(folder)
-    real, calls = engine.step, []
-
-    def step():
-        calls.append(1)
-        if len(calls) > 12:
-            raise KeyboardInterrupt
-        return real()
-
-    engine.step = step
+    interrupt_engine_after(engine, 12)
     with pytest.raises(KeyboardInterrupt):
         generate_answers(engine, PROMPTS, cache, 8, chunk=4, samples=1)
     assert not engine.has_unfinished()  # the interrupted requests were aborted

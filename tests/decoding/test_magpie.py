@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from mtpserve.decoding.config import EngineConfig, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
 from mtpserve.decoding.training.prompt_set import magpie
+from decoding_helpers import interrupt_engine_after
 from test_train_heads import _tiny_hf_folder
 
 
@@ -77,15 +79,7 @@ def test_sampling_is_reproducible_and_resumes(folder, tmp_path, monkeypatch):
 
     cut = tmp_path / "cut.jsonl"
     engine = _engine(folder)
-    real, calls = engine.step, []
-
-    def step():
-        calls.append(1)
-        if len(calls) > 6:
-            raise KeyboardInterrupt
-        return real()
-
-    engine.step = step
+    interrupt_engine_after(engine, 6)
     with pytest.raises(KeyboardInterrupt):
         magpie.sample_turns(engine, list(range(10)), 0, cut, 8, 4, say)
     assert not engine.has_unfinished()
