@@ -121,20 +121,20 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def heldout_texts(path: Path = HELDOUT_FILE) -> set[str]:
-    """The normalized user texts of the held-out prompts."""
-    out = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            obj = json.loads(line)
-            msgs = obj.get("messages") or [{"role": "user", "content": obj["prompt"]}]
-            out.update(normalize(m["content"]) for m in msgs if m["role"] == "user")
-    return out
-
-
 def conversation(rec: dict) -> list[dict]:
     """A record's messages (a `prompt` record as one user turn)."""
     return rec["messages"] if "messages" in rec else [{"role": "user", "content": rec["prompt"]}]
+
+
+def user_texts(path: Path) -> list[str]:
+    """The user turns of a prompts JSONL ({"prompt"} or {"messages"} records)."""
+    return [m["content"] for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() for m in conversation(json.loads(line)) if m["role"] == "user"]
+
+
+def heldout_texts(path: Path = HELDOUT_FILE) -> set[str]:
+    """The normalized user texts of the held-out prompts."""
+    return {normalize(t) for t in user_texts(path)}
 
 
 def build(seed: int = 0, quota: dict[str, int] | None = None) -> list[dict]:

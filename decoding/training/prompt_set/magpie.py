@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .build import HELD_OUT_TOPICS, heldout_texts, normalize
+from .build import HELD_OUT_TOPICS, heldout_texts, normalize, user_texts
 
 OPENERS = ["", "How", "What", "Can you", "Write", "Explain", "I", "Why", "Give me", "My",
            "Is it", "Help me", "Tell me", "Which", "Should I", "Please", "I need", "Create",
@@ -91,17 +91,6 @@ def humaneval_prompts() -> list[str]:
         return []
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line)["prompt"] for line in f if line.strip()]
-
-
-def read_texts(path: Path) -> list[str]:
-    """The user turns of a prompts JSONL ({"prompt"} or {"messages"} records)."""
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            obj = json.loads(line)
-            msgs = obj.get("messages") or [{"role": "user", "content": obj["prompt"]}]
-            out += [m["content"] for m in msgs if m["role"] == "user"]
-    return out
 
 
 class Excluder:
@@ -213,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"sampling {len(todo)} user turns ({len(done)} cached)")
         sample_turns(engine, todo, a.seed, cache, a.max_tokens, a.batch, say)
         done = read_cache(cache)
-    texts = humaneval_prompts() + [t for f in a.exclude for t in read_texts(Path(f))]
+    texts = humaneval_prompts() + [t for f in a.exclude for t in user_texts(Path(f))]
     recs, why = select({i: c for i, c in done.items() if i < a.num}, Excluder(texts))
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode()
     Path(a.out).write_bytes(data)
