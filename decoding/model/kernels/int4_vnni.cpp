@@ -200,34 +200,41 @@ VNNI void quantize_row16(const T* x, int64_t k, int16_t* q, float* d, float* ds)
 // As tile(), with s16 x s16 -> s32 dots (vpdpwssd, 2 K per lane per instruction): the
 // weights widened to 16-bit lanes (0..15), |q_x| <= 32767, 32 products per group: |dot| <=
 // 15.7M, exact in int32 and in the fp32 conversion (< 2^24). Same float sequence per row.
+// Each 64-byte code vector is unpacked once and serves all R rows before the next (4 weight
+// registers live, not 16), so a tile of 8 rows fits the 32 zmm registers and shares the
+// unpacking between twice the rows of a 4-row tile: 0.74-0.79x the time of the former 4-row
+// tile (all 16 unpacked weight vectors live) from 8 rows on, 0.87x at 4, the same at 1
+// (benchmarks/int4_kernel_ab.py, docs/benchmarks.md section 6). C integer chains per row
+// keep enough vpdpwssd in flight for its latency (2 up to 4 rows, 1 beyond: R chains).
 template <int R, typename T>
 VNNI inline void tile16(const uint8_t* w, int64_t groups, const int16_t* q, int64_t k,
                         const float* d, const float* ds, T* y, int64_t n) {
+  constexpr int C = R <= 4 ? 2 : 1;
   const __m512i lo4 = _mm512_set1_epi16(0x0f);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* p = w + g * kBlock;
-    __m512i ws[16];
+    __m512i s[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) s[r][c] = _mm512_setzero_si512();
     for (int t = 0; t < 4; ++t) {
       __m512i v = _mm512_load_si512(reinterpret_cast<const void*>(p + 64 * t));
-      ws[4 * t] = _mm512_and_si512(v, lo4);
-      ws[4 * t + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 8), lo4);
-      ws[4 * t + 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
-      ws[4 * t + 3] = _mm512_srli_epi16(v, 12);
+      __m512i ws[4] = {_mm512_and_si512(v, lo4),
+                       _mm512_and_si512(_mm512_srli_epi16(v, 8), lo4),
+                       _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4),
+                       _mm512_srli_epi16(v, 12)};
+      for (int r = 0; r < R; ++r) {
+        const int32_t* xq = reinterpret_cast<const int32_t*>(q + r * k + g * kGroup) + 4 * t;
+        for (int i = 0; i < 4; ++i)  // exact integer sums: the split never changes a bit
+          s[r][i % C] = _mm512_dpwssd_epi32(s[r][i % C], ws[i], _mm512_set1_epi32(xq[i]));
+      }
     }
     __m512 dw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(p + 256)));
     __m512 mw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(p + 288)));
     for (int r = 0; r < R; ++r) {
-      const int32_t* xq = reinterpret_cast<const int32_t*>(q + r * k + g * kGroup);
-      // two integer chains (exact, so how they are split never changes a bit)
-      __m512i s0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), ws[0], _mm512_set1_epi32(xq[0]));
-      __m512i s1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), ws[1], _mm512_set1_epi32(xq[1]));
-      for (int i = 2; i < 16; i += 2) {
-        s0 = _mm512_dpwssd_epi32(s0, ws[i], _mm512_set1_epi32(xq[i]));
-        s1 = _mm512_dpwssd_epi32(s1, ws[i + 1], _mm512_set1_epi32(xq[i + 1]));
-      }
-      __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+      __m512i si = C == 2 ? _mm512_add_epi32(s[r][0], s[r][C - 1]) : s[r][0];
+      __m512 dot = _mm512_cvtepi32_ps(si);
       __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(d[r * groups + g]));
       acc[r] = _mm512_fmadd_ps(dot, scale, acc[r]);
       acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(ds[r * groups + g]), acc[r]);
@@ -242,25 +249,36 @@ VNNI inline void tile16(const uint8_t* w, int64_t groups, const int16_t* q, int6
   }
 }
 
-constexpr int kTile = 4;  // rows of x per pass over a weight block
+constexpr int kTile = 4;    // rows of x per pass over a weight block: tile (int8), AVX2
+// ... tile16 (AVX-512 int16): 6, 8, 10 and 12 measured within ~7% of each other (8 rows
+// and up); 8 keeps every live value in a register
+constexpr int kTile16 = 8;
 
-// One weight block (16 output rows) against all M rows: 4-row tiles, then the remainder.
+// run(std::integral_constant<int, R>) for R = left (1..Max), one instantiation per size
+template <int Max, typename Run>
+inline void run_rows(int64_t left, Run&& run) {
+  if constexpr (Max >= 1) {
+    if (left == Max) run(std::integral_constant<int, Max>{});
+    else run_rows<Max - 1>(left, run);
+  }
+}
+
+// One weight block (16 output rows) against all M rows: tiles of kTile (int8) or kTile16
+// (int16) rows, then the remainder as one smaller tile.
 template <typename Q, typename T>
 VNNI void block_rows(const uint8_t* wb, int64_t groups, const Q* q, int64_t k,
                      const float* d, const float* ds, T* yb, int64_t m, int64_t n) {
-  auto run = [&](auto rows, int64_t r) {
+  constexpr int full = std::is_same_v<Q, int8_t> ? kTile : kTile16;
+  int64_t r = 0;
+  auto run = [&](auto rows) {
     constexpr int R = decltype(rows)::value;
     if constexpr (std::is_same_v<Q, int8_t>)
       tile<R, T>(wb, groups, q + r * k, k, d + r * groups, ds + r * groups, yb + r * n, n);
     else
       tile16<R, T>(wb, groups, q + r * k, k, d + r * groups, ds + r * groups, yb + r * n, n);
   };
-  int64_t r = 0;
-  for (; r + kTile <= m; r += kTile) run(std::integral_constant<int, kTile>{}, r);
-  const int64_t left = m - r;
-  if (left == 3) run(std::integral_constant<int, 3>{}, r);
-  else if (left == 2) run(std::integral_constant<int, 2>{}, r);
-  else if (left == 1) run(std::integral_constant<int, 1>{}, r);
+  for (; r + full <= m; r += full) run(std::integral_constant<int, full>{});
+  run_rows<full - 1>(m - r, run);
 }
 
 // --- AVX2+FMA+F16C: int16 activations only, bitwise the vnni16 path above -----------------
@@ -386,16 +404,13 @@ AVX2 inline void tile16_avx2(const uint8_t* w, int64_t groups, const int16_t* q,
 template <typename T>
 AVX2 void block_rows16_avx2(const uint8_t* wb, int64_t groups, const int16_t* q, int64_t k,
                             const float* d, const float* ds, T* yb, int64_t m, int64_t n) {
-  auto run = [&](auto rows, int64_t r) {
+  int64_t r = 0;
+  auto run = [&](auto rows) {
     constexpr int R = decltype(rows)::value;
     tile16_avx2<R, T>(wb, groups, q + r * k, k, d + r * groups, ds + r * groups, yb + r * n, n);
   };
-  int64_t r = 0;
-  for (; r + kTile <= m; r += kTile) run(std::integral_constant<int, kTile>{}, r);
-  const int64_t left = m - r;
-  if (left == 3) run(std::integral_constant<int, 3>{}, r);
-  else if (left == 2) run(std::integral_constant<int, 2>{}, r);
-  else if (left == 1) run(std::integral_constant<int, 1>{}, r);
+  for (; r + kTile <= m; r += kTile) run(std::integral_constant<int, kTile>{});
+  run_rows<kTile - 1>(m - r, run);
 }
 
 // Q: int8_t (vpdpbusd, activations in int8) or int16_t (vpdpwssd, activations in int16);
