@@ -9,8 +9,14 @@ same bits (the script says where they differ). Time: a pass over every projectio
 30-layer trunk (q/k/v, o, gate/up, down: weights streamed from memory as in the model), min
 over rounds, the two kernels alternating within each round. Prints a markdown table.
 
+--engine: the same for the whole step instead: two engines with the default settings
+(compiled unless --compile off), the first built and warmed up with the baseline kernel
+patched in, and the verify curve (one forward + logits over k new tokens at context 300,
+engine/step_costs.py) of each, alternating, min over rounds.
+
     flock /tmp/cpu.lock python benchmarks/int4_kernel_ab.py [--rev HEAD~1]
         [--rows 1,2,4,8,12,16,32,64,256] [--act-bits 16] [--rounds 15]
+        [--engine [--ks 1,2,4,8,12,16] [--compile on]]
 """
 
 from __future__ import annotations
@@ -39,8 +45,42 @@ def baseline_op(rev: str, act_bits: int):
     src = Path(tempfile.mkdtemp()) / "int4_vnni_base.cpp"
     src.write_text(text.replace("mtpserve_int4", "mtpserve_int4_base"))
     load_kernel(src)
+    for op in ("mm", "mm16"):  # shapes for torch.compile, as int4_vnni registers its own
+        torch.library.register_fake(f"mtpserve_int4_base::{op}")(
+            lambda x, packed, n: x.new_empty(x.shape[0], n))
     ops = torch.ops.mtpserve_int4_base
     return ops.mm16 if act_bits == 16 else ops.mm
+
+
+def engine_curves(base, ks: list[int], rounds: int, compile_mode: str) -> None:
+    """The verify curve of two engines, the first built with `base` as its int4 kernel."""
+    from mtpserve.decoding.config import EngineConfig
+    from mtpserve.decoding.engine.llm_engine import LLMEngine
+    from mtpserve.decoding.engine.step_costs import verify_times
+
+    this_mm = int4_vnni.mm
+
+    def base_mm(x, packed, n, act_bits=8):
+        return base(x, packed, n) if act_bits == 16 else this_mm(x, packed, n, act_bits)
+
+    engines = {}
+    for name, mm in (("base", base_mm), ("this", this_mm)):
+        int4_vnni.mm = mm  # what Linear calls, traced into the compiled graph at warm-up
+        engines[name] = LLMEngine.from_config(EngineConfig(compile=compile_mode))
+    int4_vnni.mm = this_mm
+    filler = engines["this"].tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 20)
+    best = {name: {k: float("inf") for k in ks} for name in engines}
+    for r in range(rounds):
+        for name in (("base", "this") if r % 2 else ("this", "base")):
+            for row in verify_times(engines[name], filler, 300, ks, 5):
+                best[name][row["k"]] = min(best[name][row["k"]], row["ms_min"])
+    print("| kernel | " + " | ".join(f"k={k} ms (/k=1)" for k in ks) + " |")
+    print("|---|" + "---|" * len(ks))
+    for name in engines:
+        print(f"| {name} | " + " | ".join(
+            f"{best[name][k]:.2f} ({best[name][k] / best[name][ks[0]]:.2f})" for k in ks) + " |")
+    print("| this / base | " + " | ".join(f"{best['this'][k] / best['base'][k]:.2f}"
+                                          for k in ks) + " |")
 
 
 def main() -> None:
@@ -49,10 +89,16 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8,12,16,32,64,256")
     ap.add_argument("--act-bits", type=int, choices=(8, 16), default=16)
     ap.add_argument("--rounds", type=int, default=15, help="rounds up to 64 rows (4 beyond)")
+    ap.add_argument("--engine", action="store_true", help="whole-step verify curves instead")
+    ap.add_argument("--ks", default="1,2,4,8,12,16")
+    ap.add_argument("--compile", default="on", choices=("on", "off"))
     args = ap.parse_args()
     if not int4_vnni.available():
         raise SystemExit("the int4 VNNI kernel does not run here")
     base = baseline_op(args.rev, args.act_bits)
+    if args.engine:
+        engine_curves(base, [int(k) for k in args.ks.split(",")], args.rounds, args.compile)
+        return
     ops = torch.ops.mtpserve_int4
     this = ops.mm16 if args.act_bits == 16 else ops.mm
     g = torch.Generator().manual_seed(0)
