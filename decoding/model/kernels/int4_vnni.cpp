@@ -98,6 +98,19 @@ VNNI inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// s + vpdpwssd / vpdpbusd (w, the int32 at p broadcast to 16 lanes), the broadcast folded
+// into the instruction ({1to16}): GCC emits a separate vpbroadcastd for _mm512_set1_epi32
+// (measured: 0.84-0.87x tile16's time from 4 rows with the fold, docs/benchmarks.md section 6)
+VNNI inline __m512i dpwssd_bcast(__m512i s, __m512i w, const int32_t* p) {
+  asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(s) : "v"(w), "m"(*p));
+  return s;
+}
+
+VNNI inline __m512i dpbusd_bcast(__m512i s, __m512i w, const int32_t* p) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(s) : "v"(w), "m"(*p));
+  return s;
+}
+
 // One row of x -> int8 codes per block of 32 (d = max|x|/127, q = round-to-nearest-even of
 // x * (1/d)), d per block and d*sum(q) per block (the min term's factor).
 template <typename T>
@@ -138,14 +151,12 @@ VNNI inline void tile(const uint8_t* w, int64_t groups, const int8_t* q, int64_t
     for (int r = 0; r < R; ++r) {
       const int32_t* xq = reinterpret_cast<const int32_t*>(q + r * k + g * kGroup);
       // two integer chains (exact, so how they are split never changes a bit)
-      __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ws[0], _mm512_set1_epi32(xq[0]));
-      __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ws[1], _mm512_set1_epi32(xq[1]));
-      s0 = _mm512_dpbusd_epi32(s0, ws[2], _mm512_set1_epi32(xq[2]));
-      s1 = _mm512_dpbusd_epi32(s1, ws[3], _mm512_set1_epi32(xq[3]));
-      s0 = _mm512_dpbusd_epi32(s0, ws[4], _mm512_set1_epi32(xq[4]));
-      s1 = _mm512_dpbusd_epi32(s1, ws[5], _mm512_set1_epi32(xq[5]));
-      s0 = _mm512_dpbusd_epi32(s0, ws[6], _mm512_set1_epi32(xq[6]));
-      s1 = _mm512_dpbusd_epi32(s1, ws[7], _mm512_set1_epi32(xq[7]));
+      __m512i s0 = dpbusd_bcast(_mm512_setzero_si512(), ws[0], xq);
+      __m512i s1 = dpbusd_bcast(_mm512_setzero_si512(), ws[1], xq + 1);
+      for (int i = 2; i < 8; i += 2) {
+        s0 = dpbusd_bcast(s0, ws[i], xq + i);
+        s1 = dpbusd_bcast(s1, ws[i + 1], xq + i + 1);
+      }
       __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
       __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(d[r * groups + g]));
       acc[r] = _mm512_fmadd_ps(dot, scale, acc[r]);
@@ -227,7 +238,7 @@ VNNI inline void tile16(const uint8_t* w, int64_t groups, const int16_t* q, int6
       for (int r = 0; r < R; ++r) {
         const int32_t* xq = reinterpret_cast<const int32_t*>(q + r * k + g * kGroup) + 4 * t;
         for (int i = 0; i < 4; ++i)  // exact integer sums: the split never changes a bit
-          s[r][i % C] = _mm512_dpwssd_epi32(s[r][i % C], ws[i], _mm512_set1_epi32(xq[i]));
+          s[r][i % C] = dpwssd_bcast(s[r][i % C], ws[i], xq + i);
       }
     }
     __m512 dw = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(p + 256)));
