@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..model.kernel_build import user_cache_dir
+from ..model.kernel_build import kernels_digest, user_cache_dir
 from ..spec.tree_choice import rank_trees, tree_candidates
 from .step_costs import draft_times, verify_times
 
@@ -79,6 +79,7 @@ def machine_key(engine: Any, acc: dict) -> dict:
             "attention": getattr(model, "attention_kernel", ""),
             "unembed": getattr(model, "unembed_format", ""),
             "compiled": engine.compiled is not None,
+            "kernels": kernels_digest(),  # a kernel's new version moves the costs
             # drafting compiled (compiled_draft.py) or eager: a depth's cost differs
             "draft_compiled": getattr(engine.heads, "compiled_chain", None) is not None}
 

@@ -30,6 +30,19 @@ def kernel_cache_dir() -> Path:
     return user_cache_dir() / "kernels"
 
 
+KERNELS = Path(__file__).with_name("kernels")
+
+
+def kernels_digest() -> str:
+    """A digest of our kernels' sources (kernels/*.cpp): what a cached measurement of their
+    speed (the `--tree auto` choice) depends on beside the machine, so an upgraded kernel
+    is measured again."""
+    h = hashlib.sha256()
+    for src in sorted(KERNELS.glob("*.cpp")):
+        h.update(src.name.encode() + b"\0" + src.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def load_kernel(source: Path) -> None:
     """JIT-build (first process) or load (later) the C++ extension `source` (one of
     kernels/*.cpp, registering its own torch ops) into kernel_cache_dir(), one folder per

@@ -63,9 +63,17 @@ def test_auto_measures_once_then_reads_the_cache(default_engine, tmp_path, cache
     def no_measuring(*a, **kw):
         raise AssertionError("measured again although the cache holds this machine's choice")
 
+    measure = tree_autotune.measure_and_rank
     monkeypatch.setattr(tree_autotune, "measure_and_rank", no_measuring)
     again, _ = _engine(default_engine.tokenizer, tmp_path, SURE)
     assert again.policy.choices == eng.policy.choices
+    # another version of our kernels (their sources' digest) is another key: measured again
+    monkeypatch.setattr(tree_autotune, "measure_and_rank", measure)
+    monkeypatch.setattr(tree_autotune, "kernels_digest", lambda: "another-kernel-version")
+    _engine(default_engine.tokenizer, tmp_path, SURE)
+    keys = [json.loads(p.read_text())["key"]["kernels"] for p in cache_home.glob("*.json")]
+    assert sorted(keys) == sorted([saved["key"]["kernels"], "another-kernel-version"])
+    monkeypatch.setattr(tree_autotune, "measure_and_rank", no_measuring)
     # other heads (another heads.json) are another key: measured, here failing -> default
     caplog.clear()
     with caplog.at_level(logging.WARNING):
