@@ -298,6 +298,36 @@ def test_plain_section_times_llama_cpp_in_the_same_run(tmp_path, capsys, one_thr
         assert "llama.cpp: " in text
 
 
+def test_llama_rounds_alternate_our_decode_with_llama_bench(tmp_path, capsys, one_thread):
+    """--llama-rounds 3: llama-bench runs three times (once per round, alternating with our
+    batch-1 decode); each round's ratio, their median and best vs best are reported. The
+    fake binary reports 100, 200, then 400 tok/s."""
+    fake = tmp_path / "llama-bench"
+    count = tmp_path / "count"
+    fake.write_text("#!/bin/sh\necho x >> " + str(count) + "\nn=$(wc -l < " + str(count)
+                    + ")\nts=$((50 << n))\n"
+                    + f"cat <<J\n{LLAMA_BENCH_JSON.replace('125.0', '$ts')}J\n")
+    fake.chmod(0o755)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "abc abc abc"}\n')
+    out = tmp_path / "r.json"
+    args = _parser().parse_args([
+        "bench", "--prompts", str(prompts), "--num-prompts", "1", "--max-tokens", "8",
+        "--batch-sizes", "1", "--warmup", "0", "--no-transformers", "--bandwidth-gb", "0",
+        "--llama-bench", str(fake), "--llama-rounds", "3", "--out", str(out)])
+    assert run_bench(args, engine=_tiny_engine()) == 0
+    lr = json.loads(out.read_text())["plain"]["llama_rounds"]
+    assert [r["llama_cpp_decode_tokens_per_s"] for r in lr["rounds"]] == [100.0, 200.0, 400.0]
+    ours = [r["mtpserve_decode_tokens_per_s"] for r in lr["rounds"]]
+    assert all(v > 0 for v in ours)
+    ratios = [m / ll for m, ll in zip(ours, [100.0, 200.0, 400.0])]
+    assert lr["median_ratio"] == pytest.approx(sorted(ratios)[1])
+    assert lr["best_vs_best"] == pytest.approx(max(ours) / 400.0)
+    assert "median ratio" in capsys.readouterr().out
+    bad = _parser().parse_args(["bench", "--llama-rounds", "0", "--llama-bench", str(fake)])
+    assert run_bench(bad, engine=_tiny_engine()) == 2
+
+
 LOOKUP_LOG = """encoded  165 tokens in    0.500 seconds, speed:  330.000 t/s
 decoded  {n} tokens in    {s} seconds, speed:   99.805 t/s
 

@@ -57,6 +57,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--llama-bench", default=None, metavar="PATH",
                    help="llama.cpp's llama-bench binary: time its plain decode on the same GGUF "
                         "file in this run (scripts/install_llama_cpp.sh builds one)")
+    o.add_argument("--llama-rounds", type=int, default=1, metavar="N",
+                   help="with --llama-bench: time our batch-1 decode and llama-bench N times, "
+                        "alternating, and report each round's ratio and the median (for "
+                        "machines whose speed drifts between minutes)")
     o.add_argument("--llama-lookup", default=None, metavar="PATH",
                    help="llama.cpp's llama-lookup binary: its own n-gram (prompt lookup) "
                         "speculation on these prompts, with and without drafts, in this run "
@@ -136,6 +140,8 @@ def run_bench(args: argparse.Namespace, engine: LLMEngine | None = None) -> int:
         bad = [s for s in settings if s not in COMPARE_SETTINGS]
         if bad:
             raise ValueError(f"unknown --compare-settings {bad}; choose from {list(COMPARE_SETTINGS)}")
+        if args.llama_rounds < 1:
+            raise ValueError(f"--llama-rounds must be at least 1, got {args.llama_rounds}")
         source, prompts = load_prompts(args.prompts, args.num_prompts)
         if engine is None:
             engine = _build_engine(args)

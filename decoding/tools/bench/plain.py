@@ -6,6 +6,7 @@ the fraction of the weight-streaming limit (bandwidth / model bytes) batch-1 dec
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from typing import TYPE_CHECKING
 
@@ -70,7 +71,7 @@ def section_plain(engine: LLMEngine, args: argparse.Namespace, prompt_ids: list[
             out["peak_rss_mb_with_transformers"] = peak_rss_mb()
             del model
     if getattr(args, "llama_bench", None):
-        out.update(llama_cpp_row(engine, args, rows))
+        out.update(llama_cpp_row(engine, args, rows, prompt_ids))
     mb = model_bytes(engine.model)
     out["model_bytes"] = mb
     if args.bandwidth_gb > 0:  # last: the big tensor would otherwise set the peak RSS
@@ -83,7 +84,8 @@ def section_plain(engine: LLMEngine, args: argparse.Namespace, prompt_ids: list[
     return out
 
 
-def llama_cpp_row(engine: LLMEngine, args: argparse.Namespace, rows: list[dict]) -> dict:
+def llama_cpp_row(engine: LLMEngine, args: argparse.Namespace, rows: list[dict],
+                  prompt_ids: list[list[int]]) -> dict:
     """llama.cpp's plain decode on the same file, same threads, now; its row joins `rows`
     (decode tok/s and ms/step only: llama-bench -p 0 times generation alone)."""
     from ...model.checkpoint import default_model_path
@@ -100,9 +102,37 @@ def llama_cpp_row(engine: LLMEngine, args: argparse.Namespace, rows: list[dict])
                  "tokens_per_s": None, "decode_tokens_per_s": got["decode_tokens_per_s"],
                  "ms_per_step": got["ms_per_token"], "prefill_s_mean": None})
     ours = next(r for r in rows if r["impl"] == "mtpserve" and r["batch"] == 1)
-    return {"llama_cpp": got,
-            "batch1_decode_vs_llama_cpp": (ours["decode_tokens_per_s"] or 0)
-            / got["decode_tokens_per_s"]}
+    out = {"llama_cpp": got,
+           "batch1_decode_vs_llama_cpp": (ours["decode_tokens_per_s"] or 0)
+           / got["decode_tokens_per_s"]}
+    if getattr(args, "llama_rounds", 1) > 1:
+        out["llama_rounds"] = alternate_with_llama_cpp(engine, args, prompt_ids, gguf, ours, got)
+    return out
+
+
+def alternate_with_llama_cpp(engine: LLMEngine, args: argparse.Namespace,
+                             prompt_ids: list[list[int]], gguf: str, ours: dict, got: dict
+                             ) -> dict:
+    """--llama-rounds N: our batch-1 decode and llama-bench again, one after the other, N - 1
+    more times (the first round is the plain table's): on a VM whose speed drifts between
+    minutes one pair is not a ratio. Per round both decode tok/s and their ratio; the
+    median ratio and the ratio of the two best."""
+    pairs = [(ours["decode_tokens_per_s"] or 0.0, got["decode_tokens_per_s"])]
+    for i in range(1, args.llama_rounds):
+        print(f"llama.cpp: round {i + 1}/{args.llama_rounds}", file=sys.stderr, flush=True)
+        runs = [run_engine_batch(engine, g, greedy_params(args, 1, speculate=False))
+                for g in batches(prompt_ids, 1)]
+        again = run_llama_bench(args.llama_bench, gguf, args.max_tokens, torch.get_num_threads())
+        if isinstance(again, str):
+            print(f"llama.cpp: round {i + 1} skipped: {again}", file=sys.stderr)
+            continue
+        pairs.append((throughput_row(runs)["decode_tokens_per_s"] or 0.0,
+                      again["decode_tokens_per_s"]))
+    ratios = sorted(m / ll for m, ll in pairs)
+    return {"rounds": [{"mtpserve_decode_tokens_per_s": m, "llama_cpp_decode_tokens_per_s": ll,
+                        "ratio": m / ll} for m, ll in pairs],
+            "median_ratio": statistics.median(ratios),
+            "best_vs_best": max(m for m, _ in pairs) / max(ll for _, ll in pairs)}
 
 
 def plain_tables(out: dict) -> str:
@@ -116,6 +146,15 @@ def plain_tables(out: dict) -> str:
     if "batch1_decode_vs_llama_cpp" in out:
         text.append(f"batch-1 decode vs llama.cpp (llama-bench -p 0, same file and threads): "
                     f"{out['batch1_decode_vs_llama_cpp']:.2f}x")
+    if "llama_rounds" in out:
+        lr = out["llama_rounds"]
+        text.append(format_table(
+            ["round", "mtpserve decode tok/s", "llama.cpp decode tok/s", "ratio"],
+            [[i + 1, r["mtpserve_decode_tokens_per_s"], r["llama_cpp_decode_tokens_per_s"],
+              r["ratio"]] for i, r in enumerate(lr["rounds"])],
+            "\nbatch-1 decode, mtpserve and llama-bench alternating (--llama-rounds)"))
+        text.append(f"median ratio {lr['median_ratio']:.2f}x; best vs best "
+                    f"{lr['best_vs_best']:.2f}x")
     elif isinstance(out.get("llama_cpp"), str):
         text.append(f"llama.cpp: {out['llama_cpp']}")
     if out.get("transformers") != "measured":
