@@ -262,15 +262,11 @@ def test_parse_llama_bench_json_takes_the_generation_test():
     assert parse_llama_bench_json("Illegal instruction") == "llama-bench printed no JSON list"
 
 
-@pytest.mark.parametrize("works", [True, False])
-def test_plain_section_times_llama_cpp_in_the_same_run(tmp_path, capsys, one_thread, works):
-    """--llama-bench: llama.cpp's row and the ratio join the plain table; a binary that
-    fails (llama.cpp's prompt path crashed on an AMX CPU) costs the row, not the run. The
-    binary here is a script printing llama-bench's JSON: the real one is not in CI."""
+def _plain_with_fake_llama_bench(tmp_path, script: str, *extra: str) -> dict:
+    """bench's plain section (tiny engine, one prompt, 8 tokens) with --llama-bench pointing
+    at a shell script whose body is `script`: the real binary is not in CI."""
     fake = tmp_path / "llama-bench"
-    fake.write_text("#!/bin/sh\necho \"$@\" > " + str(tmp_path / "argv") + "\n"
-                    + (f"cat <<'J'\n{LLAMA_BENCH_JSON}J\n" if works
-                       else "echo 'Illegal instruction' >&2\nexit 132\n"))
+    fake.write_text("#!/bin/sh\n" + script)
     fake.chmod(0o755)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "abc abc abc"}\n')
@@ -278,9 +274,19 @@ def test_plain_section_times_llama_cpp_in_the_same_run(tmp_path, capsys, one_thr
     args = _parser().parse_args([
         "bench", "--prompts", str(prompts), "--num-prompts", "1", "--max-tokens", "8",
         "--batch-sizes", "1", "--warmup", "0", "--no-transformers", "--bandwidth-gb", "0",
-        "--llama-bench", str(fake), "--out", str(out)])
+        "--llama-bench", str(fake), "--out", str(out), *extra])
     assert run_bench(args, engine=_tiny_engine()) == 0
-    plain = json.loads(out.read_text())["plain"]
+    return json.loads(out.read_text())["plain"]
+
+
+@pytest.mark.parametrize("works", [True, False])
+def test_plain_section_times_llama_cpp_in_the_same_run(tmp_path, capsys, one_thread, works):
+    """--llama-bench: llama.cpp's row and the ratio join the plain table; a binary that
+    fails (llama.cpp's prompt path crashed on an AMX CPU) costs the row, not the run."""
+    plain = _plain_with_fake_llama_bench(
+        tmp_path, "echo \"$@\" > " + str(tmp_path / "argv") + "\n"
+        + (f"cat <<'J'\n{LLAMA_BENCH_JSON}J\n" if works
+           else "echo 'Illegal instruction' >&2\nexit 132\n"))
     text = capsys.readouterr().out
     if works:
         argv = (tmp_path / "argv").read_text().split()
@@ -302,21 +308,11 @@ def test_llama_rounds_alternate_our_decode_with_llama_bench(tmp_path, capsys, on
     """--llama-rounds 3: llama-bench runs three times (once per round, alternating with our
     batch-1 decode); each round's ratio, their median and best vs best are reported. The
     fake binary reports 100, 200, then 400 tok/s."""
-    fake = tmp_path / "llama-bench"
     count = tmp_path / "count"
-    fake.write_text("#!/bin/sh\necho x >> " + str(count) + "\nn=$(wc -l < " + str(count)
-                    + ")\nts=$((50 << n))\n"
-                    + f"cat <<J\n{LLAMA_BENCH_JSON.replace('125.0', '$ts')}J\n")
-    fake.chmod(0o755)
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "abc abc abc"}\n')
-    out = tmp_path / "r.json"
-    args = _parser().parse_args([
-        "bench", "--prompts", str(prompts), "--num-prompts", "1", "--max-tokens", "8",
-        "--batch-sizes", "1", "--warmup", "0", "--no-transformers", "--bandwidth-gb", "0",
-        "--llama-bench", str(fake), "--llama-rounds", "3", "--out", str(out)])
-    assert run_bench(args, engine=_tiny_engine()) == 0
-    lr = json.loads(out.read_text())["plain"]["llama_rounds"]
+    lr = _plain_with_fake_llama_bench(
+        tmp_path, f"echo x >> {count}\nn=$(wc -l < {count})\nts=$((50 << n))\n"
+        + f"cat <<J\n{LLAMA_BENCH_JSON.replace('125.0', '$ts')}J\n",
+        "--llama-rounds", "3")["llama_rounds"]
     assert [r["llama_cpp_decode_tokens_per_s"] for r in lr["rounds"]] == [100.0, 200.0, 400.0]
     ours = [r["mtpserve_decode_tokens_per_s"] for r in lr["rounds"]]
     assert all(v > 0 for v in ours)
@@ -324,7 +320,8 @@ def test_llama_rounds_alternate_our_decode_with_llama_bench(tmp_path, capsys, on
     assert lr["median_ratio"] == pytest.approx(sorted(ratios)[1])
     assert lr["best_vs_best"] == pytest.approx(max(ours) / 400.0)
     assert "median ratio" in capsys.readouterr().out
-    bad = _parser().parse_args(["bench", "--llama-rounds", "0", "--llama-bench", str(fake)])
+    bad = _parser().parse_args(["bench", "--llama-rounds", "0",
+                                "--llama-bench", str(tmp_path / "llama-bench")])
     assert run_bench(bad, engine=_tiny_engine()) == 2
 
 
