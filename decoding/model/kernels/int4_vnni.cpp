@@ -100,7 +100,7 @@ VNNI inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
 
 // s + vpdpwssd / vpdpbusd (w, the int32 at p broadcast to 16 lanes), the broadcast folded
 // into the instruction ({1to16}): GCC emits a separate vpbroadcastd for _mm512_set1_epi32
-// (measured: 0.84-0.87x tile16's time from 4 rows with the fold, docs/benchmarks.md section 6)
+// (measured: 0.81-0.87x tile16's time from 4 rows with the fold, docs/benchmarks.md section 6)
 VNNI inline __m512i dpwssd_bcast(__m512i s, __m512i w, const int32_t* p) {
   asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(s) : "v"(w), "m"(*p));
   return s;

@@ -106,7 +106,8 @@ def llama_cpp_row(engine: LLMEngine, args: argparse.Namespace, rows: list[dict],
            "batch1_decode_vs_llama_cpp": (ours["decode_tokens_per_s"] or 0)
            / got["decode_tokens_per_s"]}
     if getattr(args, "llama_rounds", 1) > 1:
-        out["llama_rounds"] = alternate_with_llama_cpp(engine, args, prompt_ids, gguf, ours, got)
+        out["llama_rounds"] = alternate_with_llama_cpp(engine, args, prompt_ids, str(gguf), ours,
+                                                       got)
     return out
 
 
