@@ -45,9 +45,8 @@ def baseline_op(rev: str, act_bits: int):
     src = Path(tempfile.mkdtemp()) / "int4_vnni_base.cpp"
     src.write_text(text.replace("mtpserve_int4", "mtpserve_int4_base"))
     load_kernel(src)
-    for op in ("mm", "mm16"):  # shapes for torch.compile, as int4_vnni registers its own
-        torch.library.register_fake(f"mtpserve_int4_base::{op}")(
-            lambda x, packed, n: x.new_empty(x.shape[0], n))
+    for op in ("mm", "mm16"):  # shapes for torch.compile: int4_vnni's own fake kernel
+        torch.library.register_fake(f"mtpserve_int4_base::{op}")(int4_vnni._mm_fake)
     ops = torch.ops.mtpserve_int4_base
     return ops.mm16 if act_bits == 16 else ops.mm
 
