@@ -35,6 +35,7 @@ def _build() -> bool:
         return False
     torch.library.register_fake("mtpserve_rows::row_attention")(_fake)
     torch.library.register_fake("mtpserve_rows::write_row_attention")(_fake_write)
+    torch.library.register_fake("mtpserve_rows::step_attention")(_fake_step)
     return True
 
 
@@ -43,6 +44,10 @@ def _fake(q, kv, slot, prefix, offsets, extra, scale):
 
 
 def _fake_write(q, k, v, kv, store_slot, store_pos, slot, prefix, offsets, extra, scale):
+    return torch.empty_like(q)
+
+
+def _fake_step(q, k, v, layer, scale):
     return torch.empty_like(q)
 
 

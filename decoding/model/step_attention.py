@@ -16,12 +16,13 @@ the padding rows, whose outputs the caller drops.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from .attention import write_and_attend
 from .attention_metadata import AttentionMetadata
+from .row_attention import row_layout
 
 if TYPE_CHECKING:
     from .kv_cache import KVCache
@@ -47,14 +48,25 @@ def step_context(kv: KVCache, meta: AttentionMetadata, rows: int, row_kernel: bo
                  invariant: bool = False) -> Iterator[None]:
     """Within: cached_attention reads `meta` and writes `kv` for the first `rows` rows,
     attending as the eager trunk does with CausalLM.attention_kernel 'rows' (row_kernel)
-    and CausalLM.batch_invariant (invariant)."""
+    and CausalLM.batch_invariant (invariant); so does attention_op's C++ op (row_kernel:
+    the kernel is loaded), which takes decode/tree steps without calling into Python."""
     _STEP.kv, _STEP.meta, _STEP.rows = kv, meta, rows
     _STEP.row_kernel, _STEP.invariant = row_kernel, invariant
+    # A step of decode/tree rows alone (write_and_attend's one-call case): the C++ op
+    # takes it whole, its layout installed once instead of read by Python 30 times.
+    in_cpp = row_kernel and meta.groups is None and not meta.chunk
+    if in_cpp:
+        if meta.row_layout is None:
+            meta.row_layout = row_layout(meta, rows, meta.positions.device)
+        torch.ops.mtpserve_rows.set_step_rows(kv.buf, meta.token_slots, meta.token_store,
+                                              *meta.row_layout, rows)
     try:
         yield
     finally:
         _STEP.kv, _STEP.meta, _STEP.rows = None, None, 0
         _STEP.row_kernel = _STEP.invariant = False
+        if in_cpp:
+            torch.ops.mtpserve_rows.clear_step_rows()
 
 
 # Defined with torch.library.Library, not the custom_op decorator: a call through the
@@ -88,3 +100,12 @@ def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: 
 
 _LIB.impl("cached_attention", cached_attention, "CompositeExplicitAutograd")
 torch.library.register_fake("mtpserve::cached_attention", _fake, lib=_LIB)
+
+
+def attention_op(row_kernel: bool) -> Callable[..., torch.Tensor]:
+    """The op a compiled layer calls, (q, k, v, layer, scale) -> out: with the row kernel
+    loaded, `mtpserve_rows::step_attention` (C++: a decode/tree step's 30 calls run no
+    Python; any other step it hands to cached_attention), else cached_attention."""
+    if row_kernel:
+        return torch.ops.mtpserve_rows.step_attention
+    return torch.ops.mtpserve.cached_attention

@@ -24,7 +24,7 @@ from .kv_cache import KVCache
 from .linear import (WIDE_ROWS, ChunkRows, Linear, chunk_rows, fp16_linear, onednn_linear,
                      pack_for_onednn, pack_fp16, resolve_int4_kernel, row_invariant)
 from . import q8_unembed
-from . import step_attention  # noqa: F401 - defines torch.ops.mtpserve.cached_attention
+from . import step_attention  # also defines torch.ops.mtpserve.cached_attention
 
 
 class RMSNorm(nn.Module):
@@ -126,7 +126,8 @@ class Attention(nn.Module):
                                                 self.head_dim)
             q, k = RotaryEmbedding.apply(qk, *rot).split([self.num_heads, self.num_kv_heads], 1)
         if kv is None:  # compiled: step_context carries batch_invariant and the row kernel
-            out = torch.ops.mtpserve.cached_attention(q, k, v, self.layer_idx, self.scale)
+            out = step_attention.attention_op(self.row_kernel)(q, k, v, self.layer_idx,
+                                                               self.scale)
         else:
             out = write_and_attend(q, k, v, kv, self.layer_idx, meta, self.scale,
                                    self.batch_invariant, self.row_kernel)

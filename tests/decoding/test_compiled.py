@@ -154,6 +154,33 @@ def test_a_row_gets_the_same_bits_whatever_the_row_count(engines):
         kv.free(slot)
 
 
+def test_decode_steps_attend_in_cpp_and_match_the_eager_row_kernel(default_engine):
+    """With the row kernel (fp32 here), a compiled layer calls mtpserve_rows::step_attention:
+    decode and tree steps run its C++ path, one call per layer and no Python, prefill
+    steps hand it to cached_attention; greedy tokens equal the eager row kernel's, plain
+    and speculative, batch 1 (padded rows) and 4."""
+    from mtpserve.decoding.model import row_attention
+
+    if not row_attention.available():
+        pytest.skip("the row attention kernel does not build here")
+    tok = default_engine.tokenizer
+    eager = tiny_engine(tok, dtype=torch.float32, max_num_seqs=4, attention_kernel="rows")
+    eng = tiny_engine(tok, dtype=torch.float32, max_num_seqs=4, attention_kernel="rows",
+                      compile="on")
+    assert eng.model.attention_kernel == "rows" and eng.compiled is not None
+    calls = torch.ops.mtpserve_rows.step_rows_calls
+    layers = eng.model.config.num_layers
+    for batch in (PROMPTS[1:2], PROMPTS):
+        for spec in (False, True):
+            reqs = [(p, greedy(12, ignore_eos=True, speculate=spec)) for p in batch]
+            want = [r.token_ids for r in run_requests(eager, reqs)]
+            before, steps = calls(), eng.compiled.steps
+            assert [r.token_ids for r in run_requests(eng, reqs)] == want, (len(batch), spec)
+            taken = calls() - before
+            # the prefill steps go through Python, every later step through C++
+            assert taken % layers == 0 and 0 < taken // layers < eng.compiled.steps - steps
+
+
 @pytest.mark.parametrize("mode,device,weights,want", [
     ("auto", "cpu", "int4", True), ("auto", "cpu", "int8", True),
     ("auto", "cpu", "dense", False), ("auto", "cuda", "int4", False),

@@ -17,6 +17,7 @@
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -326,6 +327,65 @@ at::Tensor write_row_attention(const at::Tensor& q, const at::Tensor& k, const a
 
 bool has_avx512() { return avx512_here(); }
 
+// ---- the compiled forward's attention op (decoding/model/step_attention.py) ---------------
+// A compiled step calls step_attention once per layer. For a step the row kernel takes whole
+// (decode and tree rows only), step_context installs the step's cache and row layout here
+// ONCE, so those calls run no Python: write, attend, and zeros for the padding rows of a
+// one-row step. Any other step (prefill chunks, groups, SDPA) leaves it unset and each call
+// goes to mtpserve::cached_attention, the Python op that reads the step's metadata.
+struct StepRows {
+  bool active = false;
+  at::Tensor kv;  // the whole cache [layers, 2, S, Hkv, L, D]
+  at::Tensor store_slot, store_pos, slot, prefix, offsets, extra;
+  int64_t rows = 0;  // real rows: the op's inputs may have more (padding), which it skips
+};
+// Set and cleared around one compiled call by the engine's thread, as step_attention.py's
+// _STEP (the metadata cannot be a graph input: its shapes change every step).
+StepRows g_step;
+int64_t g_cpp_calls = 0;  // layer calls step_attention took itself (tests read it)
+
+void set_step_rows(const at::Tensor& kv, const at::Tensor& store_slot,
+                   const at::Tensor& store_pos, const at::Tensor& slot,
+                   const at::Tensor& prefix, const at::Tensor& offsets,
+                   const at::Tensor& extra, int64_t rows) {
+  TORCH_CHECK(kv.device().is_cpu() && kv.dim() == 6 && kv.size(1) == 2 && kv.is_contiguous(),
+              "set_step_rows: kv must be the whole contiguous [layers, 2, S, Hkv, L, D] cache");
+  TORCH_CHECK(rows > 0 && slot.numel() == rows && store_slot.numel() == rows,
+              "set_step_rows: the layout must have one entry per real row");
+  g_step = StepRows{true, kv, store_slot, store_pos, slot, prefix, offsets, extra, rows};
+}
+
+void clear_step_rows() { g_step = StepRows{}; }
+
+int64_t step_rows_calls() { return g_cpp_calls; }
+
+at::Tensor step_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          int64_t layer, double scale) {
+  if (!g_step.active) {
+    static auto python_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("mtpserve::cached_attention", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                              double)>();
+    return python_op.call(q, k, v, layer, scale);
+  }
+  const StepRows& s = g_step;
+  ++g_cpp_calls;
+  const int64_t n = s.rows, padded = q.size(0);
+  TORCH_CHECK(q.dim() == 3 && n <= padded && layer >= 0 && layer < s.kv.size(0),
+              "step_attention: the step has ", n, " rows and ", s.kv.size(0),
+              " layers; got ", padded, " rows for layer ", layer);
+  at::Tensor kv = s.kv.select(0, layer);
+  at::Tensor out = write_row_attention(q.narrow(0, 0, n).to(at::kFloat), k.narrow(0, 0, n),
+                                       v.narrow(0, 0, n), kv, s.store_slot, s.store_pos,
+                                       s.slot, s.prefix, s.offsets, s.extra, scale);
+  if (q.scalar_type() != at::kFloat) out = out.to(q.scalar_type());
+  if (n == padded) return out;
+  at::Tensor full = at::zeros({padded, q.size(1), q.size(2)}, out.options());
+  full.narrow(0, 0, n).copy_(out);
+  return full;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mtpserve_rows, lib) {
@@ -335,9 +395,15 @@ TORCH_LIBRARY(mtpserve_rows, lib) {
           "Tensor store_pos, Tensor slot, Tensor prefix, Tensor offsets, Tensor extra, "
           "float scale) -> Tensor");
   lib.def("has_avx512() -> bool", &has_avx512);
+  lib.def("step_attention(Tensor q, Tensor k, Tensor v, int layer, float scale) -> Tensor");
+  lib.def("set_step_rows(Tensor kv, Tensor store_slot, Tensor store_pos, Tensor slot, "
+          "Tensor prefix, Tensor offsets, Tensor extra, int rows) -> ()", &set_step_rows);
+  lib.def("clear_step_rows() -> ()", &clear_step_rows);
+  lib.def("step_rows_calls() -> int", &step_rows_calls);
 }
 
 TORCH_LIBRARY_IMPL(mtpserve_rows, CPU, lib) {
   lib.impl("row_attention", &row_attention);
   lib.impl("write_row_attention", &write_row_attention);
+  lib.impl("step_attention", &step_attention);
 }
