@@ -44,7 +44,7 @@ class CompiledDraftChain:
 
     def __init__(self, heads: SequentialMTPHeads, model: nn.Module,
                  mode: str = "max-autotune-no-cudagraphs") -> None:
-        self.options = inductor_options(mode)
+        self.options = inductor_options(mode, next(model.parameters()).device.type)
         self.heads, self.model = heads, model
         self.compiles = 0
         self.depths: set[int] = set()  # depths compiled (warm_up)

@@ -1,0 +1,127 @@
+"""The compiled step's host-side work, A/B in one process: engines that differ only in how
+the compiled graph calls its kernels, stepped in lockstep (one decode step of each in turn,
+the order rotating), so the noisy VMs here slow every variant alike; the table gives each
+variant's median ms per step and the median (and quartiles) of its per-step ratio to the
+first variant, and checks that every variant emits the same greedy tokens.
+
+Variants (default: all):
+  python-op    each layer's attention through mtpserve::cached_attention, the Python op
+               (what every step did before mtpserve_rows::step_attention), Python wrapper
+  cpp-op       mtpserve_rows::step_attention: a decode step's 30 calls run no Python;
+               inductor's wrapper code (buffers, kernel calls) in Python
+  cpp-wrapper  cpp-op with that wrapper generated as C++ (cpp_wrapper), compiled with the
+               kernels in one -O3 unit
+  cpp-wrapper-separate  the C++ wrapper compiled apart from the kernels, at -O1
+               (cpp_wrapper_build_separate: a shorter first compile; the engine's default)
+
+    python benchmarks/step_host_ab.py [--variants python-op,cpp-op,cpp-wrapper]
+        [--batch 1] [--steps 400] [--spec]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
+from mtpserve.decoding.engine.llm_engine import LLMEngine
+from mtpserve.decoding.model import compiled, step_attention
+from mtpserve.decoding.tools.bench.prompts import encode_prompts, load_prompts
+
+VARIANTS = ("python-op", "cpp-op", "cpp-wrapper", "cpp-wrapper-separate")
+
+
+@contextmanager
+def variant(name: str) -> Iterator[None]:
+    """Patches in force while an engine is built (the graph is traced and compiled then)."""
+    attention_op, options = step_attention.attention_op, compiled.inductor_options
+    if name == "python-op":
+        step_attention.attention_op = lambda row_kernel: torch.ops.mtpserve.cached_attention
+    wrapper = {"cpp_wrapper": name.startswith("cpp-wrapper"),
+               "cpp_wrapper_build_separate": name == "cpp-wrapper-separate"}
+    compiled.inductor_options = lambda *a, **k: {**options(*a, **k), **wrapper}
+    try:
+        yield
+    finally:
+        step_attention.attention_op, compiled.inductor_options = attention_op, options
+
+
+def start(eng: LLMEngine, prompts: list[list[int]], tokens: int, spec: bool) -> list:
+    """Submit the prompts and step until each has emitted its first token (prefill done)."""
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, speculate=spec)
+    rids = [f"ab{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(rids, prompts):
+        eng.add_request(rid, p, params)
+    seqs = [eng._seqs[r] for r in rids]
+    while any(s.num_emitted < 1 for s in seqs):
+        eng.step()
+    return seqs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=400, help="timed steps per variant")
+    ap.add_argument("--tokens", type=int, default=200, help="tokens per request (then restart)")
+    ap.add_argument("--spec", action="store_true", help="speculation on (shipped heads)")
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    if unknown := set(names) - set(VARIANTS):
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+
+    engines: dict[str, LLMEngine] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        with variant(name):
+            engines[name] = LLMEngine.from_config(EngineConfig(
+                compile="on", max_num_seqs=max(args.batch, 1), max_model_len=1024,
+                spec=SpecConfig(mode="on" if args.spec else "off")))
+        print(f"{name}: engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    _, raw = load_prompts(None, args.batch)
+    prompts = encode_prompts(engines[names[0]].tokenizer, raw)
+
+    ms: dict[str, list[float]] = {n: [] for n in names}
+    tokens: dict[str, list[list[int]]] = {n: [] for n in names}
+    seqs: dict[str, list] = {}
+    rnd = 0
+    while len(ms[names[0]]) < args.steps:
+        if not seqs or any(not e.has_unfinished() for e in engines.values()):
+            for n, e in engines.items():
+                while e.has_unfinished():  # a variant a step behind finishes untimed
+                    e.step()
+                if n in seqs:
+                    tokens[n] += [list(s.output_ids) for s in seqs[n]]
+                seqs[n] = start(e, prompts, args.tokens, args.spec)
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            engines[n].step()
+            ms[n].append(1000 * (time.perf_counter() - t0))
+        rnd += 1
+    for n, e in engines.items():
+        while e.has_unfinished():
+            e.step()
+        tokens[n] += [list(s.output_ids) for s in seqs[n]]
+
+    same = all(tokens[n] == tokens[names[0]] for n in names)
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"speculation {'on' if args.spec else 'off'}, {len(ms[names[0]])} steps each; "
+          f"greedy tokens identical across variants: {same}")
+    print(f"\n| variant | median ms/step | ratio to {names[0]} (median of per-step pairs) "
+          "| quartiles |")
+    print("|---|---|---|---|")
+    for n in names:
+        r = sorted(a / b for a, b in zip(ms[n], ms[names[0]]))
+        q1, q3 = r[len(r) // 4], r[3 * len(r) // 4]
+        print(f"| {n} | {statistics.median(ms[n]):.2f} | {statistics.median(r):.3f} "
+              f"| {q1:.3f}-{q3:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
