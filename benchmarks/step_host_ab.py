@@ -4,15 +4,17 @@ the order rotating), so the noisy VMs here slow every variant alike; the table g
 variant's median ms per step and the median (and quartiles) of its per-step ratio to the
 first variant, and checks that every variant emits the same greedy tokens.
 
-Variants (default: all):
-  python-op    each layer's attention through mtpserve::cached_attention, the Python op
-               (what every step did before mtpserve_rows::step_attention), Python wrapper
-  cpp-op       mtpserve_rows::step_attention: a decode step's 30 calls run no Python;
-               inductor's wrapper code (buffers, kernel calls) in Python
-  cpp-wrapper  cpp-op with that wrapper generated as C++ (cpp_wrapper), compiled with the
-               kernels in one -O3 unit
+Variants, each adding to the one before (default: all):
+  python-op    each layer's attention through mtpserve::cached_attention, the Python op;
+               inductor's wrapper code (buffers, kernel calls) in Python; every call through
+               dynamo's frame evaluation (the compiled step before session 19)
+  cpp-op       mtpserve_rows::step_attention: a decode step's 30 calls run no Python
+  cpp-wrapper  that wrapper generated as C++ (cpp_wrapper), compiled with the kernels in
+               one -O3 unit
   cpp-wrapper-separate  the C++ wrapper compiled apart from the kernels, at -O1
-               (cpp_wrapper_build_separate: a shorter first compile; the engine's default)
+               (cpp_wrapper_build_separate: a shorter first compile)
+  direct       the warm graph's code called without dynamo's frame evaluation (today's
+               engine: cpp-op + cpp-wrapper-separate + direct)
 
     python benchmarks/step_host_ab.py [--variants python-op,cpp-op,cpp-wrapper]
         [--batch 1] [--steps 400] [--spec]
@@ -24,7 +26,7 @@ import argparse
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -33,7 +35,7 @@ from mtpserve.decoding.engine.llm_engine import LLMEngine
 from mtpserve.decoding.model import compiled, step_attention
 from mtpserve.decoding.tools.bench.prompts import encode_prompts, load_prompts
 
-VARIANTS = ("python-op", "cpp-op", "cpp-wrapper", "cpp-wrapper-separate")
+VARIANTS = ("python-op", "cpp-op", "cpp-wrapper", "cpp-wrapper-separate", "direct")
 
 
 @contextmanager
@@ -42,8 +44,8 @@ def variant(name: str) -> Iterator[None]:
     attention_op, options = step_attention.attention_op, compiled.inductor_options
     if name == "python-op":
         step_attention.attention_op = lambda row_kernel: torch.ops.mtpserve.cached_attention
-    wrapper = {"cpp_wrapper": name.startswith("cpp-wrapper"),
-               "cpp_wrapper_build_separate": name == "cpp-wrapper-separate"}
+    wrapper = {"cpp_wrapper": name.startswith("cpp-wrapper") or name == "direct",
+               "cpp_wrapper_build_separate": name in ("cpp-wrapper-separate", "direct")}
     compiled.inductor_options = lambda *a, **k: {**options(*a, **k), **wrapper}
     try:
         yield
@@ -82,6 +84,10 @@ def main() -> None:
             engines[name] = LLMEngine.from_config(EngineConfig(
                 compile="on", max_num_seqs=max(args.batch, 1), max_model_len=1024,
                 spec=SpecConfig(mode="on" if args.spec else "off")))
+        if name != "direct":  # through dynamo (the trunk's guards skipped, as before)
+            engines[name].compiled._direct = None
+            if (chain := getattr(engines[name].heads, "compiled_chain", None)) is not None:
+                chain._direct.clear()
         print(f"{name}: engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
     _, raw = load_prompts(None, args.batch)
     prompts = encode_prompts(engines[names[0]].tokenizer, raw)

@@ -18,16 +18,24 @@ attention op. The engine never changes weights after load, which is what freezin
 
 `compiles` counts graphs handed to inductor (the backend is wrapped): after `warm_up`
 serving must leave it unchanged (tests/decoding/test_compiled.py, benchmarks/compiled_step.py).
-After warm-up, dynamo's guards are not evaluated (`skip_guard_eval_unsafe`): the full guard
-set costs ~0.7 ms a call for this many weights, and nothing it checks changes while
-serving (the zero-recompile test holds that).
+After warm-up, dynamo's guards are not evaluated: the full guard set costs ~0.7 ms a call
+for this many weights, and nothing it checks changes while serving (the zero-recompile
+test holds that). Nor does dynamo's frame evaluation run at all: each instance compiles
+its own copy of `_body`'s code, so once warm dynamo's cache holds exactly one entry for
+it, and that entry's code (what dynamo would run once its guards pass) is called as a
+plain function (~0.5 ms a call less, benchmarks/step_host_ab.py), after a check of
+what the guards would have seen differently here: inference mode and int64 inputs on the
+model's device. Anything else goes through dynamo (`skip_guard_eval_unsafe`, then full
+guards and a recompile).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Callable
+import types
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -77,6 +85,36 @@ def use_user_cache_dir() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(user_cache_dir() / "inductor"))
 
 
+def own_copy(fn: Callable) -> tuple[types.FunctionType, types.CodeType]:
+    """`fn` (a function, or a method's function) with a code object of its own, and that
+    code: dynamo caches compiled code per code object, so what one compiles from the copy
+    is the copy's alone (see direct_code)."""
+    fn = getattr(fn, "__func__", fn)
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__), code
+
+
+def direct_code(code: types.CodeType, fn_globals: dict) -> Callable | None:
+    """The code dynamo runs for `code` once its guards pass, as a plain function with the
+    original's arguments; None unless dynamo's cache holds exactly one entry for it (a
+    recompile made two: dynamo must choose) or where this torch lacks the API."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        entries = _debug_get_cache_entry_list(code)
+    except (ImportError, AttributeError, TypeError):
+        return None
+    if len(entries) != 1:
+        return None
+    return types.FunctionType(entries[0].code, fn_globals, f"compiled_{code.co_name}")
+
+
+def inference_inputs(device: torch.device, *tensors: torch.Tensor) -> bool:
+    """What dynamo's guards check that a warm compiled call could change: the grad mode
+    and the inputs' kind (inference tensors on `device`, as the warm-up made them)."""
+    return torch.is_inference_mode_enabled() and all(
+        t.is_inference() and t.device == device for t in tensors)
+
+
 class CompiledTrunk:
     """`model.run_layers` compiled once for every row count; call it like
     `model(ids, meta, kv)`. None back: a step this graph leaves to the eager model (only
@@ -104,9 +142,15 @@ class CompiledTrunk:
         self.compile_seconds = 0.0  # warm-up wall time
         self.steps = 0  # forwards served compiled
         use_user_cache_dir()
+        # `_body` with a code object of its own, so that this instance's graph is the one
+        # entry of dynamo's cache for it (direct_code)
+        own, self._code = own_copy(CompiledTrunk._body)
         # dynamic=None + mark_dynamic: only the row count is symbolic (dynamic=True would
         # also trace the layers' float attributes as inputs, then recompile them as constants)
-        self._fn = torch.compile(self._body, backend=self._backend, fullgraph=True)
+        self._fn = torch.compile(types.MethodType(own, self), backend=self._backend,
+                                 fullgraph=True)
+        self._direct: Callable | None = None  # the warm graph's code without dynamo (direct_code)
+        self.direct_steps = 0  # forwards served through _direct
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
         from torch._inductor.compile_fx import compile_fx
@@ -131,7 +175,12 @@ class CompiledTrunk:
             torch._dynamo.mark_dynamic(positions, 0)
         with step_context(kv, meta, rows, self.model.attention_kernel == "rows",
                           self.model.batch_invariant):
-            out = self._run_warm(ids, positions) if self.warm else self._traced(ids, positions)
+            if (self._direct is not None and self.warm and ids.dtype == positions.dtype
+                    == torch.long and inference_inputs(self.device, ids, positions)):
+                out = self._direct(self, ids, positions)
+                self.direct_steps += 1
+            else:
+                out = self._run_warm(ids, positions) if self.warm else self._traced(ids, positions)
         self.steps += 1
         if rows >= MIN_ROWS:
             return out
@@ -141,9 +190,8 @@ class CompiledTrunk:
 
     def _traced(self, ids: torch.Tensor, positions: torch.Tensor):
         """The graph with its guards, compiling where they fail. Only the row count is
-        dynamic: dynamo's automatic dynamic shapes would also make symbolic every weight
-        size that differs from another CompiledTrunk's in this process (dynamo caches by
-        code object, and every instance compiles the same `_body`), recompiling instead."""
+        dynamic: dynamo's automatic dynamic shapes would make symbolic whatever differed
+        between two compiles of this code (weight sizes, say) instead of recompiling."""
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
             return self._fn(ids, positions)
 
@@ -157,7 +205,7 @@ class CompiledTrunk:
         except RuntimeError as e:
             if "skip_guard_eval_unsafe" not in str(e):
                 raise
-            self.warm = False
+            self.warm, self._direct = False, None
             return self._traced(ids, positions)
 
     @torch.inference_mode()
@@ -188,4 +236,5 @@ class CompiledTrunk:
             self(torch.zeros(b, dtype=torch.long, device=dev), meta, kv)
         self.compile_seconds = time.perf_counter() - t0
         self.warm = True
+        self._direct = direct_code(self._code, CompiledTrunk._body.__globals__)
         return self.compile_seconds

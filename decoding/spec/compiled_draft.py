@@ -11,7 +11,9 @@ One graph per chain depth (the depth is a Python int: the loop unrolls), each fo
 batch size (the row count is dynamic; one row is padded to two, as the trunk's graph
 does, since dynamo specializes a dimension of size 1). `warm_up` compiles the depths the
 tree can ask for before serving; a failure leaves drafting eager (the same drafts up to
-rounding: drafts only decide what verification checks, never what is emitted).
+rounding: drafts only decide what verification checks, never what is emitted). Once warm,
+a depth's graph is called without dynamo's frame evaluation (model/compiled.py's
+direct_code, as the trunk's).
 Only chain-attention sequential heads (`SequentialMTPHeads.chain_tops`) compile: the
 context-attending ones write a per-slot cache (mtp_context.py) and stay eager.
 """
@@ -20,11 +22,14 @@ from __future__ import annotations
 
 import logging
 import time
+import types
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..model.compiled import MIN_ROWS, inductor_options, use_user_cache_dir
+from ..model.compiled import (MIN_ROWS, direct_code, inductor_options, inference_inputs,
+                              own_copy, use_user_cache_dir)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -48,8 +53,16 @@ class CompiledDraftChain:
         self.heads, self.model = heads, model
         self.compiles = 0
         self.depths: set[int] = set()  # depths compiled (warm_up)
+        self.device = next(model.parameters()).device
+        self.dtype: torch.dtype | None = None  # the hidden states' dtype (warm_up's)
         use_user_cache_dir()
-        self._fn = torch.compile(self._body, backend=self._backend, fullgraph=True)
+        # one copy of `_body` per depth, each with a code object of its own: a depth's graph
+        # is then the one entry of dynamo's cache for its code, and once warm it is called
+        # without dynamo (model/compiled.py's direct_code, as the trunk's)
+        self._fns: dict[int, Callable] = {}
+        self._codes: dict[int, types.CodeType] = {}
+        self._direct: dict[int, Callable] = {}
+        self.direct_calls = 0  # drafting calls served through _direct
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
         from torch._inductor.compile_fx import compile_fx
@@ -77,10 +90,20 @@ class CompiledDraftChain:
             hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
             tokens = torch.cat([tokens, tokens.new_zeros(pad)])
             pos0 = torch.cat([pos0, pos0.new_zeros(pad)])
+        direct = self._direct.get(depth)
+        if (direct is not None and hidden.dtype == self.dtype
+                and inference_inputs(self.device, hidden, tokens, pos0)):
+            self.direct_calls += 1
+            return direct(self, hidden, tokens, pos0, depth)[:B]
         for t in (hidden, tokens, pos0):
             torch._dynamo.mark_dynamic(t, 0)
+        if depth not in self._fns:
+            own, self._codes[depth] = own_copy(CompiledDraftChain._body)
+            self._fns[depth] = torch.compile(types.MethodType(own, self),
+                                             backend=self._backend, fullgraph=True)
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
-            out = self._fn(hidden, tokens, pos0, depth)
+            out = self._fns[depth](hidden, tokens, pos0, depth)
+        self._direct.pop(depth, None)  # a call dynamo took may have compiled another entry
         return out[:B]
 
     @torch.inference_mode()
@@ -90,12 +113,15 @@ class CompiledDraftChain:
         t0 = time.perf_counter()
         dev = next(self.heads.parameters()).device
         H = self.model.config.hidden_size
+        self.dtype = dtype
         for depth in depths:
             for b in (MIN_ROWS, MIN_ROWS + 3):
                 self._run(torch.zeros(b, H, dtype=dtype, device=dev),
                           torch.zeros(b, dtype=torch.long, device=dev),
                           torch.arange(b, device=dev), depth)
             self.depths.add(depth)
+            if (direct := direct_code(self._codes[depth], CompiledDraftChain._body.__globals__)):
+                self._direct[depth] = direct
         return time.perf_counter() - t0
 
 

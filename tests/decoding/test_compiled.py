@@ -109,7 +109,7 @@ def test_greedy_compiled_equals_eager_plain_and_speculative(engines):
     while serving."""
     eager, eng = engines
     ct = eng.compiled
-    compiles, served = ct.compiles, ct.steps
+    compiles, served, direct = ct.compiles, ct.steps, ct.direct_steps
     reqs = lambda spec: [(p, greedy(12, ignore_eos=True, speculate=spec)) for p in PROMPTS]  # noqa: E731
     want = [r.token_ids for r in run_requests(eager, reqs(False))]
     plain = [r.token_ids for r in run_requests(eng, reqs(False))]
@@ -122,6 +122,7 @@ def test_greedy_compiled_equals_eager_plain_and_speculative(engines):
     assert run_requests(eng, one(True))[0].token_ids == want_one
     assert ct.compiles == compiles, "a graph was compiled while serving"
     assert ct.steps > served + 20  # every step of these runs went through the graph
+    assert ct.direct_steps - direct == ct.steps - served  # and none through dynamo
 
 
 @torch.inference_mode()
@@ -213,9 +214,10 @@ def test_a_failed_compile_serves_eagerly_with_a_warning(default_engine, monkeypa
 
 
 def test_an_input_the_warm_up_did_not_cover_recompiles_instead_of_failing(default_engine):
-    """After warm-up no guards run; a tensor made outside inference
-    mode (another dispatch key set) makes dynamo refuse that shortcut: the call goes on
-    with full guards and gives the eager result, it does not fail the step."""
+    """After warm-up neither dynamo nor its guards run; a tensor made outside inference
+    mode (another dispatch key set) fails the engine's own check and makes dynamo refuse
+    its shortcut: the call goes on with full guards and gives the eager result, it does
+    not fail the step."""
     eng = tiny_engine(default_engine.tokenizer, max_num_seqs=2, compile="on")
     ct, kv = eng.compiled, eng.kv
     assert ct.warm and ct.compiles == 1
@@ -234,6 +236,7 @@ def test_an_input_the_warm_up_did_not_cover_recompiles_instead_of_failing(defaul
         kv.free(slot)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not ct.warm and ct.compiles == 2
+    assert ct._direct is None  # two graphs for one code: dynamo chooses from now on
 
 
 def test_the_cli_defaults_compile_auto_and_batch_invariance_auto():

@@ -38,6 +38,7 @@ def test_compiled_drafts_equal_eager_ones_at_every_depth_and_batch_size(engines)
     chain = eng.heads.compiled_chain
     assert isinstance(chain, CompiledDraftChain)
     assert chain.depths == {1, 2, 3} and chain.compiles == 3  # one graph per depth
+    direct = chain.direct_calls
     g = torch.Generator().manual_seed(0)
     H = eng.model_config.hidden_size
     for depth in (1, 2, 3):
@@ -50,6 +51,7 @@ def test_compiled_drafts_equal_eager_ones_at_every_depth_and_batch_size(engines)
             assert got.shape == (b, depth, eng.heads.topk)
             assert torch.equal(got, want), (depth, b)
     assert chain.compiles == 3, "a batch size or depth compiled again"
+    assert chain.direct_calls - direct == 9  # every call above ran the warm graph without dynamo
     # a depth the warm-up did not compile drafts eagerly instead of compiling mid-serving
     hidden = torch.randn(2, H, dtype=torch.float64)
     tokens, pos0 = torch.tensor([1, 2]), torch.tensor([3, 4])
@@ -63,7 +65,7 @@ def test_greedy_output_is_the_same_with_the_compiled_chain(engines, monkeypatch)
     the drafts came from the compiled chain without compiling anything new."""
     eager, eng = engines
     chain = eng.heads.compiled_chain
-    compiles, calls = chain.compiles, []
+    compiles, calls, direct = chain.compiles, [], chain.direct_calls
     run = CompiledDraftChain._run
     monkeypatch.setattr(CompiledDraftChain, "_run",
                         lambda self, *a: calls.append(a[-1]) or run(self, *a))
@@ -74,6 +76,7 @@ def test_greedy_output_is_the_same_with_the_compiled_chain(engines, monkeypatch)
     assert sum(r.outputs[-1].spec.num_draft_tokens for r in got) > 0
     assert calls and set(calls) <= chain.depths
     assert chain.compiles == compiles
+    assert chain.direct_calls - direct == len(calls)  # none through dynamo
 
 
 def test_a_failed_draft_compile_drafts_eagerly_with_a_warning(engines, monkeypatch, caplog):
