@@ -18,19 +18,14 @@ import torch
 from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
 from mtpserve.decoding.tools.bench.prompts import encode_prompts, load_prompts
+from mtpserve.decoding.tools.bench.runs import start_decoding
 from mtpserve.decoding.tools.bench.verify_curve import verify_curve
 
 
 def decode_ms_per_step(eng: LLMEngine, prompts: list[list[int]], tokens: int) -> float:
     """Prefill every prompt, then time the decode-only steps: ms per step."""
-    params = SamplingParams(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True,
-                            speculate=False)
-    rids = [f"b{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-    for rid, p in zip(rids, prompts):
-        eng.add_request(rid, p, params)
-    seqs = [eng._seqs[r] for r in rids]
-    while any(s.num_emitted < 1 for s in seqs):
-        eng.step()
+    start_decoding(eng, prompts, SamplingParams(max_tokens=tokens + 1, temperature=0.0,
+                                                ignore_eos=True, speculate=False))
     steps, t0 = 0, time.perf_counter()
     while eng.has_unfinished():
         eng.step()

@@ -34,6 +34,7 @@ from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
 from mtpserve.decoding.model import compiled, step_attention
 from mtpserve.decoding.tools.bench.prompts import encode_prompts, load_prompts
+from mtpserve.decoding.tools.bench.runs import start_decoding
 
 VARIANTS = ("python-op", "cpp-op", "cpp-wrapper", "cpp-wrapper-separate", "direct")
 
@@ -51,18 +52,6 @@ def variant(name: str) -> Iterator[None]:
         yield
     finally:
         step_attention.attention_op, compiled.inductor_options = attention_op, options
-
-
-def start(eng: LLMEngine, prompts: list[list[int]], tokens: int, spec: bool) -> list:
-    """Submit the prompts and step until each has emitted its first token (prefill done)."""
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, speculate=spec)
-    rids = [f"ab{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-    for rid, p in zip(rids, prompts):
-        eng.add_request(rid, p, params)
-    seqs = [eng._seqs[r] for r in rids]
-    while any(s.num_emitted < 1 for s in seqs):
-        eng.step()
-    return seqs
 
 
 def main() -> None:
@@ -91,6 +80,8 @@ def main() -> None:
         print(f"{name}: engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
     _, raw = load_prompts(None, args.batch)
     prompts = encode_prompts(engines[names[0]].tokenizer, raw)
+    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True,
+                            speculate=args.spec)
 
     ms: dict[str, list[float]] = {n: [] for n in names}
     tokens: dict[str, list[list[int]]] = {n: [] for n in names}
@@ -103,7 +94,7 @@ def main() -> None:
                     e.step()
                 if n in seqs:
                     tokens[n] += [list(s.output_ids) for s in seqs[n]]
-                seqs[n] = start(e, prompts, args.tokens, args.spec)
+                seqs[n] = start_decoding(e, prompts, params)
         order = names[rnd % len(names):] + names[:rnd % len(names)]
         for n in order:
             t0 = time.perf_counter()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...config import SamplingParams
-from .runs import next_request_id, sync
+from .runs import start_decoding, sync
 
 if TYPE_CHECKING:
     from ...engine.llm_engine import LLMEngine
@@ -17,13 +17,10 @@ def profile_step(engine: LLMEngine, prompt: list[int], speculate: bool, steps: i
     """Prefill and warm up one request, then profile `steps` decode steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    rid = next_request_id()
     warm = 4
-    engine.add_request(rid, prompt, SamplingParams(max_tokens=warm + steps + 8, temperature=0.0,
-                                                   speculate=speculate, ignore_eos=True))
-    seq = engine._seqs[rid]
-    while seq.num_emitted < 1:
-        engine.step()
+    seq, = start_decoding(engine, [prompt], SamplingParams(
+        max_tokens=warm + steps + 8, temperature=0.0, speculate=speculate, ignore_eos=True))
+    rid = seq.request_id
     for _ in range(warm):
         engine.step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])

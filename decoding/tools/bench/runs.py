@@ -21,6 +21,7 @@ from ...engine.step_costs import sync
 
 if TYPE_CHECKING:
     from ...engine.llm_engine import LLMEngine
+    from ...engine.scheduler import Sequence
 
 _request_ids = itertools.count()
 
@@ -28,6 +29,19 @@ _request_ids = itertools.count()
 def next_request_id() -> str:
     """A request id unique in this process (the engine refuses duplicates)."""
     return f"bench-{next(_request_ids)}"
+
+
+def start_decoding(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams
+                   ) -> list[Sequence]:
+    """Submit the prompts and step until each has emitted its first token (prefill done):
+    the engine's next steps decode. Returns their sequences."""
+    rids = [next_request_id() for _ in prompts]
+    for rid, p in zip(rids, prompts):
+        engine.add_request(rid, p, params)
+    seqs = [engine._seqs[r] for r in rids]
+    while any(s.num_emitted < 1 for s in seqs):
+        engine.step()
+    return seqs
 
 
 def batches(items: list, size: int) -> list[list]:
