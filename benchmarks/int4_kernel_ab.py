@@ -22,14 +22,11 @@ engine/step_costs.py) of each, alternating, min over rounds.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+from kernel_revision import build_at_revision
 from mtpserve.decoding.model import int4_vnni
-from mtpserve.decoding.model.kernel_build import load_kernel
 from mtpserve.decoding.model.linear import Linear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # N x K: qkv, o, gate_up, down
@@ -39,15 +36,9 @@ SOURCE = "decoding/model/kernels/int4_vnni.cpp"
 
 def baseline_op(rev: str, act_bits: int):
     """The kernel at `rev`, built under the op namespace mtpserve_int4_base."""
-    root = Path(__file__).resolve().parent.parent
-    text = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{SOURCE}"], check=True,
-                          capture_output=True, text=True).stdout
-    src = Path(tempfile.mkdtemp()) / "int4_vnni_base.cpp"
-    src.write_text(text.replace("mtpserve_int4", "mtpserve_int4_base"))
-    load_kernel(src)
+    ops = build_at_revision(rev, SOURCE, "mtpserve_int4")
     for op in ("mm", "mm16"):  # shapes for torch.compile: int4_vnni's own fake kernel
         torch.library.register_fake(f"mtpserve_int4_base::{op}")(int4_vnni._mm_fake)
-    ops = torch.ops.mtpserve_int4_base
     return ops.mm16 if act_bits == 16 else ops.mm
 
 

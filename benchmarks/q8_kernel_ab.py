@@ -13,28 +13,14 @@ rounds. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+from kernel_revision import build_at_revision
 from mtpserve.decoding.model import q8_unembed
-from mtpserve.decoding.model.kernel_build import load_kernel
 
 SOURCE = "decoding/model/kernels/q8_unembed.cpp"
 N, K = 49152, 576
-
-
-def baseline_op(rev: str):
-    """The kernel at `rev`, built under the op namespace mtpserve_q8_base."""
-    root = Path(__file__).resolve().parent.parent
-    text = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{SOURCE}"], check=True,
-                          capture_output=True, text=True).stdout
-    src = Path(tempfile.mkdtemp()) / "q8_unembed_base.cpp"
-    src.write_text(text.replace("mtpserve_q8", "mtpserve_q8_base"))
-    load_kernel(src)
-    return torch.ops.mtpserve_q8_base.mm
 
 
 def main() -> None:
@@ -45,7 +31,8 @@ def main() -> None:
     args = ap.parse_args()
     if not q8_unembed.available():
         raise SystemExit("the Q8_0 unembedding kernel does not run here")
-    base, this = baseline_op(args.rev), torch.ops.mtpserve_q8.mm
+    base = build_at_revision(args.rev, SOURCE, "mtpserve_q8").mm
+    this = torch.ops.mtpserve_q8.mm
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
     d = (torch.rand(N, K // 32, generator=g) * 0.01).half()
