@@ -149,7 +149,8 @@ class CompiledTrunk:
         # also trace the layers' float attributes as inputs, then recompile them as constants)
         self._fn = torch.compile(types.MethodType(own, self), backend=self._backend,
                                  fullgraph=True)
-        self._direct: Callable | None = None  # the warm graph's code without dynamo (direct_code)
+        # the warm graph's code without dynamo (direct_code): set by warm_up, None when not warm
+        self._direct: Callable | None = None
         self.direct_steps = 0  # forwards served through _direct
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
@@ -175,8 +176,8 @@ class CompiledTrunk:
             torch._dynamo.mark_dynamic(positions, 0)
         with step_context(kv, meta, rows, self.model.attention_kernel == "rows",
                           self.model.batch_invariant):
-            if (self._direct is not None and self.warm and ids.dtype == positions.dtype
-                    == torch.long and inference_inputs(self.device, ids, positions)):
+            if (self._direct is not None and ids.dtype == positions.dtype == torch.long
+                    and inference_inputs(self.device, ids, positions)):
                 out = self._direct(self, ids, positions)
                 self.direct_steps += 1
             else:

@@ -49,11 +49,11 @@ class CompiledDraftChain:
 
     def __init__(self, heads: SequentialMTPHeads, model: nn.Module,
                  mode: str = "max-autotune-no-cudagraphs") -> None:
-        self.options = inductor_options(mode, next(model.parameters()).device.type)
+        self.device = next(model.parameters()).device
+        self.options = inductor_options(mode, self.device.type)
         self.heads, self.model = heads, model
         self.compiles = 0
         self.depths: set[int] = set()  # depths compiled (warm_up)
-        self.device = next(model.parameters()).device
         self.dtype: torch.dtype | None = None  # the hidden states' dtype (warm_up's)
         use_user_cache_dir()
         # one copy of `_body` per depth, each with a code object of its own: a depth's graph
