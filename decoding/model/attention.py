@@ -64,7 +64,7 @@ def write_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVCa
                      rows: bool = False) -> torch.Tensor:
     """Write the step's k/v [T, Hkv, D] into `layer` of the cache, then attend_cached. A
     step of decode/tree rows alone through the row kernel does both in one call."""
-    if rows and meta.groups is None and not meta.chunk:
+    if rows and meta.rows_alone:
         return write_attend_rows(q, k, v, kv, layer, meta, scale)
     kv.write(layer, meta, k, v)
     return attend_cached(q, kv, layer, meta, scale, invariant, rows)

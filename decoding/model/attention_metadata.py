@@ -44,6 +44,13 @@ class AttentionMetadata:
     # row_attention.attend_rows' per-row keys (row_layout), built at the first layer likewise
     row_layout: tuple | None = None
 
+    @property
+    def rows_alone(self) -> bool:
+        """Decode and tree rows only (no prefill chunk, no groups): the step the row kernel
+        writes and attends in one call per layer (attention.write_and_attend, and the
+        compiled graph's C++ op, step_attention.step_context)."""
+        return self.groups is None and not self.chunk
+
 
 def padded_layout(counts: list[int], device: torch.device | str = "cpu"
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -55,7 +55,7 @@ def step_context(kv: KVCache, meta: AttentionMetadata, rows: int, row_kernel: bo
     _STEP.row_kernel, _STEP.invariant = row_kernel, invariant
     # A step of decode/tree rows alone (write_and_attend's one-call case): the C++ op
     # takes it whole, its layout installed once instead of read by Python 30 times.
-    in_cpp = row_kernel and meta.groups is None and not meta.chunk
+    in_cpp = row_kernel and meta.rows_alone
     if in_cpp:
         if meta.row_layout is None:
             meta.row_layout = row_layout(meta, rows, meta.positions.device)
