@@ -30,17 +30,22 @@ def greedy_params(args: argparse.Namespace, n: int, **kw) -> list[SamplingParams
     return [SamplingParams(**base) for _ in range(n)]
 
 
+def plain_throughput(engine: LLMEngine, args: argparse.Namespace, prompt_ids: list[list[int]],
+                     b: int) -> dict:
+    """Every prompt decoded greedily, speculation off, in batches of b: throughput_row."""
+    return throughput_row([run_engine_batch(engine, g, greedy_params(args, b, speculate=False))
+                           for g in batches(prompt_ids, b)])
+
+
 def bench_engine_plain(engine: LLMEngine, args: argparse.Namespace, prompt_ids: list[list[int]],
                        batch_sizes: list[int]) -> list[dict]:
     rows = []
     for b in batch_sizes:
-        groups = batches(prompt_ids, b)
         for _ in range(args.warmup):
             warm = greedy_params(args, b, max_tokens=min(16, args.max_tokens), speculate=False)
-            run_engine_batch(engine, groups[0], warm)
-        runs = [run_engine_batch(engine, g, greedy_params(args, b, speculate=False))
-                for g in groups]
-        rows.append({"impl": "mtpserve", "batch": b, **throughput_row(runs)})
+            run_engine_batch(engine, batches(prompt_ids, b)[0], warm)
+        rows.append({"impl": "mtpserve", "batch": b,
+                     **plain_throughput(engine, args, prompt_ids, b)})
         print_progress(rows[-1])
     return rows
 
@@ -121,14 +126,12 @@ def alternate_with_llama_cpp(engine: LLMEngine, args: argparse.Namespace,
     pairs = [(ours["decode_tokens_per_s"] or 0.0, got["decode_tokens_per_s"])]
     for i in range(1, args.llama_rounds):
         print(f"llama.cpp: round {i + 1}/{args.llama_rounds}", file=sys.stderr, flush=True)
-        runs = [run_engine_batch(engine, g, greedy_params(args, 1, speculate=False))
-                for g in batches(prompt_ids, 1)]
+        ours_now = plain_throughput(engine, args, prompt_ids, 1)
         again = run_llama_bench(args.llama_bench, gguf, args.max_tokens, torch.get_num_threads())
         if isinstance(again, str):
             print(f"llama.cpp: round {i + 1} skipped: {again}", file=sys.stderr)
             continue
-        pairs.append((throughput_row(runs)["decode_tokens_per_s"] or 0.0,
-                      again["decode_tokens_per_s"]))
+        pairs.append((ours_now["decode_tokens_per_s"] or 0.0, again["decode_tokens_per_s"]))
     ratios = sorted(m / ll for m, ll in pairs)
     return {"rounds": [{"mtpserve_decode_tokens_per_s": m, "llama_cpp_decode_tokens_per_s": ll,
                         "ratio": m / ll} for m, ll in pairs],
