@@ -29,7 +29,7 @@ from mtpserve.decoding.spec.tree import DraftTree, load_choices
 HQ, HKV, D, SCALE = 9, 3, 64, 0.125
 
 
-def _meta(items: list[tuple[int, int, torch.Tensor | None]]) -> AttentionMetadata:
+def layout_meta(items: list[tuple[int, int, torch.Tensor | None]]) -> AttentionMetadata:
     """items: (slot, committed length, own mask [n, n] or None: one decode row)."""
     own = [m if m is not None else torch.ones(1, 1, dtype=torch.bool) for _, _, m in items]
     counts = [m.shape[0] for m in own]
@@ -63,9 +63,8 @@ def _us(fn, n: int = 200) -> float:
     return 1e6 * statistics.median(ts)
 
 
-def micro() -> None:
-    kv = KVCache.__new__(KVCache)
-    kv.buf = torch.randn(1, 2, 16, HKV, 2100, D)
+def micro_cases(g: torch.Generator) -> list[tuple[str, list[tuple[int, int, torch.Tensor | None]]]]:
+    """The layouts timed per layer call: (name, layout_meta items)."""
     choices = load_choices("tree16")
     # a 16-node tree: the preset's shape (paths of child indices)
     parents = [-1]
@@ -78,18 +77,25 @@ def micro() -> None:
         parents.append(index[path[:-1]])
     parents = parents[:16]
     tree = DraftTree(tokens=[0] * len(parents), parents=parents).ancestor_mask()
-    g = torch.Generator().manual_seed(0)
     ctxs = torch.randint(64, 2000, (16,), generator=g).tolist()
     cases = [(f"decode, context {c}", [(0, c, None)]) for c in (128, 512, 2048)]
     cases.append((f"{len(parents)}-node tree, context 300", [(0, 300, tree)]))
     cases.append(("16 seqs x 1 row, contexts 64..2000", [(s, ctxs[s], None) for s in range(16)]))
+    return cases
+
+
+def micro() -> None:
+    kv = KVCache.__new__(KVCache)
+    kv.buf = torch.randn(1, 2, 16, HKV, 2100, D)
+    g = torch.Generator().manual_seed(0)
+    cases = micro_cases(g)
     print(f"threads {torch.get_num_threads()}, kernel path: "
           f"{'AVX-512' if ra.vector_path() else 'generic C++'}\n")
     print("| per layer call, us (median) | SDPA | attend_invariant | rows kernel | rows vs SDPA | "
           "layout once per step (rows) |")
     print("|---|---|---|---|---|---|")
     for name, items in cases:
-        meta = _meta(items)
+        meta = layout_meta(items)
         T = sum(m.shape[0] if m is not None else 1 for _, _, m in items)
         q = torch.randn(T, HQ, D, generator=g)
         sdpa = _us(lambda: attend_cached(q, kv, 0, meta, SCALE))

@@ -140,64 +140,129 @@ AVX512 inline __m512 load16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-template <int NV, typename KV>  // D = 16 * NV
+// The 16 horizontal sums of x[0..15] in one vector: lane j = the sum of x[j]'s 16 lanes,
+// paired exactly as GCC's _mm512_reduce_add_ps pairs them (lanes i and i+8, then i and i+4,
+// i and i+2, i and i+1), so each sum has the bits of reducing x[j] alone; 30 shuffles and
+// 15 adds instead of 16 reductions of 7 dependent steps each. The slots hold the keys
+// transposed (slot s = key 4(s%4) + s/4): the shuffles put slot s's sum in lane
+// 4(s%4) + s/4, so key j lands in lane j. Use slot_of(j) to fill them.
+constexpr int slot_of(int j) { return 4 * (j % 4) + j / 4; }
+
+AVX512 inline __m512 sums16(const __m512* x) {
+  __m512 w[8], z[4], y[2];
+  for (int k = 0; k < 8; ++k)  // lanes i, i+8
+    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * k], x[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(x[2 * k], x[2 * k + 1], 0xEE));
+  for (int k = 0; k < 4; ++k)  // i, i+4
+    z[k] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0xDD));
+  for (int k = 0; k < 2; ++k)  // i, i+2
+    y[k] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * k], z[2 * k + 1], 0x44),
+                         _mm512_shuffle_ps(z[2 * k], z[2 * k + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88),  // i, i+1
+                       _mm512_shuffle_ps(y[0], y[1], 0xDD));
+}
+
+// GC: the query heads per KV head when known at compile time (0: read from a), so that the
+// per-head accumulators live in registers instead of a stack array indexed at run time
+template <int NV, int GC, typename KV>  // D = 16 * NV
 AVX512 void avx512_pair(const Args<KV>& a, int64_t t, int64_t h) {
   constexpr int64_t D = 16 * NV;
-  const int64_t G = a.Hq / a.Hkv, p = a.prefix[t];
+  const int64_t G = GC ? GC : a.Hq / a.Hkv, p = a.prefix[t];
   const int64_t* ex = a.extra + a.offsets[t];
   const int64_t n = p + (a.offsets[t + 1] - a.offsets[t]);
   const int64_t base = (a.slot[t] * a.Hkv + h) * a.L;
   const float* q = a.q + (t * a.Hq + h * G) * D;
   float* o = a.out + (t * a.Hq + h * G) * D;
-  __m512 qv[kMaxG][NV], acc[kMaxG][NV];
+  __m512 acc[kMaxG][NV];
   float m[kMaxG], l[kMaxG];
   alignas(64) float s[kMaxG][kBlock];
+  alignas(64) float kb[kBlock][D];  // the block's keys as fp32, read once per query head
   for (int64_t g = 0; g < G; ++g) {
     m[g] = kNegInf;
     l[g] = 0.0f;
-    for (int i = 0; i < NV; ++i) {
-      qv[g][i] = _mm512_loadu_ps(q + g * D + 16 * i);
-      acc[g][i] = _mm512_setzero_ps();
-    }
+    for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_setzero_ps();
   }
   const __m512 scale = _mm512_set1_ps(a.scale);
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t nb = std::min(kBlock, n - b);
-    const __mmask16 valid = static_cast<__mmask16>((1u << nb) - 1u);
-    for (int64_t j = 0; j < nb; ++j) {
-      const KV* kp = a.k + (base + key_at(b + j, p, ex)) * D;
-      __m512 kr[NV];
-      for (int i = 0; i < NV; ++i) kr[i] = load16(kp + 16 * i);
+  // Software-pipelined by one block: block b's scores (and their softmax) are computed
+  // before block b-1's values are summed, so the softmax's long dependent chain (horizontal
+  // max, exp, horizontal sum) overlaps the next block's dot products instead of stalling
+  // the value sums that need it. Each row's float operations and their order per
+  // accumulator are the same as one block at a time: same bits.
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  __m512 sv[kMaxG];
+  for (int64_t bi = 0; bi <= blocks; ++bi) {
+    if (bi < blocks) {  // the scores of block bi
+      const int64_t b = bi * kBlock, nb = std::min(kBlock, n - b);
+      const __mmask16 valid = static_cast<__mmask16>((1u << nb) - 1u);
+      for (int64_t j = 0; j < nb; ++j) {
+        const KV* kp = a.k + (base + key_at(b + j, p, ex)) * D;
+        for (int i = 0; i < NV; ++i) _mm512_store_ps(kb[j] + 16 * i, load16(kp + 16 * i));
+      }
       for (int64_t g = 0; g < G; ++g) {
-        __m512 x = _mm512_mul_ps(qv[g][0], kr[0]);
-        for (int i = 1; i < NV; ++i) x = _mm512_fmadd_ps(qv[g][i], kr[i], x);
-        s[g][j] = _mm512_reduce_add_ps(x);
+        __m512 qv[NV], x[kBlock];
+        for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(q + g * D + 16 * i);
+        for (int j = 0; j < kBlock; ++j) {  // keys past nb: zeros, masked below
+          __m512 dot = _mm512_setzero_ps();
+          if (j < nb) {
+            dot = _mm512_mul_ps(qv[0], _mm512_load_ps(kb[j]));
+            for (int i = 1; i < NV; ++i)
+              dot = _mm512_fmadd_ps(qv[i], _mm512_load_ps(kb[j] + 16 * i), dot);
+          }
+          x[slot_of(j)] = dot;
+        }
+        sv[g] = _mm512_mul_ps(_mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), valid, sums16(x)), scale);
       }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 sv = _mm512_mul_ps(_mm512_mask_load_ps(_mm512_set1_ps(kNegInf), valid, s[g]), scale);
-      const float mn = std::max(m[g], _mm512_reduce_max_ps(sv));
-      const float corr = m[g] == kNegInf ? 0.0f : std::exp(m[g] - mn);
-      __m512 pv = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(sv, _mm512_set1_ps(mn))));
-      l[g] = l[g] * corr + _mm512_reduce_add_ps(pv);
-      m[g] = mn;
-      _mm512_store_ps(s[g], pv);
-      const __m512 c = _mm512_set1_ps(corr);
-      for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_mul_ps(acc[g][i], c);
+    if (bi > 0) {  // the values of block bi-1, weighted by its softmax in s
+      const int64_t b = (bi - 1) * kBlock, nb = std::min(kBlock, n - b);
+      for (int64_t j = 0; j < nb; ++j) {
+        const KV* vp = a.v + (base + key_at(b + j, p, ex)) * D;
+        __m512 vr[NV];
+        for (int i = 0; i < NV; ++i) vr[i] = load16(vp + 16 * i);
+        for (int64_t g = 0; g < G; ++g) {
+          const __m512 pj = _mm512_set1_ps(s[g][j]);
+          for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_fmadd_ps(pj, vr[i], acc[g][i]);
+        }
+      }
     }
-    for (int64_t j = 0; j < nb; ++j) {
-      const KV* vp = a.v + (base + key_at(b + j, p, ex)) * D;
-      __m512 vr[NV];
-      for (int i = 0; i < NV; ++i) vr[i] = load16(vp + 16 * i);
+    if (bi < blocks) {  // block bi's softmax: s, the running max and sum, the rescale
+      const int64_t nb = std::min(kBlock, n - bi * kBlock);
+      const __mmask16 valid = static_cast<__mmask16>((1u << nb) - 1u);
       for (int64_t g = 0; g < G; ++g) {
-        const __m512 pj = _mm512_set1_ps(s[g][j]);
-        for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_fmadd_ps(pj, vr[i], acc[g][i]);
+        const float mn = std::max(m[g], _mm512_reduce_max_ps(sv[g]));
+        __m512 pv = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(sv[g], _mm512_set1_ps(mn))));
+        if (mn == m[g]) {
+          // the max did not move (most blocks): exp(0) = 1 exactly and x * 1 = x, so the
+          // rescale is skipped with the same bits, and with it a libm call that makes the
+          // compiler spill every live zmm register
+          l[g] += _mm512_reduce_add_ps(pv);
+        } else {
+          const float corr = m[g] == kNegInf ? 0.0f : std::exp(m[g] - mn);
+          l[g] = l[g] * corr + _mm512_reduce_add_ps(pv);
+          const __m512 c = _mm512_set1_ps(corr);
+          for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_mul_ps(acc[g][i], c);
+        }
+        m[g] = mn;
+        _mm512_store_ps(s[g], pv);
       }
     }
   }
   for (int64_t g = 0; g < G; ++g) {
     const __m512 inv = _mm512_set1_ps(1.0f / l[g]);
     for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o + g * D + 16 * i, _mm512_mul_ps(acc[g][i], inv));
+  }
+}
+// the common GQA group sizes compiled with G fixed (same float sequence either way)
+template <int NV, typename KV>
+AVX512 void avx512_heads(const Args<KV>& a, int64_t t, int64_t h) {
+  switch (a.Hq / a.Hkv) {
+    case 1: return avx512_pair<NV, 1, KV>(a, t, h);
+    case 2: return avx512_pair<NV, 2, KV>(a, t, h);
+    case 3: return avx512_pair<NV, 3, KV>(a, t, h);
+    case 4: return avx512_pair<NV, 4, KV>(a, t, h);
+    case 8: return avx512_pair<NV, 8, KV>(a, t, h);
+    default: return avx512_pair<NV, 0, KV>(a, t, h);
   }
 }
 #else
@@ -217,9 +282,9 @@ template <typename KV>
 void run_pair(const Args<KV>& a, int64_t t, int64_t h) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (vector_path(a.D)) {
-    if (a.D == 64) return avx512_pair<4, KV>(a, t, h);
-    if (a.D == 128) return avx512_pair<8, KV>(a, t, h);
-    return avx512_pair<2, KV>(a, t, h);
+    if (a.D == 64) return avx512_heads<4, KV>(a, t, h);
+    if (a.D == 128) return avx512_heads<8, KV>(a, t, h);
+    return avx512_heads<2, KV>(a, t, h);
   }
 #endif
   generic_pair(a, t, h);
