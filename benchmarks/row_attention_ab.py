@@ -14,9 +14,8 @@ import time
 
 import torch
 from kernel_revision import build_at_revision
-from row_attention import D, HKV, HQ, SCALE, layout_meta, micro_cases
-
 from mtpserve.decoding.model import row_attention as ra
+from row_attention import HKV, HQ, SCALE, D, layout_meta, micro_cases
 
 SOURCE = "decoding/model/kernels/row_attention.cpp"
 
@@ -51,8 +50,8 @@ def main() -> None:
             T = sum(m.shape[0] if m is not None else 1 for _, _, m in items)
             q = torch.randn(T, HQ, D, generator=g)
             layout = ra.row_layout(meta, T)
-            runs = {"base": lambda: base(q, layer, *layout, SCALE),
-                    "this": lambda: this(q, layer, *layout, SCALE)}
+            args_ = (q, layer, *layout, SCALE)
+            runs = {"base": lambda a=args_: base(*a), "this": lambda a=args_: this(*a)}
             same = torch.equal(runs["base"](), runs["this"]())
             best = {k: float("inf") for k in runs}
             for r in range(args.rounds):
