@@ -4,12 +4,17 @@ per layer call, the layouts of row_attention.py's micro table (one decode row at
 contexts, a 16-node tree at context 300, 16 sequences x 1 row), fp16 and fp32 caches.
 Both kernels get the same inputs and must give the same bits (the table says).
 
-    flock /tmp/mtpserve-cpu.lock .venv/bin/python benchmarks/row_attention_ab.py [--rev HEAD] [--rounds 15]
+--step: instead, what a compiled step's attention costs: the layout installed once
+(set_step_rows), then step_attention for each of 30 layers (write the step's K/V, attend,
+cast), bf16 activations, an fp16 cache; outputs and cache bytes compared.
+
+    flock /tmp/mtpserve-cpu.lock .venv/bin/python benchmarks/row_attention_ab.py [--rev HEAD] [--rounds 15] [--step]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -27,15 +32,66 @@ def best_us(fn, calls: int) -> float:
     return 1e6 * (time.perf_counter() - t0) / calls
 
 
+def step_calls(ops, kv: torch.Tensor, layers: int, slots: torch.Tensor, store: torch.Tensor,
+               layout: tuple, qkv: tuple) -> list[torch.Tensor]:
+    """One compiled step's attention: the layout installed, then every layer's call."""
+    ops.set_step_rows(kv, slots, store, *layout, slots.numel())
+    try:
+        return [ops.step_attention(*qkv, i, SCALE) for i in range(layers)]
+    finally:
+        ops.clear_step_rows()
+
+
+def step_table(base_ops, rounds: int, calls: int) -> None:
+    """30 layers of step_attention per call of the timed function, per case."""
+    this_ops = torch.ops.mtpserve_rows
+    layers, slot_len = 30, 1024
+    print(f"| one step, {layers} layers | {'rows'} | base us | this tree us | ratio | bits |")
+    print("|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(2)
+    for name, items in micro_cases(torch.Generator().manual_seed(1)):
+        items = [(s, min(c, 1000), m) for s, c, m in items]  # within this cache
+        meta = layout_meta(items)
+        T = sum(m.shape[0] if m is not None else 1 for _, _, m in items)
+        slots = torch.tensor([s for s, _, m in items for _ in range(1 if m is None else m.shape[0])])
+        store = torch.tensor([c + i for _, c, m in items for i in range(1 if m is None else m.shape[0])])
+        layout = ra.row_layout(meta, T)
+        q = torch.randn(T, HQ, D, generator=g).bfloat16()
+        k, v = (torch.randn(T, HKV, D, generator=g).bfloat16() for _ in range(2))
+        caches = {w: torch.randn(layers, 2, 16, HKV, slot_len, D, generator=torch.Generator()
+                                 .manual_seed(3)).half() for w in ("base", "this")}
+
+        step = functools.partial(step_calls, layers=layers, slots=slots, store=store,
+                                 layout=layout, qkv=(q, k, v))
+        runs = {"base": functools.partial(step, base_ops, caches["base"]),
+                "this": functools.partial(step, this_ops, caches["this"])}
+        outs = {w: fn() for w, fn in runs.items()}
+        same = (all(torch.equal(a, b) for a, b in zip(outs["base"], outs["this"]))
+                and torch.equal(caches["base"], caches["this"]))
+        best = {w: float("inf") for w in runs}
+        for r in range(rounds):
+            for w in (("base", "this") if r % 2 else ("this", "base")):
+                best[w] = min(best[w], best_us(runs[w], calls))
+        print(f"| {name} | {T} | {best['base']:.1f} | {best['this']:.1f} | "
+              f"{best['this'] / best['base']:.2f} | {'same' if same else 'DIFFER'} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", default="HEAD", help="git revision of the baseline kernel")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=30, help="calls per timing (a mean)")
+    ap.add_argument("--step", action="store_true", help="a compiled step's 30 layer calls")
     args = ap.parse_args()
     if not ra.available():
         raise SystemExit("the row attention kernel does not build here")
-    base = build_at_revision(args.rev, SOURCE, "mtpserve_rows").row_attention
+    base_ops = build_at_revision(args.rev, SOURCE, "mtpserve_rows")
+    if args.step:
+        print(f"threads {torch.get_num_threads()}; baseline {args.rev}, min over {args.rounds} "
+              f"rounds of {args.calls // 3 or 1} steps\n")
+        step_table(base_ops, args.rounds, args.calls // 3 or 1)
+        return
+    base = base_ops.row_attention
     this = torch.ops.mtpserve_rows.row_attention
     g = torch.Generator().manual_seed(0)
     print(f"threads {torch.get_num_threads()}, kernel path: "

@@ -230,6 +230,51 @@ def test_the_fused_write_equals_write_then_attend(kv_dtype, cache):
                                                SCALE))
 
 
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", [torch.float32, torch.float16])
+def test_the_compiled_step_op_equals_the_fused_write(act, cache):
+    """step_attention's C++ path (a compiled decode/tree step, its layout installed once by
+    set_step_rows) converts q, k, v and the output itself: strided inputs in the step's
+    dtype, padding rows past the real ones. It leaves the cache bytes and returns the bits
+    of write_row_attention on the real rows, cast as Tensor.to casts, padding rows zero."""
+    g = torch.Generator().manual_seed(21)
+    items = [(3, 40, TREES["wide"]), (0, 17, None), (5, 90, TREES["chain4"])]
+    meta = _meta(items)
+    n, padded = 11, 16
+    slots = torch.tensor([3] * 6 + [0] + [5] * 4)
+    store = torch.tensor(list(range(40, 46)) + [17] + list(range(90, 94)))
+    layout = ra.row_layout(meta, n)
+    # q, k, v as a fused projection's column slices: rows strided, heads contiguous
+    qkv = torch.randn(padded, (HQ + 2 * HKV) * D, generator=g).to(act)
+    q = qkv[:, :HQ * D].view(padded, HQ, D)
+    k = qkv[:, HQ * D:(HQ + HKV) * D].view(padded, HKV, D)
+    v = qkv[:, (HQ + HKV) * D:].view(padded, HKV, D)
+    step, ref = (_cache(6, 120, seed=22, layers=3, dtype=cache) for _ in range(2))
+    ops = torch.ops.mtpserve_rows
+    ops.set_step_rows(step.buf, slots, store, *layout, n)
+    try:
+        out = ops.step_attention(q, k, v, 2, SCALE)
+    finally:
+        ops.clear_step_rows()
+    want = ops.write_row_attention(q[:n].float(), k[:n], v[:n], ref.buf[2], slots, store,
+                                   *layout, SCALE).to(act)
+    assert out.dtype == act and out.shape == (padded, HQ, D)
+    assert torch.equal(out[:n], want) and not out[n:].any()
+    assert torch.equal(step.buf, ref.buf)
+
+
+def test_the_step_layout_is_checked_once_when_installed():
+    kv = _cache(2, 120, seed=23, layers=2)
+    layout = ra.row_layout(_meta([(0, 10, None)]), 1)
+    with pytest.raises(RuntimeError, match="stores outside the cache"):
+        torch.ops.mtpserve_rows.set_step_rows(kv.buf, torch.tensor([0]), torch.tensor([120]),
+                                              *layout, 1)
+    bad = (layout[0], torch.tensor([121]), layout[2], layout[3])  # a prefix past the cache
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.mtpserve_rows.set_step_rows(kv.buf, torch.tensor([0]), torch.tensor([10]),
+                                              *bad, 1)
+
+
 def test_the_fused_write_refuses_a_store_outside_the_cache():
     meta = _meta([(0, 10, None)])
     meta.token_slots, meta.token_store = torch.tensor([0]), torch.tensor([120])

@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <cmath>
@@ -26,6 +27,7 @@
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -138,6 +140,30 @@ AVX512 inline __m512 exp_ps(__m512 x) {
 AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 AVX512 inline __m512 load16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+AVX512 inline __m512 load16(const at::BFloat16* p) {  // exact: bf16 is fp32's top half
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// 16 fp32 values stored in T, rounded as static_cast<T>(float) rounds: to nearest even
+// (fp16 through F16C; bf16 as c10::BFloat16 does it, NaN as 0x7FC0)
+AVX512 inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+AVX512 inline void store16(at::Half* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+AVX512 inline void store16(at::BFloat16* p, __m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+
+template <typename To, typename From>
+AVX512 void convert_avx512(To* dst, const From* src, int64_t n) {  // n: a multiple of 16
+  for (int64_t i = 0; i < n; i += 16) store16(dst + i, load16(src + i));
 }
 
 // The 16 horizontal sums of x[0..15] in one vector: lane j = the sum of x[j]'s 16 lanes,
@@ -278,6 +304,18 @@ bool avx512_here() {
 
 bool vector_path(int64_t D) { return avx512_here() && (D == 32 || D == 64 || D == 128); }
 
+// dst[i] = static_cast<To>(static_cast<float>(src[i])) for i < n, the same bits either way
+// (the widening is exact; both narrowings round to nearest even); vectorized where it can
+template <typename To, typename From>
+void convert(To* dst, const From* src, int64_t n) {
+#if defined(__x86_64__) || defined(_M_X64)
+  constexpr bool lanes = !std::is_same_v<To, double> && !std::is_same_v<From, double>;
+  if constexpr (lanes)
+    if (avx512_here() && n % 16 == 0) return convert_avx512(dst, src, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<To>(static_cast<float>(src[i]));
+}
+
 template <typename KV>
 void run_pair(const Args<KV>& a, int64_t t, int64_t h) {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -288,6 +326,48 @@ void run_pair(const Args<KV>& a, int64_t t, int64_t h) {
   }
 #endif
   generic_pair(a, t, h);
+}
+
+// Bounds of a row layout (a bad one must not read outside the cache): -> the keys of all
+// rows together
+int64_t check_layout(int64_t T, int64_t S, int64_t L, const at::Tensor& slot,
+                     const at::Tensor& prefix, const at::Tensor& offsets,
+                     const at::Tensor& extra) {
+  for (const at::Tensor* x : {&slot, &prefix, &offsets, &extra})
+    TORCH_CHECK(x->device().is_cpu() && x->scalar_type() == at::kLong && x->is_contiguous() &&
+                    x->dim() == 1,
+                "row_attention: the layout tensors must be contiguous int64 CPU vectors");
+  TORCH_CHECK(slot.numel() == T && prefix.numel() == T && offsets.numel() == T + 1,
+              "row_attention: the layout does not match T");
+  const int64_t* pre = prefix.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* sl = slot.data_ptr<int64_t>();
+  const int64_t* ex = extra.data_ptr<int64_t>();
+  int64_t keys = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t n = pre[t] + off[t + 1] - off[t];
+    TORCH_CHECK(n > 0 && pre[t] >= 0 && pre[t] <= L && sl[t] >= 0 && sl[t] < S &&
+                    off[t] <= off[t + 1] && off[t + 1] <= extra.numel(),
+                "row_attention: row ", t, " has no keys or indexes outside the cache");
+    for (int64_t i = off[t]; i < off[t + 1]; ++i)
+      TORCH_CHECK(ex[i] >= 0 && ex[i] < L, "row_attention: key index outside the cache");
+    keys += n;
+  }
+  return keys;
+}
+
+// All T rows of a checked layout: threads split (row, KV head) pairs; small passes stay on
+// the calling thread (a fork costs more than the work: below ~110 keys of 9 heads x 64
+// here). One decode row over 512 keys: 31 -> 23 us on 2 threads (AMD Zen 4), its 3 pairs
+// split 2 + 1. Either way each pair is computed the same.
+template <typename KV>
+void attend(const Args<KV>& a, int64_t T, int64_t keys) {
+  const int64_t pairs = T * a.Hkv;
+  const int64_t work = keys * a.Hq * a.D;
+  const int64_t grain = work < (1 << 16) ? pairs : 1;
+  at::parallel_for(0, pairs, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) run_pair(a, i / a.Hkv, i % a.Hkv);
+  });
 }
 
 at::Tensor row_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slot,
@@ -303,41 +383,16 @@ at::Tensor row_attention(const at::Tensor& q, const at::Tensor& kv, const at::Te
   const int64_t S = kv.size(1), Hkv = kv.size(2), L = kv.size(3);
   TORCH_CHECK(kv.size(4) == D && Hq % Hkv == 0 && Hq / Hkv <= kMaxG,
               "row_attention: head dims do not match");
-  for (const at::Tensor* x : {&slot, &prefix, &offsets, &extra})
-    TORCH_CHECK(x->scalar_type() == at::kLong && x->is_contiguous() && x->dim() == 1,
-                "row_attention: the layout tensors must be contiguous int64 vectors");
-  TORCH_CHECK(slot.numel() == T && prefix.numel() == T && offsets.numel() == T + 1,
-              "row_attention: the layout does not match T");
+  const int64_t keys = check_layout(T, S, L, slot, prefix, offsets, extra);
   at::Tensor qc = q.contiguous();
   at::Tensor out = at::empty({T, Hq, D}, q.options());
-  const int64_t* pre = prefix.data_ptr<int64_t>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  const int64_t* sl = slot.data_ptr<int64_t>();
-  const int64_t* ex = extra.data_ptr<int64_t>();
-  int64_t keys = 0;
-  for (int64_t t = 0; t < T; ++t) {  // bounds: a bad layout must not read out of the cache
-    const int64_t n = pre[t] + off[t + 1] - off[t];
-    TORCH_CHECK(n > 0 && pre[t] >= 0 && pre[t] <= L && sl[t] >= 0 && sl[t] < S &&
-                    off[t] <= off[t + 1] && off[t + 1] <= extra.numel(),
-                "row_attention: row ", t, " has no keys or indexes outside the cache");
-    for (int64_t i = off[t]; i < off[t + 1]; ++i)
-      TORCH_CHECK(ex[i] >= 0 && ex[i] < L, "row_attention: key index outside the cache");
-    keys += n;
-  }
   auto run = [&](auto* kp) {
     using KV = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
-    Args<KV> a{qc.data_ptr<float>(), kp, kp + S * Hkv * L * D, sl, pre, off, ex,
-               out.data_ptr<float>(), Hq, Hkv, L, D, static_cast<float>(scale)};
-    // threads split (row, KV head) pairs; small passes stay on the calling thread (a
-    // fork costs more than the work: below ~110 keys of 9 heads x 64 here). One decode
-    // row over 512 keys: 31 -> 23 us on 2 threads (AMD Zen 4), its 3 pairs split 2 + 1.
-    // Either way each pair is computed the same.
-    const int64_t pairs = T * Hkv;
-    const int64_t work = keys * Hq * D;
-    const int64_t grain = work < (1 << 16) ? pairs : 1;
-    at::parallel_for(0, pairs, grain, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) run_pair(a, i / Hkv, i % Hkv);
-    });
+    Args<KV> a{qc.data_ptr<float>(), kp, kp + S * Hkv * L * D, slot.data_ptr<int64_t>(),
+               prefix.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+               extra.data_ptr<int64_t>(), out.data_ptr<float>(), Hq, Hkv, L, D,
+               static_cast<float>(scale)};
+    attend(a, T, keys);
   };
   if (kv.scalar_type() == at::kHalf) run(kv.data_ptr<at::Half>());
   else run(kv.data_ptr<float>());
@@ -403,6 +458,7 @@ struct StepRows {
   at::Tensor kv;  // the whole cache [layers, 2, S, Hkv, L, D]
   at::Tensor store_slot, store_pos, slot, prefix, offsets, extra;
   int64_t rows = 0;  // real rows: the op's inputs may have more (padding), which it skips
+  int64_t keys = 0;  // of all rows (the layout is checked once, here, for every layer)
 };
 // Set and cleared around one compiled call by the engine's thread, as step_attention.py's
 // _STEP (the metadata cannot be a graph input: its shapes change every step).
@@ -413,42 +469,100 @@ void set_step_rows(const at::Tensor& kv, const at::Tensor& store_slot,
                    const at::Tensor& store_pos, const at::Tensor& slot,
                    const at::Tensor& prefix, const at::Tensor& offsets,
                    const at::Tensor& extra, int64_t rows) {
-  TORCH_CHECK(kv.device().is_cpu() && kv.dim() == 6 && kv.size(1) == 2 && kv.is_contiguous(),
-              "set_step_rows: kv must be the whole contiguous [layers, 2, S, Hkv, L, D] cache");
-  TORCH_CHECK(rows > 0 && slot.numel() == rows && store_slot.numel() == rows,
+  TORCH_CHECK(kv.device().is_cpu() && kv.dim() == 6 && kv.size(1) == 2 && kv.is_contiguous() &&
+                  (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kHalf),
+              "set_step_rows: kv must be the whole contiguous [layers, 2, S, Hkv, L, D] "
+              "float32 or float16 cache");
+  TORCH_CHECK(rows > 0 && slot.numel() == rows && store_slot.numel() == rows &&
+                  store_pos.numel() == rows,
               "set_step_rows: the layout must have one entry per real row");
-  g_step = StepRows{true, kv, store_slot, store_pos, slot, prefix, offsets, extra, rows};
+  const int64_t S = kv.size(2), L = kv.size(4);
+  const int64_t keys = check_layout(rows, S, L, slot, prefix, offsets, extra);
+  for (const at::Tensor* x : {&store_slot, &store_pos})
+    TORCH_CHECK(x->scalar_type() == at::kLong && x->is_contiguous(),
+                "set_step_rows: store_slot/store_pos must be contiguous int64");
+  const int64_t* ss = store_slot.data_ptr<int64_t>();
+  const int64_t* sp = store_pos.data_ptr<int64_t>();
+  for (int64_t t = 0; t < rows; ++t)
+    TORCH_CHECK(ss[t] >= 0 && ss[t] < S && sp[t] >= 0 && sp[t] < L,
+                "set_step_rows: row ", t, " stores outside the cache");
+  g_step = StepRows{true, kv, store_slot, store_pos, slot, prefix, offsets, extra, rows, keys};
 }
 
 void clear_step_rows() { g_step = StepRows{}; }
 
 int64_t step_rows_calls() { return g_cpp_calls; }
 
-at::Tensor step_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          int64_t layer, double scale) {
+at::Tensor step_attention(const at::Tensor& q_in, const at::Tensor& k_in,
+                          const at::Tensor& v_in, int64_t layer, double scale) {
   if (!g_step.active) {
     static auto python_op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("mtpserve::cached_attention", "")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                               double)>();
-    return python_op.call(q, k, v, layer, scale);
+    return python_op.call(q_in, k_in, v_in, layer, scale);
   }
   const StepRows& s = g_step;
   ++g_cpp_calls;
+  const at::Tensor& q = q_in;  // checked as given; heads() below may copy
   const int64_t n = s.rows, padded = q.size(0);
+  const int64_t Hq = q.size(1), D = q.size(2), S = s.kv.size(2), Hkv = s.kv.size(3),
+                L = s.kv.size(4);
   TORCH_CHECK(q.dim() == 3 && n <= padded && layer >= 0 && layer < s.kv.size(0),
               "step_attention: the step has ", n, " rows and ", s.kv.size(0),
               " layers; got ", padded, " rows for layer ", layer);
-  at::Tensor kv = s.kv.select(0, layer);
-  at::Tensor out = write_row_attention(q.narrow(0, 0, n).to(at::kFloat), k.narrow(0, 0, n),
-                                       v.narrow(0, 0, n), kv, s.store_slot, s.store_pos,
-                                       s.slot, s.prefix, s.offsets, s.extra, scale);
-  if (q.scalar_type() != at::kFloat) out = out.to(q.scalar_type());
-  if (n == padded) return out;
-  at::Tensor full = at::zeros({padded, q.size(1), q.size(2)}, out.options());
-  full.narrow(0, 0, n).copy_(out);
-  return full;
+  TORCH_CHECK(s.kv.size(5) == D && Hq % Hkv == 0 && Hq / Hkv <= kMaxG && k_in.dim() == 3 &&
+                  v_in.dim() == 3 && k_in.size(0) == padded && v_in.size(0) == padded &&
+                  k_in.size(1) == Hkv && v_in.size(1) == Hkv && k_in.size(2) == D &&
+                  v_in.size(2) == D,
+              "step_attention: q, k, v do not match the cache's heads");
+  // No ATen op between here and the output (a decode layer's work is ~10 us; each op's
+  // dispatch and allocation cost 1-3): q widened to fp32, k and v rounded to the cache's
+  // dtype and the output to q's by convert(), as Tensor.to() does.
+  thread_local std::vector<float> qbuf, obuf;
+  qbuf.resize(n * Hq * D);
+  obuf.resize(n * Hq * D);
+  // a row's heads one after another, as the graph's views of its projections are (rows
+  // may be strided); anything else is copied first
+  auto heads = [D](const at::Tensor& x) {
+    return x.stride(2) == 1 && x.stride(1) == D ? x : x.contiguous();
+  };
+  const at::Tensor qh = heads(q_in), k = heads(k_in), v = heads(v_in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "step_q", [&] {
+    for (int64_t t = 0; t < n; ++t)
+      convert(qbuf.data() + t * Hq * D, qh.data_ptr<scalar_t>() + t * qh.stride(0), Hq * D);
+  });
+  const int64_t* ss = s.store_slot.data_ptr<int64_t>();
+  const int64_t* sp = s.store_pos.data_ptr<int64_t>();
+  auto run = [&](auto* cache) {
+    using KV = std::remove_pointer_t<decltype(cache)>;
+    KV* kp = cache + layer * 2 * S * Hkv * L * D;
+    KV* vp = kp + S * Hkv * L * D;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "step_kv", [&] {
+      TORCH_CHECK(v.scalar_type() == k.scalar_type(), "step_attention: k and v dtypes differ");
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t h = 0; h < Hkv; ++h) {
+          const int64_t dst = ((ss[t] * Hkv + h) * L + sp[t]) * D;
+          convert(kp + dst, k.data_ptr<scalar_t>() + t * k.stride(0) + h * D, D);
+          convert(vp + dst, v.data_ptr<scalar_t>() + t * v.stride(0) + h * D, D);
+        }
+    });
+    Args<KV> a{qbuf.data(), kp, vp, s.slot.data_ptr<int64_t>(), s.prefix.data_ptr<int64_t>(),
+               s.offsets.data_ptr<int64_t>(), s.extra.data_ptr<int64_t>(), obuf.data(), Hq,
+               Hkv, L, D, static_cast<float>(scale)};
+    attend(a, n, s.keys);
+  };
+  if (s.kv.scalar_type() == at::kHalf) run(s.kv.data_ptr<at::Half>());
+  else run(s.kv.data_ptr<float>());
+  // in q's dtype, padding rows zero
+  at::Tensor out = at::empty({padded, Hq, D}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "step_out", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    convert(o, obuf.data(), n * Hq * D);
+    std::fill(o + n * Hq * D, o + padded * Hq * D, static_cast<scalar_t>(0.0f));
+  });
+  return out;
 }
 
 }  // namespace
