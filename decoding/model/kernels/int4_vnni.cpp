@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -445,10 +446,14 @@ template <typename Q, typename T>
 void mm_impl(const T* x, const uint8_t* w, T* y, int64_t m, int64_t n, int64_t k, int64_t isa) {
   static_assert(std::is_same_v<Q, int8_t> || std::is_same_v<Q, int16_t>);
   const int64_t groups = k / kGroup;
-  at::Tensor qbuf = at::empty({m * k}, std::is_same_v<Q, int8_t> ? at::kChar : at::kShort);
-  at::Tensor fbuf = at::empty({2 * m * groups}, at::kFloat);
-  Q* q = static_cast<Q*>(qbuf.data_ptr());
-  float* d = fbuf.data_ptr<float>();
+  // the quantized rows in the calling thread's own buffers: an allocation per call (two
+  // of them, 120 calls a decode step) cost more than the quantization at one row
+  thread_local std::vector<Q> qbuf;
+  thread_local std::vector<float> fbuf;
+  qbuf.resize(m * k);
+  fbuf.resize(2 * m * groups);
+  Q* q = qbuf.data();
+  float* d = fbuf.data();
   float* ds = d + m * groups;
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {

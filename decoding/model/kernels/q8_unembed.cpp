@@ -46,6 +46,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -257,10 +258,12 @@ at::Tensor mm_run(const at::Tensor& x, const at::Tensor& packed, int64_t n, int6
 #if defined(__x86_64__) || defined(_M_X64)
   if (m > 0) {
     const int64_t groups = k / kGroup;
-    at::Tensor qbuf = at::empty({m * k}, at::kShort);
-    at::Tensor dbuf = at::empty({m * groups}, at::kFloat);
-    int16_t* q = qbuf.data_ptr<int16_t>();
-    float* d = dbuf.data_ptr<float>();
+    thread_local std::vector<int16_t> qbuf;  // the caller's own: no allocation a call
+    thread_local std::vector<float> dbuf;
+    qbuf.resize(m * k);
+    dbuf.resize(m * groups);
+    int16_t* q = qbuf.data();
+    float* d = dbuf.data();
     quantize_rows(xc.data_ptr<float>(), m, k, q, d);  // O(M K): serial is enough
     const uint8_t* w = packed.data_ptr<uint8_t>();
     float* yp = y.data_ptr<float>();
