@@ -31,6 +31,7 @@ from ..model.compiled import CompiledTrunk, compile_wanted, use_user_cache_dir
 from ..model.detokenizer import IncrementalDetokenizer
 from ..model.device import (cpu_has_native_bf16, kv_cache_dtype, malloc_trim, resolve_device,
                             resolve_dtype, resolve_weights)
+from ..model.kernel_build import cpu_kernels, prebuild
 from ..model import row_attention
 from ..model.kv_cache import KVCache
 from ..model.tokenizer import Tokenizer
@@ -178,6 +179,8 @@ class LLMEngine:
         load_dtype = torch.float32 if device.type == "cpu" else resolve_dtype(config.dtype, device)
         ckpt = load_checkpoint(config.model, dtype=load_dtype)
         weights = resolve_weights(config.weights, device, ckpt.trunk_quant)
+        built = prebuild(cpu_kernels(weights, config.int4_kernel, config.unembed,
+                                     config.attention_kernel) if device.type == "cpu" else [])
         dtype = resolve_dtype(config.dtype, device, weights)
         max_pos = min(config.max_model_len, ckpt.config.max_position_embeddings) + 256
         # Build on the meta device and fill from the checkpoint: no random init, and
@@ -193,6 +196,7 @@ class LLMEngine:
             raise ValueError(f"{ckpt.path}: {exc}") from None
         ckpt.tensors = {}
         ckpt_tokenizer, ckpt_name = ckpt.tokenizer, ckpt.name
+        built()  # the kernels, built meanwhile, before the first one is loaded
         if weights in ("int8", "int4"):
             # Where the CPU multiplies bf16 natively, a bf16 copy of the quantized values
             # (+2 bytes per weight) serves passes of many rows ~2x faster than the kernels.

@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -43,21 +46,68 @@ def kernels_digest() -> str:
     return h.hexdigest()[:12]
 
 
+def _build_dir(source: Path) -> tuple[Path, str]:
+    """The folder `source` builds into and the extension's name: per source text and torch."""
+    tag = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return kernel_cache_dir() / f"{source.stem}-{tag}", f"mtpserve_{source.stem}_{tag}"
+
+
 def load_kernel(source: Path) -> None:
     """JIT-build (first process) or load (later) the C++ extension `source` (one of
     kernels/*.cpp, registering its own torch ops) into kernel_cache_dir(), one folder per
     source and torch version. Raises on any failure."""
     from torch.utils.cpp_extension import load
-    tag = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    build = kernel_cache_dir() / f"{source.stem}-{tag}"
+    build, name = _build_dir(source)
     build.mkdir(parents=True, exist_ok=True)
     # no -march: the AVX-512 code carries its own target attributes, the rest stays
     # generic x86-64; never -ffast-math (the float order is what makes rows invariant).
     # -fopenmp: at::parallel_for is inline OpenMP, serial without it (torch's libgomp
     # is the one loaded, same soname)
-    load(name=f"mtpserve_{source.stem}_{tag}", sources=[str(source)], build_directory=str(build),
+    load(name=name, sources=[str(source)], build_directory=str(build),
          extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
          is_python_module=False, verbose=False)
+
+
+def cpu_kernels(weights: str, int4_kernel: str, unembed: str, attention_kernel: str
+                ) -> list[Path]:
+    """The kernel sources a CPU engine of these settings loads (x86-64 only: elsewhere none
+    runs)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    names = ["row_attention"] if attention_kernel in ("auto", "rows") else []
+    if weights == "int4" and int4_kernel != "aten":
+        names.append("int4_vnni")
+    if weights in ("int8", "int4") and unembed in ("auto", "q8"):
+        names.append("q8_unembed")
+    return [KERNELS / f"{n}.cpp" for n in names]
+
+
+def prebuild(sources: list[Path]) -> Callable[[], None]:
+    """Start building the kernel `sources` this machine has not built yet, side by side,
+    each in a child process; returns a wait(). A first start builds three, ~40 s one after
+    another on 2 cores, ~20-30 s side by side. The process's own load_kernel later finds
+    them built (or waits on the build's lock, or reports a failure itself: a child's
+    failure is not reported here)."""
+    procs = []
+    for source in sources:
+        folder, ext = _build_dir(source)
+        if (folder / f"{ext}.so").is_file():
+            continue
+        code = ("import sys, pathlib; from mtpserve.decoding.model.kernel_build import "
+                "load_kernel; load_kernel(pathlib.Path(sys.argv[1]))")
+        procs.append(subprocess.Popen([sys.executable, "-c", code, str(source)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    if procs:
+        log.info("building %d C++ kernel(s) for this machine (once; cached under %s)",
+                 len(procs), kernel_cache_dir())
+
+    def wait() -> None:
+        for p in procs:
+            try:
+                p.wait(timeout=900)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return wait
 
 
 def build_extension(source: Path, what: str, fallback: str) -> bool:

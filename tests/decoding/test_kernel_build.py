@@ -1,0 +1,44 @@
+"""Kernel builds (model/kernel_build.py): which kernels an engine's settings load, and the
+first start's side-by-side build of the ones not built yet."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from mtpserve.decoding.model import kernel_build as kb
+
+TINY = """
+#include <torch/library.h>
+#include <ATen/ATen.h>
+at::Tensor twice(const at::Tensor& x) { return x * 2; }
+TORCH_LIBRARY(mtpserve_prebuild_test, m) { m.def("twice(Tensor x) -> Tensor", &twice); }
+"""
+
+
+@pytest.mark.parametrize("settings,want", [
+    (("int4", "auto", "auto", "auto"), ["row_attention", "int4_vnni", "q8_unembed"]),
+    (("int4", "aten", "fp32", "sdpa"), []),
+    (("int8", "auto", "q8", "rows"), ["row_attention", "q8_unembed"]),
+    (("dense", "auto", "auto", "auto"), ["row_attention"]),
+])
+def test_the_kernels_an_engine_loads(settings, want, monkeypatch):
+    monkeypatch.setattr(kb.platform, "machine", lambda: "x86_64")
+    assert [p.stem for p in kb.cpu_kernels(*settings)] == want
+    assert all(p.is_file() for p in kb.cpu_kernels(*settings))
+    monkeypatch.setattr(kb.platform, "machine", lambda: "aarch64")
+    assert kb.cpu_kernels(*settings) == []
+
+
+def test_a_missing_kernel_is_built_in_a_child_and_a_built_one_is_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src = tmp_path / "tiny.cpp"
+    src.write_text(TINY)
+    folder, name = kb._build_dir(src)
+    kb.prebuild([src])()  # the child builds it into this cache
+    assert (folder / f"{name}.so").is_file()
+    started = []
+    monkeypatch.setattr(kb.subprocess, "Popen", lambda *a, **k: started.append(a) or
+                        subprocess.Popen(["true"]))
+    kb.prebuild([src])()
+    assert started == []  # built already: no child
