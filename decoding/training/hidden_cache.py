@@ -220,7 +220,12 @@ def load_or_cache_hidden(model: CausalLM, examples: list[Example], path: Path,
         part = cache_hidden(model, examples[n:], progress=say, kv_dtype=kv_dtype,
                             checkpoint=lambda p, done: save(p, done, final=False))
     cache = save(part, len(examples) - n, final=True)
-    info: dict = {"seconds": round(time.perf_counter() - t0 + before, 1), "weights": trunk}
+    # "seconds": what the whole cache cost, over every pass that built it (kept with the
+    # cache); the rate of this pass comes from the *_this_run pair alone
+    now = round(time.perf_counter() - t0, 1)
+    info: dict = {"seconds": round(now + before, 1), "weights": trunk, "seconds_this_run": now,
+                  "positions_this_run": int(cache.seq_start[-1])
+                  - (int(prefix.seq_start[-1]) if prefix is not None else 0)}
     if n:
         info["reused_sequences"] = n
     return cache, info

@@ -258,6 +258,9 @@ def test_hidden_cache_reuses_the_sequences_it_has_and_runs_only_new_ones(tiny, t
         hidden_cache.cache_hidden = real
     assert calls == [2, 5]  # the new two; nothing on the rerun; all five once the order changed
     assert info["reused_sequences"] == 3 and info2["reused"] == str(path)
+    # this run's rate counts only what it computed: the two new sequences' positions
+    assert info["positions_this_run"] == len(new[0].ids) + len(new[1].ids)
+    assert 0 <= info["seconds_this_run"] <= info["seconds"]
     fresh = cache_hidden(model, old + new)
     for field in ("hidden", "argmax", "tokens", "seq_start", "train_from"):
         torch.testing.assert_close(getattr(got, field), getattr(fresh, field), msg=field)
