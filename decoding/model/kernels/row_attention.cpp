@@ -506,12 +506,12 @@ at::Tensor step_attention(const at::Tensor& q_in, const at::Tensor& k_in,
   const StepRows& s = g_step;
   ++g_cpp_calls;
   const at::Tensor& q = q_in;  // checked as given; heads() below may copy
+  TORCH_CHECK(q.dim() == 3 && s.rows <= q.size(0) && layer >= 0 && layer < s.kv.size(0),
+              "step_attention: the step has ", s.rows, " rows and ", s.kv.size(0),
+              " layers; got q of shape ", q.sizes(), " for layer ", layer);
   const int64_t n = s.rows, padded = q.size(0);
   const int64_t Hq = q.size(1), D = q.size(2), S = s.kv.size(2), Hkv = s.kv.size(3),
                 L = s.kv.size(4);
-  TORCH_CHECK(q.dim() == 3 && n <= padded && layer >= 0 && layer < s.kv.size(0),
-              "step_attention: the step has ", n, " rows and ", s.kv.size(0),
-              " layers; got ", padded, " rows for layer ", layer);
   TORCH_CHECK(s.kv.size(5) == D && Hq % Hkv == 0 && Hq / Hkv <= kMaxG && k_in.dim() == 3 &&
                   v_in.dim() == 3 && k_in.size(0) == padded && v_in.size(0) == padded &&
                   k_in.size(1) == Hkv && v_in.size(1) == Hkv && k_in.size(2) == D &&
