@@ -144,7 +144,7 @@ def test_typical_rejects_everything_still_gains_one_token():
 P1 = [0.30, 0.25, 0.20, 0.12, 0.08, 0.05]
 N = 20000
 # Chi-square critical values at p = 0.001 (fixed seeds make the test deterministic anyway).
-CHI2_CRIT = {5: 20.515, 35: 66.619}
+CHI2_CRIT = {2: 13.816, 5: 20.515, 35: 66.619}
 
 
 def _chi2(counts: list[int], expected: list[float]) -> float:
@@ -317,3 +317,23 @@ def test_tiny_temperature_is_a_finite_one_hot(temperature):
         assert torch.isfinite(probs).all()
         assert probs.argmax(-1).tolist() == [1, 0]
         assert probs.max(-1).values.tolist() == [1.0, 1.0]
+
+
+def test_sample_draws_by_the_probabilities_and_never_a_zero_one():
+    """sample() (inverse CDF of one uniform per row): frequencies match the probabilities,
+    a zero-probability token is never drawn (also first or last), unnormalized rows work,
+    [V] -> [1] and [N, V] -> [N, 1], and a seeded generator repeats its draws."""
+    from mtpserve.decoding.spec.sampling import sample
+
+    p = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0]) * 7  # unnormalized
+    gen = torch.Generator().manual_seed(5)
+    n = 20000
+    counts = torch.bincount(sample(p.expand(n, 6).contiguous(), gen)[:, 0], minlength=6)
+    assert counts[[0, 2, 5]].sum() == 0
+    expected = [n * x for x in (0.2, 0.5, 0.3)]
+    assert _chi2(counts[[1, 3, 4]].tolist(), expected) < CHI2_CRIT[2]
+    one = torch.tensor([0.0, 0.0, 1.0])
+    assert all(int(sample(one, gen)) == 2 for _ in range(50))
+    assert sample(one, gen).shape == (1,) and sample(one.expand(4, 3), gen).shape == (4, 1)
+    a, b = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert [int(sample(p, a)) for _ in range(20)] == [int(sample(p, b)) for _ in range(20)]
