@@ -55,7 +55,7 @@ def served_engine(a: argparse.Namespace, trunk_engine: LLMEngine, weights: str) 
         return trunk_engine
     return LLMEngine.from_config(EngineConfig(
         model=a.model, device=a.device, weights=weights, max_num_seqs=a.gen_batch,
-        max_model_len=2048, spec=SpecConfig(mode="off")))
+        max_model_len=2048, compile="auto", spec=SpecConfig(mode="off")))
 
 
 def run_train_heads(a: argparse.Namespace) -> int:

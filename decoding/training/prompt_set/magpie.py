@@ -197,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         from ...config import EngineConfig, SpecConfig
         from ...engine.llm_engine import LLMEngine
 
+        # compile auto: the served step (compiled on CPU with int4), not the eager one
         engine = LLMEngine.from_config(EngineConfig(max_num_seqs=a.batch, max_model_len=2048,
-                                                    spec=SpecConfig(mode="off")))
+                                                    compile="auto", spec=SpecConfig(mode="off")))
         say(f"sampling {len(todo)} user turns ({len(done)} cached)")
         sample_turns(engine, todo, a.seed, cache, a.max_tokens, a.batch, say)
         done = read_cache(cache)
