@@ -50,7 +50,7 @@ from .outputs import EngineStats, RequestOutput
 from .scheduler import ScheduledSeq, Scheduler, Sequence, Status
 from .step_inputs import StepInputs
 from .stop import StopStringMatcher
-from .tree_autotune import tree_for_this_machine
+from .tree_autotune import cached_tree, tree_for_this_machine
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,13 @@ class LLMEngine:
         if self._wants_compile():
             self.compiled = self._compile_trunk()
             if heads is not None and config.spec.mode != "off":  # before --tree auto times it
-                compile_draft_chain(heads, model, config.compile_mode, max(
-                    WARM_DEPTHS, max(len(c) for c in self.policy.choices)), self.dtype)
+                # the depths the tree needs: --tree auto's choice when this machine has one
+                # cached (nothing to time: a chain2 compiles 2 depth graphs, not 4), else
+                # every depth the calibration may time
+                known = cached_tree(self, True) if config.spec.tree == "auto" else None
+                depth = (max(len(c) for c in known) if known else
+                         max(WARM_DEPTHS, max(len(c) for c in self.policy.choices)))
+                compile_draft_chain(heads, model, config.compile_mode, depth, self.dtype)
         if config.spec.tree == "auto" and heads is not None and config.spec.mode != "off":
             choices = tree_for_this_machine(self)  # after compiling: it times the real step
             if choices:

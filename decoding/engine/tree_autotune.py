@@ -55,8 +55,9 @@ def heads_accuracies(folder: str | Path | None, topk: int | None = None) -> dict
             "digest": hashlib.sha256(raw).hexdigest()[:16]}
 
 
-def machine_key(engine: Any, acc: dict) -> dict:
-    """What the measured costs and the accuracies depend on: the cache entry's key."""
+def machine_key(engine: Any, acc: dict, draft_compiled: bool | None = None) -> dict:
+    """What the measured costs and the accuracies depend on: the cache entry's key.
+    draft_compiled: whether drafting is compiled, when asked before the chain is."""
     flags: set[str] = set()
     model_name = platform.processor() or platform.machine()
     try:
@@ -81,7 +82,8 @@ def machine_key(engine: Any, acc: dict) -> dict:
             "compiled": engine.compiled is not None,
             "kernels": kernels_digest(),  # a kernel's new version moves the costs
             # drafting compiled (compiled_draft.py) or eager: a depth's cost differs
-            "draft_compiled": getattr(engine.heads, "compiled_chain", None) is not None}
+            "draft_compiled": (getattr(engine.heads, "compiled_chain", None) is not None
+                               if draft_compiled is None else draft_compiled)}
 
 
 def cache_file(key: dict) -> Path:
@@ -113,13 +115,11 @@ def autotune_tree(engine: Any, folder: str | Path | None) -> list[tuple[int, ...
     key = machine_key(engine, acc)
     path = cache_file(key)
     if path.is_file():
-        try:
-            best = json.loads(path.read_text())["best"]
+        if (best := _cached_best(path)) is not None:
             log.info("--tree auto: %s (%d nodes), measured on this machine before (%s)",
                      best["tree"], best["nodes"], path)
             return [tuple(c) for c in best["choices"]]
-        except (OSError, ValueError, KeyError):
-            log.warning("--tree auto: unreadable cache entry %s; measuring again", path)
+        log.warning("--tree auto: unreadable cache entry %s; measuring again", path)
     log.info("--tree auto: timing verify passes and drafting for the heads' candidate trees "
              "on this machine (once; cached under %s)", path.parent)
     t0 = time.perf_counter()
@@ -135,6 +135,30 @@ def autotune_tree(engine: Any, folder: str | Path | None) -> list[tuple[int, ...
     log.info("--tree auto: %s (%d nodes, expected %.2fx plain decoding) in %.1f s",
              best["tree"], best["nodes"], best["speedup_vs_plain"], time.perf_counter() - t0)
     return [tuple(c) for c in best["choices"]]
+
+
+def cached_tree(engine: Any, draft_compiled: bool | None = None
+                ) -> list[tuple[int, ...]] | None:
+    """The tree --tree auto measured on this machine before, for the engine's heads, read
+    without measuring anything; None when there is none (or no accuracies)."""
+    from ..spec.heads_io import shipped_heads
+
+    folder = engine.config.spec.heads_path or shipped_heads(engine.model_config.fingerprint())
+    acc = heads_accuracies(folder, getattr(engine.heads, "topk", None))
+    if acc is None:
+        return None
+    best = _cached_best(cache_file(machine_key(engine, acc, draft_compiled)))
+    return [tuple(c) for c in best["choices"]] if best is not None else None
+
+
+def _cached_best(path: Path) -> dict | None:
+    """A cache entry's best tree ({'tree', 'nodes', 'choices', ...}); None if unreadable."""
+    try:
+        best = json.loads(path.read_text())["best"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ok = isinstance(best, dict) and {"choices", "tree", "nodes"} <= best.keys()
+    return best if ok else None
 
 
 def tree_for_this_machine(engine: Any) -> list[tuple[int, ...]] | None:

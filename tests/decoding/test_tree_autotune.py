@@ -82,6 +82,20 @@ def test_auto_measures_once_then_reads_the_cache(default_engine, tmp_path, cache
     assert [tuple(c) for c in other.policy.choices] == [(0,), (0, 0)]  # chain2, the default
 
 
+def test_the_cached_choice_is_read_without_measuring(default_engine, tmp_path, cache_home,
+                                                     monkeypatch):
+    """cached_tree (what the engine compiles its draft depths for before --tree auto runs):
+    this machine's cached choice, read without timing anything; None where the cache has no
+    entry for that key (drafting compiled or not is part of it) or the entry is unreadable."""
+    eng, _ = _engine(default_engine.tokenizer, tmp_path, SURE)
+    monkeypatch.setattr(tree_autotune, "measure_and_rank", lambda *a, **k: 1 / 0)
+    assert tree_autotune.cached_tree(eng) == [tuple(c) for c in eng.policy.choices]
+    assert tree_autotune.cached_tree(eng, draft_compiled=True) is None  # another key
+    (entry,) = cache_home.glob("*.json")
+    entry.write_text("{not json")
+    assert tree_autotune.cached_tree(eng) is None
+
+
 def test_the_choice_follows_the_accuracies_and_the_costs(default_engine, tmp_path, cache_home,
                                                          monkeypatch):
     """With verify passes that cost about the same up to 17 rows and cheap drafting (a
