@@ -42,6 +42,20 @@ def baseline_op(rev: str, act_bits: int):
     return ops.mm16 if act_bits == 16 else ops.mm
 
 
+def trunk_layers(kernel: str) -> list[tuple[torch.Tensor, int, int]]:
+    """The trunk's 120 projections (30 layers of SHAPES), random weights packed for the
+    VNNI kernel (`kernel`: vnni16 or vnni): (packed, N, K) each."""
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(LAYERS):
+        for n, k in SHAPES:
+            lin = Linear(k, n, bias=False)
+            lin.set_weight(torch.randn(n, k, generator=g) * 0.02)
+            lin.quantize_int4(kernel=kernel)
+            layers.append((lin.int4_vnni, n, k))
+    return layers
+
+
 def engine_curves(base, ks: list[int], rounds: int, compile_mode: str) -> None:
     """The verify curve of two engines, the first built with `base` as its int4 kernel."""
     from mtpserve.decoding.config import EngineConfig
@@ -91,14 +105,8 @@ def main() -> None:
         return
     ops = torch.ops.mtpserve_int4
     this = ops.mm16 if args.act_bits == 16 else ops.mm
+    layers = trunk_layers("vnni16" if args.act_bits == 16 else "vnni")
     g = torch.Generator().manual_seed(0)
-    layers = []
-    for _ in range(LAYERS):
-        for n, k in SHAPES:
-            lin = Linear(k, n, bias=False)
-            lin.set_weight(torch.randn(n, k, generator=g) * 0.02)
-            lin.quantize_int4(kernel="vnni16" if args.act_bits == 16 else "vnni")
-            layers.append((lin.int4_vnni, n, k))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, int4 kernel path "
           f"{int4_vnni.ISA_NAMES.get(int4_vnni.isa(), 'none')}, int{args.act_bits} "
           f"activations; baseline {args.rev}\n")
