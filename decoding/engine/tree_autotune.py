@@ -137,14 +137,18 @@ def autotune_tree(engine: Any, folder: str | Path | None) -> list[tuple[int, ...
     return [tuple(c) for c in best["choices"]]
 
 
+def heads_folder(engine: Any) -> str | Path | None:
+    """The engine's heads folder: --heads, else the shipped one for its model."""
+    from ..spec.heads_io import shipped_heads
+
+    return engine.config.spec.heads_path or shipped_heads(engine.model_config.fingerprint())
+
+
 def cached_tree(engine: Any, draft_compiled: bool | None = None
                 ) -> list[tuple[int, ...]] | None:
     """The tree --tree auto measured on this machine before, for the engine's heads, read
     without measuring anything; None when there is none (or no accuracies)."""
-    from ..spec.heads_io import shipped_heads
-
-    folder = engine.config.spec.heads_path or shipped_heads(engine.model_config.fingerprint())
-    acc = heads_accuracies(folder, getattr(engine.heads, "topk", None))
+    acc = heads_accuracies(heads_folder(engine), getattr(engine.heads, "topk", None))
     if acc is None:
         return None
     best = _cached_best(cache_file(machine_key(engine, acc, draft_compiled)))
@@ -165,11 +169,8 @@ def tree_for_this_machine(engine: Any) -> list[tuple[int, ...]] | None:
     """autotune_tree for the engine's heads folder (--heads, else the shipped one); None:
     keep the heads' default tree (no accuracies, or the measurement failed: a warning,
     never a failed start)."""
-    from ..spec.heads_io import shipped_heads
-
-    folder = engine.config.spec.heads_path or shipped_heads(engine.model_config.fingerprint())
     try:
-        return autotune_tree(engine, folder)
+        return autotune_tree(engine, heads_folder(engine))
     except Exception as e:  # noqa: BLE001 - a timing run must never stop the server
         log.warning("--tree auto: calibration failed (%s: %s); serving the heads' default "
                     "tree", type(e).__name__, e)
