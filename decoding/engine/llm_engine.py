@@ -7,9 +7,10 @@ A step is a handful of named phases, each in its own module:
     (output_processor.py), per sequence -> draft the next trees (drafter.py)
 
 Emitting precedes drafting: drafting reads the emitted tokens and skips finished requests.
-This file keeps what ties them together: construction, the request table, fault isolation
+This file keeps what ties them together: the request table, fault isolation
 (a failing request fails alone, a failing batch fails its step's requests, EngineBroken
-after MAX_FAILED_STEPS_IN_A_ROW) and the auto policy's step timing.
+after MAX_FAILED_STEPS_IN_A_ROW) and the auto policy's step timing; engine_setup.py loads
+the model and compiles the step.
 
 Single-threaded by design; `runner.EngineRunner` puts it behind a thread-safe API.
 """
@@ -19,38 +20,33 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from ..config import EngineConfig, SamplingParams
+from ..model import row_attention
 from ..model.attention_metadata import AttentionMetadata
 from ..model.batch_invariance import apply_batch_invariant
-from ..model.checkpoint import load_checkpoint
-from ..model.compiled import CompiledTrunk, compile_wanted, use_user_cache_dir
+from ..model.compiled import CompiledTrunk
 from ..model.detokenizer import IncrementalDetokenizer
-from ..model.device import (cpu_has_native_bf16, kv_cache_dtype, malloc_trim, resolve_device,
-                            resolve_dtype, resolve_weights)
-from ..model.kernel_build import cpu_kernels, prebuild
-from ..model import row_attention
+from ..model.device import kv_cache_dtype
 from ..model.kv_cache import KVCache
 from ..model.tokenizer import Tokenizer
-from ..model.trunk import CausalLM, RotaryEmbedding
-from ..spec.compiled_draft import WARM_DEPTHS, compile_draft_chain
+from ..model.trunk import CausalLM
 from ..spec.heads import DraftHeads
-from ..spec.heads_io import load_heads_for
 from ..spec.mtp_context import ModuleContext
 from ..spec.mtp_parallel import ParallelMTPHeads
 from ..spec.mtp_sequential import SequentialMTPHeads
 from ..spec.policy import SpeculationPolicy
 from .commit import Committer
 from .drafter import DraftBatch, Drafter
+from .engine_setup import compile_and_tune, load_model
 from .output_processor import OutputProcessor, request_output
 from .outputs import EngineStats, RequestOutput
 from .scheduler import ScheduledSeq, Scheduler, Sequence, Status
 from .step_inputs import StepInputs
 from .stop import StopStringMatcher
-from .tree_autotune import cached_tree, tree_for_this_machine
 
 log = logging.getLogger(__name__)
 
@@ -133,100 +129,15 @@ class LLMEngine:
         # batched forward (fails every sequence of the step).
         self.fault_hook: Callable[[Sequence], None] | None = None
         self.batch_fault_hook: Callable[[list[Sequence]], None] | None = None
-        # --compile on: the trunk's forward compiled now, one graph for every row count
+        # --compile on: the trunk's forward (and the draft chain) compiled now; --tree auto
         self.compiled: CompiledTrunk | None = None
-        if self._wants_compile():
-            self.compiled = self._compile_trunk()
-            if heads is not None and config.spec.mode != "off":  # before --tree auto times it
-                # the depths the tree needs: --tree auto's choice when this machine has one
-                # cached (nothing to time: a chain2 compiles 2 depth graphs, not 4), else
-                # every depth the calibration may time
-                known = cached_tree(self, True) if config.spec.tree == "auto" else None
-                depth = (max(len(c) for c in known) if known else
-                         max(WARM_DEPTHS, max(len(c) for c in self.policy.choices)))
-                compile_draft_chain(heads, model, config.compile_mode, depth, self.dtype)
-        if config.spec.tree == "auto" and heads is not None and config.spec.mode != "off":
-            choices = tree_for_this_machine(self)  # after compiling: it times the real step
-            if choices:
-                self.policy.set_choices(choices)
-
-    def _wants_compile(self) -> bool:
-        return compile_wanted(self.config.compile, self.device.type, self.model.weight_format)
-
-    def _compile_trunk(self) -> CompiledTrunk | None:
-        """Compile the trunk's graph now, on a free cache slot. A failure logs a warning and
-        the engine serves eagerly (the same outputs, slower): never a crash at startup."""
-        try:
-            compiled = CompiledTrunk(self.model, self.config.compile_mode,
-                                     return_pre_last=self.branch_heads is not None)
-            slot = self.kv.allocate()
-            try:
-                secs = compiled.warm_up(self.kv, slot, log.info)
-            finally:
-                self.kv.free(slot)
-        except Exception as e:  # noqa: BLE001 - inductor fails in many ways; eager is correct
-            log.warning("compiling the trunk failed (%s: %s); serving without compilation",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            return None
-        log.info("compiled the trunk in %.1f s (%d graph(s) for every row count%s)", secs,
-                 compiled.compiles, "" if compiled.eager_from is None else
-                 f"; passes of {compiled.eager_from}+ rows eager: bf16 wide copies")
-        return compiled
+        compile_and_tune(self)
 
     # -- construction ------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
-        if config.compile != "off":  # before the kernel builds pin inductor's default folder
-            use_user_cache_dir()
-        device = resolve_device(config.device)
-        # CPU: load in fp32 so quantizing recovers the file's own codes (bf16 would round
-        # the dequantized GGUF values first); the compute dtype follows the weight format.
-        load_dtype = torch.float32 if device.type == "cpu" else resolve_dtype(config.dtype, device)
-        ckpt = load_checkpoint(config.model, dtype=load_dtype)
-        weights = resolve_weights(config.weights, device, ckpt.trunk_quant)
-        built = prebuild(cpu_kernels(weights, config.int4_kernel, config.unembed,
-                                     config.attention_kernel) if device.type == "cpu" else [])
-        dtype = resolve_dtype(config.dtype, device, weights)
-        max_pos = min(config.max_model_len, ckpt.config.max_position_embeddings) + 256
-        # Build on the meta device and fill from the checkpoint: no random init, and
-        # load_weights frees each source tensor as it goes, so peak memory stays ~2x weights.
-        with torch.device("meta"):
-            model = CausalLM(ckpt.config, max_positions=max_pos)
-        model.to_empty(device=device)
-        model.to(dtype)
-        model.rope = RotaryEmbedding(ckpt.config, max_pos).to(device)  # fp32 tables
-        try:
-            model.load_weights(ckpt.tensors)
-        except ValueError as exc:
-            raise ValueError(f"{ckpt.path}: {exc}") from None
-        ckpt.tensors = {}
-        ckpt_tokenizer, ckpt_name = ckpt.tokenizer, ckpt.name
-        built()  # the kernels, built meanwhile, before the first one is loaded
-        if weights in ("int8", "int4"):
-            # Where the CPU multiplies bf16 natively, a bf16 copy of the quantized values
-            # (+2 bytes per weight) serves passes of many rows ~2x faster than the kernels.
-            # (the batch-invariant mode uses it only for prefill chunks, each alone: its GEMM
-            # is a different kernel per row count, linear.ChunkRows)
-            wide = config.wide_weights and device.type == "cpu" and cpu_has_native_bf16()
-            model.quantize(weights, wide_copy=wide, int4_kernel=config.int4_kernel)
-        # before use_transposed_weights, which then keeps no fp32 copy for the logits
-        auto = config.unembed == "auto" and device.type == "cpu" and weights in ("int8", "int4")
-        if config.unembed == "q8" or auto:
-            if not model.use_q8_unembedding() and config.unembed == "q8":
-                raise ValueError("unembed q8 needs the Q8 unembedding kernel on CPU (x86-64 with "
-                                 "AVX-512F or AVX2, a C++ compiler; see the warning above) and "
-                                 "an unembedding stored as GGUF Q8_0; use --unembed fp16 or fp32")
-        if config.unembed == "fp16" or (auto and model.unembed_q8 is None):
-            if not model.use_fp16_unembedding() and config.unembed == "fp16":
-                raise ValueError("unembed fp16 needs PyTorch's FBGEMM fp16 GEMM on CPU with an "
-                                 f"fp32 unembedding (device {device.type}); use --unembed fp32")
-        if device.type == "cpu":
-            model.use_transposed_weights()
-        model.eval()
-        heads = load_heads_for(config.spec, ckpt.config, ckpt.path, device, dtype)
-        del ckpt
-        malloc_trim()
-        return cls(config, model, ckpt_tokenizer, ckpt_name, heads)
+        loaded = load_model(config)
+        return cls(config, loaded.model, loaded.tokenizer, loaded.name, loaded.heads)
 
     @property
     def weight_format(self) -> str:
