@@ -106,20 +106,26 @@ def compile_and_tune(engine: LLMEngine) -> None:
     --tree auto: the tree for this machine (timed on the compiled step, or cached)."""
     config, heads = engine.config, engine.heads
     speculating = heads is not None and config.spec.mode != "off"
+    auto = speculating and config.spec.tree == "auto"
+    chain = None
     if compile_wanted(config.compile, engine.device.type, engine.model.weight_format):
         engine.compiled = compile_trunk(engine)
         if speculating:  # before --tree auto times it
-            # the depths the tree needs: --tree auto's choice when this machine has one
-            # cached (nothing to time: a chain2 compiles 2 depth graphs, not 4), else
-            # every depth the calibration may time
-            known = cached_tree(engine, True) if config.spec.tree == "auto" else None
-            depth = (max(len(c) for c in known) if known else
+            # --tree auto with this machine's choice cached: its depths (a chain2 compiles 2
+            # depth graphs, not 4); measuring: depth 1, and each deeper one only when the
+            # timing reaches it (it stops where no deeper tree can pay); else the tree's
+            known = cached_tree(engine, True) if auto else None
+            depth = (max(len(c) for c in known) if known else 1 if auto else
                      max(WARM_DEPTHS, max(len(c) for c in engine.policy.choices)))
-            compile_draft_chain(heads, engine.model, config.compile_mode, depth, engine.dtype)
-    if config.spec.tree == "auto" and speculating:
-        choices = tree_for_this_machine(engine)  # after compiling: it times the real step
+            chain = compile_draft_chain(heads, engine.model, config.compile_mode, depth,
+                                        engine.dtype)
+    if auto:
+        # after compiling: it times the real step
+        choices = tree_for_this_machine(engine, chain.extend if chain is not None else None)
         if choices:
             engine.policy.set_choices(choices)
+    if chain is not None:  # the served tree's depths (--tree auto's fallback: the default)
+        chain.extend(max(len(c) for c in engine.policy.choices))
 
 
 def compile_trunk(engine: LLMEngine) -> CompiledTrunk | None:

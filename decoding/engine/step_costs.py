@@ -73,9 +73,9 @@ def verify_times(engine: Any, filler: list[int], context: int, ks: list[int],
     return rows
 
 
-def draft_times(engine: Any, depths: int, context: int, runs: int, token: int = 5
-                ) -> dict[int, float]:
-    """Fastest ms of the heads' drafting for one sequence at depth 1..depths (sequential
+def draft_times(engine: Any, depths: int, context: int, runs: int, first: int = 1,
+                token: int = 5) -> dict[int, float]:
+    """Fastest ms of the heads' drafting for one sequence at depth first..depths (sequential
     heads run once per depth; modules over the context also write a step's entries)."""
     heads = engine.heads
     if heads is None:
@@ -92,7 +92,7 @@ def draft_times(engine: Any, depths: int, context: int, runs: int, token: int = 
     out: dict[int, float] = {}
     try:
         with torch.inference_mode():
-            for depth in range(1, depths + 1):
+            for depth in range(first, depths + 1):
                 times = []
                 for i in range(runs + WARM_RUNS):
                     sync(engine.device)

@@ -19,13 +19,14 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..model.kernel_build import kernels_digest, user_cache_dir
-from ..spec.tree_choice import rank_trees, tree_candidates
+from ..spec.tree_choice import deeper_trees_can_win, rank_trees, tree_candidates
 from .step_costs import draft_times, verify_times
 
 # `engine` below is an LLMEngine, not imported: llm_engine imports this module
@@ -91,24 +92,42 @@ def cache_file(key: dict) -> Path:
     return user_cache_dir() / "trees" / f"{digest}.json"
 
 
-def measure_and_rank(engine: Any, acc: dict, context: int = CONTEXT, runs: int = RUNS
+def measure_and_rank(engine: Any, acc: dict, context: int = CONTEXT, runs: int = RUNS,
+                     before_depth: Callable[[int], None] | None = None, prune: bool = False
                      ) -> dict:
     """Time every candidate tree's verify size and the drafting per depth here, then rank
-    the candidates by expected speed over plain decoding: {'verify_ms', 'draft_ms', 'rows'}."""
+    the candidates by expected speed over plain decoding: {'verify_ms', 'draft_ms', 'rows'}.
+    before_depth(d) runs before depth d is timed (the engine compiles that depth's graph);
+    prune: stop at the first depth from which no deeper tree can win (tree_choice's bound),
+    leaving deeper drafts untimed, uncompiled and out of the ranking."""
     cands = tree_candidates(acc["rank_acc"], chain_only=acc["chain_only"])
     sizes = sorted({1} | {1 + len(c) for c in cands.values()})
     context = max(1, min(context, engine.kv.slot_len - max(sizes) - 1))
     filler = [(7 * i + 11) % engine.model_config.vocab_size for i in range(context)]
     # the fastest of the runs: the pass's own cost, without what else the machine did
     verify_ms = {r["k"]: r["ms_min"] for r in verify_times(engine, filler, context, sizes, runs)}
-    draft_ms = draft_times(engine, len(acc["rank_acc"]), context, runs)
+    depths = len(acc["rank_acc"])
+    draft_ms: dict[int, float] = {}
+    for d in range(1, depths + 1):
+        if prune and d > 1 and not deeper_trees_can_win(cands, acc["rank_acc"], verify_ms,
+                                                        draft_ms, d):
+            log.info("--tree auto: no tree drafting %d or more deep can pay here: depths "
+                     "%d-%d neither timed nor compiled", d, d, depths)
+            break
+        if before_depth is not None:
+            before_depth(d)
+        draft_ms.update(draft_times(engine, d, context, runs, first=d))
+    cands = {n: c for n, c in cands.items() if max(len(x) for x in c) in draft_ms}
     return {"context": context, "verify_ms": verify_ms, "draft_ms": draft_ms,
             "rows": rank_trees(cands, acc["rank_acc"], verify_ms, draft_ms)}
 
 
-def autotune_tree(engine: Any, folder: str | Path | None) -> list[tuple[int, ...]] | None:
-    """The tree `--tree auto` serves with: cached for this machine, else measured now and
-    cached. None: the heads carry no accuracies (the caller keeps their default tree)."""
+def autotune_tree(engine: Any, folder: str | Path | None,
+                  before_depth: Callable[[int], None] | None = None
+                  ) -> list[tuple[int, ...]] | None:
+    """The tree `--tree auto` serves with: cached for this machine, else measured now
+    (measure_and_rank, pruned; before_depth compiles each depth it times) and cached.
+    None: the heads carry no accuracies (the caller keeps their default tree)."""
     acc = heads_accuracies(folder, getattr(engine.heads, "topk", None))
     if acc is None:
         return None
@@ -123,7 +142,7 @@ def autotune_tree(engine: Any, folder: str | Path | None) -> list[tuple[int, ...
     log.info("--tree auto: timing verify passes and drafting for the heads' candidate trees "
              "on this machine (once; cached under %s)", path.parent)
     t0 = time.perf_counter()
-    got = measure_and_rank(engine, acc)
+    got = measure_and_rank(engine, acc, before_depth=before_depth, prune=True)
     best = got["rows"][0]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -165,12 +184,13 @@ def _cached_best(path: Path) -> dict | None:
     return best if ok else None
 
 
-def tree_for_this_machine(engine: Any) -> list[tuple[int, ...]] | None:
+def tree_for_this_machine(engine: Any, before_depth: Callable[[int], None] | None = None
+                          ) -> list[tuple[int, ...]] | None:
     """autotune_tree for the engine's heads folder (--heads, else the shipped one); None:
     keep the heads' default tree (no accuracies, or the measurement failed: a warning,
     never a failed start)."""
     try:
-        return autotune_tree(engine, heads_folder(engine))
+        return autotune_tree(engine, heads_folder(engine), before_depth)
     except Exception as e:  # noqa: BLE001 - a timing run must never stop the server
         log.warning("--tree auto: calibration failed (%s: %s); serving the heads' default "
                     "tree", type(e).__name__, e)

@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Chain depths compiled at startup (at least): `--tree auto` picks among trees up to the
-# heads' trained depth (3 for the shipped ones); a deeper step drafts eagerly.
+# Chain depths compiled at startup (at least) for a tree given by name or file; `--tree
+# auto` compiles the depths its timing reaches, then the chosen tree's (engine_setup.py).
+# A deeper step drafts eagerly.
 WARM_DEPTHS = 3
 
 
@@ -123,6 +124,23 @@ class CompiledDraftChain:
             if (direct := direct_code(self._codes[depth], CompiledDraftChain._body.__globals__)):
                 self._direct[depth] = direct
         return time.perf_counter() - t0
+
+
+    def extend(self, depth: int) -> None:
+        """Compile the depths up to `depth` not compiled yet (after warm_up: --tree auto
+        compiles each depth as its timing reaches it, then the served tree's). A failure
+        logs a warning; those depths draft eagerly."""
+        todo = [d for d in range(1, depth + 1) if d not in self.depths]
+        if not todo or self.dtype is None:
+            return
+        try:
+            secs = self.warm_up(todo, self.dtype)
+        except Exception as e:  # noqa: BLE001 - as compile_draft_chain: eager drafts the same
+            log.warning("compiling draft depth(s) %s failed (%s: %s); they draft without "
+                        "compilation", todo, type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+            return
+        log.info("compiled the draft chain's depth(s) %s in %.1f s", todo, secs)
 
 
 def compile_draft_chain(heads: object, model: nn.Module, mode: str, depths: int,

@@ -74,3 +74,23 @@ def rank_trees(candidates: dict[str, list[tuple[int, ...]]], rank_acc: list[list
                      "step_ms": round(ms, 2), "speedup_vs_plain": round(tokens * plain / ms, 3),
                      "choices": [list(c) for c in choices]})
     return sorted(rows, key=lambda r: -r["speedup_vs_plain"])
+
+
+def deeper_trees_can_win(candidates: dict[str, list[tuple[int, ...]]],
+                         rank_acc: list[list[float]], verify_ms: dict[int, float],
+                         draft_ms: dict[int, float], depth: int) -> bool:
+    """Whether a candidate drafting `depth` or more deep could beat the best shallower one
+    (pure). draft_ms holds depths 1..depth-1; a deeper draft runs the shallower chain
+    first, so it costs at least draft_ms[depth-1]: charged just that, a deep tree that
+    still loses cannot win, and --tree auto need not time (nor compile) deeper drafts."""
+    def tree_depth(choices: list[tuple[int, ...]]) -> int:
+        return max(len(c) for c in choices)
+
+    deep = {n: c for n, c in candidates.items() if tree_depth(c) >= depth}
+    shallow = {n: c for n, c in candidates.items() if tree_depth(c) < depth}
+    if not deep or not shallow:
+        return bool(deep)
+    best = rank_trees(shallow, rank_acc, verify_ms, draft_ms)[0]["speedup_vs_plain"]
+    floor = draft_ms[depth - 1]
+    bound = {**draft_ms, **{d: floor for d in range(depth, max(map(tree_depth, deep.values())) + 1)}}
+    return rank_trees(deep, rank_acc, verify_ms, bound)[0]["speedup_vs_plain"] > best

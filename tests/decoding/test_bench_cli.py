@@ -243,6 +243,26 @@ def test_rank_trees_trades_expected_tokens_against_measured_cost():
                                           for ch in chained.values() for c in ch)
 
 
+
+def test_deeper_trees_can_win_bounds_deeper_drafts_by_the_shallower_cost():
+    """--tree auto stops timing (and compiling) deeper drafts once even drafting at no
+    more than the last depth's cost leaves every deeper tree behind the best shallower."""
+    from mtpserve.decoding.spec.tree_choice import deeper_trees_can_win
+
+    rank_acc = [[0.6, 0.2], [0.5, 0.2], [0.4, 0.1]]
+    cands = {"c1": [(0,)], "c2": [(0,), (0, 0)], "c3": [(0,), (0, 0), (0, 0, 0)]}
+    flat = {k: 10.0 for k in range(1, 5)}
+    assert deeper_trees_can_win(cands, rank_acc, flat, {1: 1.0}, 2)  # a free node pays
+    # a node costs a whole step: c2 (1.8 tokens at >= 31 ms) loses to c1 (1.6 at 21)
+    dear = {k: 10.0 * k for k in range(1, 5)}
+    assert not deeper_trees_can_win(cands, rank_acc, dear, {1: 1.0}, 2)
+    # depth 3 charged depth 2's drafting: c3 (2.02 tokens) at 13.5 ms could beat c1 (1.6 at
+    # 11 ms) though c2 (1.9 at 13.5) lost; at 15 ms it could not
+    assert deeper_trees_can_win(cands, rank_acc, flat, {1: 1.0, 2: 3.5}, 3) is True
+    assert deeper_trees_can_win(cands, rank_acc, flat, {1: 1.0, 2: 5.0}, 3) is False
+    assert deeper_trees_can_win({"c1": [(0,)]}, rank_acc, flat, {1: 1.0}, 2) is False
+    assert deeper_trees_can_win({"c2": [(0,), (0, 0)]}, rank_acc, flat, {1: 1.0}, 2) is True
+
 LLAMA_BENCH_JSON = """build: 1 (abc)
 [
   {"build_commit": "abc", "cpu_info": "Some CPU", "n_threads": 1, "n_prompt": 0,

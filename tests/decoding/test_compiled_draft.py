@@ -37,11 +37,13 @@ def test_compiled_drafts_equal_eager_ones_at_every_depth_and_batch_size(engines)
     _, eng = engines
     chain = eng.heads.compiled_chain
     assert isinstance(chain, CompiledDraftChain)
-    assert chain.depths == {1, 2, 3} and chain.compiles == 3  # one graph per depth
+    # one graph per depth of the served tree (chain2: --tree auto keeps it, the heads
+    # carry no accuracies to time trees by)
+    assert chain.depths == {1, 2} and chain.compiles == 2
     direct = chain.direct_calls
     g = torch.Generator().manual_seed(0)
     H = eng.model_config.hidden_size
-    for depth in (1, 2, 3):
+    for depth in (1, 2):
         for b in (1, 3, 6):
             hidden = torch.randn(b, H, generator=g, dtype=torch.float64)
             tokens = torch.randint(0, eng.model_config.vocab_size, (b,), generator=g)
@@ -50,14 +52,14 @@ def test_compiled_drafts_equal_eager_ones_at_every_depth_and_batch_size(engines)
             got = chain(hidden, tokens, pos0, depth)
             assert got.shape == (b, depth, eng.heads.topk)
             assert torch.equal(got, want), (depth, b)
-    assert chain.compiles == 3, "a batch size or depth compiled again"
-    assert chain.direct_calls - direct == 9  # every call above ran the warm graph without dynamo
+    assert chain.compiles == 2, "a batch size or depth compiled again"
+    assert chain.direct_calls - direct == 6  # every call above ran the warm graph without dynamo
     # a depth the warm-up did not compile drafts eagerly instead of compiling mid-serving
     hidden = torch.randn(2, H, dtype=torch.float64)
     tokens, pos0 = torch.tensor([1, 2]), torch.tensor([3, 4])
     assert torch.equal(chain(hidden, tokens, pos0, 5),
                        eng.heads.chain_tops(hidden, tokens, pos0, 5, eng.model))
-    assert chain.compiles == 3
+    assert chain.compiles == 2
 
 
 def test_greedy_output_is_the_same_with_the_compiled_chain(engines, monkeypatch):
@@ -100,3 +102,24 @@ def test_only_chain_attention_sequential_heads_compile(engines):
     assert compile_draft_chain(ctx, eager.model, "default", 2, torch.float64) is None
     assert ctx.compiled_chain is None
     assert compile_draft_chain(object(), eager.model, "default", 2, torch.float64) is None
+
+
+def test_extend_compiles_only_the_missing_depths(engines, monkeypatch, caplog):
+    """--tree auto compiles a depth as its timing reaches it (CompiledDraftChain.extend);
+    a depth compiled already is not compiled again; a failure leaves it eager."""
+    _, eng = engines
+    chain = eng.heads.compiled_chain
+    before = chain.compiles
+    chain.extend(2)
+    assert chain.compiles == before  # depths 1-2 are warm
+    chain.extend(3)
+    assert chain.depths == {1, 2, 3} and chain.compiles == before + 1
+    monkeypatch.setattr(CompiledDraftChain, "warm_up",
+                        lambda self, depths, dtype: 1 / 0)
+    with caplog.at_level(logging.WARNING, logger=compiled_draft.__name__):
+        chain.extend(5)
+    assert 5 not in chain.depths and "depth(s) [4, 5] failed" in caplog.text
+    hidden = torch.randn(2, eng.model_config.hidden_size, dtype=torch.float64)
+    tokens, pos0 = torch.tensor([1, 2]), torch.tensor([3, 4])
+    assert torch.equal(chain(hidden, tokens, pos0, 5),
+                       eng.heads.chain_tops(hidden, tokens, pos0, 5, eng.model))

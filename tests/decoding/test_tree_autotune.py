@@ -107,7 +107,7 @@ def test_the_choice_follows_the_accuracies_and_the_costs(default_engine, tmp_pat
 
     monkeypatch.setattr(tree_autotune, "verify_times", flat_verify)
     monkeypatch.setattr(tree_autotune, "draft_times",
-                        lambda engine, depths, context, runs: {d: 0.1 * d for d in range(1, depths + 1)})
+                        lambda engine, depths, context, runs, first=1: {d: 0.1 * d for d in range(first, depths + 1)})
     sure, _ = _engine(default_engine.tokenizer, tmp_path, SURE, name="sure")
     hopeless, _ = _engine(default_engine.tokenizer, tmp_path, HOPELESS, name="hopeless")
     assert len(sure.policy.choices) >= 8 and max(len(c) for c in sure.policy.choices) == 3
@@ -115,11 +115,38 @@ def test_the_choice_follows_the_accuracies_and_the_costs(default_engine, tmp_pat
     assert max(len(c) for c in hopeless.policy.choices) == 1  # no depth 2: it would not pay
     assert sure.policy.max_depth >= 3 and len(sure.policy.depth_accept) == sure.policy.max_depth
     monkeypatch.setattr(tree_autotune, "draft_times",
-                        lambda engine, depths, context, runs: {d: 10.0 * d for d in range(1, depths + 1)})
+                        lambda engine, depths, context, runs, first=1: {d: 10.0 * d for d in range(first, depths + 1)})
     for f in cache_home.glob("*.json"):  # the same heads.json: another machine, say
         f.unlink()
     dear, _ = _engine(default_engine.tokenizer, tmp_path, SURE, name="dear")
     assert dear.policy.choices == [(0,)]
+
+
+def test_deeper_drafts_are_timed_only_while_a_deeper_tree_can_win(default_engine, tmp_path,
+                                                                 cache_home, monkeypatch):
+    """At a first start --tree auto times (and, compiled, compiles) drafting one depth at a
+    time and stops where no deeper tree can pay; the served tree's depths are timed."""
+    timed: list[int] = []
+
+    def draft_times(engine, depths, context, runs, first=1):
+        timed.extend(range(first, depths + 1))
+        return {d: 0.1 * d for d in range(first, depths + 1)}
+
+    def verify(ms_per_row):
+        return lambda engine, filler, context, ks, runs: [
+            {"k": k, "ms": 99.0, "ms_min": 10.0 + ms_per_row * k} for k in ks]
+
+    monkeypatch.setattr(tree_autotune, "draft_times", draft_times)
+    monkeypatch.setattr(tree_autotune, "verify_times", verify(0.01))
+    sure, _ = _engine(default_engine.tokenizer, tmp_path, SURE, name="sure")
+    assert timed == [1, 2, 3] and max(len(c) for c in sure.policy.choices) == 3
+    timed.clear()
+    monkeypatch.setattr(tree_autotune, "verify_times", verify(5.0))  # a node: half a step
+    hopeless, _ = _engine(default_engine.tokenizer, tmp_path, HOPELESS, name="hopeless")
+    assert timed == [1] and hopeless.policy.choices == [(0,)]
+    (entry,) = [p for p in cache_home.glob("*.json")
+                if json.loads(p.read_text())["best"]["choices"] == [[0]]]
+    assert list(json.loads(entry.read_text())["draft_ms"]) == ["1"]
 
 
 def test_default_and_heads_without_accuracies_keep_the_heads_tree(default_engine, tmp_path,
