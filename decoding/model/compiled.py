@@ -12,9 +12,11 @@ no graph input at all: `step_attention.cached_attention` reads it from `step_con
 while the graph runs and touches only the real rows, so the padding row writes no K/V;
 its hidden row is dropped here.
 
-The weights are frozen into the graph (inductor's `freezing`): constants, not inputs, so
-inductor may pre-pack them and fuse everything between the int4 kernels and the
-attention op. The engine never changes weights after load, which is what freezing assumes.
+Quantized weights stay graph inputs: our int4/int8 kernels take them as they are, so
+inductor's `freezing` (weights as constants, folded and pre-packed) gains a quantized
+step nothing measurable while its constant folding over the real weights cost a cached
+start ~16 s of its ~29 (docs/experiments.md). Dense weights are frozen (inductor packs
+them for oneDNN); the engine never changes weights after load, which freezing assumes.
 
 `compiles` counts graphs handed to inductor (the backend is wrapped): after `warm_up`
 serving must leave it unchanged (tests/decoding/test_compiled.py, benchmarks/compiled_step.py).
@@ -60,17 +62,17 @@ def compile_wanted(mode: str, device_type: str, weight_format: str) -> bool:
     return mode == "on"
 
 
-def inductor_options(mode: str, device_type: str = "cpu") -> dict:
-    """Inductor's options for `mode` with the weights frozen into the graph (the engine
-    never changes them after load) and no CUDA graphs (not this path's, yet). On CPU the
-    graph's wrapper (the code that allocates buffers and calls each kernel in turn) is
+def inductor_options(mode: str, device_type: str = "cpu", freeze: bool = True) -> dict:
+    """Inductor's options for `mode`, with the weights frozen into the graph if `freeze`
+    (dense weights: see the module docstring) and no CUDA graphs (not this path's, yet).
+    On CPU the graph's wrapper (the code that allocates buffers and calls each kernel in turn) is
     generated as C++, not Python: a decode step 0.91x the time (benchmarks/step_host_ab.py),
     compiled apart from the kernels at -O1 so the first start grows ~3 s, not ~25."""
     if mode not in MODES:
         raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
     options = dict(torch._inductor.list_mode_options(mode))
     options.pop("triton.cudagraphs", None)
-    options["freezing"] = True
+    options["freezing"] = freeze
     if device_type == "cpu":
         options["cpp_wrapper"] = True
         options["cpp_wrapper_build_separate"] = True
@@ -123,7 +125,8 @@ class CompiledTrunk:
     def __init__(self, model: CausalLM, mode: str = "max-autotune-no-cudagraphs",
                  return_pre_last: bool = False) -> None:
         self.device = next(model.parameters()).device
-        self.options = inductor_options(mode, self.device.type)
+        self.options = inductor_options(mode, self.device.type,
+                                        freeze=model.weight_format == "dense")
         self.model = model
         linears = [m for m in model.layers.modules() if isinstance(m, Linear)]
         if any(m.packed_weight is not None for m in linears):

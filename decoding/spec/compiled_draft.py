@@ -28,8 +28,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..model.compiled import (MIN_ROWS, direct_code, inductor_options, inference_inputs,
-                              own_copy, use_user_cache_dir)
+from ..model.compiled import (
+    MIN_ROWS,
+    direct_code,
+    inductor_options,
+    inference_inputs,
+    own_copy,
+    use_user_cache_dir,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,7 +57,9 @@ class CompiledDraftChain:
     def __init__(self, heads: SequentialMTPHeads, model: nn.Module,
                  mode: str = "max-autotune-no-cudagraphs") -> None:
         self.device = next(model.parameters()).device
-        self.options = inductor_options(mode, self.device.type)
+        # frozen as the trunk's graph is (compiled.py): dense weights only
+        self.options = inductor_options(mode, self.device.type,
+                                        freeze=getattr(model, "weight_format", "dense") == "dense")
         self.heads, self.model = heads, model
         self.compiles = 0
         self.depths: set[int] = set()  # depths compiled (warm_up)
