@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -32,9 +32,7 @@ from ..spec.heads import DraftHeads
 from ..spec.heads_io import load_heads_for
 from .tree_autotune import cached_tree, tree_for_this_machine
 
-if TYPE_CHECKING:
-    from .llm_engine import LLMEngine
-
+# `engine` below is an LLMEngine, not imported: llm_engine imports this module
 log = logging.getLogger(__name__)
 
 
@@ -101,7 +99,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     return LoadedModel(model, ckpt_tokenizer, ckpt_name, heads)
 
 
-def compile_and_tune(engine: LLMEngine) -> None:
+def compile_and_tune(engine: Any) -> None:
     """--compile: the trunk's graph, then the draft chain's depth graphs the tree needs;
     --tree auto: the tree for this machine (timed on the compiled step, or cached)."""
     config, heads = engine.config, engine.heads
@@ -128,7 +126,7 @@ def compile_and_tune(engine: LLMEngine) -> None:
         chain.extend(max(len(c) for c in engine.policy.choices))
 
 
-def compile_trunk(engine: LLMEngine) -> CompiledTrunk | None:
+def compile_trunk(engine: Any) -> CompiledTrunk | None:
     """Compile the trunk's graph now, on a free cache slot. A failure logs a warning and
     the engine serves eagerly (the same outputs, slower): never a crash at startup."""
     try:
