@@ -30,9 +30,11 @@ from ..model.trunk import CausalLM, RotaryEmbedding
 from ..spec.compiled_draft import WARM_DEPTHS, compile_draft_chain
 from ..spec.heads import DraftHeads
 from ..spec.heads_io import load_heads_for
+from ..spec.tree_choice import tree_depth
 from .tree_autotune import cached_tree, tree_for_this_machine
 
 # `engine` below is an LLMEngine, not imported: llm_engine imports this module
+
 log = logging.getLogger(__name__)
 
 
@@ -113,8 +115,8 @@ def compile_and_tune(engine: Any) -> None:
             # depth graphs, not 4); measuring: depth 1, and each deeper one only when the
             # timing reaches it (it stops where no deeper tree can pay); else the tree's
             known = cached_tree(engine, True) if auto else None
-            depth = (max(len(c) for c in known) if known else 1 if auto else
-                     max(WARM_DEPTHS, max(len(c) for c in engine.policy.choices)))
+            depth = (tree_depth(known) if known else 1 if auto else
+                     max(WARM_DEPTHS, tree_depth(engine.policy.choices)))
             chain = compile_draft_chain(heads, engine.model, config.compile_mode, depth,
                                         engine.dtype)
     if auto:
@@ -123,7 +125,7 @@ def compile_and_tune(engine: Any) -> None:
         if choices:
             engine.policy.set_choices(choices)
     if chain is not None:  # the served tree's depths (--tree auto's fallback: the default)
-        chain.extend(max(len(c) for c in engine.policy.choices))
+        chain.extend(tree_depth(engine.policy.choices))
 
 
 def compile_trunk(engine: Any) -> CompiledTrunk | None:

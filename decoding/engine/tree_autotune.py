@@ -26,7 +26,12 @@ from typing import Any
 import torch
 
 from ..model.kernel_build import kernels_digest, user_cache_dir
-from ..spec.tree_choice import deeper_trees_can_win, rank_trees, tree_candidates
+from ..spec.tree_choice import (
+    deeper_trees_can_win,
+    rank_trees,
+    tree_candidates,
+    tree_depth,
+)
 from .step_costs import draft_times, verify_times
 
 # `engine` below is an LLMEngine, not imported: llm_engine imports this module
@@ -117,7 +122,7 @@ def measure_and_rank(engine: Any, acc: dict, context: int = CONTEXT, runs: int =
         if before_depth is not None:
             before_depth(d)
         draft_ms.update(draft_times(engine, d, context, runs, first=d))
-    cands = {n: c for n, c in cands.items() if max(len(x) for x in c) in draft_ms}
+    cands = {n: c for n, c in cands.items() if tree_depth(c) in draft_ms}
     return {"context": context, "verify_ms": verify_ms, "draft_ms": draft_ms,
             "rows": rank_trees(cands, acc["rank_acc"], verify_ms, draft_ms)}
 

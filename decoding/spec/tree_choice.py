@@ -58,6 +58,11 @@ def tree_candidates(rank_acc: list[list[float]], max_nodes: int = 16, chain_only
     return out
 
 
+def tree_depth(choices: list[tuple[int, ...]]) -> int:
+    """How deep a tree drafts: its longest path (the chain depth drafting must reach)."""
+    return max(len(c) for c in choices)
+
+
 def rank_trees(candidates: dict[str, list[tuple[int, ...]]], rank_acc: list[list[float]],
                verify_ms: dict[int, float], draft_ms: float | dict[int, float]) -> list[dict]:
     """Expected tokens per second of each tree relative to plain decoding (pure).
@@ -68,7 +73,7 @@ def rank_trees(candidates: dict[str, list[tuple[int, ...]]], rank_acc: list[list
     for name, choices in candidates.items():
         k = 1 + len(choices)
         tokens = 1 + expected_accepted(choices, rank_acc)
-        depth = max(len(c) for c in choices)
+        depth = tree_depth(choices)
         ms = verify_ms[k] + (draft_ms[depth] if isinstance(draft_ms, dict) else draft_ms)
         rows.append({"tree": name, "nodes": k, "tokens_per_step": round(tokens, 3),
                      "step_ms": round(ms, 2), "speedup_vs_plain": round(tokens * plain / ms, 3),
@@ -83,14 +88,11 @@ def deeper_trees_can_win(candidates: dict[str, list[tuple[int, ...]]],
     (pure). draft_ms holds depths 1..depth-1; a deeper draft runs the shallower chain
     first, so it costs at least draft_ms[depth-1]: charged just that, a deep tree that
     still loses cannot win, and --tree auto need not time (nor compile) deeper drafts."""
-    def tree_depth(choices: list[tuple[int, ...]]) -> int:
-        return max(len(c) for c in choices)
-
     deep = {n: c for n, c in candidates.items() if tree_depth(c) >= depth}
     shallow = {n: c for n, c in candidates.items() if tree_depth(c) < depth}
     if not deep or not shallow:
         return bool(deep)
     best = rank_trees(shallow, rank_acc, verify_ms, draft_ms)[0]["speedup_vs_plain"]
-    floor = draft_ms[depth - 1]
-    bound = {**draft_ms, **{d: floor for d in range(depth, max(map(tree_depth, deep.values())) + 1)}}
+    deepest = max(map(tree_depth, deep.values()))
+    bound = {**draft_ms, **{d: draft_ms[depth - 1] for d in range(depth, deepest + 1)}}
     return rank_trees(deep, rank_acc, verify_ms, bound)[0]["speedup_vs_plain"] > best
