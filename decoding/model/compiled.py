@@ -62,17 +62,18 @@ def compile_wanted(mode: str, device_type: str, weight_format: str) -> bool:
     return mode == "on"
 
 
-def inductor_options(mode: str, device_type: str = "cpu", freeze: bool = True) -> dict:
-    """Inductor's options for `mode`, with the weights frozen into the graph if `freeze`
-    (dense weights: see the module docstring) and no CUDA graphs (not this path's, yet).
-    On CPU the graph's wrapper (the code that allocates buffers and calls each kernel in turn) is
+def inductor_options(mode: str, device_type: str = "cpu", weight_format: str = "dense"
+                     ) -> dict:
+    """Inductor's options for `mode`: dense weights frozen into the graph, quantized ones
+    not (see the module docstring), no CUDA graphs (not this path's, yet). On CPU the
+    graph's wrapper (the code that allocates buffers and calls each kernel in turn) is
     generated as C++, not Python: a decode step 0.91x the time (benchmarks/step_host_ab.py),
     compiled apart from the kernels at -O1 so the first start grows ~3 s, not ~25."""
     if mode not in MODES:
         raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
     options = dict(torch._inductor.list_mode_options(mode))
     options.pop("triton.cudagraphs", None)
-    options["freezing"] = freeze
+    options["freezing"] = weight_format == "dense"
     if device_type == "cpu":
         options["cpp_wrapper"] = True
         options["cpp_wrapper_build_separate"] = True
@@ -125,8 +126,7 @@ class CompiledTrunk:
     def __init__(self, model: CausalLM, mode: str = "max-autotune-no-cudagraphs",
                  return_pre_last: bool = False) -> None:
         self.device = next(model.parameters()).device
-        self.options = inductor_options(mode, self.device.type,
-                                        freeze=model.weight_format == "dense")
+        self.options = inductor_options(mode, self.device.type, model.weight_format)
         self.model = model
         linears = [m for m in model.layers.modules() if isinstance(m, Linear)]
         if any(m.packed_weight is not None for m in linears):

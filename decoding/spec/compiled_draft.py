@@ -57,9 +57,8 @@ class CompiledDraftChain:
     def __init__(self, heads: SequentialMTPHeads, model: nn.Module,
                  mode: str = "max-autotune-no-cudagraphs") -> None:
         self.device = next(model.parameters()).device
-        # frozen as the trunk's graph is (compiled.py): dense weights only
         self.options = inductor_options(mode, self.device.type,
-                                        freeze=getattr(model, "weight_format", "dense") == "dense")
+                                        getattr(model, "weight_format", "dense"))
         self.heads, self.model = heads, model
         self.compiles = 0
         self.depths: set[int] = set()  # depths compiled (warm_up)
@@ -132,7 +131,6 @@ class CompiledDraftChain:
             if (direct := direct_code(self._codes[depth], CompiledDraftChain._body.__globals__)):
                 self._direct[depth] = direct
         return time.perf_counter() - t0
-
 
     def extend(self, depth: int) -> None:
         """Compile the depths up to `depth` not compiled yet (after warm_up: --tree auto
