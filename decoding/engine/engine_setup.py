@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from ..config import EngineConfig
-from ..model.checkpoint import load_checkpoint
+from ..model import prepared_cache
+from ..model.checkpoint import default_model_path, load_checkpoint
 from ..model.compiled import CompiledTrunk, compile_wanted, use_user_cache_dir
 from ..model.device import (
     cpu_has_native_bf16,
@@ -44,17 +45,56 @@ class LoadedModel:
     tokenizer: Tokenizer
     name: str
     heads: DraftHeads | None
+    from_cache: bool = False  # read back prepared (prepared_cache.py), not from the checkpoint
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
-    """The checkpoint and heads `config` names, on its device, in the served weight format."""
+    """The checkpoint and heads `config` names, on its device, in the served weight format:
+    on CPU read back as a previous start prepared it when that is still valid."""
     if config.compile != "off":  # before the kernel builds pin inductor's default folder
         use_user_cache_dir()
     device = resolve_device(config.device)
+    path = config.model or default_model_path()
+    key = None
+    if device.type == "cpu":
+        settings = {f: getattr(config, f) for f in PREPARED_SETTINGS}
+        try:
+            key = prepared_cache.prepared_key(settings, path)
+        except OSError:  # no such checkpoint: load_checkpoint says so in its own words
+            key = None
+    entry = prepared_cache.load_entry(key, lambda w: _facts(config, w)) if key else None
+    if entry is not None:
+        model, tokenizer, name, path = entry["model"], entry["tokenizer"], entry["name"], entry["path"]
+        prepared_cache.realign(model)
+    else:
+        model, tokenizer, name, path = prepare_model(config, device, path)
+        if key and model.weight_format in ("int8", "int4") and model.unembed_format == "q8":
+            prepared_cache.save_entry(key, _facts(config, model.weight_format), {
+                "weights": model.weight_format, "model": model, "tokenizer": tokenizer,
+                "name": name, "path": path})
+    dtype = resolve_dtype(config.dtype, device, model.weight_format)
+    heads = load_heads_for(config.spec, model.config, path, device, dtype)
+    malloc_trim()
+    return LoadedModel(model, tokenizer, name, heads, from_cache=entry is not None)
+
+
+# EngineConfig fields prepare_model reads: a prepared model is reused only under the same
+PREPARED_SETTINGS = ("model", "dtype", "weights", "int4_kernel", "unembed", "wide_weights",
+                     "max_model_len")
+
+
+def _facts(config: EngineConfig, weights: str) -> dict:
+    return prepared_cache.machine_facts(weights, config.int4_kernel, config.unembed)
+
+
+def prepare_model(config: EngineConfig, device: torch.device, path: str
+                  ) -> tuple[CausalLM, Tokenizer, str, str]:
+    """The checkpoint at `path` loaded, quantized and packed as `config` serves it ->
+    (model, tokenizer, model name, checkpoint path)."""
     # CPU: load in fp32 so quantizing recovers the file's own codes (bf16 would round
     # the dequantized GGUF values first); the compute dtype follows the weight format.
     load_dtype = torch.float32 if device.type == "cpu" else resolve_dtype(config.dtype, device)
-    ckpt = load_checkpoint(config.model, dtype=load_dtype)
+    ckpt = load_checkpoint(path, dtype=load_dtype)
     weights = resolve_weights(config.weights, device, ckpt.trunk_quant)
     built = prebuild(cpu_kernels(weights, config.int4_kernel, config.unembed,
                                  config.attention_kernel) if device.type == "cpu" else [])
@@ -72,7 +112,6 @@ def load_model(config: EngineConfig) -> LoadedModel:
     except ValueError as exc:
         raise ValueError(f"{ckpt.path}: {exc}") from None
     ckpt.tensors = {}
-    ckpt_tokenizer, ckpt_name = ckpt.tokenizer, ckpt.name
     built()  # the kernels, built meanwhile, before the first one is loaded
     if weights in ("int8", "int4"):
         # Where the CPU multiplies bf16 natively, a bf16 copy of the quantized values
@@ -95,10 +134,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     if device.type == "cpu":
         model.use_transposed_weights()
     model.eval()
-    heads = load_heads_for(config.spec, ckpt.config, ckpt.path, device, dtype)
-    del ckpt
-    malloc_trim()
-    return LoadedModel(model, ckpt_tokenizer, ckpt_name, heads)
+    return model, ckpt.tokenizer, ckpt.name, ckpt.path
 
 
 def compile_and_tune(engine: Any) -> None:

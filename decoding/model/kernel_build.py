@@ -46,6 +46,19 @@ def kernels_digest() -> str:
     return h.hexdigest()[:12]
 
 
+def aligned64(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when contiguous with 64-byte aligned data (what our kernels' packed
+    weights require, and torch's CPU allocator gives), else an aligned copy: a tensor read
+    back from a file (prepared_cache.py) sits wherever the file put it."""
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    buf = torch.empty(t.numel() * t.element_size() + 64, dtype=torch.uint8)
+    off = (-buf.data_ptr()) % 64
+    out = buf[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
 def _build_dir(source: Path) -> tuple[Path, str]:
     """The folder `source` builds into and the extension's name: per source text and torch."""
     tag = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:12]

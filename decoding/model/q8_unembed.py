@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .kernel_build import BuiltOnce, build_extension
+from .kernel_build import BuiltOnce, aligned64, build_extension
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,7 @@ def pack(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
           .permute(0, 2, 3, 1, 4).reshape(nb, g, 512))  # [NB, G, pair, row, 2]
     db = d.reshape(nb, ROWS, g).permute(0, 2, 1).contiguous().view(torch.uint8)  # [NB, G, 32]
     flat = torch.cat([qb, db], dim=-1).reshape(-1)
-    # 64-byte aligned storage (torch's CPU allocator aligns to 64, but say so explicitly)
-    out = torch.empty(flat.numel() + 64, dtype=torch.uint8)
-    off = (-out.data_ptr()) % 64
-    out = out[off:off + flat.numel()].view(nb, g, BLOCK)
-    out.copy_(flat.view(nb, g, BLOCK))
-    return out
+    return aligned64(flat.view(nb, g, BLOCK))
 
 
 def mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
