@@ -401,12 +401,25 @@ class Linear(nn.Module):
             y[plan.rest] = self._one_row_mm(x[plan.rest]).to(x.dtype)
         return y
 
-    def set_row_invariant(self) -> bool:
+    def kernel_kind(self) -> tuple:
+        """What decides how this layer computes a pass (the kernel, its activations, the
+        shape), not its weights' values: layers of one kind meet the row rule alike."""
+        storage = ("int4_vnni" if self.int4_vnni is not None else "int4_aten"
+                   if self.int4_weight is not None else "int8" if self.int8_weight is not None
+                   else "packed" if self.packed_weight is not None else "transposed"
+                   if self.weight_t is not None else "dense")
+        return (storage, self.int4_act_bits, self.in_features, self.out_features,
+                self.bias is not None, self.weight.dtype, self.weight.device)
+
+    def set_row_invariant(self, check: bool = True) -> bool:
         """Batch-invariant mode: the layer computes every pass with the one kernel that
         serves a single row (never the wide copy, whose bf16 GEMM picks its algorithm by
         row count), and checks that kernel against the rule (row_invariant). Returns
-        whether it holds."""
+        whether it holds (True unchecked with `check` False: a layer of the same
+        kernel_kind was checked)."""
         self.invariant = True
+        if not check:
+            return True
         dtype = _KERNEL_DTYPE if self.weight_format != "dense" else (
             self.packed_weight.dtype if self.packed_weight is not None else self.weight.dtype)
         dev = (self.int4_weight if self.int4_weight is not None else

@@ -318,3 +318,28 @@ def test_the_invariant_engine_attends_with_the_row_kernel(inv_engine):
     layers = inv_engine.model.layers
     assert inv_engine.model.attention_kernel == "rows"
     assert all(layer.self_attn.row_kernel for layer in layers)
+
+
+def test_the_row_rule_is_checked_once_per_kind_of_layer(monkeypatch):
+    """The rule is the kernel's at a shape: one check per Linear.kernel_kind, and a failing
+    kind reports every layer of it."""
+    from mtpserve.decoding.model import linear
+
+    model = random_causal_lm(tiny_config(vocab=300, hidden=64, layers=3), dtype=torch.float32,
+                             seed=2)
+    model.quantize("int4")
+    model.use_transposed_weights()
+    layers = [m for m in model.layers.modules() if isinstance(m, linear.Linear)]
+    kinds = {m.kernel_kind() for m in layers}
+    calls = []
+    real = linear.row_invariant
+    monkeypatch.setattr(linear, "row_invariant",
+                        lambda mm, *a, **kw: calls.append(mm) or real(mm, *a, **kw))
+    assert model.set_batch_invariant(True) == []
+    assert len(calls) == len(kinds) < len(layers)
+    assert all(m.invariant for m in layers)
+    down = model.layers[0].mlp.down_proj.kernel_kind()
+    monkeypatch.setattr(linear, "row_invariant",
+                        lambda mm, *a, **kw: mm.kernel_kind() != down)
+    failing = model.set_batch_invariant(True)
+    assert failing == [f"layers.{i}.mlp.down_proj (int4)" for i in range(3)]
