@@ -28,6 +28,7 @@ import torch
 from ..model.kernel_build import kernels_digest, user_cache_dir
 from ..spec.tree_choice import (
     deeper_trees_can_win,
+    monotone_costs,
     rank_trees,
     tree_candidates,
     tree_depth,
@@ -110,7 +111,8 @@ def measure_and_rank(engine: Any, acc: dict, context: int = CONTEXT, runs: int =
     context = max(1, min(context, engine.kv.slot_len - max(sizes) - 1))
     filler = [(7 * i + 11) % engine.model_config.vocab_size for i in range(context)]
     # the fastest of the runs: the pass's own cost, without what else the machine did
-    verify_ms = {r["k"]: r["ms_min"] for r in verify_times(engine, filler, context, sizes, runs)}
+    measured = {r["k"]: r["ms_min"] for r in verify_times(engine, filler, context, sizes, runs)}
+    verify_ms = monotone_costs(measured)
     depths = len(acc["rank_acc"])
     draft_ms: dict[int, float] = {}
     for d in range(1, depths + 1):
@@ -123,7 +125,8 @@ def measure_and_rank(engine: Any, acc: dict, context: int = CONTEXT, runs: int =
             before_depth(d)
         draft_ms.update(draft_times(engine, d, context, runs, first=d))
     cands = {n: c for n, c in cands.items() if tree_depth(c) in draft_ms}
-    return {"context": context, "verify_ms": verify_ms, "draft_ms": draft_ms,
+    return {"context": context, "verify_ms": verify_ms, "verify_ms_measured": measured,
+            "draft_ms": draft_ms,
             "rows": rank_trees(cands, acc["rank_acc"], verify_ms, draft_ms)}
 
 
@@ -152,7 +155,9 @@ def autotune_tree(engine: Any, folder: str | Path | None,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "best": best, "top": got["rows"][:8],
-                               "verify_ms": got["verify_ms"], "draft_ms": got["draft_ms"],
+                               "verify_ms": got["verify_ms"],
+                               "verify_ms_measured": got["verify_ms_measured"],
+                               "draft_ms": got["draft_ms"],
                                "context": got["context"],
                                "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
     tmp.replace(path)  # whole or not at all: a crash mid-write leaves no half entry

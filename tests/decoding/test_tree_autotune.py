@@ -161,3 +161,30 @@ def test_default_and_heads_without_accuracies_keep_the_heads_tree(default_engine
     assert tree_autotune.heads_accuracies(folder) is None
     assert tree_autotune.autotune_tree(eng, folder) is None
     assert not cache_home.exists()
+
+
+def test_verify_costs_are_made_non_decreasing():
+    from mtpserve.decoding.spec.tree_choice import monotone_costs
+
+    assert monotone_costs({1: 8.66, 2: 7.34, 3: 7.5, 5: 9.0}) == {1: 7.34, 2: 7.34, 3: 7.5,
+                                                                    5: 9.0}
+    assert monotone_costs({1: 5.0, 2: 6.0, 4: 5.5, 8: 9.0}) == {1: 5.0, 2: 5.5, 4: 5.5, 8: 9.0}
+    assert monotone_costs({1: 5.0}) == {1: 5.0}
+
+
+def test_a_slow_moment_at_one_row_does_not_make_drafting_look_free(default_engine, tmp_path,
+                                                                   cache_home, monkeypatch):
+    """Plain decoding timed during a slow spell (k=1 dearer than k=2): priced at k=2's cost,
+    so hopeless heads still get the smallest tree, and the cache keeps what was measured."""
+    def spiky_verify(engine, filler, context, ks, runs):
+        return [{"k": k, "ms": 99.0, "ms_min": 20.0 if k == 1 else 10.0 + 0.5 * k} for k in ks]
+
+    monkeypatch.setattr(tree_autotune, "verify_times", spiky_verify)
+    monkeypatch.setattr(tree_autotune, "draft_times",
+                        lambda engine, depths, context, runs, first=1: {d: 0.5 * d for d in range(first, depths + 1)})
+    eng, _ = _engine(default_engine.tokenizer, tmp_path, HOPELESS, name="spiky")
+    assert eng.policy.choices == [(0,)]
+    (entry,) = cache_home.glob("*.json")
+    saved = json.loads(entry.read_text())
+    assert saved["verify_ms_measured"]["1"] == 20.0 and saved["verify_ms"]["1"] == 11.0
+    assert saved["best"]["speedup_vs_plain"] < 1.0  # the truth: drafting does not pay here
