@@ -1,12 +1,17 @@
-"""Do features from more trunk layers make the sequential module draft better? (EAGLE-3)
+"""Do more trunk layers' features, or a second block, make the sequential module draft
+better? (EAGLE-3's fused features; the issue's "second block")
 
 EAGLE-3 feeds its draft module a projection of low, middle and high layers' hidden states
-instead of the last one alone. This script measures that on our data before any engine
-change: both arms start from the same module weights (the shipped heads by default) and
-continue training on the same positions in the same order, same steps and learning rate:
+instead of the last one alone. This script measures that, and a module twice as deep, on
+our data before any engine change: every arm starts from the same module weights (the
+shipped heads by default) and continues training on the same positions in the same order,
+same steps and learning rate:
   last    h0 = the trunk's final-normed h_t (what the engine feeds today)
   fused   h0 = fc(cat[norm(x_low), norm(x_mid), h_t]), x_i the residual stream after
           layer i; fc starts as [0 | 0 | I], so the arm starts exactly where `last` does
+  block2  h0 = h_t, and a second decoder block after the module's own, started as the
+          identity (the trunk's last layer with its output projections zeroed, as
+          train-heads starts a module)
 Scored on held-out Magpie prompts (split by prompt as train-heads splits) and on prompts
 from outside the training set (chat16, HumanEval; greedy answers of the served engine):
 P(the top-1 chain's first d drafts all equal the trunk's greedy tokens), the timing-free
@@ -52,6 +57,35 @@ class LayerTap:
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
+
+
+class TwoBlocks(nn.Module):
+    """The module's block, then a second one (its own layer index in the chain's cache)."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x, rot, meta, kv):
+        return self.second(self.first(x, rot, meta, kv), rot, meta, kv)
+
+
+def with_second_block(heads, cfg):
+    """A copy of `heads` whose module runs a second block, started as the identity."""
+    from mtpserve.decoding.config import EngineConfig, SpecConfig
+    from mtpserve.decoding.engine.engine_setup import load_model
+    from mtpserve.decoding.model.trunk import DecoderLayer
+    from mtpserve.decoding.training.train_sequential import init_from_trunk
+    # the dense trunk: the quantized one keeps no dense copy of its last layer
+    model = load_model(EngineConfig(weights="dense", dtype="float32",
+                                    spec=SpecConfig(mode="off"))).model
+    donor = copy.deepcopy(heads)
+    init_from_trunk(donor, model, seed=1)  # the identity start's block: last layer, zeroed out
+    second = DecoderLayer(cfg, 1)
+    second.load_state_dict(donor.mods[0].block.state_dict())
+    out = copy.deepcopy(heads)
+    out.mods[0].block = TwoBlocks(out.mods[0].block, second)
+    return out
 
 
 class Fuse(nn.Module):
@@ -114,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--unseen-max-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--arms", default="last,fused", help="of last, fused, block2")
+    p.add_argument("--features", default=None,
+                   help="keep the trunk passes' features in this file and reuse them")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -151,25 +188,36 @@ def main(argv: list[str] | None = None) -> int:
                                                    temperature=0.0, ignore_eos=True))
         sets[name] = [Example(pr + o["token_ids"], len(pr) - 1) for pr, o in zip(ids, outs)]
     caches, t0 = {}, time.perf_counter()
-    for name, exs in sets.items():
-        say(f"trunk pass over {name}: {len(exs)} sequences, weights {engine.weight_format}")
-        caches[name] = tapped_cache(model, exs, layers, say)
+    tag = [layers, a.train_seqs, a.holdout_frac, a.unseen_max_tokens, engine.weight_format]
+    saved = (torch.load(a.features, weights_only=False)
+             if a.features and Path(a.features).exists() else {})
+    if saved.get("tag") == tag:
+        caches = saved["caches"]
+        say(f"features: reusing {a.features}")
+    else:
+        for name, exs in sets.items():
+            say(f"trunk pass over {name}: {len(exs)} sequences, weights {engine.weight_format}")
+            caches[name] = tapped_cache(model, exs, layers, say)
+        if a.features:
+            torch.save({"tag": tag, "caches": caches}, a.features)
     trunk_s = time.perf_counter() - t0
 
     start = load_heads(a.heads or shipped_heads(cfg.fingerprint()), cfg).float()
     ids = start.draft_vocab.cpu()
     unembed = model.unembed_weight().detach().float().cpu()[ids]
     D = a.depth
-    arms = {"last": (copy.deepcopy(start), None),
-            "fused": (copy.deepcopy(start), Fuse(cfg.hidden_size, len(layers), cfg.rms_norm_eps))}
+    makers = {"last": lambda: (copy.deepcopy(start), None),
+              "fused": lambda: (copy.deepcopy(start),
+                                Fuse(cfg.hidden_size, len(layers), cfg.rms_norm_eps)),
+              "block2": lambda: (with_second_block(start, cfg), None)}
+    arms = {name: makers[name]() for name in a.arms.split(",")}
 
     def h0_fn(fuse, cache, feats):
         if fuse is None:
             return lambda r: cache.hidden[r]
         return lambda r: fuse([f[r] for f in feats], cache.hidden[r])
 
-    def score(arm: str) -> dict:
-        heads, fuse = arms[arm]
+    def score(heads, fuse) -> dict:
         heads.eval()
         res = {}
         for name in ("heldout", "chat16", "humaneval16"):
@@ -180,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return res
 
     results: dict = {"layers": layers, "trunk_pass_s": round(trunk_s),
-                     "start": score("last")}
+                     "start": score(start, None)}
     say(f"start: {results['start']}")
     cache, feats = caches["train"]
     rows, tgts = targets_for(cache, list(range(cache.num_seqs)), D, "argmax")
@@ -218,11 +266,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{time.perf_counter() - t0:.0f} s")
         for q in params:
             q.requires_grad_(False)
-        results[arm] = score(arm)
+        results[arm] = score(heads, fuse)
         results[f"{arm}_train_s"] = round(time.perf_counter() - t0)
         say(f"{arm}: {results[arm]}")
     print(f"{'arm':8s} " + " ".join(f"{n:>22s}" for n in ("heldout", "chat16", "humaneval16")))
-    for arm in ("start", "last", "fused"):
+    for arm in ["start", *arms]:
         print(f"{arm:8s} " + " ".join(f"{'/'.join(f'{x:.3f}' for x in results[arm][n]):>22s}"
                                       for n in ("heldout", "chat16", "humaneval16")))
     if a.out:

@@ -88,6 +88,7 @@ def machine_key(engine: Any, acc: dict, draft_compiled: bool | None = None) -> d
             "unembed": getattr(model, "unembed_format", ""),
             "compiled": engine.compiled is not None,
             "kernels": kernels_digest(),  # a kernel's new version moves the costs
+            "ranking": 2,  # 2: monotone verify costs; entries ranked before are measured again
             # drafting compiled (compiled_draft.py) or eager: a depth's cost differs
             "draft_compiled": (getattr(engine.heads, "compiled_chain", None) is not None
                                if draft_compiled is None else draft_compiled)}
