@@ -120,7 +120,8 @@ def test_load_prompts_humaneval_first_n():
 
 
 # -- end to end on a tiny random-weight engine --------------------------------------------
-def _tiny_engine():
+def _tiny_engine(heads_tree: str | None = None):
+    """A random 2-layer model; with heads_tree, random sequential heads drafting that tree."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, pre_tokenizers
     from tokenizers.models import BPE
@@ -147,9 +148,15 @@ def _tiny_engine():
         for name, p in model.named_parameters():
             p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.2)
     model.eval()
+    if heads_tree is None:
+        config = EngineConfig(dtype="float32", device="cpu", max_num_seqs=4, max_model_len=512,
+                              spec=SpecConfig(mode="on", proposer="ngram"))
+        return LLMEngine(config, model, tok, "tiny-random")
+    from mtpserve.decoding.spec.mtp_sequential import SequentialMTPHeads
+    heads = SequentialMTPHeads.new(cfg, num_modules=1, context=False).eval()
     config = EngineConfig(dtype="float32", device="cpu", max_num_seqs=4, max_model_len=512,
-                          spec=SpecConfig(mode="on", proposer="ngram"))
-    return LLMEngine(config, model, tok, "tiny-random")
+                          spec=SpecConfig(mode="on", proposer="heads", tree=heads_tree))
+    return LLMEngine(config, model, tok, "tiny-random", heads=heads)
 
 
 @pytest.fixture
@@ -196,6 +203,18 @@ def test_run_bench_all_sections_on_tiny_engine(tmp_path, capsys, one_thread):
     assert cmp[("greedy", 2)]["greedy_outputs_differ"] == 0
     assert set(r["profile"]) == {"plain", "speculative"}
     assert r["meta"]["num_prompts"] == 2 and r["meta"]["peak_rss_mb_end"] > 0
+
+
+def test_compare_says_which_tree_it_drafted(tmp_path, capsys, one_thread):
+    out = tmp_path / "r.json"
+    args = _parser().parse_args([
+        "bench", "--num-prompts", "1", "--max-tokens", "4", "--warmup", "0",
+        "--no-transformers", "--compare", "--compare-settings", "greedy",
+        "--compare-batch-sizes", "1", "--out", str(out), "--speculate", "on",
+        "--proposer", "heads", "--tree", "chain2"])
+    assert run_bench(args, engine=_tiny_engine(heads_tree="chain2")) == 0
+    assert "draft tree (--tree chain2): [[0], [0, 0]]" in capsys.readouterr().out
+    assert json.loads(out.read_text())["meta"]["tree_choices"] == [[0], [0, 0]]
 
 
 def test_run_bench_reports_bad_input(tmp_path, capsys):

@@ -117,6 +117,9 @@ def _meta(engine: LLMEngine, args: argparse.Namespace, source: str,
         "weights": engine.weight_format,
         "unembed": getattr(engine.model, "unembed_format", "dense"),
         "speculate": cfg.spec.mode, "proposer": cfg.spec.proposer, "tree": cfg.spec.tree,
+        # the tree drafted (what --tree auto chose on this machine, or the one named)
+        "tree_choices": ([list(c) for c in engine.policy.choices] if engine.heads is not None
+                         else None),
         "heads": engine.heads is not None, "max_num_seqs": cfg.max_num_seqs,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.platform(), "cpu": platform.processor() or platform.machine(),
@@ -172,6 +175,9 @@ def run_bench(args: argparse.Namespace, engine: LLMEngine | None = None) -> int:
         rows = compare_spec(engine, args, prompt_ids, settings, cmp_sizes)
         results["compare"] = rows
         print(compare_tables(rows))
+        if results["meta"]["tree_choices"] is not None:
+            print(f"draft tree (--tree {engine.config.spec.tree}): "
+                  f"{results['meta']['tree_choices']}")
     if args.llama_lookup:
         results["llama_lookup"] = lookup_section(engine, args, prompt_ids,
                                                  results.get("compare"))
