@@ -1,4 +1,5 @@
-"""Setting an engine up: the model loaded in the served format (`load_model`), then, once
+"""Setting an engine up: the model loaded in the served format (`load_model`: read back as
+a previous start prepared it, model/prepared_cache.py, else `prepare_model`), then, once
 the engine holds its cache, the step compiled and the draft tree chosen for this machine
 (`compile_and_tune`).
 

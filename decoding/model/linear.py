@@ -408,8 +408,9 @@ class Linear(nn.Module):
                    if self.int4_weight is not None else "int8" if self.int8_weight is not None
                    else "packed" if self.packed_weight is not None else "transposed"
                    if self.weight_t is not None else "dense")
-        return (storage, self.int4_act_bits, self.in_features, self.out_features,
-                self.bias is not None, self.weight.dtype, self.weight.device)
+        return (storage, self.int4_act_bits, getattr(self, "int4_group", None),
+                self.in_features, self.out_features, self.bias is not None,
+                self.weight.dtype, self.weight.device)
 
     def set_row_invariant(self, check: bool = True) -> bool:
         """Batch-invariant mode: the layer computes every pass with the one kernel that

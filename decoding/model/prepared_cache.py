@@ -114,7 +114,8 @@ def load_entry(key: str, facts_now: Callable[[str], dict]) -> dict | None:
         log.info("prepared model %s was made for other kernels (%s, now %s); preparing it "
                  "again", path, entry.get("facts"), now)
         return None
-    os.utime(path)  # most recently used: pruning keeps it
+    with contextlib.suppress(OSError):  # a read-only cache folder still serves
+        os.utime(path)  # most recently used: pruning keeps it
     log.info("model: prepared weights read from %s in %.1f s", path, time.perf_counter() - t0)
     return entry
 
