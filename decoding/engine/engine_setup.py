@@ -69,7 +69,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         prepared_cache.realign(model)
     else:
         model, tokenizer, name, path = prepare_model(config, device, path)
-        if key and model.weight_format in ("int8", "int4") and model.unembed_format == "q8":
+        if key and prepared_cache.worth_keeping(model):
             prepared_cache.save_entry(key, _facts(config, model.weight_format), {
                 "weights": model.weight_format, "model": model, "tokenizer": tokenizer,
                 "name": name, "path": path})

@@ -36,13 +36,13 @@ import torch
 
 from . import int4_vnni, q8_unembed
 from .device import cpu_has_native_bf16
-from .kernel_build import KERNELS, aligned64, user_cache_dir
+from .kernel_build import aligned64, kernels_digest, user_cache_dir
 from .linear import resolve_int4_kernel
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-KEEP = 2  # entries kept (each ~0.4 GB for the default model); the least recently used go
+KEEP = 2  # entries kept (~0.2 GB each for the default model); the least recently used go
 _SOURCES = Path(__file__).resolve().parent
 
 
@@ -52,10 +52,8 @@ def cache_folder() -> Path:
 
 def sources_digest() -> str:
     """A digest of the code whose objects an entry pickles: a changed class is a miss."""
-    h = hashlib.sha256()
-    files = sorted(_SOURCES.glob("*.py")) + [_SOURCES.parent / "config.py"]
-    files += sorted(KERNELS.glob("*.cpp"))
-    for f in files:
+    h = hashlib.sha256(kernels_digest().encode())  # the kernels, whose layouts it holds
+    for f in sorted(_SOURCES.glob("*.py")) + [_SOURCES.parent / "config.py"]:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -72,6 +70,11 @@ def prepared_key(settings: dict, checkpoint: str) -> str:
     key = {"format": FORMAT_VERSION, "torch": torch.__version__, "sources": sources_digest(),
            "checkpoint": checkpoint_stamp(checkpoint), "settings": settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def worth_keeping(model: torch.nn.Module) -> bool:
+    """What is cached (see the module docstring): a quantized trunk with the Q8 unembedding."""
+    return model.weight_format in ("int8", "int4") and model.unembed_format == "q8"
 
 
 def machine_facts(weights: str, int4_kernel: str, unembed: str) -> dict:

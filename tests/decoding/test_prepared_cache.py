@@ -9,25 +9,17 @@ import os
 
 import pytest
 import torch
+from decoding_helpers import prefill_logits
 from mtpserve.decoding.config import EngineConfig
 from mtpserve.decoding.engine.engine_setup import load_model
 from mtpserve.decoding.model import prepared_cache
 from mtpserve.decoding.model.kernel_build import aligned64
-from mtpserve.decoding.model.kv_cache import KVCache
-from mtpserve.decoding.training.hidden_cache import _causal_meta
 
 
 @pytest.fixture
 def folder(tmp_path, monkeypatch):
     monkeypatch.setattr(prepared_cache, "cache_folder", lambda: tmp_path / "prepared")
     return tmp_path / "prepared"
-
-
-def _logits(model, ids: list[int]) -> torch.Tensor:
-    x = torch.tensor(ids)
-    kv = KVCache(model.config, 1, 64, torch.float32, torch.device("cpu"))
-    with torch.no_grad():
-        return model.compute_logits(model(x, _causal_meta(len(ids), x.device), kv))
 
 
 def test_a_start_reads_back_the_model_it_would_prepare(folder, caplog):
@@ -42,7 +34,7 @@ def test_a_start_reads_back_the_model_it_would_prepare(folder, caplog):
     assert second.tokenizer.encode("The capital of France is") == ids
     assert (second.name, second.model.weight_format, second.model.int4_kernel) == (
         first.name, first.model.weight_format, first.model.int4_kernel)
-    assert torch.equal(_logits(second.model, ids), _logits(first.model, ids))
+    assert torch.equal(prefill_logits(second.model, ids), prefill_logits(first.model, ids))
     assert second.heads is not None  # the shipped heads load beside it as before
 
     # a broken entry is a miss that logs and is written again, never an error
@@ -51,7 +43,7 @@ def test_a_start_reads_back_the_model_it_would_prepare(folder, caplog):
     with caplog.at_level(logging.WARNING):
         third = load_model(cfg)
     assert not third.from_cache and "unreadable" in caplog.text
-    assert torch.equal(_logits(third.model, ids), _logits(first.model, ids))
+    assert torch.equal(prefill_logits(third.model, ids), prefill_logits(first.model, ids))
     assert load_model(cfg).from_cache
 
 
