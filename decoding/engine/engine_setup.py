@@ -180,7 +180,8 @@ def compile_trunk(engine: Any) -> CompiledTrunk | None:
         log.warning("compiling the trunk failed (%s: %s); serving without compilation",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
-    log.info("compiled the trunk in %.1f s (%d graph(s) for every row count%s)", secs,
-             compiled.compiles, "" if compiled.eager_from is None else
+    log.info("compiled the trunk in %.1f s (%d graph(s) for every row count%s%s)", secs,
+             compiled.compiles + compiled.loaded, ", read from disk" if compiled.loaded else "",
+             "" if compiled.eager_from is None else
              f"; passes of {compiled.eager_from}+ rows eager: bf16 wide copies")
     return compiled

@@ -29,10 +29,16 @@ plain function (~0.5 ms a call less, benchmarks/step_host_ab.py), after a check 
 what the guards would have seen differently here: inference mode and int64 inputs on the
 model's device. Anything else goes through dynamo (`skip_guard_eval_unsafe`, then full
 guards and a recompile).
+
+A quantized trunk's graph is also saved whole (saved_graph.py, torch's aot_compile): a
+later start with the same model, code and machine reads it instead of tracing the trunk
+with dynamo again (~5 s of a warm start's compile); the saved graph's code is then what
+runs as the direct path.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import types
@@ -41,6 +47,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import saved_graph
 from .kernel_build import user_cache_dir
 from .linear import WIDE_ROWS, Linear
 from .step_attention import step_context
@@ -49,6 +56,8 @@ from .trunk import CausalLM
 if TYPE_CHECKING:
     from .attention_metadata import AttentionMetadata
     from .kv_cache import KVCache
+
+log = logging.getLogger(__name__)
 
 MODES = ("default", "max-autotune-no-cudagraphs")
 MIN_ROWS = 2  # one-row steps are padded to this: a dynamic graph is not specialized for 1
@@ -124,7 +133,7 @@ class CompiledTrunk:
     passes of WIDE_ROWS+ rows while the layers keep bf16 wide copies, see `eager_from`)."""
 
     def __init__(self, model: CausalLM, mode: str = "max-autotune-no-cudagraphs",
-                 return_pre_last: bool = False) -> None:
+                 return_pre_last: bool = False, save: bool = True) -> None:
         self.device = next(model.parameters()).device
         self.options = inductor_options(mode, self.device.type, model.weight_format)
         self.model = model
@@ -142,6 +151,10 @@ class CompiledTrunk:
         self.return_pre_last = return_pre_last
         self.warm = False  # set after warm_up: guards then skipped
         self.compiles = 0  # graphs compiled by inductor
+        self.loaded = 0  # graphs read from disk instead (saved_graph)
+        # save/load the graph whole: CPU (the path tested here) and not frozen (a frozen
+        # graph holds the weights, which no file name can vouch for)
+        self.save = save and self.device.type == "cpu" and not self.options["freezing"]
         self.compile_seconds = 0.0  # warm-up wall time
         self.steps = 0  # forwards served compiled
         use_user_cache_dir()
@@ -212,33 +225,73 @@ class CompiledTrunk:
             self.warm, self._direct = False, None
             return self._traced(ids, positions)
 
+    def _warm_inputs(self, kv: KVCache, slot: int, rows: int
+                     ) -> tuple[torch.Tensor, AttentionMetadata]:
+        """A pass of `rows` tokens at positions 0.. of cache `slot`."""
+        from .attention_metadata import AttentionMetadata
+
+        dev = self.device
+        kv.ensure_initialized(slot, rows)
+        ar = torch.arange(rows, device=dev)
+        meta = AttentionMetadata(
+            positions=ar, token_slots=torch.full((rows,), slot, device=dev), token_store=ar,
+            seq_slots=torch.tensor([slot], device=dev), slot_start=slot, kv_len=rows,
+            num_seqs=1, q_len=rows, q_gather=None, q_scatter=None,
+            mask=torch.ones(rows, rows, dtype=torch.bool, device=dev).tril_()[None, None])
+        return torch.zeros(rows, dtype=torch.long, device=dev), meta
+
+    def _saved_or_ahead(self, kv: KVCache, slot: int, rows: int) -> Callable | None:
+        """The graph as a plain function (its guards off): read from disk, else compiled
+        now with aot_compile from a pass of `rows` and saved for the next start. None where
+        compiling ahead fails: the first pass then compiles through torch.compile."""
+        key = saved_graph.graph_key(self.model, self.options,
+                                    {"return_pre_last": self.return_pre_last})
+        fn = saved_graph.load(key)
+        if fn is not None:
+            self.loaded += 1
+            return fn
+        ids, meta = self._warm_inputs(kv, slot, rows)
+        try:
+            with step_context(kv, meta, rows, self.model.attention_kernel == "rows",
+                              self.model.batch_invariant):
+                torch._dynamo.mark_dynamic(ids, 0)
+                torch._dynamo.mark_dynamic(meta.positions, 0)
+                with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                    fn = self._fn.aot_compile(((ids, meta.positions), {}))
+            fn.disable_guard_check()
+        except Exception as exc:  # noqa: BLE001 -- experimental in torch; the lazy path remains
+            log.warning("compiling the trunk ahead of time failed (%s: %s); compiling it at "
+                        "its first pass, not saved", type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+            return None
+        saved_graph.save(fn, key)
+        return fn
+
     @torch.inference_mode()
     def warm_up(self, kv: KVCache, slot: int = 0,
                 progress: Callable[..., None] | None = None) -> float:
-        """Compile the graph: passes of a few row counts at positions 0.. of cache `slot`
-        (whose contents are overwritten: call before serving, with a free slot). Returns
-        the seconds it took. progress(fmt, *args): a line before each pass (a cold compile
-        is under a minute on 2 cores; seconds from the on-disk cache)."""
-        from .attention_metadata import AttentionMetadata
-
+        """Compile the graph (or read it from disk): passes of a few row counts at
+        positions 0.. of cache `slot` (whose contents are overwritten: call before
+        serving, with a free slot). Returns the seconds it took. progress(fmt, *args): a
+        line before each step (a cold compile is under a minute on 2 cores; seconds from
+        the on-disk caches)."""
         t0 = time.perf_counter()
-        dev = self.device
         # The first pass compiles; the second checks that another count reuses the graph.
         sizes = [n for n in (MIN_ROWS, 2 * WIDE_ROWS + 1) if n <= kv.slot_len]
+        if self.save and self._direct is None:
+            if progress is not None:
+                progress("compiling the trunk: one graph for every row count (or reading it "
+                         "from %s; inductor's cache %s)", saved_graph.graph_folder(),
+                         os.environ["TORCHINDUCTOR_CACHE_DIR"])
+            self._direct = self._saved_or_ahead(kv, slot, sizes[0])
         for i, b in enumerate(sizes):
             if progress is not None:
                 progress("compiling the trunk: one graph for every row count (pass %d/%d, "
                          "%.0f s so far; cache %s)", i + 1, len(sizes),
                          time.perf_counter() - t0, os.environ["TORCHINDUCTOR_CACHE_DIR"])
-            kv.ensure_initialized(slot, b)
-            ar = torch.arange(b, device=dev)
-            meta = AttentionMetadata(
-                positions=ar, token_slots=torch.full((b,), slot, device=dev), token_store=ar,
-                seq_slots=torch.tensor([slot], device=dev), slot_start=slot, kv_len=b,
-                num_seqs=1, q_len=b, q_gather=None, q_scatter=None,
-                mask=torch.ones(b, b, dtype=torch.bool, device=dev).tril_()[None, None])
-            self(torch.zeros(b, dtype=torch.long, device=dev), meta, kv)
+            self(*self._warm_inputs(kv, slot, b), kv)
         self.compile_seconds = time.perf_counter() - t0
         self.warm = True
-        self._direct = direct_code(self._code, CompiledTrunk._body.__globals__)
+        if self._direct is None:
+            self._direct = direct_code(self._code, CompiledTrunk._body.__globals__)
         return self.compile_seconds

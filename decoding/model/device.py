@@ -61,12 +61,20 @@ def malloc_trim() -> None:
         pass
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_flags() -> set[str] | None:
+    """The CPU's flags from /proc/cpuinfo (Linux), None where unreadable."""
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
+        return None
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    flags = cpu_flags() or set()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .device import cpu_flags
 from .kernel_build import BuiltOnce, build_extension, kernel_cache_dir
 
 log = logging.getLogger(__name__)
@@ -40,19 +41,6 @@ def cache_dir() -> Path:
     return kernel_cache_dir()
 
 
-def _cpu_flags() -> set[str] | None:
-    """The CPU's flags from /proc/cpuinfo (Linux), None where unreadable: lets a CPU with
-    neither instruction set skip the compile; the extension's own check (isa) still decides."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        return None
-    return None
-
-
 ISA_NAMES = {2: "AVX512-VNNI", 1: "AVX2+FMA+F16C (int16 activations only)"}
 
 
@@ -67,7 +55,7 @@ def _build() -> bool:
         log.warning("int4 VNNI kernel: not an x86-64 CPU (%s); using %s", platform.machine(),
                     fallback)
         return False
-    flags = _cpu_flags()
+    flags = cpu_flags()  # a CPU with neither instruction set skips the compile
     if flags is not None and not _cpu_can_run(flags):
         log.warning("int4 VNNI kernel: %s; using %s", neither, fallback)
         return False

@@ -156,13 +156,13 @@ def realign(model: torch.nn.Module) -> None:
         model.unembed_q8 = aligned64(model.unembed_q8)
 
 
-def prune(keep: int) -> list[Path]:
-    """Remove all but the `keep` most recently used entries (and stray temporaries of
-    saves that died); returns what was removed."""
-    folder = cache_folder()
+def prune(keep: int, folder: Path | None = None, pattern: str = "*.pt") -> list[Path]:
+    """Remove all but the `keep` most recently used entries of `folder` (default: the
+    prepared models') and stray temporaries of saves that died; returns what was removed."""
+    folder = cache_folder() if folder is None else folder
     if not folder.is_dir():
         return []
-    entries = sorted(folder.glob("*.pt"), key=lambda f: f.stat().st_mtime, reverse=True)
+    entries = sorted(folder.glob(pattern), key=lambda f: f.stat().st_mtime, reverse=True)
     gone = entries[keep:]
     stale = time.time() - 3600  # a temporary this old belongs to no save in progress
     gone += [f for f in folder.glob("*.tmp") if f.stat().st_mtime < stale]

@@ -386,7 +386,7 @@ def test_a_kernel_that_cannot_build_means_aten_with_one_warning(monkeypatch, cap
     import torch.utils.cpp_extension as ext
 
     monkeypatch.setattr(int4_vnni._kernel, "loaded", None)
-    monkeypatch.setattr(int4_vnni, "_cpu_flags", lambda: {"avx512_vnni"})
+    monkeypatch.setattr(int4_vnni, "cpu_flags", lambda: {"avx512_vnni"})
     monkeypatch.setattr(int4_vnni.platform, "machine", lambda: "x86_64")
 
     def no_compiler(*a, **kw):
@@ -412,7 +412,7 @@ def test_no_compile_is_tried_where_the_cpu_cannot_run_it(monkeypatch, machine, f
     import torch.utils.cpp_extension as ext
 
     monkeypatch.setattr(int4_vnni._kernel, "loaded", None)
-    monkeypatch.setattr(int4_vnni, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(int4_vnni, "cpu_flags", lambda: flags)
     monkeypatch.setattr(int4_vnni.platform, "machine", lambda: machine)
     monkeypatch.setattr(ext, "load", lambda *a, **kw: pytest.fail("compiled anyway"))
     assert not int4_vnni.available()
@@ -425,7 +425,7 @@ def test_a_compile_is_tried_where_either_path_can_run(monkeypatch, flags):
 
     tried = []
     monkeypatch.setattr(int4_vnni._kernel, "loaded", None)
-    monkeypatch.setattr(int4_vnni, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(int4_vnni, "cpu_flags", lambda: flags)
     monkeypatch.setattr(int4_vnni.platform, "machine", lambda: "x86_64")
 
     def load(*a, **kw):
