@@ -246,7 +246,7 @@ class CompiledTrunk:
         compiling ahead fails: the first pass then compiles through torch.compile."""
         key = saved_graph.graph_key(self.model, self.options,
                                     {"return_pre_last": self.return_pre_last})
-        fn = saved_graph.load(key)
+        fn = saved_graph.load(key, "trunk")
         if fn is not None:
             self.loaded += 1
             return fn
@@ -264,7 +264,7 @@ class CompiledTrunk:
                         "its first pass, not saved", type(exc).__name__,
                         str(exc).splitlines()[0] if str(exc) else "")
             return None
-        saved_graph.save(fn, key)
+        saved_graph.save(fn, key, "trunk")
         return fn
 
     @torch.inference_mode()

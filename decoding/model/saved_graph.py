@@ -1,12 +1,13 @@
-"""The trunk's compiled graph saved whole, so that a cached start loads it instead of
-tracing the trunk's Python again.
+"""Compiled graphs saved whole (the trunk's, the draft chain's depths), so that a cached
+start loads them instead of tracing their Python again.
 
 Why: with inductor's caches warm, a start still runs dynamo over the trunk (30 layers of
 Python traced op by op) before inductor finds its kernels in the cache: ~5 s of the
 trunk's ~8 s warm compile on a 2-core Xeon (docs/benchmarks.md). torch's `aot_compile`
 captures the graph together with the code that feeds it, and `save_compiled_function` /
 `load_compiled_function` put that on disk; loading reads it and inductor's compiled
-kernels (rebuilt from the source the file bundles when inductor's cache was cleared).
+kernels (rebuilt from the source the file bundles when inductor's cache was cleared). The
+draft chain's depths (spec/compiled_draft.py) are saved the same way, ~1.5 s of a start.
 
 The file's name is its guard. Dynamo's guards are neither saved whole nor evaluated once
 the trunk is warm (compiled.py), so the name digests everything the traced graph was
@@ -41,7 +42,7 @@ from .prepared_cache import prune, sources_digest
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-KEEP = 8  # files kept (~4 MB each for the default model); the least recently used go
+KEEP = 16  # files kept (~4 MB a trunk, less a draft depth); the least recently used go
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
 
@@ -49,8 +50,8 @@ def graph_folder() -> Path:
     return user_cache_dir() / "compiled"
 
 
-def graph_path(key: str) -> Path:
-    return graph_folder() / f"trunk-{key}.aot"
+def graph_path(key: str, name: str) -> Path:
+    return graph_folder() / f"{name}-{key}.aot"
 
 
 def _tensor_facts(t: torch.Tensor) -> str:
@@ -89,10 +90,10 @@ def graph_key(model: nn.Module, options: dict, extra: dict) -> str:
     return hashlib.sha256(repr(key).encode()).hexdigest()[:24]
 
 
-def load(key: str) -> Callable | None:
-    """The graph saved under `key`, guards off; None when there is none or it cannot be
-    read (then it is deleted: the caller compiles and saves it again)."""
-    path = graph_path(key)
+def load(key: str, name: str) -> Callable | None:
+    """The graph `name` saved under `key`, guards off; None when there is none or it cannot
+    be read (then it is deleted: the caller compiles and saves it again)."""
+    path = graph_path(key, name)
     if not path.is_file():
         return None
     t0 = time.perf_counter()
@@ -101,26 +102,27 @@ def load(key: str) -> Callable | None:
             fn = torch.compiler.load_compiled_function(f)
         fn.disable_guard_check()
     except Exception as exc:  # noqa: BLE001 -- truncated, another torch's layout: a miss
-        log.warning("compiled trunk %s unreadable (%s: %s); compiling it again", path,
+        log.warning("compiled graph %s unreadable (%s: %s); compiling it again", path,
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         path.unlink(missing_ok=True)
         return None
     with contextlib.suppress(OSError):  # a read-only cache folder still serves
         os.utime(path)  # most recently used: pruning keeps it
-    log.info("compiled trunk read from %s in %.1f s", path, time.perf_counter() - t0)
+    log.info("compiled graph read from %s in %.1f s", path, time.perf_counter() - t0)
     return fn
 
 
-def save(fn: object, key: str) -> Path | None:
-    """Write `fn` (an aot_compile result) under `key` (atomically: torch writes a temporary
-    and renames it) and prune old files. A failure only logs: the next start compiles."""
-    path = graph_path(key)
+def save(fn: object, key: str, name: str) -> Path | None:
+    """Write `fn` (an aot_compile result) as `name` under `key` (atomically: torch writes a
+    temporary and renames it) and prune old files. A failure only logs: the next start
+    compiles."""
+    path = graph_path(key, name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fn.save_compiled_function(str(path))
     except Exception as exc:  # noqa: BLE001 -- a cache must never stop a start
-        log.warning("could not save the compiled trunk to %s (%s: %s); the next start "
+        log.warning("could not save the compiled graph to %s (%s: %s); the next start "
                     "compiles it again", path, type(exc).__name__, exc)
         return None
-    prune(KEEP, graph_folder(), "trunk-*.aot")
+    prune(KEEP, graph_folder(), "*.aot")
     return path

@@ -13,7 +13,8 @@ does, since dynamo specializes a dimension of size 1). `warm_up` compiles the de
 tree can ask for before serving; a failure leaves drafting eager (the same drafts up to
 rounding: drafts only decide what verification checks, never what is emitted). Once warm,
 a depth's graph is called without dynamo's frame evaluation (model/compiled.py's
-direct_code, as the trunk's).
+direct_code, as the trunk's). Over a quantized trunk each depth's graph is compiled ahead
+and saved (model/saved_graph.py), so a later start reads it instead of tracing again.
 Only chain-attention sequential heads (`SequentialMTPHeads.chain_tops`) compile: the
 context-attending ones write a per-slot cache (mtp_context.py) and stay eager.
 """
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..model import saved_graph
 from ..model.compiled import (
     MIN_ROWS,
     direct_code,
@@ -50,21 +52,37 @@ log = logging.getLogger(__name__)
 WARM_DEPTHS = 3
 
 
+class ChainBody:
+    """What a depth's graph is traced from: the heads and the trunk, nothing else (a saved
+    graph's guards pickle what the traced `self` holds: not the chain's other graphs)."""
+
+    def __init__(self, heads: SequentialMTPHeads, model: nn.Module) -> None:
+        self.heads, self.model = heads, model
+
+    def body(self, hidden: torch.Tensor, tokens: torch.Tensor, pos0: torch.Tensor,
+             depth: int) -> torch.Tensor:
+        return self.heads.chain_tops(hidden, tokens, pos0, depth, self.model)
+
+
 class CompiledDraftChain:
     """`heads.chain_tops(hidden, tokens, pos0, depth, model)` compiled; call it without
     `model`. `compiles` counts graphs handed to inductor (one per depth after warm-up)."""
 
     def __init__(self, heads: SequentialMTPHeads, model: nn.Module,
-                 mode: str = "max-autotune-no-cudagraphs") -> None:
+                 mode: str = "max-autotune-no-cudagraphs", save: bool = True) -> None:
         self.device = next(model.parameters()).device
         self.options = inductor_options(mode, self.device.type,
                                         getattr(model, "weight_format", "dense"))
         self.heads, self.model = heads, model
         self.compiles = 0
+        self.loaded = 0  # depth graphs read from disk instead (saved_graph)
+        # as the trunk's: CPU, and not frozen (a frozen graph holds the weights)
+        self.save = save and self.device.type == "cpu" and not self.options["freezing"]
         self.depths: set[int] = set()  # depths compiled (warm_up)
         self.dtype: torch.dtype | None = None  # the hidden states' dtype (warm_up's)
         use_user_cache_dir()
-        # one copy of `_body` per depth, each with a code object of its own: a depth's graph
+        self._owner = ChainBody(heads, model)
+        # one copy of `ChainBody.body` per depth, each with a code object of its own: a depth's graph
         # is then the one entry of dynamo's cache for its code, and once warm it is called
         # without dynamo (model/compiled.py's direct_code, as the trunk's)
         self._fns: dict[int, Callable] = {}
@@ -77,10 +95,6 @@ class CompiledDraftChain:
 
         self.compiles += 1
         return compile_fx(gm, example_inputs, config_patches=self.options)
-
-    def _body(self, hidden: torch.Tensor, tokens: torch.Tensor, pos0: torch.Tensor,
-              depth: int) -> torch.Tensor:
-        return self.heads.chain_tops(hidden, tokens, pos0, depth, self.model)
 
     def __call__(self, hidden: torch.Tensor, tokens: torch.Tensor, pos0: torch.Tensor,
                  depth: int) -> torch.Tensor:
@@ -102,17 +116,49 @@ class CompiledDraftChain:
         if (direct is not None and hidden.dtype == self.dtype
                 and inference_inputs(self.device, hidden, tokens, pos0)):
             self.direct_calls += 1
-            return direct(self, hidden, tokens, pos0, depth)[:B]
+            return direct(self._owner, hidden, tokens, pos0, depth)[:B]
         for t in (hidden, tokens, pos0):
             torch._dynamo.mark_dynamic(t, 0)
-        if depth not in self._fns:
-            own, self._codes[depth] = own_copy(CompiledDraftChain._body)
-            self._fns[depth] = torch.compile(types.MethodType(own, self),
-                                             backend=self._backend, fullgraph=True)
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
-            out = self._fns[depth](hidden, tokens, pos0, depth)
+            out = self._compiled(depth)(hidden, tokens, pos0, depth)
         self._direct.pop(depth, None)  # a call dynamo took may have compiled another entry
         return out[:B]
+
+    def _compiled(self, depth: int) -> Callable:
+        if depth not in self._fns:
+            own, self._codes[depth] = own_copy(ChainBody.body)
+            self._fns[depth] = torch.compile(types.MethodType(own, self._owner),
+                                             backend=self._backend, fullgraph=True)
+        return self._fns[depth]
+
+    def _saved_or_ahead(self, depth: int, hidden: torch.Tensor) -> Callable | None:
+        """Depth `depth`'s graph as a plain function (guards off): read from disk, else
+        compiled now with aot_compile from a pass like `hidden` and saved. None where
+        compiling ahead fails: the first pass then compiles through torch.compile."""
+        key = saved_graph.graph_key(self.heads, self.options, {
+            "depth": depth, "dtype": str(hidden.dtype),
+            "trunk": saved_graph.model_facts(self.model)})  # chain_tops reads the trunk's
+        name = f"draft{depth}"
+        fn = saved_graph.load(key, name)
+        if fn is not None:
+            self.loaded += 1
+            return fn
+        b = hidden.shape[0]
+        tokens = torch.zeros(b, dtype=torch.long, device=hidden.device)
+        pos0 = torch.arange(b, device=hidden.device)
+        try:
+            for t in (hidden, tokens, pos0):
+                torch._dynamo.mark_dynamic(t, 0)
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                fn = self._compiled(depth).aot_compile(((hidden, tokens, pos0, depth), {}))
+            fn.disable_guard_check()
+        except Exception as exc:  # noqa: BLE001 -- experimental in torch; the lazy path remains
+            log.warning("compiling draft depth %d ahead of time failed (%s: %s); compiling "
+                        "it at its first pass, not saved", depth, type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+            return None
+        saved_graph.save(fn, key, name)
+        return fn
 
     @torch.inference_mode()
     def warm_up(self, depths: list[int], dtype: torch.dtype) -> float:
@@ -123,12 +169,17 @@ class CompiledDraftChain:
         H = self.model.config.hidden_size
         self.dtype = dtype
         for depth in depths:
+            if self.save and depth not in self._direct:
+                fn = self._saved_or_ahead(depth, torch.zeros(MIN_ROWS, H, dtype=dtype, device=dev))
+                if fn is not None:
+                    self._direct[depth] = fn
             for b in (MIN_ROWS, MIN_ROWS + 3):
                 self._run(torch.zeros(b, H, dtype=dtype, device=dev),
                           torch.zeros(b, dtype=torch.long, device=dev),
                           torch.arange(b, device=dev), depth)
             self.depths.add(depth)
-            if (direct := direct_code(self._codes[depth], CompiledDraftChain._body.__globals__)):
+            if depth in self._codes and (
+                    direct := direct_code(self._codes[depth], ChainBody.body.__globals__)):
                 self._direct[depth] = direct
         return time.perf_counter() - t0
 
@@ -166,6 +217,7 @@ def compile_draft_chain(heads: object, model: nn.Module, mode: str, depths: int,
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
     heads.compiled_chain = chain
-    log.info("compiled the draft chain in %.1f s (depths 1-%d, %d graph(s))", secs, depths,
-             chain.compiles)
+    log.info("compiled the draft chain in %.1f s (depths 1-%d, %d graph(s)%s)", secs, depths,
+             chain.compiles + chain.loaded, f", {chain.loaded} read from disk" if chain.loaded
+             else "")
     return chain

@@ -12,6 +12,7 @@ import torch
 from decoding_helpers import (
     REPEATING,
     greedy,
+    randomize_,
     run_requests,
     tiny_engine,
     tiny_int4_engine,
@@ -101,3 +102,37 @@ def test_a_frozen_dense_graph_is_never_saved(default_engine, folder):
     eng = tiny_engine(default_engine.tokenizer, max_num_seqs=2, compile="on")
     assert eng.compiled is not None and not eng.compiled.save
     assert eng.compiled.compiles == 1 and not list(folder.iterdir())
+
+
+@torch.inference_mode()
+def test_the_draft_chain_saves_each_depth_and_reads_it_back(default_engine, folder):
+    """Over an int4 trunk the draft chain's depth graphs are saved too: a second chain
+    reads them and drafts exactly what the compiling one drafts."""
+    from mtpserve.decoding.spec.compiled_draft import CompiledDraftChain
+    from mtpserve.decoding.spec.mtp_sequential import SequentialMTPHeads
+
+    model = tiny_int4_engine(default_engine.tokenizer).model
+    heads = SequentialMTPHeads.new(model.config, num_modules=2, default_tree="chain2",
+                                   context=False)
+    heads = randomize_(heads, 3).eval()
+    # a draft vocabulary and int4 projections over the int4 trunk, as the shipped heads
+    # draft (a dense unembedding is a oneDNN linear that only a frozen graph lowers)
+    heads.set_draft_vocab(torch.arange(0, model.config.vocab_size, 7))
+    heads.prepare(model)
+    first = CompiledDraftChain(heads, model)
+    first.warm_up([1, 2], torch.float32)
+    assert first.save and (first.compiles, first.loaded) == (2, 0)
+    assert len(list(folder.glob("draft*.aot"))) == 2
+    second = CompiledDraftChain(heads, model)
+    second.warm_up([1, 2], torch.float32)
+    assert (second.compiles, second.loaded) == (0, 2)
+    g = torch.Generator().manual_seed(0)
+    for depth in (1, 2):
+        for b in (1, 4):
+            hidden = torch.randn(b, model.config.hidden_size, generator=g)
+            tokens = torch.randint(0, model.config.vocab_size, (b,), generator=g)
+            pos0 = torch.randint(0, 100, (b,), generator=g)
+            got = second(hidden, tokens, pos0, depth)
+            assert torch.equal(got, first(hidden, tokens, pos0, depth))
+            assert torch.equal(got, heads.chain_tops(hidden, tokens, pos0, depth, model))
+    assert second.compiles == 0 and second.direct_calls == first.direct_calls == 4 + 4
