@@ -152,6 +152,7 @@ class CompiledTrunk:
         self.warm = False  # set after warm_up: guards then skipped
         self.compiles = 0  # graphs compiled by inductor
         self.loaded = 0  # graphs read from disk instead (saved_graph)
+        self._loaded_key: str | None = None  # the key it was read under
         # save/load the graph whole: CPU (the path tested here) and not frozen (a frozen
         # graph holds the weights, which no file name can vouch for)
         self.save = save and self.device.type == "cpu" and not self.options["freezing"]
@@ -249,6 +250,7 @@ class CompiledTrunk:
         fn = saved_graph.load(key, "trunk")
         if fn is not None:
             self.loaded += 1
+            self._loaded_key = key
             return fn
         ids, meta = self._warm_inputs(kv, slot, rows)
         try:
@@ -289,7 +291,12 @@ class CompiledTrunk:
                 progress("compiling the trunk: one graph for every row count (pass %d/%d, "
                          "%.0f s so far; cache %s)", i + 1, len(sizes),
                          time.perf_counter() - t0, os.environ["TORCHINDUCTOR_CACHE_DIR"])
-            self(*self._warm_inputs(kv, slot, b), kv)
+            try:
+                self(*self._warm_inputs(kv, slot, b), kv)
+            except Exception:
+                if self._loaded_key is not None:  # read from disk and does not run: not again
+                    saved_graph.discard(self._loaded_key, "trunk")
+                raise
         self.compile_seconds = time.perf_counter() - t0
         self.warm = True
         if self._direct is None:

@@ -11,19 +11,22 @@ draft chain's depths (spec/compiled_draft.py) are saved the same way, ~1.5 s of 
 
 The file's name is its guard. Dynamo's guards are neither saved whole nor evaluated once
 the trunk is warm (compiled.py), so the name digests everything the traced graph was
-specialized on (`graph_key`): Python's and torch's versions, our sources, inductor's
+specialized on (`graph_key`): Python's and torch's versions, our code (every module of
+the decoding package and the kernels: the trunk's and the heads' Python), inductor's
 options, the CPU (inductor generates code for its vector instructions) and the thread
 count (its GEMM templates block for it), and what dynamo reads from the model: every
 submodule's class and plain attributes, every tensor's shape, dtype, strides and device.
 Tensor values are graph inputs, read from the model at each call. A frozen graph (dense
 weights, inductor's `freezing`) holds the weights themselves: it is never saved. An
-unreadable file is deleted and the trunk compiles as if none was there.
+unreadable file, or one whose graph fails its warm-up pass (`discard`), is deleted and
+the graph compiles as if none was there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -36,14 +39,25 @@ import torch
 from torch import nn
 
 from .device import cpu_flags
-from .kernel_build import user_cache_dir
-from .prepared_cache import prune, sources_digest
+from .kernel_build import kernels_digest, user_cache_dir
+from .prepared_cache import prune
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 KEEP = 16  # files kept (~4 MB a trunk, less a draft depth); the least recently used go
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+_PACKAGE = Path(__file__).resolve().parents[1]  # decoding/
+
+
+@functools.cache
+def code_digest() -> str:
+    """A digest of the code a saved graph was traced from: every module of the decoding
+    package (the trunk's, the heads', the config) and our kernels."""
+    h = hashlib.sha256(kernels_digest().encode())
+    for f in sorted(_PACKAGE.rglob("*.py")):
+        h.update(str(f.relative_to(_PACKAGE)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def graph_folder() -> Path:
@@ -84,7 +98,7 @@ def model_facts(model: nn.Module) -> list:
 def graph_key(model: nn.Module, options: dict, extra: dict) -> str:
     """The file name's digest for `model` compiled under inductor `options`; `extra`: what
     else the traced code depends on (the caller's own flags)."""
-    key = [FORMAT_VERSION, sys.version, torch.__version__, sources_digest(),
+    key = [FORMAT_VERSION, sys.version, torch.__version__, code_digest(),
            sorted((k, repr(v)) for k, v in options.items()), sorted(extra.items()),
            sorted(cpu_flags() or ()), torch.get_num_threads(), model_facts(model)]
     return hashlib.sha256(repr(key).encode()).hexdigest()[:24]
@@ -126,3 +140,10 @@ def save(fn: object, key: str, name: str) -> Path | None:
         return None
     prune(KEEP, graph_folder(), "*.aot")
     return path
+
+
+def discard(key: str, name: str) -> None:
+    """Delete the graph `name` saved under `key`: it was read but failed to run."""
+    log.warning("removing the compiled graph %s: it failed its warm-up; the next start "
+                "compiles it again", graph_path(key, name))
+    graph_path(key, name).unlink(missing_ok=True)

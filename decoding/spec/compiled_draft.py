@@ -76,6 +76,7 @@ class CompiledDraftChain:
         self.heads, self.model = heads, model
         self.compiles = 0
         self.loaded = 0  # depth graphs read from disk instead (saved_graph)
+        self._loaded_keys: dict[int, str] = {}  # depth -> the key its graph was read under
         # as the trunk's: CPU, and not frozen (a frozen graph holds the weights)
         self.save = save and self.device.type == "cpu" and not self.options["freezing"]
         self.depths: set[int] = set()  # depths compiled (warm_up)
@@ -142,6 +143,7 @@ class CompiledDraftChain:
         fn = saved_graph.load(key, name)
         if fn is not None:
             self.loaded += 1
+            self._loaded_keys[depth] = key
             return fn
         b = hidden.shape[0]
         tokens = torch.zeros(b, dtype=torch.long, device=hidden.device)
@@ -173,10 +175,15 @@ class CompiledDraftChain:
                 fn = self._saved_or_ahead(depth, torch.zeros(MIN_ROWS, H, dtype=dtype, device=dev))
                 if fn is not None:
                     self._direct[depth] = fn
-            for b in (MIN_ROWS, MIN_ROWS + 3):
-                self._run(torch.zeros(b, H, dtype=dtype, device=dev),
-                          torch.zeros(b, dtype=torch.long, device=dev),
-                          torch.arange(b, device=dev), depth)
+            try:
+                for b in (MIN_ROWS, MIN_ROWS + 3):
+                    self._run(torch.zeros(b, H, dtype=dtype, device=dev),
+                              torch.zeros(b, dtype=torch.long, device=dev),
+                              torch.arange(b, device=dev), depth)
+            except Exception:
+                if depth in self._loaded_keys:  # read from disk and does not run: not again
+                    saved_graph.discard(self._loaded_keys[depth], f"draft{depth}")
+                raise
             self.depths.add(depth)
             if depth in self._codes and (
                     direct := direct_code(self._codes[depth], ChainBody.body.__globals__)):

@@ -136,3 +136,26 @@ def test_the_draft_chain_saves_each_depth_and_reads_it_back(default_engine, fold
             assert torch.equal(got, first(hidden, tokens, pos0, depth))
             assert torch.equal(got, heads.chain_tops(hidden, tokens, pos0, depth, model))
     assert second.compiles == 0 and second.direct_calls == first.direct_calls == 4 + 4
+
+
+def test_a_read_graph_that_fails_to_run_is_removed_and_served_eagerly(default_engine, folder,
+                                                                      monkeypatch, caplog):
+    """A file that reads back but whose graph fails its warm-up pass: that start serves
+    eagerly (the warning of any failed compile), the file is deleted, the next start
+    compiles and saves it again."""
+    tiny_int4_engine(default_engine.tokenizer, compile="on")
+    (path,) = folder.glob("trunk-*.aot")
+
+    def broken(*args):
+        raise RuntimeError("saved graph does not run")
+
+    real_load = saved_graph.load
+    monkeypatch.setattr(saved_graph, "load", lambda key, name: broken)
+    with caplog.at_level("WARNING"):
+        eng = tiny_int4_engine(default_engine.tokenizer, compile="on")
+    assert eng.compiled is None and not path.exists()
+    assert any("compiling the trunk failed (RuntimeError: saved graph does not run)"
+               in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(saved_graph, "load", real_load)  # (undo would drop `folder` too)
+    again = tiny_int4_engine(default_engine.tokenizer, compile="on")
+    assert (again.compiled.compiles, again.compiled.loaded) == (1, 0) and path.exists()
