@@ -38,7 +38,6 @@ runs as the direct path.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 import types
@@ -56,8 +55,6 @@ from .trunk import CausalLM
 if TYPE_CHECKING:
     from .attention_metadata import AttentionMetadata
     from .kv_cache import KVCache
-
-log = logging.getLogger(__name__)
 
 MODES = ("default", "max-autotune-no-cudagraphs")
 MIN_ROWS = 2  # one-row steps are padded to this: a dynamic graph is not specialized for 1
@@ -245,28 +242,21 @@ class CompiledTrunk:
         """The graph as a plain function (its guards off): read from disk, else compiled
         now with aot_compile from a pass of `rows` and saved for the next start. None where
         compiling ahead fails: the first pass then compiles through torch.compile."""
-        key = saved_graph.graph_key(self.model, self.options,
-                                    {"return_pre_last": self.return_pre_last})
-        fn = saved_graph.load(key, "trunk")
-        if fn is not None:
-            self.loaded += 1
-            self._loaded_key = key
-            return fn
-        ids, meta = self._warm_inputs(kv, slot, rows)
-        try:
+        def ahead():
+            ids, meta = self._warm_inputs(kv, slot, rows)
             with step_context(kv, meta, rows, self.model.attention_kernel == "rows",
                               self.model.batch_invariant):
                 torch._dynamo.mark_dynamic(ids, 0)
                 torch._dynamo.mark_dynamic(meta.positions, 0)
                 with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-                    fn = self._fn.aot_compile(((ids, meta.positions), {}))
-            fn.disable_guard_check()
-        except Exception as exc:  # noqa: BLE001 -- experimental in torch; the lazy path remains
-            log.warning("compiling the trunk ahead of time failed (%s: %s); compiling it at "
-                        "its first pass, not saved", type(exc).__name__,
-                        str(exc).splitlines()[0] if str(exc) else "")
-            return None
-        saved_graph.save(fn, key, "trunk")
+                    return self._fn.aot_compile(((ids, meta.positions), {}))
+
+        key = saved_graph.graph_key(self.model, self.options,
+                                    {"return_pre_last": self.return_pre_last})
+        fn, loaded = saved_graph.load_or_compile(key, "trunk", ahead)
+        if loaded:
+            self.loaded += 1
+            self._loaded_key = key
         return fn
 
     @torch.inference_mode()

@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -140,6 +141,26 @@ def save(fn: object, key: str, name: str) -> Path | None:
         return None
     prune(KEEP, graph_folder(), "*.aot")
     return path
+
+
+def load_or_compile(key: str, name: str, compile_ahead: Callable[[], Any]
+                    ) -> tuple[Callable | None, bool]:
+    """The graph `name`: read from under `key` (then True), else made by `compile_ahead` (an
+    aot_compile call), its guards turned off, and saved (False). (None, False) where
+    compiling ahead fails: the caller compiles through torch.compile as it first runs."""
+    fn = load(key, name)
+    if fn is not None:
+        return fn, True
+    try:
+        fn = compile_ahead()
+        fn.disable_guard_check()
+    except Exception as exc:  # noqa: BLE001 -- experimental in torch; the lazy path remains
+        log.warning("compiling %s ahead of time failed (%s: %s); compiling it at its first "
+                    "pass, not saved", name, type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "")
+        return None, False
+    save(fn, key, name)
+    return fn, False
 
 
 def discard(key: str, name: str) -> None:

@@ -136,30 +136,22 @@ class CompiledDraftChain:
         """Depth `depth`'s graph as a plain function (guards off): read from disk, else
         compiled now with aot_compile from a pass like `hidden` and saved. None where
         compiling ahead fails: the first pass then compiles through torch.compile."""
-        key = saved_graph.graph_key(self.heads, self.options, {
-            "depth": depth, "dtype": str(hidden.dtype),
-            "trunk": saved_graph.model_facts(self.model)})  # chain_tops reads the trunk's
-        name = f"draft{depth}"
-        fn = saved_graph.load(key, name)
-        if fn is not None:
-            self.loaded += 1
-            self._loaded_keys[depth] = key
-            return fn
-        b = hidden.shape[0]
-        tokens = torch.zeros(b, dtype=torch.long, device=hidden.device)
-        pos0 = torch.arange(b, device=hidden.device)
-        try:
+        def ahead():
+            b = hidden.shape[0]
+            tokens = torch.zeros(b, dtype=torch.long, device=hidden.device)
+            pos0 = torch.arange(b, device=hidden.device)
             for t in (hidden, tokens, pos0):
                 torch._dynamo.mark_dynamic(t, 0)
             with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-                fn = self._compiled(depth).aot_compile(((hidden, tokens, pos0, depth), {}))
-            fn.disable_guard_check()
-        except Exception as exc:  # noqa: BLE001 -- experimental in torch; the lazy path remains
-            log.warning("compiling draft depth %d ahead of time failed (%s: %s); compiling "
-                        "it at its first pass, not saved", depth, type(exc).__name__,
-                        str(exc).splitlines()[0] if str(exc) else "")
-            return None
-        saved_graph.save(fn, key, name)
+                return self._compiled(depth).aot_compile(((hidden, tokens, pos0, depth), {}))
+
+        key = saved_graph.graph_key(self.heads, self.options, {
+            "depth": depth, "dtype": str(hidden.dtype),
+            "trunk": saved_graph.model_facts(self.model)})  # chain_tops reads the trunk's
+        fn, loaded = saved_graph.load_or_compile(key, f"draft{depth}", ahead)
+        if loaded:
+            self.loaded += 1
+            self._loaded_keys[depth] = key
         return fn
 
     @torch.inference_mode()
