@@ -85,7 +85,8 @@ def test_step_matches_eager_and_padding_writes_no_kv(engines):
         written = written[None, None, :, None, :, None].expand_as(kv.buf)
         torch.testing.assert_close(kv.buf[written], kv_eager[written], rtol=1e-4, atol=1e-5)
         assert not torch.equal(kv_eager[written], before[written])  # the real rows wrote
-        assert torch.equal(kv.buf[~written], before[~written])  # nothing else moved
+        # nothing else moved, bit for bit (the cache's unwritten memory may hold NaN patterns)
+        assert torch.equal(kv.buf[~written].view(torch.uint8), before[~written].view(torch.uint8))
         p = prefix[0] + counts[0]
         one = AttentionMetadata(
             positions=torch.tensor([p]), token_slots=torch.tensor([slots[0]]),
