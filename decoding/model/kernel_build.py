@@ -15,7 +15,7 @@ import platform
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -36,14 +36,23 @@ def kernel_cache_dir() -> Path:
 KERNELS = Path(__file__).with_name("kernels")
 
 
+def files_digest(files: Iterable[Path], seed: str = "", root: Path | None = None,
+                 length: int = 16) -> str:
+    """A digest of `files`' names (relative to `root`, else bare) and bytes in the order
+    given, after `seed`: what the caches keyed by our code (kernel timings, prepared
+    models, saved graphs) compare."""
+    h = hashlib.sha256(seed.encode())
+    for f in files:
+        name = str(f.relative_to(root)) if root is not None else f.name
+        h.update(name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:length]
+
+
 def kernels_digest() -> str:
     """A digest of our kernels' sources (kernels/*.cpp): what a cached measurement of their
     speed (the `--tree auto` choice) depends on beside the machine, so an upgraded kernel
     is measured again."""
-    h = hashlib.sha256()
-    for src in sorted(KERNELS.glob("*.cpp")):
-        h.update(src.name.encode() + b"\0" + src.read_bytes())
-    return h.hexdigest()[:12]
+    return files_digest(sorted(KERNELS.glob("*.cpp")), length=12)
 
 
 def aligned64(t: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 
 from . import int4_vnni, q8_unembed
 from .device import cpu_has_native_bf16
-from .kernel_build import aligned64, kernels_digest, user_cache_dir
+from .kernel_build import aligned64, files_digest, kernels_digest, user_cache_dir
 from .linear import resolve_int4_kernel
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,8 @@ def cache_folder() -> Path:
 
 def sources_digest() -> str:
     """A digest of the code whose objects an entry pickles: a changed class is a miss."""
-    h = hashlib.sha256(kernels_digest().encode())  # the kernels, whose layouts it holds
-    for f in sorted(_SOURCES.glob("*.py")) + [_SOURCES.parent / "config.py"]:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
+    return files_digest([*sorted(_SOURCES.glob("*.py")), _SOURCES.parent / "config.py"],
+                        seed=kernels_digest())  # the kernels too, whose layouts it holds
 
 
 def checkpoint_stamp(path: str) -> list:

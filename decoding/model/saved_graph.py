@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .device import cpu_flags
-from .kernel_build import kernels_digest, user_cache_dir
+from .kernel_build import files_digest, kernels_digest, user_cache_dir
 from .prepared_cache import prune
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,7 @@ _PACKAGE = Path(__file__).resolve().parents[1]  # decoding/
 def code_digest() -> str:
     """A digest of the code a saved graph was traced from: every module of the decoding
     package (the trunk's, the heads', the config) and our kernels."""
-    h = hashlib.sha256(kernels_digest().encode())
-    for f in sorted(_PACKAGE.rglob("*.py")):
-        h.update(str(f.relative_to(_PACKAGE)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
+    return files_digest(sorted(_PACKAGE.rglob("*.py")), seed=kernels_digest(), root=_PACKAGE)
 
 
 def graph_folder() -> Path:
