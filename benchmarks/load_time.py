@@ -1,4 +1,4 @@
-"""What the load-time kernel check of int4/int8 weights costs (`linear._check_kernel`).
+"""What the load-time kernel check of int4/int8 weights costs (`int4_format.check_kernel`).
 
 Every quantized layer multiplies a few unit vectors through its kernel at load and compares
 them with the quantized values, so a device whose kernel reads the packing differently is
@@ -15,7 +15,7 @@ import argparse
 import statistics
 import time
 
-from mtpserve.decoding.model import linear
+from mtpserve.decoding.model import int4_format
 from mtpserve.decoding.config import EngineConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
 
@@ -33,18 +33,18 @@ def main() -> None:
     ap.add_argument("--weights", default="int4", choices=["int4", "int8"])
     ap.add_argument("--runs", type=int, default=4)
     a = ap.parse_args()
-    shipped = linear._check_kernel
+    shipped = int4_format.check_kernel
     times: dict[str, list[float]] = {"with check": [], "without": []}
     first = {name: 0.0 for name in times}
     for run in range(a.runs + 1):
         for name in times:
-            linear._check_kernel = shipped if name == "with check" else (lambda *args: None)
+            int4_format.check_kernel = shipped if name == "with check" else (lambda *args: None)
             seconds = load_seconds(a.weights)
             if run == 0:
                 first[name] = seconds
             else:
                 times[name].append(seconds)
-    linear._check_kernel = shipped
+    int4_format.check_kernel = shipped
     print(f"LLMEngine.from_config, default model, --weights {a.weights}, {a.runs} runs each")
     print("| kernel check | first load s | median s | min s | max s |")
     print("|---|---|---|---|---|")

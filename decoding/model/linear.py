@@ -3,21 +3,22 @@
 Decode on CPU is bound by streaming weights from memory, so weight-only quantization
 reads fewer bytes per token: int8 with one scale per output channel
 (`_weight_int8pack_mm`), or int4 in groups of 32 with a scale and a zero point per group
-(`_weight_int4pack_mm_for_cpu`). Group-32 asymmetric int4 is exactly GGUF's Q4_0/Q4_1
-block layout (Q4_1 stores d*q + m = (q - 8)*d + (m + 8d)), so re-quantizing a Q4_1
-checkpoint recovers its codes instead of quantizing twice. Both kernels are fast on this
-CPU only with bf16 inputs, so the input is cast to bf16 for the matmul and the output back
-to the compute dtype: norms, attention and the KV cache keep fp32 where that is the dtype.
+(`_weight_int4pack_mm_for_cpu`). Both kernels are fast on this CPU only with bf16 inputs,
+so the input is cast to bf16 for the matmul and the output back to the compute dtype:
+norms, attention and the KV cache keep fp32 where that is the dtype.
 On x86 CPUs with AVX512-VNNI, int4 goes through our own kernel instead (int4_vnni.py:
 activations quantized to int16 (vnni16, the default) or int8 (vnni) per block of 32, exact
 integer dot products, 1.2-2.2x (int16) / 2-3x (int8) faster than PyTorch's at 1-64 rows),
-which takes the compute dtype as it is (`--int4-kernel`, INT4_KERNELS); on AVX2-only CPUs
+which takes the compute dtype as it is (`--int4-kernel`); on AVX2-only CPUs
 (AVX2+FMA+F16C) vnni16 runs too, bitwise the same results (1.2-1.7x its AVX-512
 time), vnni does not.
 On CUDA the same formats go through PyTorch's CUDA kernels (`_weight_int4pack_mm`, tinygemm,
 which reads its own tile layout; `_weight_int8pack_mm`). Every quantized layer checks at
-load that its kernel reproduces the quantized values (`_check_kernel`), so a build or
-device whose kernel reads the packing differently is a clear error, not wrong tokens.
+load that its kernel reproduces the quantized values, so a build or device whose kernel
+reads the packing differently is a clear error, not wrong tokens.
+How int4 is quantized (GGUF's Q4_0/Q4_1 blocks) and packed for each kernel, which int4
+kernel runs (INT4_KERNELS) and that load-time check (`check_kernel`, int8's too):
+int4_format.py.
 """
 
 from __future__ import annotations
@@ -31,15 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import int4_vnni
+# int4_format's functions are called as int4_format.f: a patch of f there reaches Linear
+from . import int4_format, int4_vnni
+from .int4_format import INT4_GROUP, KERNEL_DTYPE, VNNI_ACT_BITS
 
-INT4_GROUP = 32
-# int4's CPU kernel: PyTorch's (aten, bf16 activations) or int4_vnni.py's, activations
-# quantized per block of 32 to int16 (vnni16: AVX512-VNNI or AVX2) or int8 (vnni: AVX512-VNNI
-# only); auto: vnni16 where it builds and this CPU has either, else aten
-INT4_KERNELS = ("auto", "aten", "vnni", "vnni16")
-_VNNI_ACT_BITS = {"vnni": 8, "vnni16": 16}  # the VNNI kernels' activation bits
-_KERNEL_DTYPE = torch.bfloat16  # what the CPU weight-only kernels want as activations
 # From this many rows on a quantized layer with a wide copy multiplies by its bf16 dense
 # copy instead: the weight-only kernels are compute-bound and grow linearly with rows (int4
 # in blocks of 4), the bf16 GEMM (native bf16 CPUs) does not. 30 layers of this model,
@@ -169,106 +165,7 @@ def _wide(w: torch.Tensor) -> torch.Tensor | None:
     fast as F.linear over a plain copy unbucketed and ~20% faster than F.linear bucketed at
     random row counts (benchmarks/onednn_shapes.py). None (no copy) where the build cannot
     pack: there bf16 GEMMs are no faster than the kernels."""
-    return pack_for_onednn(w.to(_KERNEL_DTYPE))
-
-
-def _int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric min/max quantization per group: -> codes [N, K] int32 in 0..15,
-    scales [N, K/group], mins [N, K/group] (w ~= codes * scale + min)."""
-    n, k = w.shape
-    g = w.float().reshape(n, k // group, group)
-    lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-10)
-    codes = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-    return codes.reshape(n, k), scale, lo
-
-
-def resolve_int4_kernel(name: str, device: torch.device | str) -> str:
-    """EngineConfig.int4_kernel -> the kernel int4 layers on `device` use: 'aten', 'vnni'
-    or 'vnni16'. CUDA (and any non-CPU device) keeps PyTorch's kernels; 'vnni' or 'vnni16'
-    where the kernel cannot run here is an error, 'auto' then quietly (one warning) means
-    'aten'. On an AVX2-only CPU (int4_vnni.isa() 1) 'auto' and 'vnni16' run the kernel's
-    AVX2 path and 'vnni' (int8 activations, AVX512-VNNI only) is an error: an explicit
-    choice is never quietly swapped for another."""
-    if name not in INT4_KERNELS:
-        raise ValueError(f"int4 kernel must be one of {'|'.join(INT4_KERNELS)}, got {name!r}")
-    if name == "aten" or torch.device(device).type != "cpu":
-        return "aten"
-    if int4_vnni.available():
-        if name == "vnni" and not int4_vnni.has_int8():
-            raise ValueError("--int4-kernel vnni: int8 activations need AVX512-VNNI; this CPU "
-                             "runs the int4 kernel's AVX2 path, int16 activations only: use "
-                             "--int4-kernel vnni16 (or auto) or aten")
-        return "vnni16" if name == "auto" else name
-    if name != "auto":
-        raise ValueError(f"--int4-kernel {name}: the int4 VNNI kernel cannot run here (see the "
-                         "warning above: it needs an x86-64 CPU with AVX512-VNNI or "
-                         "AVX2+FMA+F16C and a C++ compiler); use --int4-kernel auto or aten")
-    return "aten"
-
-
-def _require_kernel_device(w: torch.Tensor, fmt: str) -> None:
-    if w.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{fmt} weights use PyTorch's CPU or CUDA kernels, not {w.device.type}'s; "
-                         "serve --weights dense")
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """codes [N, K] in 0..15 -> [N, K/2] uint8, element 2j in the high nibble of byte j:
-    the input `_convert_weight_to_int4pack` (CUDA) documents."""
-    c = codes.to(torch.uint8)
-    return (c[:, 0::2] << 4) | c[:, 1::2]
-
-
-def _int4_pack(codes: torch.Tensor) -> torch.Tensor:
-    """codes [N, K] int32 -> the packed weight the device's int4 kernel reads."""
-    if codes.device.type == "cpu":
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-    n, k = codes.shape
-    if n % 8:
-        raise ValueError(f"int4 on {codes.device.type} needs out_features divisible by 8, got {n}")
-    # tinygemm packs 16-wide k-tiles 2, 4 or 8 at a time; wider is a wider load
-    tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
-    return torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(codes).contiguous(), tiles)
-
-
-def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_zeros: torch.Tensor
-             ) -> torch.Tensor:
-    if x.device.type == "cpu":
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)
-    return torch.ops.aten._weight_int4pack_mm(x.contiguous(), packed, group, scales_zeros)
-
-
-def probe_columns(k: int, count: int = 24) -> torch.Tensor:
-    """Input columns a kernel check reads: spread over K (every k-tile region), plus the
-    first few so both nibbles of a byte and neighbouring bytes are covered."""
-    spread = torch.linspace(0, k - 1, count).round().long()
-    return torch.unique(torch.cat([torch.arange(min(k, 4)), spread]))
-
-
-def _check_kernel(fmt: str, mm, expected: torch.Tensor, step: torch.Tensor,
-                  cols: torch.Tensor, in_features: int, kernel: str = "PyTorch's kernel") -> None:
-    """mm(x) = x @ W^T through a weight-only kernel. expected, step [N, len(cols)]: W's
-    quantized values at the probe columns and the quantization step there. The kernel
-    applied to those unit vectors must give each value back to within half a step (plus
-    bf16 rounding); a packing it reads differently moves almost every value by a step or
-    more. (The VNNI kernel's int8 activations cost nothing here: a unit vector's block
-    quantizes exactly, 1 -> 127 with d = 1/127, the other blocks to zero.) Raises
-    ValueError naming the device."""
-    dev = expected.device
-    x = torch.zeros(len(cols), in_features, dtype=_KERNEL_DTYPE, device=dev)
-    x[torch.arange(len(cols), device=dev), cols.to(dev)] = 1
-    try:
-        seen = mm(x).float().t()
-    except (RuntimeError, NotImplementedError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{fmt} weights on {dev.type}: {kernel} failed ({first}); "
-                         "serve --weights dense") from None
-    bad = (seen - expected).abs() > 0.5 * step + expected.abs() / 128
-    if bool(bad.any()):
-        raise ValueError(f"{fmt} weights on {dev.type}: {kernel} returned values that "
-                         f"differ from the quantized weights ({int(bad.sum())} of {bad.numel()} "
-                         "probed); this build reads the packing differently. Serve --weights dense")
+    return pack_for_onednn(w.to(KERNEL_DTYPE))
 
 
 class Linear(nn.Module):
@@ -313,15 +210,15 @@ class Linear(nn.Module):
     def quantize_int8(self, wide_copy: bool = False) -> None:
         """Symmetric per-row int8; drops the dense weight to free its memory.
         wide_copy: also keep the quantized values as bf16 for passes of many rows."""
-        _require_kernel_device(self.weight, "int8")
+        int4_format.require_kernel_device(self.weight, "int8")
         w = self.weight.float()
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         self.int8_weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        self.int8_scales = scales.to(_KERNEL_DTYPE)
-        cols = probe_columns(self.in_features).to(w.device)
+        self.int8_scales = scales.to(KERNEL_DTYPE)
+        cols = int4_format.probe_columns(self.in_features).to(w.device)
         step = self.int8_scales.float()[:, None].expand(-1, len(cols))
-        _check_kernel("int8", self._int8_mm, self.int8_weight[:, cols].float() * step, step,
-                      cols, self.in_features)
+        int4_format.check_kernel("int8", self._int8_mm, self.int8_weight[:, cols].float() * step,
+                                 step, cols, self.in_features)
         if wide_copy:
             self.wide_weight = _wide(self.int8_weight.float() * self.int8_scales.float()[:, None])
         self._drop_dense()
@@ -333,39 +230,39 @@ class Linear(nn.Module):
         wide_copy: also keep, as bf16, the very values the kernel multiplies by (codes,
         scales and zeros as it stores them), for passes of WIDE_ROWS rows or more (PyTorch's
         kernel only: the VNNI kernel is faster than the copy at every row count).
-        kernel: INT4_KERNELS; a layer the VNNI kernel cannot take (N not in 16s, fp16
-        overflow) keeps PyTorch's."""
-        _require_kernel_device(self.weight, "int4")
+        kernel: int4_format.INT4_KERNELS; a layer the VNNI kernel cannot take (N not in
+        16s, fp16 overflow) keeps PyTorch's."""
+        int4_format.require_kernel_device(self.weight, "int4")
         if self.in_features % group:
             raise ValueError(f"int4 needs in_features divisible by {group}, got {self.in_features}")
-        codes, scale, lo = _int4_codes(self.weight, group)
-        resolved = resolve_int4_kernel(kernel, self.weight.device)
-        if (resolved in _VNNI_ACT_BITS and group == int4_vnni.GROUP
+        codes, scale, lo = int4_format.int4_codes(self.weight, group)
+        resolved = int4_format.resolve_int4_kernel(kernel, self.weight.device)
+        if (resolved in VNNI_ACT_BITS and group == int4_vnni.GROUP
                 and int4_vnni.supports(self.out_features, self.in_features)):
             self.int4_vnni = int4_vnni.pack(codes, scale, lo)
-            self.int4_act_bits = _VNNI_ACT_BITS[resolved]
+            self.int4_act_bits = VNNI_ACT_BITS[resolved]
         if self.int4_vnni is not None:
             self.int4_group = group
             s_k, m_k = int4_vnni.kernel_values(scale, lo)  # [N, K/g] fp32, as it multiplies
-            cols = probe_columns(self.in_features).to(codes.device)
+            cols = int4_format.probe_columns(self.in_features).to(codes.device)
             values = codes[:, cols].float() * s_k[:, cols // group] + m_k[:, cols // group]
-            _check_kernel("int4", self._int4_mm, values, s_k[:, cols // group], cols,
-                          self.in_features, kernel="the int4 VNNI kernel")
+            int4_format.check_kernel("int4", self._int4_mm, values, s_k[:, cols // group],
+                                     cols, self.in_features, kernel="the int4 VNNI kernel")
             # No bf16 wide copy beside it, whatever wide_copy says: the VNNI kernel beats
             # oneDNN's bf16 GEMM at every row count measured, 1..512 (1.1-7x,
             # docs/benchmarks.md section 6), and the copy would cost 2 bytes per weight.
             self._drop_dense()
             return
-        self.int4_weight = _int4_pack(codes)
+        self.int4_weight = int4_format.int4_pack(codes)
         # The kernels compute (code - 8) * scale + zero, hence zero = min + 8 * scale.
         sz = torch.stack([scale, lo + 8 * scale], dim=-1)  # [N, K/g, 2]
-        self.int4_scales_zeros = sz.transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
+        self.int4_scales_zeros = sz.transpose(0, 1).contiguous().to(KERNEL_DTYPE)
         self.int4_group = group
         s_k, z_k = self.int4_scales_zeros.float().transpose(0, 1).unbind(-1)  # [N, K/g]
-        cols = probe_columns(self.in_features).to(codes.device)
+        cols = int4_format.probe_columns(self.in_features).to(codes.device)
         values = (codes[:, cols].float() - 8) * s_k[:, cols // group] + z_k[:, cols // group]
-        _check_kernel("int4", self._int4_mm, values, s_k[:, cols // group], cols,
-                      self.in_features)
+        int4_format.check_kernel("int4", self._int4_mm, values, s_k[:, cols // group], cols,
+                                 self.in_features)
         if wide_copy:
             w = (codes.float() - 8).view(codes.shape[0], -1, group) * s_k[..., None] + z_k[..., None]
             self.wide_weight = _wide(w.reshape(codes.shape))
@@ -373,15 +270,15 @@ class Linear(nn.Module):
 
     def _int4_mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4_vnni is not None:  # fp32 or bf16 as given (int16/int8 inside), same out
-            x = x if x.dtype in (torch.float32, _KERNEL_DTYPE) else x.float()
+            x = x if x.dtype in (torch.float32, KERNEL_DTYPE) else x.float()
             return int4_vnni.mm(x, self.int4_vnni, self.out_features, self.int4_act_bits)
-        return _int4_mm(x.to(_KERNEL_DTYPE), self.int4_weight, self.int4_group,
-                        self.int4_scales_zeros)
+        return int4_format.int4_mm(x.to(KERNEL_DTYPE), self.int4_weight, self.int4_group,
+                                   self.int4_scales_zeros)
 
     def _int8_mm(self, x: torch.Tensor) -> torch.Tensor:
         # CUDA's int8 kernel reads x by raw pointer (and is one thread per output: correct,
         # not fast; int4's tinygemm is the fast CUDA format)
-        return torch.ops.aten._weight_int8pack_mm(x.to(_KERNEL_DTYPE).contiguous(),
+        return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(),
                                                   self.int8_weight, self.int8_scales)
 
     def _one_row_mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -393,10 +290,10 @@ class Linear(nn.Module):
         """Batch-invariant mode with prefill chunks in the pass (ChunkRows): each chunk
         through the wide copy alone, the other rows through the one-row kernel."""
         if plan.rest is None and len(plan.chunks) == 1:
-            return onednn_linear(x[plan.chunks[0]].to(_KERNEL_DTYPE), self.wide_weight)
+            return onednn_linear(x[plan.chunks[0]].to(KERNEL_DTYPE), self.wide_weight)
         y = x.new_empty(x.shape[0], self.out_features)
         for rows in plan.chunks:
-            y[rows] = onednn_linear(x[rows].to(_KERNEL_DTYPE), self.wide_weight).to(x.dtype)
+            y[rows] = onednn_linear(x[rows].to(KERNEL_DTYPE), self.wide_weight).to(x.dtype)
         if plan.rest is not None:
             y[plan.rest] = self._one_row_mm(x[plan.rest]).to(x.dtype)
         return y
@@ -421,7 +318,7 @@ class Linear(nn.Module):
         self.invariant = True
         if not check:
             return True
-        dtype = _KERNEL_DTYPE if self.weight_format != "dense" else (
+        dtype = KERNEL_DTYPE if self.weight_format != "dense" else (
             self.packed_weight.dtype if self.packed_weight is not None else self.weight.dtype)
         dev = (self.int4_weight if self.int4_weight is not None else
                self.int4_vnni if self.int4_vnni is not None else
@@ -472,7 +369,7 @@ class Linear(nn.Module):
                     # Compiled (model/compiled.py): the weight-only kernel at every row
                     # count; inductor may replace it with its own GEMM for the frozen
                     # weight, and cannot lower the pre-packed oneDNN copy.
-                    y = onednn_linear(x2.to(_KERNEL_DTYPE), self.wide_weight)
+                    y = onednn_linear(x2.to(KERNEL_DTYPE), self.wide_weight)
                 else:
                     y = self._one_row_mm(x2)
                 y = y.to(x.dtype)

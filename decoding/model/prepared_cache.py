@@ -36,8 +36,8 @@ import torch
 
 from . import int4_vnni, q8_unembed
 from .device import cpu_has_native_bf16
+from .int4_format import resolve_int4_kernel
 from .kernel_build import aligned64, files_digest, kernels_digest, user_cache_dir
-from .linear import resolve_int4_kernel
 
 log = logging.getLogger(__name__)
 

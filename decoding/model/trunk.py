@@ -21,8 +21,9 @@ from .attention import write_and_attend
 from .row_attention import resolve as resolve_attention_kernel
 from .attention_metadata import AttentionMetadata
 from .kv_cache import KVCache
+from .int4_format import resolve_int4_kernel
 from .linear import (WIDE_ROWS, ChunkRows, Linear, chunk_rows, fp16_linear, onednn_linear,
-                     pack_for_onednn, pack_fp16, resolve_int4_kernel, row_invariant)
+                     pack_for_onednn, pack_fp16, row_invariant)
 from . import q8_unembed
 from . import step_attention  # also defines torch.ops.mtpserve.cached_attention
 
@@ -227,7 +228,7 @@ class CausalLM(nn.Module):
         stays dense: the kernels' bf16 outputs would round logits to ~0.1 at this scale,
         which makes ties of what should be clear choices. wide_copy: keep bf16 copies of
         the quantized values for passes of many rows (prefill, big verify batches).
-        int4_kernel: linear.INT4_KERNELS (draft modules quantized later follow it)."""
+        int4_kernel: int4_format.INT4_KERNELS (draft modules quantized later follow it)."""
         if trunk == "int4":
             int4_kernel = resolve_int4_kernel(int4_kernel, self.norm.weight.device)
             self.int4_kernel = int4_kernel

@@ -23,8 +23,9 @@ from decoding_helpers import (REPEATING, fresh_process, plain_and_speculative, p
                               tiny_int4_engine)
 from mtpserve.decoding.config import EngineConfig
 from mtpserve.decoding.model import int4_vnni
-from mtpserve.decoding.model.linear import (INT4_GROUP, Linear, _int4_codes, _int4_mm,
-                                            _int4_pack, resolve_int4_kernel, row_invariant)
+from mtpserve.decoding.model.int4_format import (INT4_GROUP, int4_codes, int4_mm, int4_pack,
+                                                 resolve_int4_kernel)
+from mtpserve.decoding.model.linear import Linear, row_invariant
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # the model's N x K
 
@@ -43,7 +44,7 @@ needs_int8 = pytest.mark.skipif(not int4_vnni.has_int8(),
 
 def _weights(n: int, k: int, seed: int = 0):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
-    codes, scale, lo = _int4_codes(w, INT4_GROUP)
+    codes, scale, lo = int4_codes(w, INT4_GROUP)
     return codes, scale, lo, int4_vnni.pack(codes, scale, lo)
 
 
@@ -140,8 +141,8 @@ def test_int16_activations_are_far_closer_to_the_dense_product_than_bf16_or_int8
     e16, e8 = rel(int4_vnni.mm(x, packed, n, 16), ref), rel(int4_vnni.mm(x, packed, n, 8), ref)
     # aten against its own stored weights (bf16 scales and zeros): the bf16 activations' error
     s_k, z_k = lin.int4_scales_zeros.float().transpose(0, 1).unbind(-1)
-    c2, _, _ = _int4_codes(torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.05,
-                           INT4_GROUP)
+    c2, _, _ = int4_codes(torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.05,
+                          INT4_GROUP)
     wa = ((c2.double() - 8).reshape(n, k // 32, 32) * s_k.double()[..., None]
           + z_k.double()[..., None]).reshape(n, k)
     e_bf16 = rel(lin(x), x.double() @ wa.t())
@@ -360,10 +361,10 @@ def test_aten_kernel_is_todays_path_bit_for_bit():
     w = torch.randn(192, 576, generator=torch.Generator().manual_seed(6)) * 0.05
     lin = _linear(w, "aten")
     assert lin.int4_vnni is None
-    codes, scale, lo = _int4_codes(w, INT4_GROUP)
+    codes, scale, lo = int4_codes(w, INT4_GROUP)
     sz = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().bfloat16()
     x = _x(7, 576)
-    today = _int4_mm(x.bfloat16(), _int4_pack(codes), INT4_GROUP, sz).float()
+    today = int4_mm(x.bfloat16(), int4_pack(codes), INT4_GROUP, sz).float()
     assert torch.equal(lin(x), today)
     assert resolve_int4_kernel("aten", "cpu") == "aten"
     assert resolve_int4_kernel("vnni", "meta") == "aten"  # not a CPU: PyTorch's kernels

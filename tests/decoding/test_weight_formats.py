@@ -10,7 +10,8 @@ import torch
 
 from decoding_helpers import prefill_logits, random_causal_lm, tiny_config, tiny_int4_engine
 from mtpserve.decoding.config import EngineConfig, SamplingParams
-from mtpserve.decoding.model.linear import INT4_GROUP, Linear, _int4_codes, unpack_onednn
+from mtpserve.decoding.model.int4_format import INT4_GROUP, int4_codes
+from mtpserve.decoding.model.linear import Linear, unpack_onednn
 
 
 def _q4_1_like(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +35,7 @@ def _linear(w: torch.Tensor) -> Linear:
 
 def test_int4_recovers_q4_1_codes_and_matches_the_dense_matmul():
     w, codes = _q4_1_like(96, 128)
-    got_codes, _, _ = _int4_codes(w, INT4_GROUP)
+    got_codes, _, _ = int4_codes(w, INT4_GROUP)
     assert torch.equal(got_codes, codes.to(torch.int32))
     lin = _linear(w)
     lin.quantize_int4()
@@ -426,14 +427,15 @@ def test_a_kernel_that_reads_the_packing_differently_is_refused_at_load(fmt, mon
     """Each quantized layer multiplies unit vectors through its kernel at load and compares
     with the quantized values: a packing the kernel reads in another order (here: input
     columns swapped in pairs, what a wrong nibble order does) is a clear error."""
-    from mtpserve.decoding.model import linear
+    from mtpserve.decoding.model import int4_format
 
     w, _ = _q4_1_like(64, 128, seed=5)
     _linear(w).quantize_int4() if fmt == "int4" else _linear(w).quantize_int8()  # passes
     swap = torch.arange(128).view(-1, 2).flip(-1).reshape(-1)
     if fmt == "int4":
-        real = linear._int4_pack
-        monkeypatch.setattr(linear, "_int4_pack", lambda codes: real(codes[:, swap].contiguous()))
+        real = int4_format.int4_pack
+        monkeypatch.setattr(int4_format, "int4_pack",
+                            lambda codes: real(codes[:, swap].contiguous()))
     else:
         real8 = Linear._int8_mm
         monkeypatch.setattr(Linear, "_int8_mm", lambda self, x: real8(self, x[:, swap]))
@@ -454,7 +456,7 @@ def test_a_kernel_that_fails_is_a_clear_error(monkeypatch):
 
 
 def test_nibbles_pack_element_2j_high_as_the_cuda_packer_reads_them():
-    from mtpserve.decoding.model.linear import pack_nibbles
+    from mtpserve.decoding.model.int4_format import pack_nibbles
 
     codes = torch.tensor([[1, 2, 3, 4], [15, 0, 7, 8]], dtype=torch.int32)
     packed = pack_nibbles(codes)
@@ -466,7 +468,7 @@ def test_nibbles_pack_element_2j_high_as_the_cuda_packer_reads_them():
 
 
 def test_probe_columns_cover_both_nibbles_and_the_whole_row():
-    from mtpserve.decoding.model.linear import probe_columns
+    from mtpserve.decoding.model.int4_format import probe_columns
 
     for k in (32, 576, 1536):
         cols = probe_columns(k)
@@ -483,31 +485,31 @@ def test_int4_packing_for_cuda_has_the_shapes_the_cuda_kernel_checks(k, tiles, m
     ops in a CPU build, so the nibbles, tested above, arrive as an empty [N, K/2] uint8.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from mtpserve.decoding.model import linear
-    from mtpserve.decoding.model.linear import _int4_mm, _int4_pack
+    from mtpserve.decoding.model import int4_format
+    from mtpserve.decoding.model.int4_format import int4_mm, int4_pack
 
     def nibbles(codes):
         assert codes.shape == (1536, k)
         return torch.empty(1536, k // 2, dtype=torch.uint8, device=codes.device)
 
-    monkeypatch.setattr(linear, "pack_nibbles", nibbles)
+    monkeypatch.setattr(int4_format, "pack_nibbles", nibbles)
     with FakeTensorMode():
         codes = torch.empty(1536, k, dtype=torch.int32, device="cuda")
-        packed = _int4_pack(codes)
+        packed = int4_pack(codes)
         assert tuple(packed.shape) == (1536 // 8, k // (16 * tiles), 32, tiles // 2)
         sz = torch.empty(k // INT4_GROUP, 1536, 2, dtype=torch.bfloat16, device="cuda")
         x = torch.empty(3, k, dtype=torch.bfloat16, device="cuda")
-        y = _int4_mm(x, packed, INT4_GROUP, sz)
+        y = int4_mm(x, packed, INT4_GROUP, sz)
         assert tuple(y.shape) == (3, 1536) and y.device.type == "cuda"
 
 
 def test_int4_for_cuda_needs_out_features_in_whole_tiles_of_8():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from mtpserve.decoding.model.linear import _int4_pack
+    from mtpserve.decoding.model.int4_format import int4_pack
 
     with FakeTensorMode(), pytest.raises(ValueError, match="divisible by 8, got 12"):
-        _int4_pack(torch.empty(12, 64, dtype=torch.int32, device="cuda"))
+        int4_pack(torch.empty(12, 64, dtype=torch.int32, device="cuda"))
 
 
 def test_quantized_weights_on_other_devices_are_refused_clearly():
