@@ -29,6 +29,7 @@ from ..model.device import (
 from ..model.kernel_build import cpu_kernels, prebuild
 from ..model.tokenizer import Tokenizer
 from ..model.trunk import CausalLM, RotaryEmbedding
+from ..model.trunk_weights import load_trunk_weights
 from ..spec.compiled_draft import WARM_DEPTHS, compile_draft_chain
 from ..spec.heads import DraftHeads
 from ..spec.heads_io import load_heads_for
@@ -102,14 +103,14 @@ def prepare_model(config: EngineConfig, device: torch.device, path: str
     dtype = resolve_dtype(config.dtype, device, weights)
     max_pos = min(config.max_model_len, ckpt.config.max_position_embeddings) + 256
     # Build on the meta device and fill from the checkpoint: no random init, and
-    # load_weights frees each source tensor as it goes, so peak memory stays ~2x weights.
+    # load_trunk_weights frees each source tensor as it goes, so peak memory stays ~2x weights.
     with torch.device("meta"):
         model = CausalLM(ckpt.config, max_positions=max_pos)
     model.to_empty(device=device)
     model.to(dtype)
     model.rope = RotaryEmbedding(ckpt.config, max_pos).to(device)  # fp32 tables
     try:
-        model.load_weights(ckpt.tensors)
+        load_trunk_weights(model, ckpt.tensors)
     except ValueError as exc:
         raise ValueError(f"{ckpt.path}: {exc}") from None
     ckpt.tensors = {}

@@ -35,7 +35,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..model.attention_metadata import AttentionMetadata
 from ..model.kv_cache import KVCache
-from ..model.trunk import DecoderLayer, load_decoder_layer
+from ..model.trunk import DecoderLayer
+from ..model.trunk_weights import load_decoder_layer
 from .mtp_common import TensorTaker, check_field, read_matching
 
 # Meta llama tensor names of one block -> ours (HF names, as DecoderLayer loads them).

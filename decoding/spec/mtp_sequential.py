@@ -46,7 +46,8 @@ from ..config import ModelConfig
 from ..model.attention_metadata import AttentionMetadata
 from ..model.kv_cache import KVCache
 from ..model.linear import Linear
-from ..model.trunk import DecoderLayer, RMSNorm, load_decoder_layer
+from ..model.trunk import DecoderLayer, RMSNorm
+from ..model.trunk_weights import load_decoder_layer
 from .draft_vocab import UnembedRows, check_draft_vocab
 from .mtp_common import TensorTaker, check_field, put, read_matching, safetensors_files
 

@@ -14,6 +14,7 @@ import torch
 
 from ..model.attention_metadata import AttentionMetadata, padded_layout
 from ..model.trunk import CausalLM, RotaryEmbedding
+from ..model.trunk_weights import load_trunk_weights
 
 
 def load_trainable(path: str | None, device: torch.device):
@@ -28,7 +29,7 @@ def load_trainable(path: str | None, device: torch.device):
     model.to_empty(device=device)
     model.rope = RotaryEmbedding(ck.config, ck.config.max_position_embeddings).to(device)
     try:
-        model.load_weights(ck.tensors)
+        load_trunk_weights(model, ck.tensors)
     except ValueError as exc:
         raise ValueError(f"{ck.path}: {exc}") from None
     ck.tensors = {}
@@ -94,7 +95,7 @@ def trunk_hidden(model: CausalLM, seqs: list[list[int]]) -> torch.Tensor:
 
 
 def hf_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
-    """The model's weights under the names `CausalLM.load_weights` reads (q/k/v and
+    """The model's weights under the names `load_trunk_weights` reads (q/k/v and
     gate/up split again), for export_checkpoint."""
     cfg = model.config
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim

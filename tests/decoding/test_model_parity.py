@@ -24,6 +24,7 @@ import torch
 from decoding_helpers import hf_default_model, logits64, prefill_hidden, prefill_logits
 from mtpserve.decoding.model.checkpoint import hf_config, read_safetensors_folder
 from mtpserve.decoding.model.trunk import CausalLM
+from mtpserve.decoding.model.trunk_weights import load_trunk_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -114,7 +115,7 @@ def _build_hf(family: str, tmp_path: Path, legacy_config: bool = True):
 def _load_ours(folder: Path) -> CausalLM:
     cfg = hf_config(json.loads((folder / "config.json").read_text()), folder)
     model = CausalLM(cfg).to(torch.float64)  # float64 first: loading casts to the param dtype
-    model.load_weights(read_safetensors_folder(folder))
+    load_trunk_weights(model, read_safetensors_folder(folder))
     return model.eval()
 
 

@@ -16,6 +16,7 @@ from mtpserve.decoding.spec.heads import MedusaHeads
 from mtpserve.decoding.spec.heads_io import save_project_heads
 from mtpserve.decoding.training.heads_data import Example
 from mtpserve.decoding.model.trunk import CausalLM
+from mtpserve.decoding.model.trunk_weights import load_trunk_weights
 from mtpserve.decoding.training.train_config import TrainConfig
 from mtpserve.decoding.training.tree_choice import choose_tree
 from mtpserve.decoding.training.joint_trunk import export_trunk, hf_tensors, load_trainable, trunk_hidden
@@ -127,7 +128,7 @@ def test_trunk_hidden_of_a_padded_batch_equals_one_sequence_at_a_time():
 def test_hf_tensors_load_back_into_the_same_model():
     model = _tiny_model()
     again = CausalLM(CFG, max_positions=256)
-    again.load_weights(hf_tensors(model))
+    load_trunk_weights(again, hf_tensors(model))
     for (n, a), b in zip(model.named_parameters(), again.parameters()):
         assert torch.equal(a, b), n
 
