@@ -90,7 +90,7 @@ def micro() -> None:
     g = torch.Generator().manual_seed(0)
     cases = micro_cases(g)
     print(f"threads {torch.get_num_threads()}, kernel path: "
-          f"{'AVX-512' if ra.vector_path() else 'generic C++'}\n")
+          f"{ra.kernel_path()}\n")
     print("| per layer call, us (median) | SDPA | attend_invariant | rows kernel | rows vs SDPA | "
           "layout once per step (rows) |")
     print("|---|---|---|---|---|---|")

@@ -95,7 +95,7 @@ def main() -> None:
     this = torch.ops.mtpserve_rows.row_attention
     g = torch.Generator().manual_seed(0)
     print(f"threads {torch.get_num_threads()}, kernel path: "
-          f"{'AVX-512' if ra.vector_path() else 'generic C++'}; baseline {args.rev}, min over "
+          f"{ra.kernel_path()}; baseline {args.rev}, min over "
           f"{args.rounds} rounds of {args.calls} calls\n")
     print(f"| per layer call | cache | {args.rev} us | this tree us | ratio | bits |")
     print("|---|---|---|---|---|---|")

@@ -17,6 +17,7 @@ from decoding_helpers import fresh_process
 from mtpserve.decoding.model import row_attention as ra
 from mtpserve.decoding.model.attention import attend, attend_cached
 from mtpserve.decoding.model.attention_metadata import AttentionMetadata, padded_layout
+from mtpserve.decoding.model.device import cpu_flags
 from mtpserve.decoding.model.kv_cache import KVCache
 from mtpserve.decoding.spec.tree import DraftTree
 
@@ -200,6 +201,25 @@ def test_the_generic_path_is_close_to_the_reference_too():
             "t.test_a_row_has_the_same_bits_alone_in_a_tree_and_in_a_batch(2, torch.float16);"
             "print('ok')")
     r = fresh_process(code, MTPSERVE_ROWS_GENERIC="1")
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= cpu_flags(),
+                    reason="the AVX2 path needs AVX2+FMA+F16C")
+def test_the_avx2_path_is_close_to_the_reference_and_batch_invariant():
+    """The AVX2 path (CPUs without AVX-512; forced here by MTPSERVE_ROWS_AVX2 in a fresh
+    process): the fp64 reference at every shape and cache dtype, a row's bits the same
+    alone, in its tree and in batches, and at 1 or 2 threads."""
+    code = ("import torch, sys; sys.path.insert(0, 'tests/decoding');"
+            "import test_row_attention as t; from mtpserve.decoding.model import row_attention as ra;"
+            "assert ra.kernel_path() == 'avx2', ra.kernel_path();"
+            "[t.test_close_to_an_fp64_reference(s, c) for s in t.TREES.keys() | {'decode', 'mixed'}"
+            " for c in (torch.float32, torch.float16)];"
+            "[t.test_a_row_has_the_same_bits_alone_in_a_tree_and_in_a_batch(n, c)"
+            " for n, c in ((1, torch.float32), (2, torch.float16))];"
+            "t.test_the_bits_do_not_depend_on_the_thread_count();"
+            "print('ok')")
+    r = fresh_process(code, MTPSERVE_ROWS_AVX2="1")
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 

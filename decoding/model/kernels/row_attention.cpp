@@ -10,10 +10,13 @@
 // a row depends only on that row's query and keys, never on T, the other rows, or the
 // thread count (threads split (row, KV head) pairs, never a row's keys).
 //
-// Two paths, chosen ONCE per process (use_avx512(), from the CPU and the head dim): AVX-512
-// (function target attributes + a runtime check, no -march) and generic C++. They do not
-// give the same bits (the vector path's dot products are 16-lane partial sums and its exp a
-// polynomial), so a process never mixes them. GQA: query head h reads KV head h / (Hq/Hkv).
+// Three paths, chosen ONCE per process (rows_isa(), from the CPU, then the head dim):
+// AVX-512, AVX2+FMA+F16C (function target attributes + a runtime check, no -march) and
+// generic C++. They do not give the same bits (the vector paths' dot products are 16- or
+// 8-lane partial sums and their exp a polynomial), so a process never mixes them. The
+// generic path made a decode step 1.6-2.0x and a 16-sequence step 2.3-2.9x the AVX2 path's
+// (both forced on an AVX-512 CPU, docs/benchmarks.md section 11). GQA: query head h reads
+// KV head h / (Hq/Hkv).
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -295,14 +298,170 @@ AVX512 void avx512_heads(const Args<KV>& a, int64_t t, int64_t h) {
 bool cpu_has_avx512() { return false; }
 #endif
 
-// The path of this process: decided once (the CPU), then per head dim (the model's).
-// MTPSERVE_ROWS_GENERIC (any value) forces the generic path (to test it on AVX-512 CPUs).
-bool avx512_here() {
-  static const bool on = cpu_has_avx512() && std::getenv("MTPSERVE_ROWS_GENERIC") == nullptr;
-  return on;
+// ---- AVX2 (+FMA, F16C): CPUs without AVX-512 ------------------------------------------------
+// The AVX-512 path's algorithm at 8 lanes: a block of kBlock keys is two vectors of scores,
+// each key's dot a D/8-lane partial sum reduced by sums8; exp is the same polynomial with 2^n
+// built from the exponent bits (no vscalefps). Not pipelined across blocks. Its own bits (not
+// the AVX-512 path's), the same for a row whatever else is in the pass.
+#if defined(__x86_64__) || defined(_M_X64)
+#define AVX2F __attribute__((target("avx2,fma,f16c")))
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
 }
 
-bool vector_path(int64_t D) { return avx512_here() && (D == 32 || D == 64 || D == 128); }
+// exp for x <= 0 as exp_ps; x >= -87.3 keeps n >= -126, so 2^n is a normal float
+AVX2F inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+AVX2F inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+AVX2F inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// lane j = the sum of x[j]'s 8 lanes (hadd pairs, then the two 128-bit halves)
+AVX2F inline __m256 sums8(const __m256* x) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(x[4], x[5]), _mm256_hadd_ps(x[6], x[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+AVX2F inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+AVX2F inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int NV, int GC, typename KV>  // D = 8 * NV
+AVX2F void avx2_pair(const Args<KV>& a, int64_t t, int64_t h) {
+  constexpr int64_t D = 8 * NV;
+  const int64_t G = GC ? GC : a.Hq / a.Hkv, p = a.prefix[t];
+  const int64_t* ex = a.extra + a.offsets[t];
+  const int64_t n = p + (a.offsets[t + 1] - a.offsets[t]);
+  const int64_t base = (a.slot[t] * a.Hkv + h) * a.L;
+  const float* q = a.q + (t * a.Hq + h * G) * D;
+  float* o = a.out + (t * a.Hq + h * G) * D;
+  __m256 acc[kMaxG][NV];
+  float m[kMaxG], l[kMaxG];
+  alignas(32) float s[kMaxG][kBlock];
+  alignas(32) float kb[kBlock][D];  // the block's keys as fp32, read once per query head
+  for (int64_t g = 0; g < G; ++g) {
+    m[g] = kNegInf;
+    l[g] = 0.0f;
+    for (int i = 0; i < NV; ++i) acc[g][i] = _mm256_setzero_ps();
+  }
+  const __m256 scale = _mm256_set1_ps(a.scale), ninf = _mm256_set1_ps(kNegInf);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t nb = std::min(kBlock, n - b);
+    for (int64_t j = 0; j < nb; ++j) {
+      const KV* kp = a.k + (base + key_at(b + j, p, ex)) * D;
+      for (int i = 0; i < NV; ++i) _mm256_store_ps(kb[j] + 8 * i, load8(kp + 8 * i));
+    }
+    // lanes of keys past nb: -inf scores, then zero weights
+    const __m256 valid[2] = {
+        _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nb)), lane)),
+        _mm256_castsi256_ps(
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nb) - 8), lane))};
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 sv[2];
+      for (int half = 0; half < 2; ++half) {
+        __m256 x[8];
+        for (int j = 0; j < 8; ++j) {
+          const int64_t key = 8 * half + j;
+          __m256 dot = _mm256_setzero_ps();
+          if (key < nb) {
+            dot = _mm256_mul_ps(_mm256_loadu_ps(q + g * D), _mm256_load_ps(kb[key]));
+            for (int i = 1; i < NV; ++i)
+              dot = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + 8 * i),
+                                    _mm256_load_ps(kb[key] + 8 * i), dot);
+          }
+          x[j] = dot;
+        }
+        sv[half] = _mm256_blendv_ps(ninf, _mm256_mul_ps(sums8(x), scale), valid[half]);
+      }
+      const float mn = std::max(m[g], hmax8(_mm256_max_ps(sv[0], sv[1])));
+      const __m256 mv = _mm256_set1_ps(mn);
+      const __m256 p0 = _mm256_and_ps(valid[0], exp8(_mm256_sub_ps(sv[0], mv)));
+      const __m256 p1 = _mm256_and_ps(valid[1], exp8(_mm256_sub_ps(sv[1], mv)));
+      const float sum = hsum8(_mm256_add_ps(p0, p1));
+      if (mn == m[g]) {  // the max did not move: no rescale (x * 1 = x, same bits)
+        l[g] += sum;
+      } else {
+        const float corr = m[g] == kNegInf ? 0.0f : std::exp(m[g] - mn);
+        l[g] = l[g] * corr + sum;
+        const __m256 c = _mm256_set1_ps(corr);
+        for (int i = 0; i < NV; ++i) acc[g][i] = _mm256_mul_ps(acc[g][i], c);
+      }
+      m[g] = mn;
+      _mm256_store_ps(s[g], p0);
+      _mm256_store_ps(s[g] + 8, p1);
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const KV* vp = a.v + (base + key_at(b + j, p, ex)) * D;
+      __m256 vr[NV];
+      for (int i = 0; i < NV; ++i) vr[i] = load8(vp + 8 * i);
+      for (int64_t g = 0; g < G; ++g) {
+        const __m256 pj = _mm256_set1_ps(s[g][j]);
+        for (int i = 0; i < NV; ++i) acc[g][i] = _mm256_fmadd_ps(pj, vr[i], acc[g][i]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 inv = _mm256_set1_ps(1.0f / l[g]);
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + g * D + 8 * i, _mm256_mul_ps(acc[g][i], inv));
+  }
+}
+template <int NV, typename KV>
+AVX2F void avx2_heads(const Args<KV>& a, int64_t t, int64_t h) {
+  switch (a.Hq / a.Hkv) {
+    case 1: return avx2_pair<NV, 1, KV>(a, t, h);
+    case 2: return avx2_pair<NV, 2, KV>(a, t, h);
+    case 3: return avx2_pair<NV, 3, KV>(a, t, h);
+    case 4: return avx2_pair<NV, 4, KV>(a, t, h);
+    default: return avx2_pair<NV, 0, KV>(a, t, h);
+  }
+}
+#else
+bool cpu_has_avx2() { return false; }
+#endif
+
+// The path of this process: decided once (the CPU), then per head dim (the model's):
+// 2 AVX-512, 1 AVX2, 0 generic C++. MTPSERVE_ROWS_GENERIC (any value) forces the generic
+// path, MTPSERVE_ROWS_AVX2 the AVX2 one where AVX-512 is there (to test them on AVX-512 CPUs).
+int rows_isa() {
+  static const int isa = std::getenv("MTPSERVE_ROWS_GENERIC") != nullptr ? 0
+                         : cpu_has_avx512() && std::getenv("MTPSERVE_ROWS_AVX2") == nullptr ? 2
+                         : cpu_has_avx2() ? 1 : 0;
+  return isa;
+}
+
+bool avx512_here() { return rows_isa() == 2; }
+
+bool vector_path(int64_t D) { return rows_isa() > 0 && (D == 32 || D == 64 || D == 128); }
 
 // dst[i] = static_cast<To>(static_cast<float>(src[i])) for i < n, the same bits either way
 // (the widening is exact; both narrowings round to nearest even); vectorized where it can
@@ -319,10 +478,15 @@ void convert(To* dst, const From* src, int64_t n) {
 template <typename KV>
 void run_pair(const Args<KV>& a, int64_t t, int64_t h) {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (vector_path(a.D)) {
+  if (vector_path(a.D) && rows_isa() == 2) {
     if (a.D == 64) return avx512_heads<4, KV>(a, t, h);
     if (a.D == 128) return avx512_heads<8, KV>(a, t, h);
     return avx512_heads<2, KV>(a, t, h);
+  }
+  if (vector_path(a.D)) {
+    if (a.D == 64) return avx2_heads<8, KV>(a, t, h);
+    if (a.D == 128) return avx2_heads<16, KV>(a, t, h);
+    return avx2_heads<4, KV>(a, t, h);
   }
 #endif
   generic_pair(a, t, h);
@@ -446,6 +610,7 @@ at::Tensor write_row_attention(const at::Tensor& q, const at::Tensor& k, const a
 }
 
 bool has_avx512() { return avx512_here(); }
+int64_t isa() { return rows_isa(); }
 
 // ---- the compiled forward's attention op (decoding/model/step_attention.py) ---------------
 // A compiled step calls step_attention once per layer. For a step the row kernel takes whole
@@ -574,6 +739,7 @@ TORCH_LIBRARY(mtpserve_rows, lib) {
           "Tensor store_pos, Tensor slot, Tensor prefix, Tensor offsets, Tensor extra, "
           "float scale) -> Tensor");
   lib.def("has_avx512() -> bool", &has_avx512);
+  lib.def("isa() -> int", &isa);
   lib.def("step_attention(Tensor q, Tensor k, Tensor v, int layer, float scale) -> Tensor");
   lib.def("set_step_rows(Tensor kv, Tensor store_slot, Tensor store_pos, Tensor slot, "
           "Tensor prefix, Tensor offsets, Tensor extra, int rows) -> ()", &set_step_rows);
