@@ -55,11 +55,6 @@ _kernel = BuiltOnce(_build)
 available = _kernel.available
 
 
-def vector_path() -> bool:
-    """Whether this process computes with the AVX-512 path (else AVX2 or generic C++)."""
-    return available() and bool(torch.ops.mtpserve_rows.has_avx512())
-
-
 def kernel_path() -> str:
     """The path this process computes with: 'avx512', 'avx2' (CPUs without AVX-512, or
     MTPSERVE_ROWS_AVX2), 'generic' (C++ without vectors; MTPSERVE_ROWS_GENERIC), or 'none'

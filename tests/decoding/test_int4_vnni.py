@@ -347,13 +347,12 @@ def test_a_vnni_packing_read_differently_is_refused_at_load(monkeypatch, kernel)
 
 
 @needs_kernel
-def test_a_layer_whose_scales_overflow_fp16_keeps_pytorchs_kernel():
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+def test_a_layer_whose_scales_overflow_fp16_keeps_pytorchs_kernel(kernel):
     assert not int4_vnni.supports(40, 64) and not int4_vnni.supports(32, 48)
     big = torch.randn(32, 64)
     big[0, :32] = torch.linspace(-1e6, 1e6, 32)  # min and scale beyond fp16
-    assert _linear(big, "vnni16").int4_weight is not None
-    if int4_vnni.has_int8():
-        assert _linear(big, "vnni").int4_weight is not None
+    assert _linear(big, kernel).int4_weight is not None
 
 
 def test_aten_kernel_is_todays_path_bit_for_bit():

@@ -190,36 +190,25 @@ def test_the_bits_do_not_depend_on_the_thread_count():
     assert torch.equal(outs[0], outs[1])
 
 
-def test_the_generic_path_is_close_to_the_reference_too():
-    """The C++ fallback (CPUs without AVX-512; forced here by MTPSERVE_ROWS_GENERIC in a
-    fresh process, as the path is chosen once per process)."""
+@pytest.mark.parametrize("env, path", [
+    ("MTPSERVE_ROWS_GENERIC", "generic"),
+    pytest.param("MTPSERVE_ROWS_AVX2", "avx2", marks=pytest.mark.skipif(
+        not {"avx2", "fma", "f16c"} <= cpu_flags(), reason="the AVX2 path needs AVX2+FMA+F16C"))])
+def test_the_slower_paths_are_close_to_the_reference_and_batch_invariant(env, path):
+    """The paths of CPUs without AVX-512 (the generic C++ one, and AVX2+FMA+F16C), forced
+    here in a fresh process as the path is chosen once per process: the fp64 reference at
+    every shape and cache dtype, a row's bits the same alone, in its tree and in batches,
+    and at 1 or 2 threads."""
     code = ("import torch, sys; sys.path.insert(0, 'tests/decoding');"
             "import test_row_attention as t; from mtpserve.decoding.model import row_attention as ra;"
-            "assert not ra.vector_path();"
-            "[t.test_close_to_an_fp64_reference('mixed', c)"
-            " for c in (torch.float32, torch.float16)];"
-            "t.test_a_row_has_the_same_bits_alone_in_a_tree_and_in_a_batch(2, torch.float16);"
-            "print('ok')")
-    r = fresh_process(code, MTPSERVE_ROWS_GENERIC="1")
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
-
-
-@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= cpu_flags(),
-                    reason="the AVX2 path needs AVX2+FMA+F16C")
-def test_the_avx2_path_is_close_to_the_reference_and_batch_invariant():
-    """The AVX2 path (CPUs without AVX-512; forced here by MTPSERVE_ROWS_AVX2 in a fresh
-    process): the fp64 reference at every shape and cache dtype, a row's bits the same
-    alone, in its tree and in batches, and at 1 or 2 threads."""
-    code = ("import torch, sys; sys.path.insert(0, 'tests/decoding');"
-            "import test_row_attention as t; from mtpserve.decoding.model import row_attention as ra;"
-            "assert ra.kernel_path() == 'avx2', ra.kernel_path();"
+            f"assert ra.kernel_path() == {path!r}, ra.kernel_path();"
             "[t.test_close_to_an_fp64_reference(s, c) for s in t.TREES.keys() | {'decode', 'mixed'}"
             " for c in (torch.float32, torch.float16)];"
             "[t.test_a_row_has_the_same_bits_alone_in_a_tree_and_in_a_batch(n, c)"
             " for n, c in ((1, torch.float32), (2, torch.float16))];"
             "t.test_the_bits_do_not_depend_on_the_thread_count();"
             "print('ok')")
-    r = fresh_process(code, MTPSERVE_ROWS_AVX2="1")
+    r = fresh_process(code, **{env: "1"})
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 

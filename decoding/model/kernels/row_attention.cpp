@@ -475,12 +475,12 @@ void convert(To* dst, const From* src, int64_t n) {
 template <typename KV>
 void run_pair(const Args<KV>& a, int64_t t, int64_t h) {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (vector_path(a.D) && rows_isa() == 2) {
-    if (a.D == 64) return avx512_heads<4, KV>(a, t, h);
-    if (a.D == 128) return avx512_heads<8, KV>(a, t, h);
-    return avx512_heads<2, KV>(a, t, h);
-  }
   if (vector_path(a.D)) {
+    if (rows_isa() == 2) {
+      if (a.D == 64) return avx512_heads<4, KV>(a, t, h);
+      if (a.D == 128) return avx512_heads<8, KV>(a, t, h);
+      return avx512_heads<2, KV>(a, t, h);
+    }
     if (a.D == 64) return avx2_heads<8, KV>(a, t, h);
     if (a.D == 128) return avx2_heads<16, KV>(a, t, h);
     return avx2_heads<4, KV>(a, t, h);
@@ -606,7 +606,6 @@ at::Tensor write_row_attention(const at::Tensor& q, const at::Tensor& k, const a
   return row_attention(q, kv, slot, prefix, offsets, extra, scale);
 }
 
-bool has_avx512() { return avx512_here(); }
 int64_t isa() { return rows_isa(); }
 
 // ---- the compiled forward's attention op (decoding/model/step_attention.py) ---------------
@@ -735,7 +734,6 @@ TORCH_LIBRARY(mtpserve_rows, lib) {
   lib.def("write_row_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv, Tensor store_slot, "
           "Tensor store_pos, Tensor slot, Tensor prefix, Tensor offsets, Tensor extra, "
           "float scale) -> Tensor");
-  lib.def("has_avx512() -> bool", &has_avx512);
   lib.def("isa() -> int", &isa);
   lib.def("step_attention(Tensor q, Tensor k, Tensor v, int layer, float scale) -> Tensor");
   lib.def("set_step_rows(Tensor kv, Tensor store_slot, Tensor store_pos, Tensor slot, "
