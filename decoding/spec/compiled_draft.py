@@ -54,7 +54,8 @@ WARM_DEPTHS = 3
 
 class ChainBody:
     """What a depth's graph is traced from: the heads and the trunk, nothing else (a saved
-    graph's guards pickle what the traced `self` holds: not the chain's other graphs)."""
+    graph's guards pickle what the traced `self` holds: not the chain's other graphs, which
+    the heads reach once the chain is handed to them: `ahead` detaches it meanwhile)."""
 
     def __init__(self, heads: SequentialMTPHeads, model: nn.Module) -> None:
         self.heads, self.model = heads, model
@@ -142,8 +143,15 @@ class CompiledDraftChain:
             pos0 = torch.arange(b, device=hidden.device)
             for t in (hidden, tokens, pos0):
                 torch._dynamo.mark_dynamic(t, 0)
-            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-                return self._compiled(depth).aot_compile(((hidden, tokens, pos0, depth), {}))
+            # the guards aot_compile builds pickle the traced `self`'s heads, and with them
+            # this chain once compile_draft_chain handed it over (extend: --tree auto's
+            # deeper depths): its graphs hold dynamo's guard managers, which do not pickle
+            installed, self.heads.compiled_chain = self.heads.compiled_chain, None
+            try:
+                with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                    return self._compiled(depth).aot_compile(((hidden, tokens, pos0, depth), {}))
+            finally:
+                self.heads.compiled_chain = installed
 
         key = saved_graph.graph_key(self.heads, self.options, {
             "depth": depth, "dtype": str(hidden.dtype),

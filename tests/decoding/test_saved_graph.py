@@ -105,7 +105,8 @@ def test_a_frozen_dense_graph_is_never_saved(default_engine, folder):
 
 
 @torch.inference_mode()
-def test_the_draft_chain_saves_each_depth_and_reads_it_back(default_engine, folder):
+def test_the_draft_chain_saves_each_depth_and_reads_it_back(default_engine, folder,
+                                                            caplog):
     """Over an int4 trunk the draft chain's depth graphs are saved too: a second chain
     reads them and drafts exactly what the compiling one drafts."""
     from mtpserve.decoding.spec.compiled_draft import CompiledDraftChain
@@ -136,6 +137,15 @@ def test_the_draft_chain_saves_each_depth_and_reads_it_back(default_engine, fold
             assert torch.equal(got, first(hidden, tokens, pos0, depth))
             assert torch.equal(got, heads.chain_tops(hidden, tokens, pos0, depth, model))
     assert second.compiles == 0 and second.direct_calls == first.direct_calls == 4 + 4
+    # --tree auto: a deeper depth compiled once the heads hold the chain (extend) saves too
+    heads.compiled_chain = first
+    try:
+        with caplog.at_level("WARNING"):
+            first.extend(3)
+    finally:
+        heads.compiled_chain = None
+    assert "ahead of time failed" not in caplog.text
+    assert first.compiles == 3 and len(list(folder.glob("draft3-*.aot"))) == 1
 
 
 def test_a_read_graph_that_fails_to_run_is_removed_and_served_eagerly(default_engine, folder,
