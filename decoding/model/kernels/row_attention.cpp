@@ -378,6 +378,8 @@ AVX2F void avx2_pair(const Args<KV>& a, int64_t t, int64_t h) {
       const KV* kp = a.k + (base + key_at(b + j, p, ex)) * D;
       for (int i = 0; i < NV; ++i) _mm256_store_ps(kb[j] + 8 * i, load8(kp + 8 * i));
     }
+    for (int64_t j = nb; j < kBlock; ++j)  // the last block: keys past nb dot to 0, masked
+      for (int i = 0; i < NV; ++i) _mm256_store_ps(kb[j] + 8 * i, _mm256_setzero_ps());
     // lanes of keys past nb: -inf scores, then zero weights
     const __m256 valid[2] = {
         _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nb)), lane)),
@@ -386,17 +388,15 @@ AVX2F void avx2_pair(const Args<KV>& a, int64_t t, int64_t h) {
     for (int64_t g = 0; g < G; ++g) {
       __m256 sv[2];
       for (int half = 0; half < 2; ++half) {
+        // the 8 keys' dots as 8 independent chains, each key's own sequence (mul, then
+        // fma over i in order) as before: the same bits, not one key's FMA latency at a time
+        const float (*kh)[D] = kb + 8 * half;
         __m256 x[8];
-        for (int j = 0; j < 8; ++j) {
-          const int64_t key = 8 * half + j;
-          __m256 dot = _mm256_setzero_ps();
-          if (key < nb) {
-            dot = _mm256_mul_ps(_mm256_loadu_ps(q + g * D), _mm256_load_ps(kb[key]));
-            for (int i = 1; i < NV; ++i)
-              dot = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + 8 * i),
-                                    _mm256_load_ps(kb[key] + 8 * i), dot);
-          }
-          x[j] = dot;
+        const __m256 q0 = _mm256_loadu_ps(q + g * D);
+        for (int j = 0; j < 8; ++j) x[j] = _mm256_mul_ps(q0, _mm256_load_ps(kh[j]));
+        for (int i = 1; i < NV; ++i) {
+          const __m256 qi = _mm256_loadu_ps(q + g * D + 8 * i);
+          for (int j = 0; j < 8; ++j) x[j] = _mm256_fmadd_ps(qi, _mm256_load_ps(kh[j] + 8 * i), x[j]);
         }
         sv[half] = _mm256_blendv_ps(ninf, _mm256_mul_ps(sums8(x), scale), valid[half]);
       }
