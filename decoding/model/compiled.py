@@ -38,6 +38,7 @@ runs as the direct path.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import types
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import saved_graph
-from .kernel_build import user_cache_dir
+from .kernel_build import missing_compiler, user_cache_dir
 from .linear import WIDE_ROWS, Linear
 from .step_attention import step_context
 from .trunk import CausalLM
@@ -57,14 +58,22 @@ if TYPE_CHECKING:
     from .kv_cache import KVCache
 
 MODES = ("default", "max-autotune-no-cudagraphs")
+log = logging.getLogger(__name__)
+
 MIN_ROWS = 2  # one-row steps are padded to this: a dynamic graph is not specialized for 1
 
 
 def compile_wanted(mode: str, device_type: str, weight_format: str) -> bool:
     """--compile off|on|auto -> compile or not. auto: where it measured faster, the CPU with
-    a quantized trunk (docs/benchmarks.md)."""
+    a quantized trunk (docs/benchmarks.md), where inductor finds a C++ compiler (else it
+    would fail after tracing, ~20 s into the start)."""
     if mode == "auto":
-        return device_type == "cpu" and weight_format in ("int4", "int8")
+        if device_type != "cpu" or weight_format not in ("int4", "int8"):
+            return False
+        missing = missing_compiler("g++")  # inductor's CPU compiler
+        if missing is not None:
+            log.warning("--compile auto: %s; serving without compilation (slower)", missing)
+        return missing is None
     return mode == "on"
 
 

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -74,12 +75,42 @@ def _build_dir(source: Path) -> tuple[Path, str]:
     return kernel_cache_dir() / f"{source.stem}-{tag}", f"mtpserve_{source.stem}_{tag}"
 
 
+def missing_build_tool(compiler: bool = True) -> str | None:
+    """What stops torch's JIT build of our kernels here (ninja, and a C++ compiler when
+    `compiler`: loading one built before needs ninja alone), said so a user can fix it, or
+    None. The `ninja` wheel (a dependency) puts its binary in the venv's bin folder, which
+    is not on PATH when the venv's scripts run without activating it: that folder is put
+    on PATH here."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # the PyPI wheel; torch's JIT build runs `ninja` from PATH
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    if shutil.which("ninja") is None:
+        return "ninja was not found (pip install ninja)"
+    return missing_compiler("c++") if compiler else None  # c++: what torch's build runs
+
+
+def missing_compiler(default: str) -> str | None:
+    """None when $CXX (else `default`: torch's JIT build runs c++, inductor g++) is on
+    PATH, else what to install."""
+    cxx = os.environ.get("CXX") or default
+    if shutil.which(cxx) is None:
+        return (f"no C++ compiler ({cxx}) on PATH: install one (Debian/Ubuntu: "
+                "apt-get install g++)")
+    return None
+
+
 def load_kernel(source: Path) -> None:
     """JIT-build (first process) or load (later) the C++ extension `source` (one of
     kernels/*.cpp, registering its own torch ops) into kernel_cache_dir(), one folder per
     source and torch version. Raises on any failure."""
     from torch.utils.cpp_extension import load
     build, name = _build_dir(source)
+    missing = missing_build_tool(compiler=not (build / f"{name}.so").is_file())
+    if missing is not None:
+        raise RuntimeError(missing)
     build.mkdir(parents=True, exist_ok=True)
     # no -march: the AVX-512 code carries its own target attributes, the rest stays
     # generic x86-64; never -ffast-math (the float order is what makes rows invariant).

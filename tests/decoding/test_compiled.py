@@ -7,6 +7,7 @@ tests/decoding/test_batch_invariance.py runs it compiled end to end)."""
 
 from __future__ import annotations
 
+import logging
 import pytest
 import torch
 
@@ -190,6 +191,16 @@ def test_decode_steps_attend_in_cpp_and_match_the_eager_row_kernel(default_engin
     ("on", "cuda", "dense", True), ("off", "cpu", "int4", False)])
 def test_compile_auto_is_on_only_where_it_measured_faster(mode, device, weights, want):
     assert compile_wanted(mode, device, weights) is want
+
+
+def test_compile_auto_without_a_compiler_serves_eagerly_and_says_why(tmp_path, monkeypatch,
+                                                                     caplog):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ (inductor's compiler) here
+    monkeypatch.delenv("CXX", raising=False)
+    with caplog.at_level(logging.WARNING):
+        assert compile_wanted("auto", "cpu", "int4") is False
+    assert "no C++ compiler (g++)" in caplog.text and "apt-get install g++" in caplog.text
+    assert compile_wanted("on", "cpu", "int4") is True  # asked for: tried (and falls back)
 
 
 def test_auto_on_a_dense_model_serves_eagerly(default_engine):

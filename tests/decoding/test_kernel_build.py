@@ -3,7 +3,12 @@ first start's side-by-side build of the ones not built yet."""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from mtpserve.decoding.model import kernel_build as kb
@@ -30,7 +35,24 @@ def test_the_kernels_an_engine_loads(settings, want, monkeypatch):
     assert kb.cpu_kernels(*settings) == []
 
 
+def _path_without(tmp_path: Path, *names: str) -> str:
+    """A PATH of one folder linking every program of the system's PATH but `names`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for folder in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(folder) or Path(folder) == Path(sys.executable).parent:
+            continue  # the venv's own bin folder holds the pip ninja
+        for entry in os.scandir(folder):
+            if entry.name not in names and not (bin_dir / entry.name).exists():
+                (bin_dir / entry.name).symlink_to(entry.path)
+    return str(bin_dir)
+
+
 def test_a_missing_kernel_is_built_in_a_child_and_a_built_one_is_left(tmp_path, monkeypatch):
+    # no ninja on PATH, as on a machine without a system ninja running the venv's scripts
+    # unactivated: the pip ninja (a dependency) must be found all the same
+    monkeypatch.setenv("PATH", _path_without(tmp_path, "ninja"))
+    assert shutil.which("ninja") is None
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     src = tmp_path / "tiny.cpp"
     src.write_text(TINY)
@@ -42,3 +64,16 @@ def test_a_missing_kernel_is_built_in_a_child_and_a_built_one_is_left(tmp_path, 
                         subprocess.Popen(["true"]))
     kb.prebuild([src])()
     assert started == []  # built already: no child
+
+
+def test_without_a_compiler_a_kernel_falls_back_with_a_warning_naming_it(tmp_path, monkeypatch,
+                                                                         caplog):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing at all on PATH
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src = tmp_path / "tiny.cpp"
+    src.write_text(TINY)
+    with caplog.at_level(logging.WARNING):
+        assert kb.build_extension(src, "the tiny kernel", "nothing") is False
+    assert "the tiny kernel did not build or load (no C++ compiler (c++) on PATH" in caplog.text
+    assert "apt-get install g++" in caplog.text and "using nothing" in caplog.text

@@ -319,6 +319,10 @@ def test_dockerfile():
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
     args = {a.split("=")[0] for word, a in instructions if word == "ARG"}
     assert {"BASE_IMAGE", "TORCH_SPEC"} <= args
+    # the runtime builds our C++ kernels and inductor's step: it needs a compiler (slim
+    # Python images have none; without one the server serves eagerly on PyTorch's kernels)
+    runtime_runs = [a for word, a in instructions[last_from:] if word == "RUN"]
+    assert any("apt-get install" in a and " g++" in a for a in runtime_runs)
 
 
 # --- scripts ---------------------------------------------------------------------------
