@@ -22,6 +22,7 @@ on CPU (`--device cpu`), which is how it is tested here.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -34,7 +35,9 @@ PROMPTS = ROOT / "benchmarks" / "prompts" / "chat16.jsonl"
 CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
-def prepare(out: Path) -> None:
+def prepare(out: Path, num_layers: int | None = None) -> None:
+    """`num_layers`: fewer decoder layers than the default model's 30 (the checks are the
+    same; CI runs them on CPU at 2 layers, a quarter of the model's parameters)."""
     from mtpserve.decoding.tools.export import export_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,6 +45,10 @@ def prepare(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         for name in CONFIG_FILES:
             shutil.copy(Path(tmp) / "m" / name, out / name)
+    if num_layers is not None:
+        config = json.loads((out / "config.json").read_text())
+        config["num_hidden_layers"] = num_layers
+        (out / "config.json").write_text(json.dumps(config, indent=2))
     print(f"wrote {', '.join(CONFIG_FILES)} to {out}")
 
 
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="write the default model's config and tokenizer files")
     p.add_argument("out", type=Path)
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="decoder layers (default: the model's; fewer for a quick CPU run)")
     r = sub.add_parser("run", help="random weights of that shape, the checks, the benchmark")
     r.add_argument("folder", type=Path, help="what `prepare` wrote")
     r.add_argument("--device", default="cuda")
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-bench", action="store_true")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
-        prepare(a.out)
+        prepare(a.out, a.num_layers)
         return 0
     a.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="random-model-") as tmp:  # 0.5 GB, not in --out
