@@ -55,6 +55,9 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 USER mtpserve
 WORKDIR /home/mtpserve
+# Our kernels built into the image (~/.cache/mtpserve/kernels: portable, their AVX-512/AVX2
+# paths are chosen at run time); the compose file's empty cache volume starts with them.
+RUN mtpserve build-kernels
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=240s --retries=3 \
     CMD ["python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]

@@ -98,11 +98,16 @@ if [ "$with_test" -eq 1 ]; then
     fi
 fi
 
-# 6. A C++ compiler builds our CPU kernels at the first start and inductor compiles the step;
-# without one mtpserve still serves, with PyTorch's kernels and eagerly (slower).
-if ! command -v "${CXX:-c++}" >/dev/null 2>&1; then
+# 6. Our C++ kernels, built now with the machine's compiler (else the first start builds
+# them); inductor compiles the step at the first start with the same compiler. Without one
+# mtpserve still serves, with PyTorch's kernels and eagerly (about 4x slower a token).
+if command -v "${CXX:-c++}" >/dev/null 2>&1; then
+    say "building the C++ kernels for this machine (once, ~40 s on 2 cores)"
+    "$venv/bin/mtpserve" build-kernels \
+        || say "WARNING: a kernel did not build (above); mtpserve falls back to PyTorch's"
+else
     say "WARNING: no C++ compiler (${CXX:-c++}) found: mtpserve will serve without its kernels" \
-        "and uncompiled (slower); install g++ (Debian/Ubuntu: apt-get install g++)"
+        "and uncompiled (about 4x slower); install g++ (Debian/Ubuntu: apt-get install g++)"
 fi
 
 say "done: $("$vpy" -c 'import torch; print("torch", torch.__version__)')," \

@@ -141,15 +141,7 @@ def prebuild(sources: list[Path]) -> Callable[[], None]:
     another on 2 cores, ~20-30 s side by side. The process's own load_kernel later finds
     them built (or waits on the build's lock, or reports a failure itself: a child's
     failure is not reported here)."""
-    procs = []
-    for source in sources:
-        folder, ext = _build_dir(source)
-        if (folder / f"{ext}.so").is_file():
-            continue
-        code = ("import sys, pathlib; from mtpserve.decoding.model.kernel_build import "
-                "load_kernel; load_kernel(pathlib.Path(sys.argv[1]))")
-        procs.append(subprocess.Popen([sys.executable, "-c", code, str(source)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    procs = [_build_in_child(s, subprocess.DEVNULL) for s in sources if not _built(s)]
     if procs:
         log.info("building %d C++ kernel(s) for this machine (once; cached under %s)",
                  len(procs), kernel_cache_dir())
@@ -161,6 +153,55 @@ def prebuild(sources: list[Path]) -> Callable[[], None]:
             except subprocess.TimeoutExpired:
                 p.kill()
     return wait
+
+
+def _built(source: Path) -> bool:
+    folder, ext = _build_dir(source)
+    return (folder / f"{ext}.so").is_file()
+
+
+def _build_in_child(source: Path, stderr: int) -> subprocess.Popen:
+    code = ("import sys, pathlib; from mtpserve.decoding.model.kernel_build import "
+            "child_build; sys.exit(child_build(pathlib.Path(sys.argv[1])))")
+    return subprocess.Popen([sys.executable, "-c", code, str(source)],
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+
+
+def child_build(source: Path) -> int:
+    """A build child's body: load_kernel, or 1 with why on stderr's last line (the
+    exception's first line and the compiler's first error)."""
+    try:
+        load_kernel(source)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, whatever it is
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        head = lines[0].split(": [")[0]  # torch's "Error building extension 'x': [1/2] c++ ..."
+        first_error = next((ln.strip() for ln in lines if "error:" in ln), "")
+        print(head + (f" ({first_error})" if first_error else ""), file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_all(sources: list[Path]) -> dict[str, str | None]:
+    """Build `sources` now, side by side, as a first start would (`mtpserve build-kernels`,
+    which scripts/install.sh runs): {name: None where built (or built before), else why
+    not (the build's last error line)}."""
+    missing = missing_build_tool()
+    if missing is not None:
+        return {s.stem: missing for s in sources}
+    procs = {s.stem: _build_in_child(s, subprocess.PIPE) for s in sources if not _built(s)}
+    results: dict[str, str | None] = {s.stem: None for s in sources}
+    for name, proc in procs.items():
+        try:
+            _, err = proc.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            results[name] = "timed out after 900 s"
+            continue
+        if proc.returncode != 0:
+            lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+            results[name] = lines[-1] if lines else f"exit status {proc.returncode}"
+    return results
 
 
 def build_extension(source: Path, what: str, fallback: str) -> bool:

@@ -1,5 +1,5 @@
-"""Offline subcommands (generate, bench, train-heads, inspect, export-model, export-heads),
-registered into the `mtpserve` command line by server/cli.py.
+"""Offline subcommands (generate, bench, train-heads, inspect, build-kernels, export-model,
+export-heads), registered into the `mtpserve` command line by server/cli.py.
 
 The engine flags live in engine_args.py; this module re-exports add_engine_args and
 engine_config_from_args because server/cli.py reads them from here (`serve` takes the same
@@ -72,6 +72,24 @@ def _run_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- build-kernels ----------------------------------------------------------------------
+def _run_build_kernels(a: argparse.Namespace) -> int:
+    from ..model.kernel_build import build_all, cpu_kernels, kernel_cache_dir
+
+    sources = cpu_kernels("int4", "auto", "auto", "auto")  # every kernel a CPU engine loads
+    if not sources:
+        print("no C++ kernels for this architecture (x86-64 only): nothing to build")
+        return 0
+    print(f"building {len(sources)} C++ kernel(s) for this machine into {kernel_cache_dir()} "
+          "(once; a first start would build them)", flush=True)
+    t0 = time.perf_counter()
+    results = build_all(sources)
+    for name, error in results.items():
+        print(f"  {name}: {'ready' if error is None else 'FAILED: ' + error}")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0 if all(error is None for error in results.values()) else 1
+
+
 def _run_bench(a: argparse.Namespace) -> int:
     from .bench.cli import run_bench
 
@@ -115,6 +133,10 @@ def register_offline_commands(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded)")
     i.add_argument("--heads", default=None, help="heads folder to check against the model")
     i.set_defaults(func=_run_inspect)
+
+    k = sub.add_parser("build-kernels", help="build our C++ kernels for this machine now "
+                                             "(else the first start does)")
+    k.set_defaults(func=_run_build_kernels)
 
     # -- exports for other engines (decoding/tools/export.py): export-model, export-heads --------
     from .export import add_export_commands

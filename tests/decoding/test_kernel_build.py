@@ -64,6 +64,25 @@ def test_a_missing_kernel_is_built_in_a_child_and_a_built_one_is_left(tmp_path, 
                         subprocess.Popen(["true"]))
     kb.prebuild([src])()
     assert started == []  # built already: no child
+    monkeypatch.undo()  # Popen back, and the PATH with ninja
+
+    # build_all (`mtpserve build-kernels`): the built one stays built, a broken one says why
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    broken = tmp_path / "broken.cpp"
+    broken.write_text(TINY.replace("x * 2;", "x * undeclared_name;"))
+    results = kb.build_all([src, broken])
+    assert results["tiny"] is None
+    assert results["broken"] and "broken" in results["broken"], results
+
+
+def test_build_kernels_command_builds_every_kernel_of_this_cpu(capsys):
+    from mtpserve.server.cli import main
+
+    assert main(["build-kernels"]) == 0  # built already by the engine tests: loads only
+    out = capsys.readouterr().out
+    for source in kb.cpu_kernels("int4", "auto", "auto", "auto"):
+        assert f"  {source.stem}: ready" in out
+        assert kb._built(source)
 
 
 def test_without_a_compiler_a_kernel_falls_back_with_a_warning_naming_it(tmp_path, monkeypatch,

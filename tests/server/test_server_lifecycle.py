@@ -202,7 +202,7 @@ def test_help_lists_subcommands():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "serve" in out.stdout
     if importlib.util.find_spec("mtpserve.decoding.tools.commands") is not None:
-        for cmd in ("generate", "bench", "train-heads", "inspect"):
+        for cmd in ("generate", "bench", "train-heads", "inspect", "build-kernels"):
             assert cmd in out.stdout
     out = subprocess.run([sys.executable, "-m", "mtpserve.server.cli", "serve", "--help"],
                          capture_output=True, text=True, timeout=120)
