@@ -10,7 +10,7 @@ step is padded to two rows: dynamo would specialize a graph for a size of 1. The
 per-step attention metadata (cache rows, kv length, tree masks, padded query layout) is
 no graph input at all: `step_attention.cached_attention` reads it from `step_context`
 while the graph runs and touches only the real rows, so the padding row writes no K/V;
-its hidden row is dropped here.
+its hidden row is dropped here, and our int4 kernel skips it (`int4_vnni.live_rows`).
 
 Quantized weights stay graph inputs: our int4/int8 kernels take them as they are, so
 inductor's `freezing` (weights as constants, folded and pre-packed) gains a quantized
@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import saved_graph
+from .int4_vnni import live_rows
 from .kernel_build import missing_compiler, user_cache_dir
 from .linear import WIDE_ROWS, Linear
 from .step_attention import step_context
@@ -198,7 +199,7 @@ class CompiledTrunk:
             torch._dynamo.mark_dynamic(ids, 0)
             torch._dynamo.mark_dynamic(positions, 0)
         with step_context(kv, meta, rows, self.model.attention_kernel == "rows",
-                          self.model.batch_invariant):
+                          self.model.batch_invariant), live_rows(rows, ids.shape[0]):
             if (self._direct is not None and ids.dtype == positions.dtype == torch.long
                     and inference_inputs(self.device, ids, positions)):
                 out = self._direct(self, ids, positions)

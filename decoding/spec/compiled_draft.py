@@ -9,7 +9,7 @@ them into a few C++ loops around the int4 kernels.
 
 One graph per chain depth (the depth is a Python int: the loop unrolls), each for every
 batch size (the row count is dynamic; one row is padded to two, as the trunk's graph
-does, since dynamo specializes a dimension of size 1). `warm_up` compiles the depths the
+does, since dynamo specializes a dimension of size 1; the int4 kernel skips the padding). `warm_up` compiles the depths the
 tree can ask for before serving; a failure leaves drafting eager (the same drafts up to
 rounding: drafts only decide what verification checks, never what is emitted). Once warm,
 a depth's graph is called without dynamo's frame evaluation (model/compiled.py's
@@ -38,6 +38,7 @@ from ..model.compiled import (
     own_copy,
     use_user_cache_dir,
 )
+from ..model.int4_vnni import live_rows
 
 if TYPE_CHECKING:
     from torch import nn
@@ -118,10 +119,12 @@ class CompiledDraftChain:
         if (direct is not None and hidden.dtype == self.dtype
                 and inference_inputs(self.device, hidden, tokens, pos0)):
             self.direct_calls += 1
-            return direct(self._owner, hidden, tokens, pos0, depth)[:B]
+            with live_rows(B, hidden.shape[0]):  # the int4 kernel skips the padding row
+                return direct(self._owner, hidden, tokens, pos0, depth)[:B]
         for t in (hidden, tokens, pos0):
             torch._dynamo.mark_dynamic(t, 0)
-        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64), \
+                live_rows(B, hidden.shape[0]):
             out = self._compiled(depth)(hidden, tokens, pos0, depth)
         self._direct.pop(depth, None)  # a call dynamo took may have compiled another entry
         return out[:B]

@@ -309,6 +309,34 @@ def test_greedy_output_is_the_same_alone_and_in_a_batch_at_int4(inv_engine, plai
     assert outs["late"] == plain[1][:30]  # arrived mid-run, speculating: still its plain tokens
 
 
+def test_a_padded_one_row_step_skips_the_padding_in_the_int4_kernel_with_the_same_bits(
+        inv_engine, monkeypatch):
+    """Compiled, a one-row step runs as two rows; the int4 kernel computes the real one
+    only (int4_vnni.live_rows): greedy tokens and their logprobs are bitwise those of the
+    step that computes the padding row too."""
+    from contextlib import nullcontext
+
+    from mtpserve.decoding.model import compiled, int4_vnni
+
+    if inv_engine.compiled is None or not int4_vnni.available():
+        pytest.skip("the compiled engine with our int4 kernel only")
+    prompt = chat(inv_engine.tokenizer, PROMPTS[0])
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, speculate=False,
+                            logprobs=5)
+    calls = []
+    real = compiled.live_rows
+    monkeypatch.setattr(compiled, "live_rows", lambda n, rows: calls.append((n, rows)) or
+                        real(n, rows))
+    skipped = run_requests(inv_engine, [(prompt, params)])[0]
+    assert calls.count((1, 2)) >= 23  # every decode step was a padded one-row pass
+    monkeypatch.setattr(compiled, "live_rows", lambda n, rows: nullcontext())
+    computed = run_requests(inv_engine, [(prompt, params)])[0]
+    assert skipped.token_ids == computed.token_ids
+    lp = lambda run: [(t.token_id, t.logprob, t.top) for o in run.outputs  # noqa: E731
+                      for t in (o.logprobs or [])]
+    assert lp(skipped) == lp(computed) and len(lp(skipped)) == 24
+
+
 def test_the_invariant_engine_attends_with_the_row_kernel(inv_engine):
     from mtpserve.decoding.model import row_attention
 

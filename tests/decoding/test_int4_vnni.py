@@ -167,6 +167,25 @@ def test_a_row_gets_the_same_bits_whatever_the_rows_beside_it(n, k, dtype, bits)
 
 @needs_kernel
 @pytest.mark.parametrize("bits", BITS)
+def test_live_rows_computes_the_leading_rows_alone_and_zeroes_the_padding(bits):
+    """A compiled graph's padding rows (int4_vnni.live_rows): the first n rows get their
+    bits of the full call, the rest zero; outside the block every row is computed again."""
+    n, k = 960, 576
+    *_, packed = _weights(n, k)
+    x = _x(4, k, seed=3)
+    full = int4_vnni.mm(x, packed, n, bits)
+    for live in (1, 3):
+        with int4_vnni.live_rows(live, 4):
+            part = int4_vnni.mm(x, packed, n, bits)
+        assert torch.equal(part[:live], full[:live]), live
+        assert not part[live:].any(), live
+    with int4_vnni.live_rows(4, 4):  # nothing padded: nothing set
+        assert torch.equal(int4_vnni.mm(x, packed, n, bits), full)
+    assert torch.equal(int4_vnni.mm(x, packed, n, bits), full)  # reset on leaving
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", BITS)
 def test_bf16_output_is_the_fp32_result_rounded(bits):
     *_, packed = _weights(960, 576)
     x = _x(5, 576).bfloat16()

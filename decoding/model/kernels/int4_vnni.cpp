@@ -496,6 +496,19 @@ int64_t active_isa() {
   return isa;
 }
 
+// The leading rows of x that are real in this thread's passes (0: all of them). A compiled
+// graph runs a one-row step as two rows (model/compiled.py); the padding row's product is
+// dropped, and at two rows the AVX2 path does twice the vpmaddwd work of one (1.45x the
+// trunk's pass on an AVX2-only Zen 3). Set around one graph call (int4_vnni.live_rows);
+// each row's result is the same whatever rows share the pass, so the real ones keep
+// their bits; the rest of the output is zero.
+thread_local int64_t t_live_rows = 0;
+
+void set_live_rows(int64_t n) {
+  TORCH_CHECK(n >= 0, "int4_vnni: live rows must be >= 0");
+  t_live_rows = n;
+}
+
 // act_bits: 8 (int8 activations, vpdpbusd: isa 2 only) or 16 (int16 activations, vpdpwssd on
 // isa 2, vpmaddwd on isa 1); the same packed weights serve both.
 at::Tensor mm_run(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t act_bits,
@@ -518,20 +531,22 @@ at::Tensor mm_run(const at::Tensor& x, const at::Tensor& packed, int64_t n, int6
               "int4_vnni: packed weight must be 64-byte aligned");
   at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({m, n}, x.options());
+  const int64_t live = t_live_rows > 0 && t_live_rows < m ? t_live_rows : m;
+  if (live < m) y.narrow(0, live, m - live).zero_();
 #if defined(__x86_64__) || defined(_M_X64)
   if (m > 0) {
     const uint8_t* w = packed.data_ptr<uint8_t>();
     const bool f32 = x.scalar_type() == at::kFloat;
     if (act_bits == 8 && f32)
-      mm_impl<int8_t, float>(xc.data_ptr<float>(), w, y.data_ptr<float>(), m, n, k, isa);
+      mm_impl<int8_t, float>(xc.data_ptr<float>(), w, y.data_ptr<float>(), live, n, k, isa);
     else if (act_bits == 8)
       mm_impl<int8_t, at::BFloat16>(xc.data_ptr<at::BFloat16>(), w,
-                                    y.data_ptr<at::BFloat16>(), m, n, k, isa);
+                                    y.data_ptr<at::BFloat16>(), live, n, k, isa);
     else if (f32)
-      mm_impl<int16_t, float>(xc.data_ptr<float>(), w, y.data_ptr<float>(), m, n, k, isa);
+      mm_impl<int16_t, float>(xc.data_ptr<float>(), w, y.data_ptr<float>(), live, n, k, isa);
     else
       mm_impl<int16_t, at::BFloat16>(xc.data_ptr<at::BFloat16>(), w,
-                                     y.data_ptr<at::BFloat16>(), m, n, k, isa);
+                                     y.data_ptr<at::BFloat16>(), live, n, k, isa);
   }
 #endif
   return y;
@@ -559,6 +574,7 @@ TORCH_LIBRARY(mtpserve_int4, lib) {
   lib.def("mm16(Tensor x, Tensor packed, int n) -> Tensor");
   lib.def("mm16_isa(Tensor x, Tensor packed, int n, int isa) -> Tensor");
   lib.def("isa() -> int", &isa);
+  lib.def("set_live_rows(int n) -> ()", &set_live_rows);
 }
 
 TORCH_LIBRARY_IMPL(mtpserve_int4, CPU, lib) {
