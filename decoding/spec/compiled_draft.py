@@ -9,9 +9,10 @@ them into a few C++ loops around the int4 kernels.
 
 One graph per chain depth (the depth is a Python int: the loop unrolls), each for every
 batch size (the row count is dynamic; one row is padded to two, as the trunk's graph
-does, since dynamo specializes a dimension of size 1; the int4 kernel skips the padding). `warm_up` compiles the depths the
-tree can ask for before serving; a failure leaves drafting eager (the same drafts up to
-rounding: drafts only decide what verification checks, never what is emitted). Once warm,
+does, since dynamo specializes a dimension of size 1; the int4 kernel skips the padding
+row). `warm_up` compiles the depths the tree can ask for before serving; a failure leaves
+drafting eager (the same drafts up to rounding: drafts only decide what verification
+checks, never what is emitted). Once warm,
 a depth's graph is called without dynamo's frame evaluation (model/compiled.py's
 direct_code, as the trunk's). Over a quantized trunk each depth's graph is compiled ahead
 and saved (model/saved_graph.py), so a later start reads it instead of tracing again.
