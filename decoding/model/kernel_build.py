@@ -168,17 +168,23 @@ def _build_in_child(source: Path, stderr: int) -> subprocess.Popen:
 
 
 def child_build(source: Path) -> int:
-    """A build child's body: load_kernel, or 1 with why on stderr's last line (the
-    exception's first line and the compiler's first error)."""
+    """A build child's body: load_kernel, or 1 with why (`build_failure`) on stderr's last
+    line."""
     try:
         load_kernel(source)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, whatever it is
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        head = lines[0].split(": [")[0]  # torch's "Error building extension 'x': [1/2] c++ ..."
-        first_error = next((ln.strip() for ln in lines if "error:" in ln), "")
-        print(head + (f" ({first_error})" if first_error else ""), file=sys.stderr)
+        print(build_failure(exc), file=sys.stderr)
         return 1
     return 0
+
+
+def build_failure(exc: Exception) -> str:
+    """One line for a failed build or load: the exception's first line, and the compiler's
+    first error where there is one."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    head = lines[0].split(": [")[0]  # torch's "Error building extension 'x': [1/2] c++ ..."
+    first_error = next((ln.strip() for ln in lines if "error:" in ln), "")
+    return head + (f" ({first_error})" if first_error else "")
 
 
 def build_all(sources: list[Path]) -> dict[str, str | None]:
@@ -209,8 +215,8 @@ def build_extension(source: Path, what: str, fallback: str) -> bool:
     try:
         load_kernel(source)
     except Exception as exc:  # noqa: BLE001 - any build or load failure means: no kernel
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("%s did not build or load (%s); using %s", what, first, fallback)
+        log.warning("%s did not build or load (%s); using %s", what, build_failure(exc),
+                    fallback)
         return False
     return True
 
