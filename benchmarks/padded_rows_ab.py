@@ -14,28 +14,23 @@ greedy tokens.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from contextlib import nullcontext
 
 import torch
+from lockstep import print_ratio_table, run_lockstep
 
 from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
 from mtpserve.decoding.model import compiled
 from mtpserve.decoding.spec import compiled_draft
 from mtpserve.decoding.tools.bench.prompts import encode_prompts, load_prompts
-from mtpserve.decoding.tools.bench.runs import start_decoding
 
 ARMS = ("computed", "skipped")
 HINTS = {"skipped": compiled.live_rows, "computed": lambda n, rows: nullcontext()}
 
 
-def step(engine: LLMEngine, arm: str) -> float:
+def use_hint(arm: str) -> None:
     compiled.live_rows = compiled_draft.live_rows = HINTS[arm]
-    t0 = time.perf_counter()
-    engine.step()
-    return 1000 * (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -53,37 +48,12 @@ def main() -> None:
     prompts = encode_prompts(engines[ARMS[0]].tokenizer, raw)
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True,
                             speculate=args.spec)
-    ms: dict[str, list[float]] = {a: [] for a in ARMS}
-    tokens: dict[str, list[list[int]]] = {a: [] for a in ARMS}
-    seqs: dict[str, list] = {}
-    rnd = 0
-    while len(ms[ARMS[0]]) < args.steps:
-        if not seqs or any(not e.has_unfinished() for e in engines.values()):
-            for arm, e in engines.items():
-                while e.has_unfinished():  # an arm a step behind finishes untimed
-                    step(e, arm)
-                if arm in seqs:
-                    tokens[arm] += [list(s.output_ids) for s in seqs[arm]]
-                seqs[arm] = start_decoding(e, prompts, params)
-        for arm in (ARMS if rnd % 2 == 0 else ARMS[::-1]):
-            ms[arm].append(step(engines[arm], arm))
-        rnd += 1
-    for arm, e in engines.items():
-        while e.has_unfinished():
-            step(e, arm)
-        tokens[arm] += [list(s.output_ids) for s in seqs[arm]]
-    compiled.live_rows = compiled_draft.live_rows = HINTS["skipped"]
-
+    ms, tokens = run_lockstep(engines, prompts, params, args.steps, before_step=use_hint)
+    use_hint("skipped")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"speculation {'on' if args.spec else 'off'}, {len(ms[ARMS[0]])} steps each; "
           f"greedy tokens identical: {tokens['skipped'] == tokens['computed']}")
-    print("\n| arm | median ms/step | ratio to computed (median of per-step pairs) | quartiles |")
-    print("|---|---|---|---|")
-    for arm in ARMS:
-        r = sorted(a / b for a, b in zip(ms[arm], ms["computed"]))
-        q1, q3 = r[len(r) // 4], r[3 * len(r) // 4]
-        print(f"| {arm} | {statistics.median(ms[arm]):.2f} | {statistics.median(r):.3f} "
-              f"| {q1:.3f}-{q3:.3f} |")
+    print_ratio_table(ms, "arm")
 
 
 if __name__ == "__main__":

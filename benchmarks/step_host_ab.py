@@ -23,18 +23,17 @@ Variants, each adding to the one before (default: all):
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from contextlib import contextmanager
 from collections.abc import Iterator
 
 import torch
+from lockstep import print_ratio_table, run_lockstep
 
 from mtpserve.decoding.config import EngineConfig, SamplingParams, SpecConfig
 from mtpserve.decoding.engine.llm_engine import LLMEngine
 from mtpserve.decoding.model import compiled, step_attention
 from mtpserve.decoding.tools.bench.prompts import encode_prompts, load_prompts
-from mtpserve.decoding.tools.bench.runs import start_decoding
 
 VARIANTS = ("python-op", "cpp-op", "cpp-wrapper", "cpp-wrapper-separate", "direct")
 
@@ -83,41 +82,12 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True,
                             speculate=args.spec)
 
-    ms: dict[str, list[float]] = {n: [] for n in names}
-    tokens: dict[str, list[list[int]]] = {n: [] for n in names}
-    seqs: dict[str, list] = {}
-    rnd = 0
-    while len(ms[names[0]]) < args.steps:
-        if not seqs or any(not e.has_unfinished() for e in engines.values()):
-            for n, e in engines.items():
-                while e.has_unfinished():  # a variant a step behind finishes untimed
-                    e.step()
-                if n in seqs:
-                    tokens[n] += [list(s.output_ids) for s in seqs[n]]
-                seqs[n] = start_decoding(e, prompts, params)
-        order = names[rnd % len(names):] + names[:rnd % len(names)]
-        for n in order:
-            t0 = time.perf_counter()
-            engines[n].step()
-            ms[n].append(1000 * (time.perf_counter() - t0))
-        rnd += 1
-    for n, e in engines.items():
-        while e.has_unfinished():
-            e.step()
-        tokens[n] += [list(s.output_ids) for s in seqs[n]]
-
+    ms, tokens = run_lockstep(engines, prompts, params, args.steps)
     same = all(tokens[n] == tokens[names[0]] for n in names)
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"speculation {'on' if args.spec else 'off'}, {len(ms[names[0]])} steps each; "
           f"greedy tokens identical across variants: {same}")
-    print(f"\n| variant | median ms/step | ratio to {names[0]} (median of per-step pairs) "
-          "| quartiles |")
-    print("|---|---|---|---|")
-    for n in names:
-        r = sorted(a / b for a, b in zip(ms[n], ms[names[0]]))
-        q1, q3 = r[len(r) // 4], r[3 * len(r) // 4]
-        print(f"| {n} | {statistics.median(ms[n]):.2f} | {statistics.median(r):.3f} "
-              f"| {q1:.3f}-{q3:.3f} |")
+    print_ratio_table(ms)
 
 
 if __name__ == "__main__":
